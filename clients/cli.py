@@ -1,0 +1,259 @@
+"""`molteniron`: the command line. A thin argparse layer over MoltenIronClient.
+
+stdout carries the result (the original's JSON, or a table); stderr is for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+from molteniron import compat, errors
+from molteniron.config import load_config
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DEADLINE, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+EPILOG = """\
+exit codes:
+  0  success
+  1  request refused by the worker (JSON reply on stdout, message on stderr)
+  2  usage error or bad configuration
+  3  allocate: the deadline (--wait) passed without nodes
+  4  RabbitMQ unreachable, or no worker answered within --timeout
+  130 interrupted (Ctrl-C/SIGTERM); a waiting allocate is cancelled first
+
+configuration: --config FILE, -c DIR (DIR/conf.yaml), $MOLTENIRON_CONFIG or
+/etc/molteniron/conf.yaml; $MOLTENIRON_AMQP_URL overrides amqp_url.
+"""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived (Jenkins aborting the job, or Ctrl-C)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="molteniron", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check bare-metal nodes out of the MoltenIron pool and back in.")
+    parser.add_argument("-c", "--conf-dir", metavar="DIR", help="read DIR/conf.yaml")
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    parser.add_argument("-o", "--output", choices=("json", "result"), default="json",
+                        help="json: the whole reply (default); result: only its result")
+    parser.add_argument("--timeout", type=_positive, metavar="SECONDS",
+                        help="how long to wait for the worker to answer (default from config, 30)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("add_baremetal", help="add a node from its fields")
+    for name in ("name", "ipmi_ip", "ipmi_user", "ipmi_password"):
+        p.add_argument(name)
+    p.add_argument("allocation_pool", help="comma-separated IPs the node's job may use")
+    p.add_argument("port_hwaddr")
+    p.add_argument("cpu_arch")
+    for name in ("cpus", "ram_mb", "disk_gb"):
+        p.add_argument(name, type=int)
+    p.add_argument("node_pool", nargs="?", default="default")
+
+    p = sub.add_parser("add_keyvalue_pairs", help="add a node from KEY=VALUE words")
+    p.add_argument("name")
+    p.add_argument("ipmi_ip")
+    p.add_argument("allocation_pool")
+    p.add_argument("pairs", nargs="+", metavar="KEY=VALUE",
+                   help="hardware fields (ipmi_user=..., cpus=8, node_pool=...); JSON values allowed")
+
+    p = sub.add_parser("add_json_blob", help="add a node from a JSON object of hardware fields")
+    p.add_argument("name")
+    p.add_argument("ipmi_ip")
+    p.add_argument("allocation_pool")
+    p.add_argument("blob")
+    p.add_argument("node_pool", nargs="?", default="default")
+
+    p = sub.add_parser("allocate", help="check out N nodes for OWNER (waits until they are free)")
+    p.add_argument("owner_name")
+    p.add_argument("number_of_nodes", type=_positive_int)
+    p.add_argument("node_pool", nargs="?", default="default")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--wait", type=_positive, metavar="SECONDS",
+                       help="longest wait for nodes (default allocate_wait from config, 3600)")
+    group.add_argument("--no-wait", action="store_true",
+                       help="fail at once if not enough nodes are ready")
+
+    p = sub.add_parser("release", help="return every node of OWNER (and cancel its waiting allocates)")
+    p.add_argument("owner_name")
+
+    p = sub.add_parser("get_field", help="a field of every node OWNER holds")
+    p.add_argument("owner_name")
+    p.add_argument("field_name")
+
+    p = sub.add_parser("set_field", help="set a field of node ID")
+    p.add_argument("id", type=int)
+    p.add_argument("key")
+    p.add_argument("value")
+    p.add_argument("type", nargs="?", default="string", help="string (default) or int")
+
+    for name, what in (("status", "the pool"), ("status_baremetal", "the pool's hardware")):
+        p = sub.add_parser(name, help=f"a table of {what}")
+        p.add_argument("-t", "--type", choices=("human", "csv", "json"), default="human")
+        p.add_argument("--pool", metavar="POOL", help="only this node pool")
+        p.add_argument("--show-secrets", action="store_true", help="print IPMI passwords")
+
+    p = sub.add_parser("waiting", help="waiting allocations, in the order they will be served")
+    p.add_argument("--pool", metavar="POOL", help="only this node pool")
+
+    p = sub.add_parser("cancel", help="cancel a request by id (waiting, served or not yet seen)")
+    p.add_argument("request_id")
+
+    sub.add_parser("delete_db", help="remove every node from the pool")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.conf_dir)
+    except errors.ConfigError as exc:
+        print(f"molteniron: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    from clients.client import MoltenIronClient  # pika only once the arguments are good
+    client = MoltenIronClient(config.amqp_url, args.timeout or config.request_timeout)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        reply = run_command(client, args, config)
+    except errors.MoltenIronError as exc:
+        return _fail(exc, args)
+    except (Interrupted, KeyboardInterrupt):
+        print("molteniron: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        client.close()
+    _print(reply, args.output)
+    return EXIT_OK
+
+
+def run_command(client, args, config) -> dict:
+    command = args.command
+    if command == "allocate":
+        return _allocate(client, args, config)
+    if command in ("status", "status_baremetal"):
+        reply = client.status(args.pool, args.show_secrets)
+        records = reply["nodes"]
+        if args.type == "json":
+            return {"status": 200, "result": records}
+        return {"status": 200, "result": compat.status_text(
+            records, command == "status_baremetal", args.type)}
+    calls = {
+        "add_baremetal": lambda: client.add_baremetal(**_fields(args, (
+            "name", "ipmi_ip", "ipmi_user", "ipmi_password", "allocation_pool", "port_hwaddr",
+            "cpu_arch", "cpus", "ram_mb", "disk_gb", "node_pool"))),
+        "add_keyvalue_pairs": lambda: client.add_keyvalue_pairs(**_fields(args, (
+            "name", "ipmi_ip", "allocation_pool", "pairs"))),
+        "add_json_blob": lambda: client.add_json_blob(**_fields(args, (
+            "name", "ipmi_ip", "allocation_pool", "blob", "node_pool"))),
+        "release": lambda: client.release(args.owner_name),
+        "get_field": lambda: client.get_field(args.owner_name, args.field_name),
+        "set_field": lambda: client.set_field(args.id, args.key, args.value, args.type),
+        "waiting": lambda: client.waiting(args.pool),
+        "cancel": lambda: client.cancel(args.request_id),
+        "delete_db": client.delete_db,
+    }
+    return calls[command]()
+
+
+def _allocate(client, args, config) -> dict:
+    wait = None if args.no_wait else (args.wait or config.allocate_wait)
+    progress = _Progress(args.number_of_nodes, args.node_pool) if sys.stderr.isatty() else None
+    sent: list[str] = []
+    try:
+        return client.allocate(args.owner_name, args.number_of_nodes, args.node_pool, wait,
+                               on_progress=progress, on_sent=sent.append)
+    except (Interrupted, KeyboardInterrupt):
+        if sent:  # whatever state the request is in, it must not leave us owning nodes
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            client.cancel(sent[0], quiet=True)
+        raise
+    finally:
+        if progress:
+            progress.done()
+
+
+class _Progress:
+    """One updating line on a terminal while an allocate waits."""
+
+    def __init__(self, count: int, node_pool: str):
+        self.started = time.monotonic()
+        self.what = f"{count} node(s) of pool {node_pool}"
+        self.position = None
+        self.shown = False
+
+    def __call__(self, reply: dict | None) -> None:
+        if reply is not None:
+            self.position = reply.get("position")
+        place = f", position {self.position} in queue" if self.position else ""
+        sys.stderr.write(f"\rwaiting for {self.what}{place}, "
+                         f"{time.monotonic() - self.started:.0f}s \033[K")
+        sys.stderr.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _fail(exc: errors.MoltenIronError, args) -> int:
+    reply = exc.reply or exc.to_reply()
+    print(json.dumps(_without_envelope(reply)))
+    print(f"molteniron: {exc.message}", file=sys.stderr)
+    if isinstance(exc, errors.DeadlineExpired):
+        return EXIT_DEADLINE
+    if isinstance(exc, errors.ServiceUnavailable):
+        return EXIT_UNAVAILABLE
+    return EXIT_REFUSED
+
+
+def _print(reply: dict, output: str) -> None:
+    reply = _without_envelope(reply)
+    if output == "result" and "result" in reply:
+        result = reply["result"]
+        print(result if isinstance(result, str) else json.dumps(result))
+    else:
+        print(json.dumps(reply))
+
+
+def _without_envelope(reply: dict) -> dict:
+    return {k: v for k, v in reply.items() if k not in ("v", "id")}
+
+
+def _fields(args, names) -> dict:
+    return {name: getattr(args, name) for name in names}
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

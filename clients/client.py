@@ -1,0 +1,211 @@
+"""MoltenIronClient: the RPC over RabbitMQ. One connection, one exclusive reply queue.
+
+The reply queue is server-named, exclusive and auto-delete, and consumed
+before the first request is published: when this process goes away the
+queue goes with it, so the worker's mandatory reply comes back unroutable
+and the worker takes back what the reply granted. Imports no SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import pika
+from pika.exceptions import AMQPError, NackError, UnroutableError
+
+from molteniron import errors, protocol
+
+GRACE = 5.0  # seconds past a deadline to wait for the worker's own answer
+
+
+class MoltenIronClient:
+    def __init__(self, amqp_url: str, timeout: float = 30.0):
+        self.amqp_url = amqp_url
+        self.timeout = timeout
+        self.connection = None
+        self.channel = None
+        self.reply_queue = None
+        self.replies: dict[str, list[dict]] = {}
+
+    # --- connection ------------------------------------------------------------
+
+    def connect(self) -> "MoltenIronClient":
+        if self.connection is not None and self.connection.is_open:
+            return self
+        params = pika.URLParameters(self.amqp_url)
+        params.connection_attempts = 1
+        params.socket_timeout = min(self.timeout, 10.0)
+        params.blocked_connection_timeout = self.timeout
+        try:
+            self.connection = pika.BlockingConnection(params)
+            self.channel = self.connection.channel()
+            self.channel.confirm_delivery()
+            declared = self.channel.queue_declare("", exclusive=True, auto_delete=True)
+            self.reply_queue = declared.method.queue
+            self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
+        except (AMQPError, OSError) as exc:
+            self.connection = None
+            raise errors.ServiceUnavailable(
+                f"cannot reach RabbitMQ at {_safe(self.amqp_url)}: {_why(exc)}") from None
+        return self
+
+    def close(self) -> None:
+        try:
+            if self.connection is not None and self.connection.is_open:
+                self.connection.close()
+        except AMQPError:
+            pass
+        self.connection = None
+
+    def __enter__(self) -> "MoltenIronClient":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the RPC -----------------------------------------------------------------
+
+    def send(self, request: protocol.Request, expires_in: float) -> None:
+        """Publish a request (persistent, confirmed); its reply is collected by `wait`."""
+        self.connect()
+        self.replies[request.id] = []
+        properties = pika.BasicProperties(
+            reply_to=self.reply_queue, correlation_id=request.id, delivery_mode=2,
+            content_type="application/json", expiration=str(max(1, int(expires_in * 1000))))
+        try:
+            self.channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY,
+                                       request.to_body(), properties, mandatory=True)
+        except UnroutableError:
+            raise errors.ServiceUnavailable(
+                "the request queue does not exist on this broker/vhost: no MoltenIron worker "
+                "has ever started here (start molteniron-worker)") from None
+        except NackError:
+            raise errors.ServiceUnavailable("the broker refused the request (nack)") from None
+        except (AMQPError, OSError) as exc:
+            self.connection = None
+            raise errors.ServiceUnavailable(f"lost RabbitMQ while sending: {_why(exc)}") from None
+
+    def wait(self, request_id: str, until: float,
+             on_progress: Callable[[dict | None], None] | None = None) -> dict | None:
+        """The final reply to request_id, or None if `until` (unix time) passes first.
+
+        Interim replies (queued, position k) and, once a second, None are passed
+        to on_progress so a terminal can show the wait.
+        """
+        inbox = self.replies.setdefault(request_id, [])
+        try:
+            while True:
+                while inbox:
+                    reply = inbox.pop(0)
+                    if reply.get("status") != protocol.QUEUED:
+                        self.replies.pop(request_id, None)
+                        return reply
+                    if on_progress:
+                        on_progress(reply)
+                remaining = until - time.time()
+                if remaining <= 0:
+                    return None
+                self.connection.process_data_events(time_limit=min(remaining, 1.0))
+                if on_progress and not inbox:
+                    on_progress(None)
+        except (AMQPError, OSError) as exc:
+            self.connection = None
+            raise errors.ServiceUnavailable(f"lost RabbitMQ while waiting: {_why(exc)}") from None
+
+    def call(self, op: str, args: dict | None = None, timeout: float | None = None) -> dict:
+        """Send a request that does not wait for nodes; return its reply or raise its error."""
+        timeout = timeout or self.timeout
+        request = protocol.new_request(op, args, deadline=time.time() + timeout)
+        self.send(request, timeout)
+        reply = self.wait(request.id, time.time() + timeout)
+        if reply is None:
+            raise errors.ServiceUnavailable(
+                f"no MoltenIron worker answered within {timeout:g}s (is molteniron-worker running?)")
+        return _checked(reply)
+
+    # --- operations -----------------------------------------------------------
+
+    def allocate(self, owner: str, count: int, node_pool: str = "default", wait: float | None = 3600.0,
+                 on_progress: Callable[[dict | None], None] | None = None,
+                 on_sent: Callable[[str], None] | None = None) -> dict:
+        """Nodes for owner; waits up to `wait` seconds (None: fail at once if too few)."""
+        if wait is None:
+            return self.call("allocate", {"owner": owner, "count": count,
+                                          "node_pool": node_pool, "wait": False})
+        deadline = time.time() + wait
+        request = protocol.new_request("allocate", {"owner": owner, "count": count,
+                                                    "node_pool": node_pool, "wait": True},
+                                       deadline=deadline)
+        self.send(request, wait + GRACE)
+        if on_sent:
+            on_sent(request.id)
+        reply = self.wait(request.id, deadline + GRACE, on_progress)
+        if reply is None:
+            # No answer at all (worker down?): make sure the request can never be served.
+            self.cancel(request.id, quiet=True)
+            raise errors.DeadlineExpired(f"no nodes within {wait:g}s and no worker answered")
+        return _checked(reply)
+
+    def cancel(self, request_id: str, quiet: bool = False) -> dict | None:
+        """Take back a request: waiting -> removed, served -> released, unseen -> refused later."""
+        try:
+            return self.call("cancel", {"request_id": request_id}, timeout=min(self.timeout, 10.0))
+        except errors.MoltenIronError:
+            if quiet:
+                return None
+            raise
+
+    def release(self, owner: str) -> dict:
+        return self.call("release", {"owner": owner})
+
+    def get_field(self, owner: str, field: str) -> dict:
+        return self.call("get_field", {"owner": owner, "field": field})
+
+    def set_field(self, node_id: int, key: str, value: str | int, type_name: str = "string") -> dict:
+        return self.call("set_field", {"id": node_id, "key": key, "value": value, "type": type_name})
+
+    def status(self, node_pool: str | None = None, show_secrets: bool = False) -> dict:
+        return self.call("status", {"node_pool": node_pool, "show_secrets": show_secrets})
+
+    def waiting(self, node_pool: str | None = None) -> dict:
+        return self.call("waiting", {"node_pool": node_pool})
+
+    def delete_db(self) -> dict:
+        return self.call("delete_db")
+
+    def add_baremetal(self, **fields) -> dict:
+        return self.call("add_baremetal", fields)
+
+    def add_keyvalue_pairs(self, **fields) -> dict:
+        return self.call("add_keyvalue_pairs", fields)
+
+    def add_json_blob(self, **fields) -> dict:
+        return self.call("add_json_blob", fields)
+
+    def _on_reply(self, channel, method, properties, body) -> None:
+        inbox = self.replies.get(properties.correlation_id)
+        if inbox is None:
+            return  # a late duplicate of a reply already taken
+        try:
+            reply = json.loads(body)
+        except ValueError:
+            reply = {"status": 500, "message": "the worker sent a reply that is not JSON"}
+        if isinstance(reply, dict):
+            inbox.append(reply)
+
+
+def _checked(reply: dict) -> dict:
+    if reply.get("status") != 200:
+        raise errors.from_reply(reply)
+    return reply
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _safe(url: str) -> str:
+    params = pika.URLParameters(url)
+    return f"{params.host}:{params.port}{' vhost ' + params.virtual_host if params.virtual_host != '/' else ''}"

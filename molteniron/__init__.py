@@ -1,0 +1,1 @@
+"""MoltenIron: a pool of bare-metal nodes shared by CI jobs."""

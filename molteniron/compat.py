@@ -1,0 +1,88 @@
+"""The original MoltenIron's output shapes, rendered in this one place.
+
+Jenkins hooks read these with jq, so names, nesting and types stay as the
+original printed them. Works on plain node records (dicts, see
+`pool.node_record`), so the CLI can use it without SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+HARDWARE_FIELDS = ("ipmi_user", "ipmi_password", "port_hwaddr", "cpu_arch",
+                   "cpus", "ram_mb", "disk_gb")
+SECRET_FIELDS = ("ipmi_password",)
+HIDDEN = "********"
+
+
+def blob(record: dict) -> dict:
+    """The hardware fields and extra keys, as the original's blob held them."""
+    fields = {k: record[k] for k in HARDWARE_FIELDS if k in record}
+    fields.update(record.get("extra") or {})
+    return fields
+
+
+def node_json(record: dict) -> dict:
+    """One node as the original's allocate printed it (blob is a JSON *string*)."""
+    return {
+        "id": record["id"],
+        "name": record["name"],
+        "ipmi_ip": record["ipmi_ip"],
+        "blob": json.dumps(blob(record)),
+        "allocation_pool": ",".join(record["allocation_pool"]),
+        "status": record["state"],
+        "provisioned": record["owner"] or "",
+        "timestamp": record["allocated_at"],
+        "node_pool": record["node_pool"],
+    }
+
+
+def nodes_reply(records: list[dict]) -> dict:
+    return {"status": 200, "nodes": {f"node_{r['id']}": node_json(r) for r in records}}
+
+
+def field_reply(values: list[tuple[int, object]]) -> dict:
+    return {"status": 200, "result": [{"id": node_id, "field": value} for node_id, value in values]}
+
+
+def without_secrets(record: dict) -> dict:
+    return {k: (HIDDEN if k in SECRET_FIELDS and v else v) for k, v in record.items()}
+
+
+# --- status tables -----------------------------------------------------------
+
+STATUS_COLUMNS = (("id", 4), ("name", 6), ("ipmi_ip", 16), ("blob", 40), ("status", 8),
+                  ("provisioned", 40), ("time", 14), ("node_pool", 19))
+BAREMETAL_COLUMNS = (("id", 4), ("name", 6), ("ipmi_ip", 9), ("ipmi_user", 11),
+                     ("ipmi_password", 15), ("port_hwaddr", 19), ("cpu_arch", 10),
+                     ("cpus", 6), ("ram_mb", 8), ("disk_gb", 9), ("status", 8),
+                     ("provisioned", 40), ("time", 14), ("node_pool", 19))
+
+
+def status_text(records: list[dict], baremetal: bool, table_type: str,
+                now: datetime | None = None) -> str:
+    """The original's `status` / `status_baremetal` table, human or csv."""
+    columns = BAREMETAL_COLUMNS if baremetal else STATUS_COLUMNS
+    now = now or datetime.now(timezone.utc).replace(tzinfo=None)
+    rows = [_row(r, baremetal, now) for r in records]
+    if table_type == "csv":
+        return "\n".join("".join(f"{cell}," for cell in row) for row in rows)
+    widths = [max([width, len(name)] + [len(str(row[i])) for row in rows])
+              for i, (name, width) in enumerate(columns)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    header = "+" + "+".join(f" {name:<{w}} " for (name, _), w in zip(columns, widths)) + "+"
+    body = ["|" + "|".join(f" {str(cell):<{w}} " for cell, w in zip(row, widths)) + "|"
+            for row in rows]
+    return "\n".join([line, header, line, *body, line])
+
+
+def _row(record: dict, baremetal: bool, now: datetime) -> list:
+    held_for = ""
+    if record.get("allocated_at"):
+        held_for = str(now - datetime.fromisoformat(record["allocated_at"]))[:12]
+    head = [record["id"], record["name"], record["ipmi_ip"]]
+    tail = [record["state"], record["owner"] or "", held_for, record["node_pool"]]
+    if baremetal:
+        return head + [record[k] for k in HARDWARE_FIELDS] + tail
+    return head + [json.dumps(blob(record), sort_keys=True)] + tail

@@ -1,0 +1,133 @@
+"""Configuration: a YAML file, then environment overrides, validated once.
+
+Where the file comes from, first match wins: the path given (`--config`),
+`DIR/conf.yaml` for `--conf-dir DIR`, `$MOLTENIRON_CONFIG`,
+`/etc/molteniron/conf.yaml` if it exists, else only the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import yaml
+
+from molteniron.errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/molteniron/conf.yaml")
+
+
+@dataclass(frozen=True)
+class Config:
+    db_url: str = "mysql+pymysql://root@127.0.0.1:3306/molteniron"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    allocate_wait: float = 3600.0    # seconds an allocate waits for nodes by default
+    request_timeout: float = 30.0    # seconds the CLI waits for a worker to answer
+    reply_retention: float = 86400.0  # seconds stored replies are kept for redeliveries
+    prefetch: int = 128              # requests the worker drains into one transaction
+    tick_interval: float = 1.0       # seconds between a worker's timer ticks
+    log_level: str = "INFO"
+
+
+# Environment variable -> key; secrets can live here instead of in the file.
+ENV_OVERRIDES = {
+    "MOLTENIRON_DB_URL": "db_url",
+    "MOLTENIRON_AMQP_URL": "amqp_url",
+}
+ENV_PASSWORDS = {
+    "MOLTENIRON_DB_PASSWORD": "db_url",
+    "MOLTENIRON_AMQP_PASSWORD": "amqp_url",
+}
+_POSITIVE = {"allocate_wait", "request_timeout", "reply_retention", "prefetch", "tick_interval"}
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+
+
+def config_path(path: str | None = None, conf_dir: str | None = None,
+                env: Mapping[str, str] = os.environ) -> Path | None:
+    """The file to read, by the precedence in this module's docstring."""
+    if path:
+        return Path(path)
+    if conf_dir:
+        return Path(conf_dir) / "conf.yaml"
+    if env.get("MOLTENIRON_CONFIG"):
+        return Path(env["MOLTENIRON_CONFIG"])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
+
+
+def load_config(path: str | None = None, conf_dir: str | None = None,
+                env: Mapping[str, str] = os.environ) -> Config:
+    """Read, override from the environment and validate the configuration."""
+    source = config_path(path, conf_dir, env)
+    values = _read_yaml(source) if source else {}
+    for var, key in ENV_OVERRIDES.items():
+        if env.get(var):
+            values[key] = env[var]
+    config = _validated(values, str(source or "defaults"))
+    for var, key in ENV_PASSWORDS.items():
+        if env.get(var):
+            config = dataclasses.replace(config, **{key: with_password(getattr(config, key), env[var])})
+    return config
+
+
+def with_password(url: str, password: str) -> str:
+    """The URL with its password replaced (so the file need not hold it)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = quote(parts.username or "", safe="")
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _read_yaml(source: Path) -> dict:
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration {source} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"configuration {source} must be a mapping of key: value")
+    return dict(data)
+
+
+def _validated(values: dict, source: str) -> Config:
+    known = {f.name: f for f in fields(Config)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown configuration key {key!r} "
+                              f"(known: {', '.join(sorted(known))})")
+    clean = {}
+    for key, value in values.items():
+        clean[key] = _coerce(key, value, known[key].type, source)
+    return Config(**clean)
+
+
+def _coerce(key: str, value, type_name: str, source: str):
+    wanted = {"str": str, "int": int, "float": float}[type_name]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{source}: {key} must be a {type_name}, got {type(value).__name__}")
+    if wanted is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{source}: {key} must be a non-empty string")
+        if key == "log_level" and value.upper() not in _LOG_LEVELS:
+            raise ConfigError(f"{source}: log_level must be one of {', '.join(sorted(_LOG_LEVELS))}")
+        return value.upper() if key == "log_level" else value
+    try:
+        number = wanted(value)
+    except ValueError:
+        raise ConfigError(f"{source}: {key} must be a {type_name}, got {value!r}") from None
+    if wanted is int and isinstance(value, float) and value != number:
+        raise ConfigError(f"{source}: {key} must be a whole number, got {value!r}")
+    if key in _POSITIVE and number <= 0:
+        raise ConfigError(f"{source}: {key} must be greater than 0, got {value!r}")
+    return number

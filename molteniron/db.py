@@ -1,0 +1,64 @@
+"""Engine and session factory, built lazily from configuration; schema migrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from molteniron.errors import ConfigError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def make_engine(db_url: str, **kwargs) -> Engine:
+    """An engine for db_url; pool_pre_ping so a restarted database is reconnected."""
+    try:
+        url = make_url(db_url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError with a terse message
+        raise ConfigError(f"db_url is not a database URL: {exc}") from None
+    return create_engine(url, pool_pre_ping=True, pool_recycle=3600, **kwargs)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    # expire_on_commit=False: objects stay readable after the worker's commit.
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def create_database(db_url: str) -> None:
+    """CREATE DATABASE if the URL's database does not exist (needs the right to)."""
+    url = make_url(db_url)
+    name = url.database
+    if not name:
+        raise ConfigError("db_url names no database")
+    server = create_engine(url.set(database=""), pool_pre_ping=True)
+    try:
+        with server.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE IF NOT EXISTS `{name}` "
+                              "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"))
+    finally:
+        server.dispose()
+
+
+def migrate(engine: Engine) -> None:
+    """Create or upgrade the schema to the newest migration."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def check_reachable(engine: Engine) -> None:
+    """Raise OperationalError with the driver's message if the database is down."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+__all__ = ["make_engine", "make_sessionmaker", "create_database", "migrate",
+           "check_reachable", "OperationalError"]

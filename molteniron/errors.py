@@ -1,0 +1,111 @@
+"""Every error MoltenIron raises, with the status code its reply carries.
+
+The worker turns a MoltenIronError into a reply in one place (its dispatch);
+the client turns the reply back into the same type (`from_reply`); the CLI
+turns it into an exit code in one place. Nothing here imports SQLAlchemy or
+pika, so the client path stays light.
+"""
+
+from __future__ import annotations
+
+
+class MoltenIronError(Exception):
+    """Base of every error MoltenIron raises on purpose."""
+
+    status = 400
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.reply: dict | None = None  # the reply it came from, on the client side
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+    def to_reply(self) -> dict:
+        return {"status": self.status, "message": self.message, "error": self.kind}
+
+
+class ConfigError(MoltenIronError):
+    """The configuration file or environment holds an unknown key or a bad value."""
+
+
+class BadRequest(MoltenIronError):
+    """A request is malformed: wrong type, missing argument, unknown operation."""
+
+
+class UnknownField(BadRequest):
+    """get_field/set_field named a field that nodes do not have."""
+
+
+class NodeNotFound(MoltenIronError):
+    """No node has the given id or name."""
+
+    status = 404
+
+
+class OwnerNotFound(MoltenIronError):
+    """The owner holds no nodes."""
+
+    status = 404
+
+
+class Conflict(MoltenIronError):
+    """The request is valid but the pool's state refuses it."""
+
+    status = 409
+
+
+class DuplicateNode(Conflict):
+    """A node with that name already exists."""
+
+
+class NotEnoughNodes(Conflict):
+    """Fewer nodes are ready than requested and the request may not wait."""
+
+
+class PoolTooSmall(Conflict):
+    """More nodes were requested than the pool has outside maintenance."""
+
+
+class RequestCancelled(Conflict):
+    """The request was cancelled by its client before it was served."""
+
+
+class DeadlineExpired(MoltenIronError):
+    """The request's deadline passed before it could be served."""
+
+    status = 408
+
+
+class NotActiveWorker(MoltenIronError):
+    """Another worker took over the pool (a newer epoch); this one must stop writing."""
+
+    status = 503
+
+
+class ServiceUnavailable(MoltenIronError):
+    """The broker is unreachable or no worker answered in time (client side)."""
+
+    status = 503
+
+
+_BY_KIND = {
+    cls.__name__: cls
+    for cls in (
+        MoltenIronError, ConfigError, BadRequest, UnknownField, NodeNotFound,
+        OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes, PoolTooSmall,
+        RequestCancelled, DeadlineExpired, NotActiveWorker, ServiceUnavailable,
+    )
+}
+_BY_STATUS = {400: BadRequest, 404: NodeNotFound, 408: DeadlineExpired, 409: Conflict}
+
+
+def from_reply(reply: dict) -> MoltenIronError:
+    """Rebuild the error a worker's error reply describes."""
+    cls = _BY_KIND.get(reply.get("error")) or _BY_STATUS.get(reply.get("status"), MoltenIronError)
+    err = cls(str(reply.get("message", "error without a message")))
+    err.status = reply.get("status", err.status)
+    err.reply = reply
+    return err

@@ -1,0 +1,151 @@
+"""The database tables (SQLAlchemy 2.x declarative). The database is the record."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any, Optional
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Index, Integer,
+                        String, Text)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+# Microseconds: allocation order and waiting times are read from these.
+PRECISE_TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class State(str, enum.Enum):
+    READY = "ready"
+    ALLOCATED = "allocated"
+    DIRTY = "dirty"
+    MAINTENANCE = "maintenance"
+
+
+class EndReason(str, enum.Enum):
+    RELEASED = "released"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    REMOVED = "removed"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e],
+                native_enum=False, length=16, validate_strings=True)
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+    __table_args__ = (
+        Index("ix_nodes_pool_state_id", "node_pool", "state", "id"),
+        Index("ix_nodes_owner", "owner"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    ipmi_ip: Mapped[str] = mapped_column(String(255))
+    ipmi_user: Mapped[str] = mapped_column(String(255), default="")
+    ipmi_password: Mapped[str] = mapped_column(String(255), default="")
+    port_hwaddr: Mapped[str] = mapped_column(String(255), default="")
+    cpu_arch: Mapped[str] = mapped_column(String(64), default="")
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    ram_mb: Mapped[int] = mapped_column(Integer, default=0)
+    disk_gb: Mapped[int] = mapped_column(Integer, default=0)
+    node_pool: Mapped[str] = mapped_column(String(255), default="default")
+    state: Mapped[State] = mapped_column(_enum(State, "node_state"), default=State.READY)
+    owner: Mapped[Optional[str]] = mapped_column(String(255), default=None)
+    allocated_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
+    lease_expires_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    ips: Mapped[list["NodeIP"]] = relationship(
+        back_populates="node", order_by="NodeIP.position",
+        cascade="all, delete-orphan", lazy="selectin")
+
+
+class NodeIP(Base):
+    """The IPs a job holding the node may hand out (the original's allocation_pool)."""
+
+    __tablename__ = "node_ips"
+
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ip: Mapped[str] = mapped_column(String(255))
+
+    node: Mapped[Node] = relationship(back_populates="ips")
+
+
+class Allocation(Base):
+    """History: who held which node, from when to when, and how it ended."""
+
+    __tablename__ = "allocations"
+    __table_args__ = (
+        Index("ix_allocations_node_open", "node_id", "ended_at"),
+        Index("ix_allocations_request", "request_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    node_id: Mapped[int] = mapped_column(Integer)  # no FK: history outlives removed nodes
+    node_name: Mapped[str] = mapped_column(String(255))
+    owner: Mapped[str] = mapped_column(String(255))
+    request_id: Mapped[Optional[str]] = mapped_column(String(64), default=None)
+    started_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
+    ended_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
+    end_reason: Mapped[Optional[EndReason]] = mapped_column(_enum(EndReason, "end_reason"),
+                                                            default=None)
+
+
+class WaitingRequest(Base):
+    """An allocate that could not be served yet; the autoincrement id is its FIFO place."""
+
+    __tablename__ = "waiting_requests"
+    __table_args__ = (Index("ix_waiting_pool_id", "node_pool", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    node_pool: Mapped[str] = mapped_column(String(255))
+    count: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str] = mapped_column(String(255))
+    reply_to: Mapped[Optional[str]] = mapped_column(String(255))
+    correlation_id: Mapped[Optional[str]] = mapped_column(String(255))
+    enqueued_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
+    deadline: Mapped[Optional[float]] = mapped_column(Float, default=None)  # unix time
+
+
+class ProcessedRequest(Base):
+    """A handled request id and its reply, replayed if the request is delivered again."""
+
+    __tablename__ = "processed_requests"
+    __table_args__ = (Index("ix_processed_at", "processed_at"),)
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    op: Mapped[str] = mapped_column(String(32))
+    reply: Mapped[str] = mapped_column(Text)
+    processed_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
+
+
+class WorkerMeta(Base):
+    """One row: the epoch of the worker that owns the pool now (fencing)."""
+
+    __tablename__ = "worker_meta"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    holder: Mapped[str] = mapped_column(String(255), default="")
+    taken_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
+
+
+class WorkerHeartbeat(Base):
+    """Each running worker, active or standby, says it is alive here."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    seen_at: Mapped[datetime] = mapped_column(PRECISE_TIME)

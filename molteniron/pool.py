@@ -1,0 +1,388 @@
+"""Pool operations: plain functions over a Session. The caller owns the transaction.
+
+Every change of a node's state happens here. Functions validate all their
+input before they change anything, so an error leaves the session as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from molteniron import errors
+from molteniron.compat import HARDWARE_FIELDS
+from molteniron.models import (Allocation, EndReason, Node, NodeIP, ProcessedRequest, State,
+                               WaitingRequest)
+
+DEFAULT_POOL = "default"
+INT_FIELDS = frozenset({"cpus", "ram_mb", "disk_gb"})
+# Fields set_field may change directly; state has its own rules below.
+SETTABLE_FIELDS = frozenset({"name", "ipmi_ip", "node_pool", "allocation_pool", *HARDWARE_FIELDS})
+# Names get_field accepts, mapped to what they read (the original's names included).
+READABLE_FIELDS = {
+    "id": "id", "name": "name", "ipmi_ip": "ipmi_ip", "node_pool": "node_pool",
+    "status": "state", "state": "state", "provisioned": "owner", "owner": "owner",
+    "timestamp": "allocated_at", "allocated_at": "allocated_at",
+    "lease_expires_at": "lease_expires_at", "allocation_pool": "allocation_pool",
+    **{f: f for f in HARDWARE_FIELDS},
+}
+_STATE_CHANGES = {  # what set_field may do to a node's state
+    State.READY: {State.MAINTENANCE},
+    State.DIRTY: {State.READY, State.MAINTENANCE},
+    State.MAINTENANCE: {State.READY},
+    State.ALLOCATED: set(),
+}
+MAX_TEXT = 255
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+# --- adding nodes -----------------------------------------------------------
+
+def add_baremetal(session: Session, name: str, ipmi_ip: str, ipmi_user: str,
+                  ipmi_password: str, allocation_pool: str | list[str], port_hwaddr: str,
+                  cpu_arch: str, cpus: Any, ram_mb: Any, disk_gb: Any,
+                  node_pool: str = DEFAULT_POOL, extra: dict | None = None) -> Node:
+    """Add one ready node; 409 if its name is taken."""
+    hardware = _hardware({"ipmi_user": ipmi_user, "ipmi_password": ipmi_password,
+                          "port_hwaddr": port_hwaddr, "cpu_arch": cpu_arch,
+                          "cpus": cpus, "ram_mb": ram_mb, "disk_gb": disk_gb})
+    node = Node(name=_text("name", name), ipmi_ip=_text("ipmi_ip", ipmi_ip),
+                node_pool=_text("node_pool", node_pool or DEFAULT_POOL),
+                state=State.READY, owner=None, extra=dict(extra or {}), **hardware)
+    node.ips = [NodeIP(position=i, ip=ip) for i, ip in enumerate(parse_ips(allocation_pool))]
+    if session.scalar(select(Node.id).where(Node.name == node.name)) is not None:
+        raise errors.DuplicateNode(f"Node already exists: {node.name}")
+    session.add(node)
+    session.flush()
+    return node
+
+
+def add_json_blob(session: Session, name: str, ipmi_ip: str, allocation_pool: str,
+                  blob: str | dict, node_pool: str = DEFAULT_POOL) -> Node:
+    """Add a node whose hardware fields come as one JSON object."""
+    if isinstance(blob, str):
+        try:
+            blob = json.loads(blob)
+        except ValueError as exc:
+            raise errors.BadRequest(f"blob is not valid JSON: {exc}") from None
+    if not isinstance(blob, dict):
+        raise errors.BadRequest("blob must be a JSON object of hardware fields")
+    return _add_from_mapping(session, name, ipmi_ip, allocation_pool, blob, node_pool)
+
+
+def add_keyvalue_pairs(session: Session, name: str, ipmi_ip: str, allocation_pool: str,
+                       pairs: Iterable[str], node_pool: str = DEFAULT_POOL) -> Node:
+    """Add a node whose hardware fields come as KEY=VALUE words (VALUE may be JSON)."""
+    fields: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = str(pair).partition("=")
+        if not sep or not key:
+            raise errors.BadRequest(f"{pair!r} is not KEY=VALUE")
+        fields[key] = _json_or_text(raw)
+    pool = fields.pop("node_pool", node_pool)
+    return _add_from_mapping(session, name, ipmi_ip, allocation_pool, fields, pool)
+
+
+def _add_from_mapping(session: Session, name: str, ipmi_ip: str, allocation_pool: str,
+                      fields: dict, node_pool: Any) -> Node:
+    # The original stored any blob; known hardware fields that are missing
+    # default to empty/0, unknown keys are kept in `extra` and shown in the blob.
+    hardware = {k: fields.get(k, 0 if k in INT_FIELDS else "") for k in HARDWARE_FIELDS}
+    extra = {k: v for k, v in fields.items() if k not in HARDWARE_FIELDS}
+    if not isinstance(node_pool, str):
+        raise errors.BadRequest("node_pool must be a string")
+    return add_baremetal(session, name, ipmi_ip, allocation_pool=allocation_pool,
+                         node_pool=node_pool or DEFAULT_POOL, extra=extra, **hardware)
+
+
+# --- allocating and releasing -----------------------------------------------
+
+def ready_nodes(session: Session, node_pool: str, limit: int) -> list[Node]:
+    """The first `limit` ready nodes of a pool, in id order (deterministic)."""
+    return list(session.scalars(
+        select(Node).where(Node.node_pool == node_pool, Node.state == State.READY)
+        .order_by(Node.id).limit(limit)))
+
+
+def capacity(session: Session, node_pool: str) -> int:
+    """Nodes of the pool outside maintenance: the most one request could ever get."""
+    return session.scalar(select(func.count()).select_from(Node).where(
+        Node.node_pool == node_pool, Node.state != State.MAINTENANCE)) or 0
+
+
+def allocate(session: Session, owner: str, count: int, node_pool: str = DEFAULT_POOL,
+             request_id: str | None = None, now: datetime | None = None) -> list[Node]:
+    """All or nothing: give `count` ready nodes of one pool to owner."""
+    owner = _text("owner", owner)
+    count = _count(count)
+    node_pool = _text("node_pool", node_pool or DEFAULT_POOL)
+    nodes = ready_nodes(session, node_pool, count)
+    if len(nodes) < count:
+        total = capacity(session, node_pool)
+        if count > total:
+            raise errors.PoolTooSmall(
+                f"Pool {node_pool} has {total} node(s) outside maintenance; "
+                f"{count} can never be allocated")
+        raise errors.NotEnoughNodes(
+            f"Not enough available nodes found. Found {len(nodes)}, requested {count} "
+            f"(pool {node_pool})")
+    now = now or utcnow()
+    for node in nodes:
+        node.state = State.ALLOCATED
+        node.owner = owner
+        node.allocated_at = now
+        session.add(Allocation(node_id=node.id, node_name=node.name, owner=owner,
+                               request_id=request_id, started_at=now))
+    session.flush()
+    return nodes
+
+
+def owned_nodes(session: Session, owner: str) -> list[Node]:
+    return list(session.scalars(select(Node).where(Node.owner == owner).order_by(Node.id)))
+
+
+def release(session: Session, owner: str, reason: EndReason = EndReason.RELEASED,
+            now: datetime | None = None) -> list[Node]:
+    """Return every node of owner to the pool; 404 if owner holds none."""
+    nodes = owned_nodes(session, _text("owner", owner))
+    if not nodes:
+        raise errors.OwnerNotFound(f"No nodes are owned by {owner}")
+    _free(session, nodes, reason, now or utcnow())
+    return nodes
+
+
+def release_request(session: Session, request_id: str, reason: EndReason = EndReason.CANCELLED,
+                    now: datetime | None = None) -> list[Node]:
+    """Return the nodes a given request was granted and still holds (maybe none)."""
+    held = session.scalars(select(Allocation.node_id).where(
+        Allocation.request_id == request_id, Allocation.ended_at.is_(None))).all()
+    if not held:
+        return []
+    nodes = list(session.scalars(select(Node).where(Node.id.in_(held)).order_by(Node.id)))
+    _free(session, nodes, reason, now or utcnow())
+    return nodes
+
+
+def _free(session: Session, nodes: list[Node], reason: EndReason, now: datetime) -> None:
+    ids = [n.id for n in nodes]
+    session.execute(update(Allocation).where(
+        Allocation.node_id.in_(ids), Allocation.ended_at.is_(None)
+    ).values(ended_at=now, end_reason=reason))
+    for node in nodes:
+        node.state = State.READY
+        node.owner = None
+        node.allocated_at = None
+        node.lease_expires_at = None
+    session.flush()
+
+
+# --- fields ----------------------------------------------------------------
+
+def get_field(session: Session, owner: str, field: str) -> list[tuple[int, Any]]:
+    """(node id, value of field) for every node owner holds."""
+    nodes = owned_nodes(session, _text("owner", owner))
+    if not nodes:
+        raise errors.OwnerNotFound(f"{owner} does not own any nodes")
+    if field not in READABLE_FIELDS and any(field not in node.extra for node in nodes):
+        raise errors.UnknownField(f"field {field} does not exist")
+    return [(node.id, field_value(node, field)) for node in nodes]
+
+
+def field_value(node: Node, field: str) -> Any:
+    """A node's value of a column, hardware field or extra blob key."""
+    if field not in READABLE_FIELDS:
+        return node.extra[field]
+    attr = READABLE_FIELDS[field]
+    if attr == "allocation_pool":
+        return ",".join(ip.ip for ip in node.ips)
+    value = getattr(node, attr)
+    if isinstance(value, State):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return value
+
+
+def set_field(session: Session, node_id: Any, key: str, value: Any,
+              type_name: str = "string") -> Node:
+    """Set one field of one node, converted to the field's type."""
+    converted = _convert(value, type_name)
+    if key in ("status", "state"):
+        node = _node(session, node_id)
+        _change_state(node, converted)
+        return node
+    if key not in SETTABLE_FIELDS:
+        if key in READABLE_FIELDS:
+            raise errors.BadRequest(f"field {key} cannot be set; it changes only "
+                                    "through allocate and release")
+        node = _node(session, node_id)
+        if key not in node.extra:
+            raise errors.UnknownField(f"field {key} does not exist")
+        node.extra = {**node.extra, key: converted}
+        session.flush()
+        return node
+    if key in INT_FIELDS:
+        converted = _non_negative(key, converted)
+    elif key == "allocation_pool":
+        ips = parse_ips(converted)
+    else:
+        converted = _text(key, str(converted))
+    node = _node(session, node_id)
+    if key == "name" and converted != node.name and session.scalar(
+            select(Node.id).where(Node.name == converted)) is not None:
+        raise errors.DuplicateNode(f"Node with name {converted} already exists")
+    if key == "node_pool" and node.state == State.ALLOCATED:
+        raise errors.Conflict(f"node {node.id} is allocated; release it before moving pools")
+    if key == "allocation_pool":
+        node.ips = [NodeIP(position=i, ip=ip) for i, ip in enumerate(ips)]
+    else:
+        setattr(node, key, converted)
+    session.flush()
+    return node
+
+
+def _change_state(node: Node, value: Any) -> None:
+    try:
+        target = State(str(value))
+    except ValueError:
+        raise errors.BadRequest(f"status must be one of {', '.join(s.value for s in State)}")
+    if target == node.state:
+        return
+    if target not in _STATE_CHANGES[node.state]:
+        raise errors.Conflict(f"node {node.id} cannot go from {node.state.value} to "
+                              f"{target.value} by set_field")
+    node.state = target
+
+
+def _node(session: Session, node_id: Any) -> Node:
+    try:
+        key = int(node_id)
+    except (TypeError, ValueError):
+        raise errors.BadRequest(f"node id must be an integer, got {node_id!r}") from None
+    node = session.get(Node, key)
+    if node is None:
+        raise errors.NodeNotFound(f"Node with id of {key} does not exist!")
+    return node
+
+
+# --- listing and emptying ------------------------------------------------
+
+def node_record(node: Node) -> dict:
+    """A node as a plain dict: what replies carry and compat renders."""
+    return {
+        "id": node.id, "name": node.name, "ipmi_ip": node.ipmi_ip,
+        **{f: getattr(node, f) for f in HARDWARE_FIELDS},
+        "allocation_pool": [ip.ip for ip in node.ips],
+        "state": node.state.value, "owner": node.owner,
+        "allocated_at": field_value(node, "allocated_at"),
+        "node_pool": node.node_pool, "extra": dict(node.extra or {}),
+    }
+
+
+def status_rows(session: Session, node_pool: str | None = None) -> list[Node]:
+    """Every node (or a pool's), in id order."""
+    query = select(Node).order_by(Node.id)
+    if node_pool:
+        query = query.where(Node.node_pool == node_pool)
+    return list(session.scalars(query))
+
+
+def waiting_rows(session: Session, node_pool: str | None = None) -> list[WaitingRequest]:
+    query = select(WaitingRequest).order_by(WaitingRequest.id)
+    if node_pool:
+        query = query.where(WaitingRequest.node_pool == node_pool)
+    return list(session.scalars(query))
+
+
+def delete_db(session: Session, now: datetime | None = None) -> int:
+    """Remove every node (open allocations end as `removed`); return how many."""
+    now = now or utcnow()
+    session.execute(update(Allocation).where(Allocation.ended_at.is_(None))
+                    .values(ended_at=now, end_reason=EndReason.REMOVED))
+    session.execute(delete(NodeIP))
+    removed = session.execute(delete(Node)).rowcount
+    session.expunge_all()
+    return removed
+
+
+def prune_processed(session: Session, older_than: datetime, limit: int = 10_000) -> int:
+    """Forget up to `limit` stored replies older than the retention."""
+    return session.execute(delete(ProcessedRequest)
+                           .where(ProcessedRequest.processed_at < older_than)
+                           .with_dialect_options(mysql_limit=limit)).rowcount
+
+
+# --- input checking ----------------------------------------------------------
+
+def parse_ips(allocation_pool: str | list[str]) -> list[str]:
+    items = allocation_pool.split(",") if isinstance(allocation_pool, str) else allocation_pool
+    if not isinstance(items, list):
+        raise errors.BadRequest("allocation_pool must be a comma-separated list of IPs")
+    ips = [str(ip).strip() for ip in items if str(ip).strip()]
+    for ip in ips:
+        _text("allocation_pool", ip)
+    return ips
+
+
+def _hardware(values: dict) -> dict:
+    clean = {}
+    for key in HARDWARE_FIELDS:
+        value = values[key]
+        clean[key] = _non_negative(key, value) if key in INT_FIELDS else _text(key, value, empty=True)
+    return clean
+
+
+def _text(field: str, value: Any, empty: bool = False) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise errors.BadRequest(f"{field} must be a string")
+    value = str(value)
+    if not value and not empty:
+        raise errors.BadRequest(f"{field} must not be empty")
+    if len(value) > MAX_TEXT:
+        raise errors.BadRequest(f"{field} is longer than {MAX_TEXT} characters")
+    return value
+
+
+def _non_negative(field: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise errors.BadRequest(f"{field} must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise errors.BadRequest(f"{field} must be an integer, got {value!r}") from None
+    if isinstance(value, float) and value != number:
+        raise errors.BadRequest(f"{field} must be an integer, got {value!r}")
+    if not 0 <= number < 2**31:
+        raise errors.BadRequest(f"{field} must be between 0 and {2**31 - 1}, got {value!r}")
+    return number
+
+
+def _count(count: Any) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise errors.BadRequest(f"number of nodes must be a positive integer, got {count!r}")
+    return count
+
+
+def _convert(value: Any, type_name: str) -> Any:
+    if type_name == "string":
+        return str(value)
+    if type_name == "int":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise errors.BadRequest(f"value {value!r} is not an int") from None
+    raise errors.BadRequest(f"Python type of {type_name} is not supported! (use string or int)")
+
+
+def _json_or_text(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw

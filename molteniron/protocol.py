@@ -1,0 +1,188 @@
+"""The wire protocol: names on the broker, the operations table, request validation.
+
+A request is `{"v": 1, "id": uuid, "op": name, "args": {...}, "deadline": unix|null}`;
+a reply is `{"v": 1, "id": ..., "status": code, ...}` in the original's shapes.
+Both the worker's dispatch and the CLI read OPERATIONS; nothing here imports
+SQLAlchemy or pika.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from molteniron.errors import BadRequest
+
+VERSION = 1
+
+# --- names on the broker -----------------------------------------------------
+EXCHANGE = "molteniron"
+REQUEST_QUEUE = "molteniron.requests"
+REQUEST_ROUTING_KEY = "request"
+DEAD_LETTER_EXCHANGE = "molteniron.dead"
+DEAD_LETTER_QUEUE = "molteniron.dead-letters"
+# A message redelivered more often than this (it keeps crashing the worker) is dead-lettered.
+DELIVERY_LIMIT = 5
+REQUEST_QUEUE_ARGUMENTS = {
+    "x-queue-type": "quorum",
+    "x-single-active-consumer": True,
+    "x-delivery-limit": DELIVERY_LIMIT,
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+}
+# The dead-letter queue is for people to inspect; cap it so it cannot fill the disk.
+DEAD_LETTER_QUEUE_ARGUMENTS = {"x-max-length": 100_000, "x-queue-type": "classic"}
+MAX_BODY_BYTES = 1_000_000
+
+# --- statuses beyond the original's ------------------------------------------
+QUEUED = 202      # interim reply: the allocate waits; more replies follow
+TIMED_OUT = 408   # the deadline passed before the request was served
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: type | tuple[type, ...]
+    required: bool = True
+    default: Any = None
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    args: tuple[Arg, ...] = ()
+    internal: bool = False   # sent by workers, never replied to
+    mutates: bool = True     # False: reads only
+
+
+_S, _I = str, int
+OPERATIONS: dict[str, Operation] = {op.name: op for op in (
+    Operation("add_baremetal", (
+        Arg("name", _S), Arg("ipmi_ip", _S), Arg("ipmi_user", _S), Arg("ipmi_password", _S),
+        Arg("allocation_pool", _S), Arg("port_hwaddr", _S), Arg("cpu_arch", _S),
+        Arg("cpus", _I), Arg("ram_mb", _I), Arg("disk_gb", _I),
+        Arg("node_pool", _S, False, "default"))),
+    Operation("add_keyvalue_pairs", (
+        Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S), Arg("pairs", list),
+        Arg("node_pool", _S, False, "default"))),
+    Operation("add_json_blob", (
+        Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S), Arg("blob", (str, dict)),
+        Arg("node_pool", _S, False, "default"))),
+    Operation("allocate", (
+        Arg("owner", _S), Arg("count", _I), Arg("node_pool", _S, False, "default"),
+        Arg("wait", bool, False, True))),
+    Operation("release", (Arg("owner", _S),)),
+    Operation("get_field", (Arg("owner", _S), Arg("field", _S)), mutates=False),
+    Operation("set_field", (
+        Arg("id", _I), Arg("key", _S), Arg("value", (str, int)),
+        Arg("type", _S, False, "string"))),
+    Operation("status", (
+        Arg("node_pool", _S, False), Arg("show_secrets", bool, False, False)), mutates=False),
+    Operation("waiting", (Arg("node_pool", _S, False),), mutates=False),
+    Operation("delete_db"),
+    Operation("cancel", (Arg("request_id", _S),)),
+    Operation("tick", internal=True),
+)}
+
+
+@dataclass
+class Request:
+    id: str
+    op: str
+    args: dict = field(default_factory=dict)
+    deadline: float | None = None
+    v: int = VERSION
+
+    def to_body(self) -> bytes:
+        return json.dumps({"v": self.v, "id": self.id, "op": self.op,
+                           "args": self.args, "deadline": self.deadline}).encode()
+
+
+def new_request(op: str, args: dict | None = None, deadline: float | None = None) -> Request:
+    """A request with a fresh id, its args checked the way the worker will check them."""
+    request = Request(id=str(uuid.uuid4()), op=op, args=dict(args or {}), deadline=deadline)
+    validate_args(request.op, request.args)
+    return request
+
+
+def decode_request(body: bytes) -> Request:
+    """Parse and validate a request body; BadRequest names the offending field."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request must be a JSON object")
+    unknown = set(data) - {"v", "id", "op", "args", "deadline"}
+    if unknown:
+        raise BadRequest(f"unknown request field(s): {', '.join(sorted(map(str, unknown)))}")
+    if data.get("v") != VERSION:
+        raise BadRequest(f"field v must be {VERSION}, got {data.get('v')!r}")
+    request_id = data.get("id")
+    if not isinstance(request_id, str) or not _is_uuid(request_id):
+        raise BadRequest(f"field id must be a UUID string, got {request_id!r}")
+    op = data.get("op")
+    if not isinstance(op, str) or op not in OPERATIONS:
+        raise BadRequest(f"field op: unknown operation {op!r}")
+    args = data.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise BadRequest("field args must be an object")
+    deadline = data.get("deadline")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                 or deadline != deadline):
+        raise BadRequest(f"field deadline must be a unix time or null, got {deadline!r}")
+    return Request(id=request_id, op=op, args=validate_args(op, args), deadline=deadline)
+
+
+def validate_args(op: str, args: dict) -> dict:
+    """The op's arguments with defaults filled in; BadRequest names a wrong one."""
+    operation = OPERATIONS.get(op)
+    if operation is None:
+        raise BadRequest(f"unknown operation {op!r}")
+    known = {a.name for a in operation.args}
+    unknown = set(args) - known
+    if unknown:
+        raise BadRequest(f"{op}: unknown argument(s): {', '.join(sorted(map(str, unknown)))}")
+    clean = {}
+    for arg in operation.args:
+        if arg.name not in args or args[arg.name] is None:
+            if arg.required:
+                raise BadRequest(f"{op}: argument {arg.name} is required")
+            clean[arg.name] = arg.default
+            continue
+        value = args[arg.name]
+        kinds = arg.kind if isinstance(arg.kind, tuple) else (arg.kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise BadRequest(f"{op}: argument {arg.name} must be {_kind_name(kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise BadRequest(f"{op}: argument {arg.name} must be {_kind_name(kinds)}, "
+                             f"got {type(value).__name__}")
+        if arg.choices and value not in arg.choices:
+            raise BadRequest(f"{op}: argument {arg.name} must be one of "
+                             f"{', '.join(arg.choices)}, got {value!r}")
+        clean[arg.name] = value
+    return clean
+
+
+def reply_body(request_id: str | None, reply: dict) -> bytes:
+    return json.dumps({"v": VERSION, "id": request_id, **reply}).encode()
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return len(text) <= 64
+
+
+def _kind_name(kinds: tuple) -> str:
+    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list",
+             dict: "an object", float: "a number"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="molteniron",
+    version="2.0.0",
+    description="A pool of bare-metal nodes shared by CI jobs: allocate, wait, release.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["molteniron", "molteniron.*", "workers", "clients", "bench"]),
+    package_data={"molteniron": ["migrations/*.py", "migrations/*.mako", "migrations/versions/*.py"]},
+    install_requires=[
+        "SQLAlchemy>=2.0,<3",
+        "PyMySQL>=1.1",
+        "PyYAML>=6.0",
+        "pika>=1.3,<2",
+        "alembic>=1.12",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "molteniron = clients.cli:main",
+            "molteniron-worker = workers.main:main",
+        ],
+    },
+)

@@ -1,0 +1,90 @@
+"""One unit of work: the session of one transaction, the replies it will send, the
+replies it stores for redeliveries. Nothing leaves a Batch before its commit."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.mysql import insert
+from sqlalchemy.orm import Session
+
+from molteniron.models import ProcessedRequest
+from molteniron.pool import utcnow
+
+
+@dataclass
+class Outgoing:
+    """A reply to publish after the commit."""
+    reply_to: str
+    correlation_id: str | None
+    request_id: str | None
+    reply: dict
+
+
+@dataclass
+class Batch:
+    session: Session
+    now: datetime = field(default_factory=utcnow)
+    clock: float = field(default_factory=time.time)
+    outbox: list[Outgoing] = field(default_factory=list)
+    to_store: dict[str, tuple[str, dict]] = field(default_factory=dict)
+    to_forget: set[str] = field(default_factory=set)
+    touched_pools: set[str] = field(default_factory=set)
+
+    def mark(self) -> tuple:
+        """What rollback_to needs to undo one request's additions."""
+        return (len(self.outbox), dict(self.to_store), set(self.to_forget),
+                set(self.touched_pools))
+
+    def rollback_to(self, mark: tuple) -> None:
+        outbox_len, to_store, to_forget, touched = mark
+        del self.outbox[outbox_len:]
+        self.to_store, self.to_forget, self.touched_pools = to_store, to_forget, touched
+
+    def reply(self, reply_to: str | None, correlation_id: str | None,
+              request_id: str | None, reply: dict) -> None:
+        if reply_to:
+            self.outbox.append(Outgoing(reply_to, correlation_id, request_id, reply))
+
+    def store(self, request_id: str, op: str, reply: dict) -> None:
+        """Keep the reply so a redelivered request gets it again (written at commit)."""
+        self.to_forget.discard(request_id)
+        self.to_store[request_id] = (op, reply)
+
+    def forget(self, request_id: str) -> None:
+        """Drop a stored reply, so the same request id is handled afresh if it comes again."""
+        self.to_store.pop(request_id, None)
+        self.to_forget.add(request_id)
+
+    def stored_reply(self, request_id: str, preloaded: dict[str, dict]) -> dict | None:
+        if request_id in self.to_store:
+            return self.to_store[request_id][1]
+        if request_id in self.to_forget:
+            return None
+        return preloaded.get(request_id)
+
+    def write_stored(self) -> None:
+        """Upsert this batch's stored replies in one statement."""
+        if self.to_forget:
+            self.session.execute(delete(ProcessedRequest)
+                                 .where(ProcessedRequest.request_id.in_(self.to_forget)))
+        if not self.to_store:
+            return
+        rows = [{"request_id": rid, "op": op, "reply": json.dumps(reply), "processed_at": self.now}
+                for rid, (op, reply) in self.to_store.items()]
+        statement = insert(ProcessedRequest).values(rows)
+        self.session.execute(statement.on_duplicate_key_update(
+            reply=statement.inserted.reply, processed_at=statement.inserted.processed_at))
+
+
+def load_stored_replies(session: Session, request_ids: list[str]) -> dict[str, dict]:
+    """Replies already stored for any of these ids (one query for a whole batch)."""
+    if not request_ids:
+        return {}
+    rows = session.execute(select(ProcessedRequest.request_id, ProcessedRequest.reply)
+                           .where(ProcessedRequest.request_id.in_(request_ids)))
+    return {rid: json.loads(reply) for rid, reply in rows}
