@@ -1,0 +1,223 @@
+"""The `stack` fixture: a real RabbitMQ vhost + MariaDB database + worker processes.
+
+The vhost is made for this test run with rabbitmqctl and deleted afterwards;
+each test gets empty tables, purged queues and its own worker process(es).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import pika
+import pytest
+
+from clients.client import MoltenIronClient
+from molteniron import protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_AMQP_URL = os.environ.get("MOLTENIRON_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+HOW_TO_START_BROKER = (
+    "MoltenIron's tests need a real RabbitMQ at MOLTENIRON_TEST_AMQP_URL "
+    f"(now {TEST_AMQP_URL!r}) and rabbitmqctl on PATH to make a vhost per test run. "
+    "Start the local one with: rabbitmq-server -detached"
+)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll predicate until it returns something truthy; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _rabbitmqctl(*args: str) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail(HOW_TO_START_BROKER, pytrace=False)
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        pytest.fail(f"{HOW_TO_START_BROKER}\n(rabbitmqctl {' '.join(args)} said: "
+                    f"{done.stderr.strip() or done.stdout.strip()})", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def amqp_url():
+    """A vhost of its own for this test run, on the real broker."""
+    params = pika.URLParameters(TEST_AMQP_URL)
+    try:
+        pika.BlockingConnection(params).close()
+    except Exception as exc:  # any failure to connect means the same thing here
+        pytest.fail(f"{HOW_TO_START_BROKER}\n(connecting said: {exc!r})", pytrace=False)
+    vhost = f"molteniron_test_{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, params.credentials.username, ".*", ".*", ".*")
+    base = TEST_AMQP_URL.rsplit("/", 1)[0]
+    yield f"{base}/{quote(vhost, safe='')}"
+    _rabbitmqctl("delete_vhost", vhost)
+
+
+class CliResult:
+    def __init__(self, done: subprocess.CompletedProcess):
+        self.returncode = done.returncode
+        self.stdout = done.stdout
+        self.stderr = done.stderr
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+    def __repr__(self) -> str:
+        return f"CliResult(rc={self.returncode}, stdout={self.stdout!r}, stderr={self.stderr!r})"
+
+
+class RunningCli:
+    """A CLI process started in the background (a waiting allocate)."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+
+    def result(self, timeout: float = 30) -> CliResult:
+        stdout, stderr = self.process.communicate(timeout=timeout)
+        return CliResult(subprocess.CompletedProcess(self.process.args, self.process.returncode,
+                                                     stdout, stderr))
+
+
+class Stack:
+    def __init__(self, amqp_url: str, database_url: str, engine, logdir: Path):
+        self.amqp_url = amqp_url
+        self.database_url = database_url
+        self.engine = engine
+        self.logdir = logdir
+        self.workers: list[subprocess.Popen] = []
+        self.env = {**os.environ, "MOLTENIRON_AMQP_URL": amqp_url,
+                    "MOLTENIRON_DB_URL": database_url, "PYTHONPATH": str(ROOT),
+                    "MOLTENIRON_CONFIG": str(logdir / "absent.yaml")}
+        (logdir / "absent.yaml").write_text("{}\n")
+
+    # --- workers -------------------------------------------------------------
+
+    def start_worker(self, env: dict | None = None, ready: bool = True) -> subprocess.Popen:
+        log = open(self.logdir / f"worker-{len(self.workers)}.log", "w")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "workers.main", "--no-migrate",
+             "--worker-id", f"test-worker-{len(self.workers)}"],
+            env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.workers.append(worker)
+        if ready:
+            with self.client() as client:
+                wait_until(lambda: _answers(client), 30, "the worker to answer status")
+        return worker
+
+    def worker_log(self, index: int = 0) -> str:
+        return (self.logdir / f"worker-{index}.log").read_text()
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+    # --- clients -------------------------------------------------------------
+
+    def client(self, timeout: float = 10.0) -> MoltenIronClient:
+        return MoltenIronClient(self.amqp_url, timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 60) -> CliResult:
+        done = subprocess.run([sys.executable, "-m", "clients.cli", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        return CliResult(done)
+
+    def cli_start(self, *args: str) -> RunningCli:
+        return RunningCli(subprocess.Popen(
+            [sys.executable, "-m", "clients.cli", *args], env=self.env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+    # --- the broker, seen from outside ----------------------------------------
+
+    def channel(self):
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        return connection, connection.channel()
+
+    def purge_queues(self) -> None:
+        connection, channel = self.channel()
+        for queue in (protocol.REQUEST_QUEUE, protocol.DEAD_LETTER_QUEUE):
+            try:
+                channel.queue_purge(queue)
+            except pika.exceptions.ChannelClosedByBroker:  # not declared yet
+                channel = connection.channel()
+        connection.close()
+
+    def dead_letters(self) -> int:
+        connection, channel = self.channel()
+        try:
+            return channel.queue_declare(protocol.DEAD_LETTER_QUEUE, passive=True).method.message_count
+        finally:
+            connection.close()
+
+    def sql(self, query: str) -> list[tuple]:
+        from sqlalchemy import text
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(query))]
+
+
+def _answers(client: MoltenIronClient) -> bool:
+    try:
+        client.call("status", {}, timeout=2)
+        return True
+    except Exception:  # not up yet: any failure means "try again"
+        client.close()
+        return False
+
+
+@pytest.fixture
+def stack(amqp_url, database_url, engine, tmp_path, request):
+    from tests.conftest import empty_tables
+    empty_tables(engine)
+    stack = Stack(amqp_url, database_url, engine, tmp_path)
+    stack.purge_queues()
+    yield stack
+    stack.stop_workers()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for i in range(len(stack.workers)):
+            print(f"--- worker {i} log ---\n{stack.worker_log(i)[-5000:]}")
+    stack.purge_queues()
+
+
+@pytest.fixture
+def running(stack):
+    """The stack with one worker already answering."""
+    stack.start_worker()
+    return stack
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+NODE = ["node-1", "10.0.0.1", "admin", "secret", "10.1.0.1,10.1.0.2", "aa:bb:cc:dd:ee:01",
+        "x86_64", "8", "16384", "200"]
+
+
+def node_args(i: int, pool: str = "default") -> list[str]:
+    return [f"node-{i}", f"10.0.0.{i}", "admin", f"secret-{i}", f"10.1.{i}.1,10.1.{i}.2",
+            f"aa:bb:cc:dd:ee:{i:02x}", "x86_64", "8", "16384", "200", pool]

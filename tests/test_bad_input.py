@@ -1,0 +1,120 @@
+"""Malformed messages straight onto the request queue: an error reply or the
+dead-letter queue, never a dead worker, never a changed pool."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pika
+import pytest
+
+from molteniron import protocol
+from tests.stack import node_args, wait_until
+
+
+class RawPublisher:
+    """Publishes arbitrary bodies and properties, and reads replies on its own queue."""
+
+    def __init__(self, amqp_url: str):
+        self.connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        self.channel = self.connection.channel()
+        self.reply_queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.replies: list[dict] = []
+        self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
+
+    def _on_reply(self, channel, method, properties, body):
+        self.replies.append({"correlation_id": properties.correlation_id, **json.loads(body)})
+
+    def publish(self, body: bytes, reply: bool = True, **properties) -> str:
+        correlation_id = str(uuid.uuid4())
+        if reply:
+            properties.setdefault("reply_to", self.reply_queue)
+            properties.setdefault("correlation_id", correlation_id)
+        self.channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY, body,
+                                   pika.BasicProperties(**properties))
+        return correlation_id
+
+    def reply_to(self, correlation_id: str, timeout: float = 15) -> dict:
+        def arrived():
+            self.connection.process_data_events(0.05)
+            return next((r for r in self.replies if r["correlation_id"] == correlation_id), None)
+        return wait_until(arrived, timeout, f"a reply to {correlation_id}", interval=0)
+
+    def close(self):
+        self.connection.close()
+
+
+def valid(op: str, args: dict) -> dict:
+    return {"v": 1, "id": str(uuid.uuid4()), "op": op, "args": args, "deadline": None}
+
+
+@pytest.fixture
+def raw(running):
+    publisher = RawPublisher(running.amqp_url)
+    yield publisher
+    publisher.close()
+
+
+def pool_checksum(stack) -> list[tuple]:
+    return stack.sql("SELECT id, name, state, owner, node_pool, cpus FROM nodes ORDER BY id")
+
+
+BAD_REQUESTS = [
+    (b"not json at all", "not JSON"),
+    (b"\xff\xfe\x00garbage", "not JSON"),
+    (b"[1, 2, 3]", "JSON object"),
+    (json.dumps({"v": 2, "id": str(uuid.uuid4()), "op": "status"}).encode(), "field v"),
+    (json.dumps({"v": 1, "id": "not-a-uuid", "op": "status"}).encode(), "field id"),
+    (json.dumps(valid("launch_missiles", {})).encode(), "unknown operation"),
+    (json.dumps(valid("allocate", {"owner": "x", "count": "two"})).encode(), "count"),
+    (json.dumps(valid("allocate", {"owner": 7, "count": 1})).encode(), "owner"),
+    (json.dumps(valid("allocate", {"owner": "x", "count": True})).encode(), "count"),
+    (json.dumps(valid("allocate", {"count": 1})).encode(), "owner is required"),
+    (json.dumps(valid("release", {"owner": "x", "extra": 1})).encode(), "unknown argument"),
+    (json.dumps({**valid("status", {}), "deadline": "soon"}).encode(), "deadline"),
+    (json.dumps({**valid("status", {}), "args": [1]}).encode(), "args"),
+    (b"{" * 100_000, "not JSON"),
+    (b"x" * (protocol.MAX_BODY_BYTES + 1), "larger than"),
+]
+
+
+def test_malformed_requests_get_an_error_reply_naming_the_problem(running, raw):
+    running.cli("add_baremetal", *node_args(1))
+    before = pool_checksum(running)
+    for body, expected in BAD_REQUESTS:
+        reply = raw.reply_to(raw.publish(body))
+        assert reply["status"] == 400, (body[:60], reply)
+        assert expected in reply["message"], (body[:60], reply)
+    assert pool_checksum(running) == before
+    assert running.cli("status").returncode == 0
+    assert running.workers[0].poll() is None
+
+
+def test_requests_without_reply_to_go_to_the_dead_letter_queue(running, raw):
+    running.cli("add_baremetal", *node_args(1))
+    before = pool_checksum(running)
+    raw.publish(b"garbage without a reply address", reply=False)
+    raw.publish(json.dumps(valid("allocate", {"owner": "anon", "count": 1})).encode(), reply=False)
+    wait_until(lambda: running.dead_letters() == 2, 15, "two dead letters")
+    assert pool_checksum(running) == before
+    assert running.cli("status").returncode == 0
+
+
+def test_a_request_whose_deadline_passed_is_refused(running, raw):
+    running.cli("add_baremetal", *node_args(1))
+    late = {**valid("allocate", {"owner": "late", "count": 1}), "deadline": time.time() - 1}
+    reply = raw.reply_to(raw.publish(json.dumps(late).encode()))
+    assert reply["status"] == 408
+    assert running.sql("SELECT owner FROM nodes") == [(None,)]
+
+
+def test_hostile_properties_do_not_hurt(running, raw):
+    body = json.dumps(valid("status", {})).encode()
+    reply = raw.reply_to(raw.publish(body, headers={"x": "y" * 10_000}, priority=9,
+                                     content_type="text/evil", delivery_mode=2))
+    assert reply["status"] == 200
+    raw.publish(body, reply=False, reply_to="amq.no-such-queue", correlation_id="x")
+    assert running.cli("status").returncode == 0
+    assert running.workers[0].poll() is None
