@@ -76,9 +76,7 @@ def load_config(path: str | None = None, conf_dir: str | None = None,
 def with_password(url: str, password: str) -> str:
     """The URL with its password replaced (so the file need not hold it)."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: keeps [IPv6] brackets and port
     user = quote(parts.username or "", safe="")
     netloc = f"{user}:{quote(password, safe='')}@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
@@ -128,6 +126,6 @@ def _coerce(key: str, value, type_name: str, source: str):
         raise ConfigError(f"{source}: {key} must be a {type_name}, got {value!r}") from None
     if wanted is int and isinstance(value, float) and value != number:
         raise ConfigError(f"{source}: {key} must be a whole number, got {value!r}")
-    if key in _POSITIVE and number <= 0:
+    if key in _POSITIVE and not number > 0:  # also refuses NaN
         raise ConfigError(f"{source}: {key} must be greater than 0, got {value!r}")
     return number

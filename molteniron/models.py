@@ -52,7 +52,7 @@ class Node(Base):
     ipmi_user: Mapped[str] = mapped_column(String(255), default="")
     ipmi_password: Mapped[str] = mapped_column(String(255), default="")
     port_hwaddr: Mapped[str] = mapped_column(String(255), default="")
-    cpu_arch: Mapped[str] = mapped_column(String(64), default="")
+    cpu_arch: Mapped[str] = mapped_column(String(255), default="")
     cpus: Mapped[int] = mapped_column(Integer, default=0)
     ram_mb: Mapped[int] = mapped_column(Integer, default=0)
     disk_gb: Mapped[int] = mapped_column(Integer, default=0)

@@ -233,7 +233,7 @@ def set_field(session: Session, node_id: Any, key: str, value: Any,
     elif key == "allocation_pool":
         ips = parse_ips(converted)
     else:
-        converted = _text(key, str(converted))
+        converted = _text(key, str(converted), empty=key in HARDWARE_FIELDS)
     node = _node(session, node_id)
     if key == "name" and converted != node.name and session.scalar(
             select(Node.id).where(Node.name == converted)) is not None:
@@ -382,7 +382,10 @@ def _convert(value: Any, type_name: str) -> Any:
 
 
 def _json_or_text(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
+    """A quoted JSON string ("user") is decoded; anything else stays as typed."""
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        try:
+            return json.loads(raw)
+        except ValueError:
+            pass
+    return raw

@@ -70,7 +70,7 @@ def test_add_keyvalue_pairs_and_json_blob_and_set_field(running):
     assert missing.returncode == 1 and missing.json["status"] == 404
 
     running.cli("allocate", "job-kv", "1")
-    assert running.cli("get_field", "job-kv", "rack").json["result"] == [{"id": kv_id, "field": 7}]
+    assert running.cli("get_field", "job-kv", "rack").json["result"] == [{"id": kv_id, "field": "7"}]
     assert running.cli("allocate", "job-big", "1", "big").json["nodes"]
 
 

@@ -34,7 +34,7 @@ def upgrade() -> None:
     sa.Column('ipmi_user', sa.String(length=255), nullable=False),
     sa.Column('ipmi_password', sa.String(length=255), nullable=False),
     sa.Column('port_hwaddr', sa.String(length=255), nullable=False),
-    sa.Column('cpu_arch', sa.String(length=64), nullable=False),
+    sa.Column('cpu_arch', sa.String(length=255), nullable=False),
     sa.Column('cpus', sa.Integer(), nullable=False),
     sa.Column('ram_mb', sa.Integer(), nullable=False),
     sa.Column('disk_gb', sa.Integer(), nullable=False),

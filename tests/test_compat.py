@@ -1,0 +1,216 @@
+"""The original MoltenIron's reply shapes (DESIGN.md, Compatibility), from records of real nodes.
+
+Jenkins hooks read these with jq, so key names, nesting and value types are
+asserted exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import pytest
+
+from molteniron import compat, errors, pool
+
+HARDWARE = ("ipmi_user", "ipmi_password", "port_hwaddr", "cpu_arch", "cpus", "ram_mb",
+            "disk_gb")
+WHEN = datetime(2024, 3, 4, 5, 6, 7, 890123)
+
+
+def add(session, name, node_pool="default", password="hunter2-secret", **kw):
+    args = dict(ipmi_ip=f"10.0.0.{len(name)}", ipmi_user="admin", ipmi_password=password,
+                allocation_pool="10.1.0.1,10.1.0.2", port_hwaddr="52:54:00:aa:bb:cc",
+                cpu_arch="x86_64", cpus=8, ram_mb=16384, disk_gb=500, node_pool=node_pool)
+    args.update(kw)
+    return pool.add_baremetal(session, name, **args)
+
+
+@pytest.fixture
+def allocated(session):
+    """Two nodes allocated to "job-7" in pool "gpu" at WHEN, plus one ready node."""
+    add(session, "n1", "gpu", allocation_pool="10.1.0.1,10.1.0.2")
+    add(session, "n2", "gpu", allocation_pool="10.2.0.1")
+    add(session, "spare", "gpu")
+    nodes = pool.allocate(session, "job-7", 2, node_pool="gpu", now=WHEN)
+    session.commit()
+    return nodes
+
+
+def test_nodes_reply_shape_matches_the_original(session, allocated):
+    n1, n2 = allocated
+    reply = compat.nodes_reply([pool.node_record(n) for n in allocated])
+    assert set(reply) == {"status", "nodes"}
+    assert reply["status"] == 200
+    assert list(reply["nodes"]) == [f"node_{n1.id}", f"node_{n2.id}"]
+    first = reply["nodes"][f"node_{n1.id}"]
+    assert set(first) == {"id", "name", "ipmi_ip", "blob", "allocation_pool", "status",
+                          "provisioned", "timestamp", "node_pool"}
+    assert first["id"] == n1.id and isinstance(first["id"], int)
+    assert first["name"] == "n1"
+    assert first["ipmi_ip"] == "10.0.0.2"
+    assert first["allocation_pool"] == "10.1.0.1,10.1.0.2"
+    assert reply["nodes"][f"node_{n2.id}"]["allocation_pool"] == "10.2.0.1"
+    assert first["status"] == "allocated"
+    assert first["provisioned"] == "job-7"
+    assert first["node_pool"] == "gpu"
+    assert isinstance(first["timestamp"], str)
+    assert datetime.fromisoformat(first["timestamp"]) == WHEN.replace(microsecond=0)
+
+
+def test_nodes_reply_blob_is_a_json_string_of_the_hardware_fields(session, allocated):
+    reply = compat.nodes_reply([pool.node_record(allocated[0])])
+    blob = reply["nodes"][f"node_{allocated[0].id}"]["blob"]
+    assert isinstance(blob, str)
+    assert json.loads(blob) == {"ipmi_user": "admin", "ipmi_password": "hunter2-secret",
+                                "port_hwaddr": "52:54:00:aa:bb:cc", "cpu_arch": "x86_64",
+                                "cpus": 8, "ram_mb": 16384, "disk_gb": 500}
+    assert list(json.loads(blob)) == list(HARDWARE)
+
+
+def test_nodes_reply_blob_includes_extra_keys(session):
+    pool.add_json_blob(session, "x1", "10.0.0.1", "10.1.0.1",
+                       {"cpus": 2, "ipmi_user": "u", "rack": "r4"})
+    node = pool.allocate(session, "job", 1)[0]
+    blob = json.loads(compat.nodes_reply([pool.node_record(node)])
+                      ["nodes"][f"node_{node.id}"]["blob"])
+    assert blob["rack"] == "r4"
+    assert blob["cpus"] == 2 and blob["ipmi_user"] == "u"
+    assert set(HARDWARE) <= set(blob)
+
+
+def test_nodes_reply_is_json_serializable_and_round_trips(session, allocated):
+    reply = compat.nodes_reply([pool.node_record(n) for n in allocated])
+    assert json.loads(json.dumps(reply)) == reply
+
+
+def test_node_json_of_a_ready_node(session):
+    node = add(session, "n1")
+    session.commit()
+    item = compat.node_json(pool.node_record(node))
+    assert item["status"] == "ready"
+    assert item["provisioned"] == ""
+    assert item["timestamp"] is None
+
+
+def test_nodes_reply_empty(session):
+    assert compat.nodes_reply([]) == {"status": 200, "nodes": {}}
+
+
+def test_field_reply_shape(session, allocated):
+    n1, n2 = allocated
+    reply = compat.field_reply(pool.get_field(session, "job-7", "port_hwaddr"))
+    assert reply == {"status": 200, "result": [
+        {"id": n1.id, "field": "52:54:00:aa:bb:cc"},
+        {"id": n2.id, "field": "52:54:00:aa:bb:cc"}]}
+    assert compat.field_reply(pool.get_field(session, "job-7", "cpus"))["result"][0] == {
+        "id": n1.id, "field": 8}
+    assert json.loads(json.dumps(reply)) == reply
+
+
+def test_error_reply_shape():
+    reply = errors.OwnerNotFound("job does not own any nodes").to_reply()
+    assert reply["status"] == 404
+    assert reply["message"] == "job does not own any nodes"
+    rebuilt = errors.from_reply(reply)
+    assert isinstance(rebuilt, errors.OwnerNotFound) and rebuilt.status == 404
+    assert errors.from_reply({"status": 409, "message": "m"}).status == 409
+
+
+# --- status tables -------------------------------------------------------------------
+
+def records(session):
+    return [pool.node_record(n) for n in pool.status_rows(session)]
+
+
+NOW = WHEN.replace(microsecond=0) + timedelta(hours=1, minutes=2, seconds=3)
+
+
+def test_status_human_table(session, allocated):
+    n1, n2 = allocated
+    text = compat.status_text(records(session), baremetal=False, table_type="human", now=NOW)
+    lines = text.splitlines()
+    assert len(lines) == 4 + 3                       # rule, header, rule, 3 rows, rule
+    assert len({len(line) for line in lines}) == 1   # columns aligned
+    header = [c.strip() for c in lines[1].strip("+").split("+")]
+    assert header == ["id", "name", "ipmi_ip", "blob", "status", "provisioned", "time",
+                      "node_pool"]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[3:6]]
+    assert rows[0][:3] == [str(n1.id), "n1", "10.0.0.2"]
+    assert json.loads(rows[0][3])["cpus"] == 8
+    assert rows[0][4:] == ["allocated", "job-7", "1:02:03", "gpu"]
+    assert rows[2][1] == "spare"
+    assert rows[2][4:] == ["ready", "", "", "gpu"]
+
+
+def test_status_baremetal_human_lists_hardware_columns(session, allocated):
+    text = compat.status_text(records(session), baremetal=True, table_type="human", now=NOW)
+    lines = text.splitlines()
+    assert len({len(line) for line in lines}) == 1
+    header = [c.strip() for c in lines[1].strip("+").split("+")]
+    assert header == ["id", "name", "ipmi_ip", *HARDWARE, "status", "provisioned", "time",
+                      "node_pool"]
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[1:14] == ["n1", "10.0.0.2", "admin", "hunter2-secret", "52:54:00:aa:bb:cc",
+                           "x86_64", "8", "16384", "500", "allocated", "job-7", "1:02:03",
+                           "gpu"]
+
+
+def test_status_table_widens_for_long_values(session):
+    add(session, "a-very-long-node-name-that-exceeds-the-default-width")
+    session.commit()
+    lines = compat.status_text(records(session), False, "human").splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert "a-very-long-node-name-that-exceeds-the-default-width" in lines[3]
+
+
+def test_status_csv(session, allocated):
+    n1, n2 = allocated
+    text = compat.status_text(records(session), baremetal=False, table_type="csv", now=NOW)
+    lines = text.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith(f"{n1.id},n1,10.0.0.2,")
+    assert lines[0].endswith(",allocated,job-7,1:02:03,gpu,")
+    assert lines[1].startswith(f"{n2.id},n2,")
+    assert lines[2].endswith(",ready,,,gpu,")
+
+
+def test_status_baremetal_csv(session, allocated):
+    n1 = allocated[0]
+    lines = compat.status_text(records(session), True, "csv", now=NOW).splitlines()
+    assert len(lines) == 3
+    assert lines[0] == (f"{n1.id},n1,10.0.0.2,admin,hunter2-secret,52:54:00:aa:bb:cc,x86_64,"
+                        "8,16384,500,allocated,job-7,1:02:03,gpu,")
+
+
+@pytest.mark.parametrize("baremetal", [False, True])
+@pytest.mark.parametrize("table_type", ["human", "csv"])
+def test_status_without_secrets_never_prints_the_password(session, allocated, baremetal,
+                                                          table_type):
+    raw = records(session)
+    with_password = compat.status_text(raw, baremetal, table_type, now=NOW)
+    assert "hunter2-secret" in with_password       # the record holds it, so it is printed
+    hidden = compat.status_text([compat.without_secrets(r) for r in raw], baremetal,
+                                table_type, now=NOW)
+    assert "hunter2-secret" not in hidden
+    assert compat.HIDDEN in hidden
+    assert hidden.count("\n") == with_password.count("\n")
+
+
+def test_without_secrets_only_hides_the_password(session):
+    node = add(session, "n1")
+    session.commit()
+    record = pool.node_record(node)
+    clean = compat.without_secrets(record)
+    assert clean["ipmi_password"] == compat.HIDDEN
+    assert {k: v for k, v in clean.items() if k != "ipmi_password"} == {
+        k: v for k, v in record.items() if k != "ipmi_password"}
+    assert record["ipmi_password"] == "hunter2-secret"     # the input is not changed
+    empty = compat.without_secrets(pool.node_record(add(session, "n2", password="")))
+    assert empty["ipmi_password"] == ""
+
+
+def test_status_of_an_empty_pool(session):
+    assert compat.status_text([], False, "csv") == ""
+    lines = compat.status_text([], False, "human").splitlines()
+    assert len(lines) == 4 and "node_pool" in lines[1]
