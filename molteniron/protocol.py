@@ -171,7 +171,7 @@ def validate_args(op: str, args: dict) -> dict:
 
 
 def reply_body(request_id: str | None, reply: dict) -> bytes:
-    return json.dumps({"v": VERSION, "id": request_id, **reply}).encode()
+    return json.dumps({**reply, "v": VERSION, "id": request_id}).encode()
 
 
 def _is_uuid(text: str) -> bool:

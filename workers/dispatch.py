@@ -32,19 +32,19 @@ OK = {"status": 200}
 def add_baremetal(ctx: Context, req: Request) -> dict:
     node = pool.add_baremetal(ctx.batch.session, **req.args)
     ctx.batch.touched_pools.add(node.node_pool)
-    return {**OK, "id": node.id}
+    return dict(OK)
 
 
 def add_keyvalue_pairs(ctx: Context, req: Request) -> dict:
     node = pool.add_keyvalue_pairs(ctx.batch.session, **req.args)
     ctx.batch.touched_pools.add(node.node_pool)
-    return {**OK, "id": node.id}
+    return dict(OK)
 
 
 def add_json_blob(ctx: Context, req: Request) -> dict:
     node = pool.add_json_blob(ctx.batch.session, **req.args)
     ctx.batch.touched_pools.add(node.node_pool)
-    return {**OK, "id": node.id}
+    return dict(OK)
 
 
 def allocate(ctx: Context, req: Request) -> dict:
