@@ -13,13 +13,17 @@ from molteniron.errors import ConfigError
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(db_url: str, **kwargs) -> Engine:
-    """An engine for db_url; pool_pre_ping so a restarted database is reconnected."""
+def make_engine(db_url: str, pre_ping: bool = True, **kwargs) -> Engine:
+    """An engine for db_url; pre_ping checks a pooled connection before each use.
+
+    The worker turns pre_ping off: it costs a round trip per transaction, and the
+    worker retries a batch whose connection turns out dead anyway.
+    """
     try:
         url = make_url(db_url)
     except Exception as exc:  # sqlalchemy raises ArgumentError with a terse message
         raise ConfigError(f"db_url is not a database URL: {exc}") from None
-    return create_engine(url, pool_pre_ping=True, pool_recycle=3600, **kwargs)
+    return create_engine(url, pool_pre_ping=pre_ping, pool_recycle=3600, **kwargs)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -15,8 +15,7 @@ from sqlalchemy.orm import Session
 
 from molteniron import errors
 from molteniron.compat import HARDWARE_FIELDS
-from molteniron.models import (Allocation, EndReason, Node, NodeIP, ProcessedRequest, State,
-                               WaitingRequest)
+from molteniron.models import Allocation, EndReason, Node, NodeIP, ProcessedRequest, State
 
 DEFAULT_POOL = "default"
 INT_FIELDS = frozenset({"cpus", "ram_mb", "disk_gb"})
@@ -127,12 +126,8 @@ def allocate(session: Session, owner: str, count: int, node_pool: str = DEFAULT_
     if len(nodes) < count:
         total = capacity(session, node_pool)
         if count > total:
-            raise errors.PoolTooSmall(
-                f"Pool {node_pool} has {total} node(s) outside maintenance; "
-                f"{count} can never be allocated")
-        raise errors.NotEnoughNodes(
-            f"Not enough available nodes found. Found {len(nodes)}, requested {count} "
-            f"(pool {node_pool})")
+            raise pool_too_small(node_pool, total, count)
+        raise not_enough_nodes(node_pool, len(nodes), count)
     now = now or utcnow()
     for node in nodes:
         node.state = State.ALLOCATED
@@ -142,6 +137,16 @@ def allocate(session: Session, owner: str, count: int, node_pool: str = DEFAULT_
                                request_id=request_id, started_at=now))
     session.flush()
     return nodes
+
+
+def pool_too_small(node_pool: str, total: int, count: int) -> errors.PoolTooSmall:
+    return errors.PoolTooSmall(f"Pool {node_pool} has {total} node(s) outside maintenance; "
+                               f"{count} can never be allocated")
+
+
+def not_enough_nodes(node_pool: str, ready: int, count: int) -> errors.NotEnoughNodes:
+    return errors.NotEnoughNodes(f"Not enough available nodes found. Found {ready}, "
+                                 f"requested {count} (pool {node_pool})")
 
 
 def owned_nodes(session: Session, owner: str) -> list[Node]:
@@ -291,13 +296,6 @@ def status_rows(session: Session, node_pool: str | None = None) -> list[Node]:
     query = select(Node).order_by(Node.id)
     if node_pool:
         query = query.where(Node.node_pool == node_pool)
-    return list(session.scalars(query))
-
-
-def waiting_rows(session: Session, node_pool: str | None = None) -> list[WaitingRequest]:
-    query = select(WaitingRequest).order_by(WaitingRequest.id)
-    if node_pool:
-        query = query.where(WaitingRequest.node_pool == node_pool)
     return list(session.scalars(query))
 
 

@@ -8,11 +8,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import delete, select
-from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.orm import Session
 
-from molteniron.models import ProcessedRequest
 from molteniron.pool import utcnow
 
 
@@ -33,17 +30,17 @@ class Batch:
     outbox: list[Outgoing] = field(default_factory=list)
     to_store: dict[str, tuple[str, dict]] = field(default_factory=dict)
     to_forget: set[str] = field(default_factory=set)
-    touched_pools: set[str] = field(default_factory=set)
+    touched_pools: set[str] = field(default_factory=set)  # may have ready nodes for waiters
+    touched_nodes: set[int] = field(default_factory=set)  # changed through the ORM
 
     def mark(self) -> tuple:
         """What rollback_to needs to undo one request's additions."""
         return (len(self.outbox), dict(self.to_store), set(self.to_forget),
-                set(self.touched_pools))
+                set(self.touched_pools), set(self.touched_nodes))
 
     def rollback_to(self, mark: tuple) -> None:
-        outbox_len, to_store, to_forget, touched = mark
+        outbox_len, self.to_store, self.to_forget, self.touched_pools, self.touched_nodes = mark
         del self.outbox[outbox_len:]
-        self.to_store, self.to_forget, self.touched_pools = to_store, to_forget, touched
 
     def reply(self, reply_to: str | None, correlation_id: str | None,
               request_id: str | None, reply: dict) -> None:
@@ -68,23 +65,27 @@ class Batch:
         return preloaded.get(request_id)
 
     def write_stored(self) -> None:
-        """Upsert this batch's stored replies in one statement."""
+        """Upsert this batch's stored replies in one statement (driver SQL: hot path)."""
+        sql = self.session.connection().exec_driver_sql
         if self.to_forget:
-            self.session.execute(delete(ProcessedRequest)
-                                 .where(ProcessedRequest.request_id.in_(self.to_forget)))
-        if not self.to_store:
-            return
-        rows = [{"request_id": rid, "op": op, "reply": json.dumps(reply), "processed_at": self.now}
-                for rid, (op, reply) in self.to_store.items()]
-        statement = insert(ProcessedRequest).values(rows)
-        self.session.execute(statement.on_duplicate_key_update(
-            reply=statement.inserted.reply, processed_at=statement.inserted.processed_at))
+            forget = tuple(self.to_forget)
+            sql(f"DELETE FROM processed_requests WHERE request_id IN ({_marks(forget)})", forget)
+        if self.to_store:
+            sql("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
+                "VALUES (%s, %s, %s, %s) ON DUPLICATE KEY UPDATE "
+                "reply = VALUES(reply), processed_at = VALUES(processed_at)",
+                [(rid, op, json.dumps(reply), self.now) for rid, (op, reply) in self.to_store.items()])
 
 
 def load_stored_replies(session: Session, request_ids: list[str]) -> dict[str, dict]:
     """Replies already stored for any of these ids (one query for a whole batch)."""
     if not request_ids:
         return {}
-    rows = session.execute(select(ProcessedRequest.request_id, ProcessedRequest.reply)
-                           .where(ProcessedRequest.request_id.in_(request_ids)))
+    rows = session.connection().exec_driver_sql(
+        f"SELECT request_id, reply FROM processed_requests WHERE request_id IN "
+        f"({_marks(request_ids)})", tuple(request_ids))
     return {rid: json.loads(reply) for rid, reply in rows}
+
+
+def _marks(values) -> str:
+    return ", ".join(["%s"] * len(values))

@@ -1,8 +1,11 @@
-"""Operation name -> handler. A handler calls the pool operations and returns the reply.
+"""Operation name -> handler. A handler returns the reply or raises MoltenIronError.
 
-Handlers raise MoltenIronError for refusals; the worker turns those into
-replies. Pools a handler may have given nodes back to are noted in
-`batch.touched_pools`, and the worker serves their waiters afterwards.
+Two kinds: allocate, release, status and waiting work on the worker's
+in-memory PoolState and check everything before they change anything (no
+savepoint needed); the rest call the ORM pool operations inside a savepoint
+and name the nodes they changed in `batch.touched_nodes` so the state is
+re-read. Pools that may have ready nodes again go in `batch.touched_pools`;
+the worker serves their waiters afterwards.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from typing import Callable
 
 from molteniron import compat, errors, pool
 from molteniron.protocol import OPERATIONS, Request
+from molteniron.models import EndReason
 from workers.batch import Batch
+from workers.state import PoolState
 from workers.waiters import Waiters
 
 
@@ -20,6 +25,7 @@ from workers.waiters import Waiters
 class Context:
     """What a handler may use besides the request."""
     batch: Batch
+    state: PoolState
     waiters: Waiters
     reply_to: str | None
     correlation_id: str | None
@@ -29,40 +35,40 @@ Handler = Callable[[Context, Request], dict]
 OK = {"status": 200}
 
 
-def add_baremetal(ctx: Context, req: Request) -> dict:
-    node = pool.add_baremetal(ctx.batch.session, **req.args)
+def _added(ctx: Context, node) -> dict:
+    ctx.batch.touched_nodes.add(node.id)
     ctx.batch.touched_pools.add(node.node_pool)
     return dict(OK)
+
+
+def add_baremetal(ctx: Context, req: Request) -> dict:
+    return _added(ctx, pool.add_baremetal(ctx.batch.session, **req.args))
 
 
 def add_keyvalue_pairs(ctx: Context, req: Request) -> dict:
-    node = pool.add_keyvalue_pairs(ctx.batch.session, **req.args)
-    ctx.batch.touched_pools.add(node.node_pool)
-    return dict(OK)
+    return _added(ctx, pool.add_keyvalue_pairs(ctx.batch.session, **req.args))
 
 
 def add_json_blob(ctx: Context, req: Request) -> dict:
-    node = pool.add_json_blob(ctx.batch.session, **req.args)
-    ctx.batch.touched_pools.add(node.node_pool)
-    return dict(OK)
+    return _added(ctx, pool.add_json_blob(ctx.batch.session, **req.args))
 
 
 def allocate(ctx: Context, req: Request) -> dict:
     a = req.args
-    session, node_pool = ctx.batch.session, a["node_pool"] or pool.DEFAULT_POOL
+    node_pool = a["node_pool"] or pool.DEFAULT_POOL
     if ctx.waiters.has_waiting(node_pool):
         # First come, first served: nobody overtakes a request already waiting.
-        if a["count"] > pool.capacity(session, node_pool):
-            pool.allocate(session, a["owner"], a["count"], node_pool)  # raises PoolTooSmall
+        total = ctx.state.capacity(node_pool)
+        if a["count"] > total:
+            raise pool.pool_too_small(node_pool, total, a["count"])
         if not a["wait"]:
             raise errors.NotEnoughNodes(
                 f"Not enough available nodes found: earlier requests are waiting "
                 f"for pool {node_pool}")
     else:
         try:
-            nodes = pool.allocate(session, a["owner"], a["count"], node_pool,
-                                  request_id=req.id, now=ctx.batch.now)
-            return compat.nodes_reply([pool.node_record(n) for n in nodes])
+            records = ctx.state.allocate(a["owner"], a["count"], node_pool, req.id, ctx.batch.now)
+            return compat.nodes_reply(records)
         except errors.NotEnoughNodes:
             if not a["wait"]:
                 raise
@@ -73,14 +79,13 @@ def allocate(ctx: Context, req: Request) -> dict:
 def release(ctx: Context, req: Request) -> dict:
     owner = req.args["owner"]
     cancelled = ctx.waiters.cancel_owner(ctx.batch, owner)
-    try:
-        nodes = pool.release(ctx.batch.session, owner, now=ctx.batch.now)
-    except errors.OwnerNotFound:
+    if not ctx.state.owned.get(owner):
         if cancelled:
             return {**OK, "released": 0, "cancelled_waiting": cancelled}
-        raise
-    ctx.batch.touched_pools.update(n.node_pool for n in nodes)
-    return {**OK, "released": len(nodes), "cancelled_waiting": cancelled}
+        raise errors.OwnerNotFound(f"No nodes are owned by {owner}")
+    records = ctx.state.release_owner(owner, EndReason.RELEASED, ctx.batch.now)
+    ctx.batch.touched_pools.update(r["node_pool"] for r in records)
+    return {**OK, "released": len(records), "cancelled_waiting": cancelled}
 
 
 def get_field(ctx: Context, req: Request) -> dict:
@@ -90,13 +95,13 @@ def get_field(ctx: Context, req: Request) -> dict:
 def set_field(ctx: Context, req: Request) -> dict:
     a = req.args
     node = pool.set_field(ctx.batch.session, a["id"], a["key"], a["value"], a["type"])
-    ctx.batch.touched_pools.add(node.node_pool)
-    return dict(OK)
+    return _added(ctx, node)
 
 
 def status(ctx: Context, req: Request) -> dict:
-    records = [pool.node_record(n) for n in pool.status_rows(ctx.batch.session,
-                                                             req.args["node_pool"])]
+    node_pool = req.args["node_pool"]
+    records = [dict(ctx.state.nodes[i]) for i in sorted(ctx.state.nodes)
+               if node_pool in (None, ctx.state.nodes[i]["node_pool"])]
     if not req.args["show_secrets"]:
         records = [compat.without_secrets(r) for r in records]
     return {**OK, "nodes": records}
@@ -104,17 +109,17 @@ def status(ctx: Context, req: Request) -> dict:
 
 def waiting(ctx: Context, req: Request) -> dict:
     rows = [{"request_id": w.request_id, "owner": w.owner, "node_pool": w.node_pool,
-             "count": w.count, "position": i + 1, "deadline": w.deadline}
-            for i, w in enumerate(ctx.waiters.rows(req.args["node_pool"]))]
-    enqueued = {r.request_id: r.enqueued_at for r in pool.waiting_rows(ctx.batch.session)}
-    for row in rows:
-        row["waited_s"] = round((ctx.batch.now - enqueued[row["request_id"]]).total_seconds(), 3)
+             "count": w.count, "position": ctx.waiters.position(w.request_id),
+             "waited_s": round((ctx.batch.now - w.enqueued_at).total_seconds(), 3),
+             "deadline": w.deadline}
+            for w in ctx.waiters.rows(req.args["node_pool"])]
     return {**OK, "waiting": rows}
 
 
 def delete_db(ctx: Context, req: Request) -> dict:
     ctx.waiters.cancel_all(ctx.batch, "delete_db emptied the pool")
     removed = pool.delete_db(ctx.batch.session, now=ctx.batch.now)
+    ctx.state.clear()
     return {**OK, "removed": removed}
 
 
@@ -126,6 +131,7 @@ def cancel(ctx: Context, req: Request) -> dict:
         ctx.waiters.cancel(batch, target, "cancelled by its client")
         return {**OK, "cancelled": "waiting"}
     nodes = pool.release_request(batch.session, target, now=batch.now)
+    batch.touched_nodes.update(n.id for n in nodes)
     batch.touched_pools.update(n.node_pool for n in nodes)
     # Stored as the request's reply: served -> a redelivery is refused; unseen -> tombstone.
     batch.store(target, "allocate", errors.RequestCancelled(
@@ -133,6 +139,8 @@ def cancel(ctx: Context, req: Request) -> dict:
     return {**OK, "cancelled": "served" if nodes else "not_waiting", "released": len(nodes)}
 
 
+# Handlers that use only the in-memory state and check before they change anything.
+IN_MEMORY = frozenset({"allocate", "release", "status", "waiting"})
 HANDLERS: dict[str, Handler] = {
     "add_baremetal": add_baremetal,
     "add_keyvalue_pairs": add_keyvalue_pairs,

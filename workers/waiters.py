@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from molteniron import compat, errors, pool
+from molteniron import compat, errors
 from molteniron.models import WaitingRequest
 from molteniron.protocol import QUEUED, TIMED_OUT
 from workers.batch import Batch
+from workers.state import PoolState
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class Waiter:
     reply_to: str | None
     correlation_id: str | None
     deadline: float | None
+    enqueued_at: datetime
 
 
 class Waiters:
@@ -45,7 +48,8 @@ class Waiters:
         self.by_request.clear()
         for row in session.scalars(select(WaitingRequest).order_by(WaitingRequest.id)):
             self._remember(Waiter(row.id, row.request_id, row.node_pool, row.count, row.owner,
-                                  row.reply_to, row.correlation_id, row.deadline))
+                                  row.reply_to, row.correlation_id, row.deadline,
+                                  row.enqueued_at))
 
     def __len__(self) -> int:
         return len(self.by_request)
@@ -70,7 +74,7 @@ class Waiters:
         batch.session.add(row)
         batch.session.flush()
         self._remember(Waiter(row.id, request_id, node_pool, count, owner, reply_to,
-                              correlation_id, deadline))
+                              correlation_id, deadline, batch.now))
         return self.queued_reply(request_id)
 
     def readdress(self, batch: Batch, request_id: str, reply_to: str | None,
@@ -85,22 +89,21 @@ class Waiters:
         waiter.reply_to, waiter.correlation_id = reply_to, correlation_id
         self.changes += 1
 
-    def serve(self, batch: Batch, node_pool: str) -> int:
+    def serve(self, batch: Batch, state: PoolState, node_pool: str) -> int:
         """Serve the pool's waiters in order while nodes suffice; return how many."""
         queue = self.by_pool.get(node_pool)
         served = 0
         while queue:
             head = queue[0]
             try:
-                nodes = pool.allocate(batch.session, head.owner, head.count, node_pool,
-                                      request_id=head.request_id, now=batch.now)
+                records = state.allocate(head.owner, head.count, node_pool, head.request_id,
+                                         batch.now)
             except errors.NotEnoughNodes:
                 break
             except errors.PoolTooSmall as exc:  # the pool shrank below what it asks for
                 self._finish(batch, head, exc.to_reply())
                 continue
-            reply = compat.nodes_reply([pool.node_record(n) for n in nodes])
-            self._finish(batch, head, reply)
+            self._finish(batch, head, compat.nodes_reply(records))
             served += 1
         return served
 

@@ -1,0 +1,1 @@
+"""Benchmarks and reliability suites for MoltenIron (`python -m bench`)."""

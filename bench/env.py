@@ -1,0 +1,138 @@
+"""An isolated place on the local services: its own vhost and database, its own workers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+from sqlalchemy import make_url, text
+
+from molteniron import db
+
+ROOT = Path(__file__).resolve().parent.parent
+AMQP_URL = os.environ.get("MOLTENIRON_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+DB_URL = os.environ.get("MOLTENIRON_TEST_DB_URL", "mysql+pymysql://root@127.0.0.1:3306/")
+
+
+def rabbitmqctl(*args: str) -> str:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+class Sandbox:
+    """A vhost + database made for one run and removed by close()."""
+
+    def __init__(self, label: str):
+        self.name = f"molteniron_{label}_{uuid.uuid4().hex[:8]}"
+        rabbitmqctl("add_vhost", self.name)
+        user = make_url_user(AMQP_URL)
+        rabbitmqctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
+        self.amqp_url = f"{AMQP_URL.rsplit('/', 1)[0]}/{quote(self.name, safe='')}"
+        self.db_url = make_url(DB_URL).set(database=self.name).render_as_string(hide_password=False)
+        db.create_database(self.db_url)
+        self.engine = db.make_engine(self.db_url)
+        db.migrate(self.engine)
+        self.workers: list[subprocess.Popen] = []
+        self.logdir = ROOT / "bench" / "logs"
+        self.logdir.mkdir(exist_ok=True)
+
+    @property
+    def env(self) -> dict:
+        return {**os.environ, "MOLTENIRON_AMQP_URL": self.amqp_url, "MOLTENIRON_DB_URL": self.db_url,
+                "MOLTENIRON_CONFIG": os.devnull, "PYTHONPATH": str(ROOT)}
+
+    def start_worker(self, *extra: str, env: dict | None = None,
+                     module: str = "workers.main") -> subprocess.Popen:
+        log = open(self.logdir / f"{self.name}-{len(self.workers)}.log", "w")
+        args = [sys.executable, "-m", module, *extra]
+        if module == "workers.main":
+            args += ["--no-migrate", "--worker-id", f"bench-{len(self.workers)}"]
+        worker = subprocess.Popen(args, env={**self.env, **(env or {})}, stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
+        self.workers.append(worker)
+        return worker
+
+    def wait_answering(self, timeout: float = 30) -> None:
+        from clients.client import MoltenIronClient
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with MoltenIronClient(self.amqp_url, timeout=2) as client:
+                    client.status()
+                return
+            except Exception:  # not up yet
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the worker did not answer within %ss" % timeout)
+                time.sleep(0.1)
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        self.workers.clear()
+
+    def sql(self, query: str, **params) -> list[tuple]:
+        with self.engine.begin() as conn:
+            result = conn.execute(text(query), params)
+            return [tuple(r) for r in result] if result.returns_rows else []
+
+    def close(self) -> None:
+        self.stop_workers()
+        self.engine.dispose()
+        server = db.make_engine(make_url(self.db_url).set(database="").render_as_string(
+            hide_password=False))
+        with server.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{self.name}`"))
+        server.dispose()
+        rabbitmqctl("delete_vhost", self.name)
+
+
+def make_url_user(amqp_url: str) -> str:
+    import pika
+    return pika.URLParameters(amqp_url).credentials.username
+
+
+def add_nodes(sandbox: Sandbox, count: int, node_pool: str = "default", prefix: str = "n") -> None:
+    """Bulk-insert ready nodes straight into the database (before the worker starts)."""
+    rows = [{"name": f"{prefix}{i}", "ipmi_ip": f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}",
+             "pool": node_pool} for i in range(count)]
+    with sandbox.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (name, ipmi_ip, ipmi_user, ipmi_password, port_hwaddr, cpu_arch,"
+            " cpus, ram_mb, disk_gb, node_pool, state, extra) VALUES (:name, :ipmi_ip, 'admin',"
+            " 'pw', '52:54:00:00:00:00', 'x86_64', 8, 16384, 200, :pool, 'ready', '{}')"), rows)
+        conn.execute(text("INSERT INTO node_ips (node_id, position, ip) "
+                          "SELECT id, 0, CONCAT('192.168.0.', id % 250) FROM nodes"))
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    def version(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+    mem_kb = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")))
+    commit = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = version(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "host": platform.node(), "cores": os.cpu_count(), "ram_gb": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "mariadb": version(["mariadb", "-uroot", "-N", "-e", "SELECT VERSION()"]),
+        "rabbitmq": version(["rabbitmqctl", "version"]),
+        "git_commit": commit + ("+dirty" if dirty else ""),
+    }
