@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from molteniron import compat, errors
+from molteniron import errors
 from molteniron.config import load_config
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DEADLINE, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
@@ -138,6 +138,7 @@ def run_command(client, args, config) -> dict:
     if command == "allocate":
         return _allocate(client, args, config)
     if command in ("status", "status_baremetal"):
+        from molteniron import compat
         reply = client.status(args.pool, args.show_secrets)
         records = reply["nodes"]
         if args.type == "json":

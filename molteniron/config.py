@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import yaml
-
 from molteniron.errors import ConfigError
 
 SYSTEM_CONFIG = Path("/etc/molteniron/conf.yaml")
@@ -83,6 +81,7 @@ def with_password(url: str, password: str) -> str:
 
 
 def _read_yaml(source: Path) -> dict:
+    import yaml  # only when there is a file: keeps `molteniron` quick to start without one
     try:
         text = source.read_text(encoding="utf-8")
     except OSError as exc:

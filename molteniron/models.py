@@ -6,7 +6,7 @@ import enum
 from datetime import datetime
 from typing import Any, Optional
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Index, Integer,
+from sqlalchemy import (JSON, BigInteger, DateTime, Double, Enum, ForeignKey, Index, Integer,
                         String, Text)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -115,7 +115,8 @@ class WaitingRequest(Base):
     reply_to: Mapped[Optional[str]] = mapped_column(String(255))
     correlation_id: Mapped[Optional[str]] = mapped_column(String(255))
     enqueued_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
-    deadline: Mapped[Optional[float]] = mapped_column(Float, default=None)  # unix time
+    # DOUBLE: a unix time in a 4-byte FLOAT is off by up to two minutes.
+    deadline: Mapped[Optional[float]] = mapped_column(Double, default=None)  # unix time
 
 
 class ProcessedRequest(Base):
@@ -126,7 +127,7 @@ class ProcessedRequest(Base):
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     op: Mapped[str] = mapped_column(String(32))
-    reply: Mapped[str] = mapped_column(Text)
+    reply: Mapped[str] = mapped_column(Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"))
     processed_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
 
 

@@ -47,6 +47,7 @@ class Arg:
     required: bool = True
     default: Any = None
     choices: tuple | None = None
+    max_length: int = 255  # strings: the widest column they go into
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,15 @@ _S, _I = str, int
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("add_baremetal", (
         Arg("name", _S), Arg("ipmi_ip", _S), Arg("ipmi_user", _S), Arg("ipmi_password", _S),
-        Arg("allocation_pool", _S), Arg("port_hwaddr", _S), Arg("cpu_arch", _S),
+        Arg("allocation_pool", _S, max_length=4096), Arg("port_hwaddr", _S), Arg("cpu_arch", _S),
         Arg("cpus", _I), Arg("ram_mb", _I), Arg("disk_gb", _I),
         Arg("node_pool", _S, False, "default"))),
     Operation("add_keyvalue_pairs", (
-        Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S), Arg("pairs", list),
+        Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S, max_length=4096), Arg("pairs", list),
         Arg("node_pool", _S, False, "default"))),
     Operation("add_json_blob", (
-        Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S), Arg("blob", (str, dict)),
+        Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S, max_length=4096),
+        Arg("blob", (str, dict), max_length=MAX_BODY_BYTES),
         Arg("node_pool", _S, False, "default"))),
     Operation("allocate", (
         Arg("owner", _S), Arg("count", _I), Arg("node_pool", _S, False, "default"),
@@ -163,6 +165,10 @@ def validate_args(op: str, args: dict) -> dict:
         if not isinstance(value, kinds):
             raise BadRequest(f"{op}: argument {arg.name} must be {_kind_name(kinds)}, "
                              f"got {type(value).__name__}")
+        if isinstance(value, str) and len(value) > arg.max_length:
+            raise BadRequest(f"{op}: argument {arg.name} is longer than {arg.max_length} characters")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise BadRequest(f"{op}: argument {arg.name} must be a list of strings")
         if arg.choices and value not in arg.choices:
             raise BadRequest(f"{op}: argument {arg.name} must be one of "
                              f"{', '.join(arg.choices)}, got {value!r}")

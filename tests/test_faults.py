@@ -107,3 +107,32 @@ def test_sigterm_stops_the_worker_cleanly(running):
     running.workers[0].send_signal(signal.SIGTERM)
     assert running.workers[0].wait(timeout=15) == 0
     assert "event=stopped" in running.worker_log()
+
+
+def test_a_request_the_database_refuses_is_dead_lettered_and_its_batch_mates_served(stack):
+    from sqlalchemy import text
+    stack.start_worker()
+    stack.cli("add_baremetal", *node_args(1))
+    stack.cli("add_baremetal", *node_args(2))
+    stack.stop_workers()
+    with stack.engine.begin() as conn:  # the database refuses any history row for 'poison'
+        conn.execute(text(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON allocations FOR EACH ROW "
+            "IF NEW.owner = 'poison' THEN SIGNAL SQLSTATE '22001' "
+            "SET MESSAGE_TEXT = 'refused for the test', MYSQL_ERRNO = 1406; END IF"))
+    try:
+        with stack.client() as client:
+            poison = protocol.new_request("allocate", {"owner": "poison", "count": 1})
+            good = protocol.new_request("allocate", {"owner": "good", "count": 1})
+            client.send(poison, expires_in=60)
+            client.send(good, expires_in=60)
+            stack.start_worker(ready=False)  # both arrive in one batch
+            assert client.wait(good.id, time.time() + 30)["status"] == 200
+            wait_until(lambda: stack.dead_letters() == 1, 15, "the poison request to be dead-lettered")
+            assert client.wait(poison.id, time.time() + 0.5) is None
+        assert stack.sql("SELECT owner FROM nodes ORDER BY id") == [("good",), (None,)]
+        assert stack.cli("allocate", "after", "1").returncode == 0
+        assert stack.workers[-1].poll() is None
+    finally:
+        with stack.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER IF EXISTS refuse_poison"))

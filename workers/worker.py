@@ -18,7 +18,7 @@ from datetime import timedelta
 import pika
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, AMQPError
 from sqlalchemy import update
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from molteniron import db, errors, pool, protocol
@@ -38,6 +38,14 @@ DB_RETRY_MAX = 5.0           # longest pause between retries while the database 
 # Fault injection for the crash tests: "exit-after-commit:OP" makes the worker die
 # right after committing a batch that holds OP, before it replies or acks.
 FAULT = os.environ.get("MOLTENIRON_FAULT", "")
+
+
+class RefusedByDatabase(Exception):
+    """The database refused a batch for its content (too long, constraint), not its health."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
 
 
 class Worker:
@@ -165,9 +173,26 @@ class Worker:
             request = self._decode(method, properties, body)
             if request is not None:
                 requests.append((method, properties, request))
-        if not requests and not returned:
+        if requests or returned:
+            self._process(requests, returned, whole_batch=True)
+
+    def _process(self, requests, returned, whole_batch: bool) -> None:
+        """Commit, then reply, then ack. A batch the database refuses is split up
+        so that only the request that causes it is dead-lettered."""
+        try:
+            batch = self._commit_with_retry(requests, returned)
+        except RefusedByDatabase as exc:
+            if len(requests) + len(returned) > 1:
+                for request in requests:
+                    self._process([request], [], whole_batch=False)
+                for item in returned:
+                    self._process([], [item], whole_batch=False)
+                return
+            for method, _, request in requests:
+                log.error("event=dead_lettered op=%s id=%s reason=%r", request.op, request.id,
+                          exc.detail)
+                self.channel.basic_reject(method.delivery_tag, requeue=False)
             return
-        batch = self._commit_with_retry(requests, returned)
         if batch is None:
             return  # stopping while the database was down: the broker redelivers
         if FAULT.startswith("exit-after-commit:") and any(
@@ -177,10 +202,10 @@ class Worker:
         for out in batch.outbox:
             self._queue_reply(out.reply_to, out.correlation_id,
                               protocol.reply_body(out.request_id, out.reply))
-        if requests:
-            self.channel.basic_ack(requests[-1][0].delivery_tag, multiple=True)  # flushes too
+        if requests:  # the ack flushes the queued replies too
+            self.channel.basic_ack(requests[-1][0].delivery_tag, multiple=whole_batch)
         else:
-            self.connection.process_data_events(0)  # flush the queued replies
+            self.connection.process_data_events(0)
 
     def _queue_reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
         """Queue a mandatory reply; the next ack or event loop pass sends them all.
@@ -221,6 +246,10 @@ class Worker:
                 return self._transaction(requests, returned)
             except errors.NotActiveWorker:
                 raise
+            except (DataError, IntegrityError) as exc:
+                # Not the database's state but this batch's content: retrying cannot help.
+                self.reload_needed = True
+                raise RefusedByDatabase(str(exc.orig)[:300]) from exc
             except SQLAlchemyError as exc:
                 # The database is down or restarting: keep the deliveries, retry.
                 self.reload_needed = True

@@ -52,7 +52,7 @@ def upgrade() -> None:
     op.create_table('processed_requests',
     sa.Column('request_id', sa.String(length=64), nullable=False),
     sa.Column('op', sa.String(length=32), nullable=False),
-    sa.Column('reply', sa.Text(), nullable=False),
+    sa.Column('reply', sa.Text().with_variant(mysql.MEDIUMTEXT(), 'mysql', 'mariadb'), nullable=False),
     sa.Column('processed_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=False),
     sa.PrimaryKeyConstraint('request_id')
     )
@@ -66,7 +66,7 @@ def upgrade() -> None:
     sa.Column('reply_to', sa.String(length=255), nullable=True),
     sa.Column('correlation_id', sa.String(length=255), nullable=True),
     sa.Column('enqueued_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=False),
-    sa.Column('deadline', sa.Float(), nullable=True),
+    sa.Column('deadline', sa.Double(), nullable=True),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('request_id')
     )
