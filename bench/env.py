@@ -74,15 +74,7 @@ class Sandbox:
                 time.sleep(0.1)
 
     def stop_workers(self) -> None:
-        for worker in self.workers:
-            if worker.poll() is None:
-                worker.terminate()
-        for worker in self.workers:
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        stop_processes(self.workers)
         self.workers.clear()
 
     def sql(self, query: str, **params) -> list[tuple]:
@@ -101,6 +93,19 @@ class Sandbox:
         rabbitmqctl("delete_vhost", self.name)
 
 
+def stop_processes(processes: list[subprocess.Popen], grace: float = 20) -> None:
+    """SIGTERM every process, wait for it, SIGKILL what does not stop within `grace`."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def make_url_user(amqp_url: str) -> str:
     import pika
     return pika.URLParameters(amqp_url).credentials.username
@@ -116,7 +121,8 @@ def add_nodes(sandbox: Sandbox, count: int, node_pool: str = "default", prefix: 
             " cpus, ram_mb, disk_gb, node_pool, state, extra) VALUES (:name, :ipmi_ip, 'admin',"
             " 'pw', '52:54:00:00:00:00', 'x86_64', 8, 16384, 200, :pool, 'ready', '{}')"), rows)
         conn.execute(text("INSERT INTO node_ips (node_id, position, ip) "
-                          "SELECT id, 0, CONCAT('192.168.0.', id % 250) FROM nodes"))
+                          "SELECT id, 0, CONCAT('192.168.0.', id % 250) FROM nodes "
+                          "WHERE id NOT IN (SELECT node_id FROM node_ips)"))
 
 
 def machine() -> dict:

@@ -18,6 +18,7 @@ from pika.exceptions import AMQPError, NackError, UnroutableError
 from molteniron import errors, protocol
 
 GRACE = 5.0  # seconds past a deadline to wait for the worker's own answer
+RECONNECT_FOR = 30.0  # seconds an allocate cut off from the broker keeps trying to cancel
 
 
 class MoltenIronClient:
@@ -141,7 +142,12 @@ class MoltenIronClient:
         self.send(request, wait + GRACE)
         if on_sent:
             on_sent(request.id)
-        reply = self.wait(request.id, deadline + GRACE, on_progress)
+        try:
+            reply = self.wait(request.id, deadline + GRACE, on_progress)
+        except errors.ServiceUnavailable:
+            # The reply may be lost with our reply queue: make sure it grants nothing.
+            self.cancel_after_reconnect(request.id, until=time.time() + RECONNECT_FOR)
+            raise
         if reply is None:
             # No answer at all (worker down?): make sure the request can never be served.
             self.cancel(request.id, quiet=True)
@@ -156,6 +162,18 @@ class MoltenIronClient:
             if quiet:
                 return None
             raise
+
+    def cancel_after_reconnect(self, request_id: str, until: float) -> bool:
+        """Reconnect and cancel, retrying until `until`; True once the worker confirmed."""
+        while time.time() < until:
+            self.close()
+            try:
+                self.connect()
+                self.cancel(request_id)
+                return True
+            except errors.MoltenIronError:
+                time.sleep(1.0)
+        return False
 
     def release(self, owner: str) -> dict:
         return self.call("release", {"owner": owner})

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import pika
 import pytest
 
+from bench.env import stop_processes
 from clients.client import MoltenIronClient
 from molteniron import protocol
 
@@ -124,15 +125,7 @@ class Stack:
         return (self.logdir / f"worker-{index}.log").read_text()
 
     def stop_workers(self) -> None:
-        for worker in self.workers:
-            if worker.poll() is None:
-                worker.terminate()
-        for worker in self.workers:
-            try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        stop_processes(self.workers)
 
     # --- clients -------------------------------------------------------------
 

@@ -12,7 +12,6 @@ import random
 import time
 from collections import Counter
 
-import pytest
 from sqlalchemy import text
 
 from molteniron import errors, pool
