@@ -8,7 +8,7 @@ rollback: pool functions promise to validate before they change anything.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import pytest
 from sqlalchemy import func, select
