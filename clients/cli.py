@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("waiting", help="waiting allocations, in the order they will be served")
     p.add_argument("--pool", metavar="POOL", help="only this node pool")
 
+    sub.add_parser("workers", help="running workers (active, standby), waiting allocates, queue depth")
+
     p = sub.add_parser("cancel", help="cancel a request by id (waiting, served or not yet seen)")
     p.add_argument("request_id")
 
@@ -158,6 +160,7 @@ def run_command(client, args, config) -> dict:
         "set_field": lambda: client.set_field(args.id, args.key, args.value, args.type),
         "waiting": lambda: client.waiting(args.pool),
         "cancel": lambda: client.cancel(args.request_id),
+        "workers": client.workers,
         "delete_db": client.delete_db,
     }
     return calls[command]()

@@ -190,6 +190,17 @@ class MoltenIronClient:
     def waiting(self, node_pool: str | None = None) -> dict:
         return self.call("waiting", {"node_pool": node_pool})
 
+    def workers(self) -> dict:
+        """Running workers by their heartbeats, plus requests queued and not yet delivered."""
+        reply = self.call("workers")
+        try:
+            declared = self.channel.queue_declare(protocol.REQUEST_QUEUE, passive=True)
+            reply["queued_requests"] = declared.method.message_count
+        except (AMQPError, OSError):
+            self.connection = None
+            reply["queued_requests"] = None
+        return reply
+
     def delete_db(self) -> dict:
         return self.call("delete_db")
 

@@ -83,6 +83,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("status", (
         Arg("node_pool", _S, False), Arg("show_secrets", bool, False, False)), mutates=False),
     Operation("waiting", (Arg("node_pool", _S, False),), mutates=False),
+    Operation("workers", mutates=False),
     Operation("delete_db"),
     Operation("cancel", (Arg("request_id", _S),)),
     Operation("tick", internal=True),

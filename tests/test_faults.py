@@ -136,3 +136,16 @@ def test_a_request_the_database_refuses_is_dead_lettered_and_its_batch_mates_ser
     finally:
         with stack.engine.begin() as conn:
             conn.execute(text("DROP TRIGGER IF EXISTS refuse_poison"))
+
+
+def test_workers_shows_the_active_worker_and_its_standby(stack):
+    stack.start_worker()
+    stack.start_worker(ready=False)
+
+    def both_seen():
+        reply = stack.cli("workers").json
+        return reply if {w["role"] for w in reply["workers"]} == {"active", "standby"} else None
+
+    reply = wait_until(both_seen, 30, "an active and a standby heartbeat")
+    assert sorted(w["worker_id"] for w in reply["workers"]) == ["test-worker-0", "test-worker-1"]
+    assert reply["queued_requests"] == 0

@@ -11,11 +11,14 @@ the worker serves their waiters afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable
 
+from sqlalchemy import select
+
 from molteniron import compat, errors, pool
+from molteniron.models import EndReason, WorkerHeartbeat
 from molteniron.protocol import OPERATIONS, Request
-from molteniron.models import EndReason
 from workers.batch import Batch
 from workers.state import PoolState
 from workers.waiters import Waiters
@@ -116,6 +119,18 @@ def waiting(ctx: Context, req: Request) -> dict:
     return {**OK, "waiting": rows}
 
 
+def workers(ctx: Context, req: Request) -> dict:
+    """Workers seen in the last 30 s (active and standby), and what the active one holds."""
+    rows = ctx.batch.session.execute(
+        select(WorkerHeartbeat.worker_id, WorkerHeartbeat.role, WorkerHeartbeat.seen_at)
+        .where(WorkerHeartbeat.seen_at >= ctx.batch.now - timedelta(seconds=30))
+        .order_by(WorkerHeartbeat.role, WorkerHeartbeat.worker_id))
+    return {**OK, "workers": [{"worker_id": w, "role": role,
+                               "seen_s_ago": round((ctx.batch.now - seen).total_seconds(), 1)}
+                              for w, role, seen in rows],
+            "waiting": len(ctx.waiters), "nodes": len(ctx.state.nodes)}
+
+
 def delete_db(ctx: Context, req: Request) -> dict:
     ctx.waiters.cancel_all(ctx.batch, "delete_db emptied the pool")
     removed = pool.delete_db(ctx.batch.session, now=ctx.batch.now)
@@ -153,5 +168,6 @@ HANDLERS: dict[str, Handler] = {
     "waiting": waiting,
     "delete_db": delete_db,
     "cancel": cancel,
+    "workers": workers,
 }
 assert set(HANDLERS) == {name for name, op in OPERATIONS.items() if not op.internal}

@@ -33,6 +33,7 @@ from workers.waiters import Waiters
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 60.0           # seconds between prunes of stored replies
+HEARTBEAT_EVERY = 5.0        # seconds between a worker's heartbeat rows (active and standby)
 PRUNE_CHUNK = 10_000         # rows deleted per prune, so a prune never stalls a batch
 DB_RETRY_MAX = 5.0           # longest pause between retries while the database is down
 # Fault injection for the crash tests: "exit-after-commit:OP" makes the worker die
@@ -61,6 +62,7 @@ class Worker:
         self.returned: list[tuple[str, dict]] = []
         self.stopping = False
         self.last_prune = 0.0
+        self.last_heartbeat = 0.0
         self.connection = None
         self.channel = None
 
@@ -128,6 +130,12 @@ class Worker:
                 self.connection.close()
         except AMQPError as exc:
             log.warning("event=close_failed worker=%s error=%r", self.worker_id, exc)
+        try:
+            with Session(self.engine) as session, session.begin():
+                session.connection().exec_driver_sql(
+                    "DELETE FROM worker_heartbeats WHERE worker_id = %s", (self.worker_id,))
+        except SQLAlchemyError:
+            pass  # the row ages out: `workers` shows only recent heartbeats
         self.engine.dispose()
 
     # --- the loop ------------------------------------------------------------
@@ -139,6 +147,8 @@ class Worker:
             if now >= next_tick:
                 self._publish_tick()
                 next_tick = now + self.config.tick_interval
+            if self.epoch is None and now - self.last_heartbeat >= HEARTBEAT_EVERY:
+                self._standby_heartbeat()
             wait = 0 if (self.deliveries or self.returned) else max(0.0, next_tick - now)
             self.connection.process_data_events(time_limit=wait)
             if self.deliveries or self.returned:
@@ -390,14 +400,34 @@ class Worker:
                 log.info("event=client_gone id=%s undone=allocation nodes=%d",
                          request_id, len(nodes))
 
+    def _standby_heartbeat(self) -> None:
+        """A standby gets no deliveries, so it says it is alive on its own."""
+        self.last_heartbeat = time.monotonic()
+        try:
+            with Session(self.engine) as session, session.begin():
+                write_heartbeat(session, self.worker_id, "standby")
+        except SQLAlchemyError as exc:
+            log.warning("event=heartbeat_failed worker=%s error=%r", self.worker_id,
+                        str(exc).splitlines()[0][:200])
+
     def _on_tick(self, batch: Batch) -> None:
         self.waiters.expire(batch)
+        if time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY:
+            self.last_heartbeat = time.monotonic()
+            write_heartbeat(batch.session, self.worker_id, "active")
         if batch.clock - self.last_prune >= PRUNE_EVERY:
             self.last_prune = batch.clock
             cutoff = batch.now - timedelta(seconds=self.config.reply_retention)
             pruned = pool.prune_processed(batch.session, cutoff, PRUNE_CHUNK)
             if pruned:
                 log.info("event=pruned stored_replies=%d", pruned)
+
+
+def write_heartbeat(session: Session, worker_id: str, role: str) -> None:
+    session.connection().exec_driver_sql(
+        "INSERT INTO worker_heartbeats (worker_id, role, seen_at) VALUES (%s, %s, %s) "
+        "ON DUPLICATE KEY UPDATE role = VALUES(role), seen_at = VALUES(seen_at)",
+        (worker_id, role, pool.utcnow()))
 
 
 def _request_id(body: bytes) -> str | None:
