@@ -1,8 +1,8 @@
-"""The serializing worker: consume -> dispatch -> commit -> reply -> ack.
+"""The serializing worker's broker side: consume -> commit (keeper) -> reply -> ack.
 
 One worker is active (the queue's single active consumer); the others stand
-by. Each drained batch of requests is one transaction with a SAVEPOINT per
-request; replies are published and deliveries acked only after the commit.
+by. Each drained batch of requests is one transaction (workers/keeper.py);
+replies are published and deliveries acked only after its commit.
 """
 
 from __future__ import annotations
@@ -13,28 +13,19 @@ import os
 import signal
 import time
 import uuid
-from datetime import timedelta
 
 import pika
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, AMQPError
-from sqlalchemy import update
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
-from molteniron import db, errors, pool, protocol
+from molteniron import errors, protocol
 from molteniron.config import Config
-from molteniron.models import EndReason, WorkerMeta
 from workers import topology
-from workers.batch import Batch, load_stored_replies
-from workers.dispatch import HANDLERS, IN_MEMORY, Context
-from workers.state import PoolState
-from workers.waiters import Waiters
+from workers.batch import Batch
+from workers.keeper import PoolKeeper
 
 log = logging.getLogger(__name__)
 
-PRUNE_EVERY = 60.0           # seconds between prunes of stored replies
-HEARTBEAT_EVERY = 5.0        # seconds between a worker's heartbeat rows (active and standby)
-PRUNE_CHUNK = 10_000         # rows deleted per prune, so a prune never stalls a batch
 DB_RETRY_MAX = 5.0           # longest pause between retries while the database is down
 # Fault injection for the crash tests: "exit-after-commit:OP" makes the worker die
 # right after committing a batch that holds OP, before it replies or acks.
@@ -53,16 +44,10 @@ class Worker:
     def __init__(self, config: Config, worker_id: str | None = None):
         self.config = config
         self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.engine = db.make_engine(config.db_url, pre_ping=False)
-        self.state = PoolState()
-        self.waiters = Waiters()
-        self.epoch: int | None = None   # None while standing by
-        self.reload_needed = False       # in-memory state may differ from the database
+        self.keeper = PoolKeeper(config, self.worker_id)
         self.deliveries: list[tuple] = []
         self.returned: list[tuple[str, dict]] = []
         self.stopping = False
-        self.last_prune = 0.0
-        self.last_heartbeat = 0.0
         self.connection = None
         self.channel = None
 
@@ -104,14 +89,14 @@ class Worker:
         self.channel.add_on_return_callback(self._on_returned_reply)
         self.consumer_tag = self.channel.basic_consume(
             protocol.REQUEST_QUEUE, self._on_delivery, auto_ack=False)
-        self.epoch = None  # a new consumer stands by until a delivery says otherwise
+        self.keeper.stand_by()
         log.info("event=consuming worker=%s queue=%s", self.worker_id, protocol.REQUEST_QUEUE)
 
     def _forget_connection(self) -> None:
         # Deliveries of a lost channel cannot be acked; the broker redelivers them.
         self.deliveries.clear()
         self.returned.clear()
-        self.epoch = None
+        self.keeper.stand_by()
         try:
             if self.connection and self.connection.is_open:
                 self.connection.close()
@@ -130,13 +115,7 @@ class Worker:
                 self.connection.close()
         except AMQPError as exc:
             log.warning("event=close_failed worker=%s error=%r", self.worker_id, exc)
-        try:
-            with Session(self.engine) as session, session.begin():
-                session.connection().exec_driver_sql(
-                    "DELETE FROM worker_heartbeats WHERE worker_id = %s", (self.worker_id,))
-        except SQLAlchemyError:
-            pass  # the row ages out: `workers` shows only recent heartbeats
-        self.engine.dispose()
+        self.keeper.close()
 
     # --- the loop ------------------------------------------------------------
 
@@ -147,8 +126,8 @@ class Worker:
             if now >= next_tick:
                 self._publish_tick()
                 next_tick = now + self.config.tick_interval
-            if self.epoch is None and now - self.last_heartbeat >= HEARTBEAT_EVERY:
-                self._standby_heartbeat()
+            if self.keeper.epoch is None and self.keeper.heartbeat_due():
+                self.keeper.standby_heartbeat()
             wait = 0 if (self.deliveries or self.returned) else max(0.0, next_tick - now)
             self.connection.process_data_events(time_limit=wait)
             if self.deliveries or self.returned:
@@ -253,182 +232,22 @@ class Worker:
         pause = 0.2
         while True:
             try:
-                return self._transaction(requests, returned)
+                return self.keeper.commit(requests, returned)
             except errors.NotActiveWorker:
                 raise
             except (DataError, IntegrityError) as exc:
                 # Not the database's state but this batch's content: retrying cannot help.
-                self.reload_needed = True
+                self.keeper.reload_needed = True
                 raise RefusedByDatabase(str(exc.orig)[:300]) from exc
             except SQLAlchemyError as exc:
                 # The database is down or restarting: keep the deliveries, retry.
-                self.reload_needed = True
+                self.keeper.reload_needed = True
                 log.warning("event=db_unavailable worker=%s error=%r retry_in=%.1fs",
                             self.worker_id, str(exc).splitlines()[0][:200], pause)
                 self.connection.sleep(pause)
                 pause = min(pause * 2, DB_RETRY_MAX)
                 if self.stopping:
                     return None
-
-    def _transaction(self, requests, returned) -> Batch:
-        with Session(self.engine, expire_on_commit=False) as session:
-            with session.begin():
-                taking = self._fence(session)
-                batch = Batch(session)
-                stored = load_stored_replies(session, [r.id for _, _, r in requests])
-                for reply_to, reply in returned:
-                    self._undo_returned(batch, reply_to, reply)
-                ticked = False
-                for _, properties, request in requests:
-                    if request.op == "tick":
-                        ticked = True
-                        continue
-                    reply = self._handle_one(batch, request, properties, stored)
-                    batch.reply(properties.reply_to, properties.correlation_id, request.id, reply)
-                if ticked:
-                    self._on_tick(batch)
-                self.state.flush(session, batch.now)
-                batch.write_stored()
-        if taking is not None:
-            self.epoch = taking
-            log.info("event=active worker=%s epoch=%d waiting=%d",
-                     self.worker_id, taking, len(self.waiters))
-        return batch
-
-    def _fence(self, session: Session) -> int | None:
-        """Check the epoch is ours; on the first batch after standing by, take a new one."""
-        epoch = session.connection().exec_driver_sql(
-            "SELECT epoch FROM worker_meta WHERE id = 1 FOR UPDATE").scalar_one()
-        if self.epoch is None:
-            session.execute(update(WorkerMeta).where(WorkerMeta.id == 1).values(
-                epoch=epoch + 1, holder=self.worker_id, taken_at=pool.utcnow()))
-            self._load(session)
-            return epoch + 1
-        if epoch != self.epoch:
-            log.error("event=fenced worker=%s my_epoch=%d db_epoch=%d",
-                      self.worker_id, self.epoch, epoch)
-            raise errors.NotActiveWorker(f"worker epoch {self.epoch} superseded by {epoch}")
-        if self.reload_needed:
-            self._load(session)
-            self.reload_needed = False
-        return None
-
-    def _load(self, session: Session) -> None:
-        self.state.load(session)
-        self.waiters.load(session)
-
-    def _handle_one(self, batch: Batch, request: protocol.Request, properties,
-                    stored: dict[str, dict]) -> dict:
-        started = time.perf_counter()
-        previous = batch.stored_reply(request.id, stored)
-        if previous is not None:
-            reply, outcome = previous, "replayed"
-        elif request.id in self.waiters.by_request:
-            self.waiters.readdress(batch, request.id, properties.reply_to, properties.correlation_id)
-            reply, outcome = self.waiters.queued_reply(request.id), "still_waiting"
-        elif request.deadline is not None and request.deadline <= batch.clock:
-            reply = errors.DeadlineExpired("the request's deadline passed before a worker "
-                                           "saw it").to_reply()
-            outcome = "late"
-        else:
-            reply, outcome = self._dispatch(batch, request, properties), "handled"
-        if (outcome in ("handled", "late") and protocol.OPERATIONS[request.op].mutates
-                and reply["status"] != protocol.QUEUED):
-            batch.store(request.id, request.op, reply)
-        log.info("op=%s id=%s owner=%s status=%s outcome=%s ms=%.2f", request.op, request.id,
-                 request.args.get("owner", "-"), reply["status"], outcome,
-                 (time.perf_counter() - started) * 1000)
-        return reply
-
-    def _dispatch(self, batch: Batch, request: protocol.Request, properties) -> dict:
-        context = Context(batch, self.state, self.waiters, properties.reply_to,
-                          properties.correlation_id)
-        handler = HANDLERS[request.op]
-        if request.op in IN_MEMORY:  # these check before they change: no savepoint needed
-            try:
-                reply = handler(context, request)
-            except errors.MoltenIronError as exc:
-                return exc.to_reply()
-            self._serve_waiters(batch)
-            return reply
-        self.state.flush(batch.session, batch.now)  # the ORM must see this batch's changes
-        mark = batch.mark()
-        changes = self.waiters.changes
-        savepoint = batch.session.begin_nested()
-        try:
-            reply = handler(context, request)
-            self.state.refresh(batch.session, batch.touched_nodes)
-            batch.touched_nodes.clear()
-            self._serve_waiters(batch)
-            savepoint.commit()
-            return reply
-        except errors.MoltenIronError as exc:
-            failure = exc.to_reply()
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise
-            log.exception("event=internal_error op=%s id=%s", request.op, request.id)
-            failure = {"status": 500, "error": "InternalError",
-                       "message": f"the database refused the change: {exc.orig}"}
-        savepoint.rollback()
-        batch.rollback_to(mark)
-        if self.waiters.changes != changes:
-            self.waiters.load(batch.session)
-        return failure
-
-    def _serve_waiters(self, batch: Batch) -> None:
-        while batch.touched_pools:
-            node_pool = batch.touched_pools.pop()
-            if self.waiters.has_waiting(node_pool):
-                self.waiters.serve(batch, self.state, node_pool)
-
-    def _undo_returned(self, batch: Batch, reply_to: str, reply: dict) -> None:
-        """The client of a reply is gone: what the reply granted goes back."""
-        request_id = reply["id"]
-        waiter = self.waiters.by_request.get(request_id)
-        if reply.get("status") == protocol.QUEUED and waiter and waiter.reply_to == reply_to:
-            self.waiters.cancel(batch, request_id, "its client went away")
-            log.info("event=client_gone id=%s undone=waiting", request_id)
-        elif reply.get("status") == 200 and reply.get("nodes"):
-            self.state.flush(batch.session, batch.now)
-            nodes = pool.release_request(batch.session, request_id, EndReason.CANCELLED, batch.now)
-            if nodes:
-                batch.forget(request_id)  # a re-sent request is then handled afresh
-                self.state.refresh(batch.session, {n.id for n in nodes})
-                batch.touched_pools.update(n.node_pool for n in nodes)
-                self._serve_waiters(batch)
-                log.info("event=client_gone id=%s undone=allocation nodes=%d",
-                         request_id, len(nodes))
-
-    def _standby_heartbeat(self) -> None:
-        """A standby gets no deliveries, so it says it is alive on its own."""
-        self.last_heartbeat = time.monotonic()
-        try:
-            with Session(self.engine) as session, session.begin():
-                write_heartbeat(session, self.worker_id, "standby")
-        except SQLAlchemyError as exc:
-            log.warning("event=heartbeat_failed worker=%s error=%r", self.worker_id,
-                        str(exc).splitlines()[0][:200])
-
-    def _on_tick(self, batch: Batch) -> None:
-        self.waiters.expire(batch)
-        if time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY:
-            self.last_heartbeat = time.monotonic()
-            write_heartbeat(batch.session, self.worker_id, "active")
-        if batch.clock - self.last_prune >= PRUNE_EVERY:
-            self.last_prune = batch.clock
-            cutoff = batch.now - timedelta(seconds=self.config.reply_retention)
-            pruned = pool.prune_processed(batch.session, cutoff, PRUNE_CHUNK)
-            if pruned:
-                log.info("event=pruned stored_replies=%d", pruned)
-
-
-def write_heartbeat(session: Session, worker_id: str, role: str) -> None:
-    session.connection().exec_driver_sql(
-        "INSERT INTO worker_heartbeats (worker_id, role, seen_at) VALUES (%s, %s, %s) "
-        "ON DUPLICATE KEY UPDATE role = VALUES(role), seen_at = VALUES(seen_at)",
-        (worker_id, role, pool.utcnow()))
-
 
 def _request_id(body: bytes) -> str | None:
     try:
