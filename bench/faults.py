@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 
-from bench.soak import (wait_settled, check_clients, check_database, prepare, report,
-                        start_clients, summarize)
+from bench.soak import (Clients, check_clients, check_database, prepare, report, summarize,
+                        wait_settled)
 
 # Longest a client call may take: allocate's wait + grace + a reconnect-and-cancel, or a timeout.
 LONGEST_CALL = 5.0 + 5.0 + 30.0 + 60.0
@@ -43,7 +43,11 @@ def restart_broker(sandbox) -> None:
 def restart_database(sandbox) -> None:
     pid = int(subprocess.check_output(["pgrep", "-x", "mariadbd"]).split()[0])
     os.kill(pid, signal.SIGTERM)
-    _wait_port(3306, open_=False)
+    # Wait for the process itself, not the port: start-stop-daemon --oknodo does
+    # nothing while the old server is still shutting down.
+    deadline = time.time() + 120
+    while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+        time.sleep(0.1)
     os.makedirs("/run/mysqld", exist_ok=True)
     subprocess.run(["chown", "mysql:mysql", "/run/mysqld"], check=True)
     subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--chuid", "mysql",
@@ -91,9 +95,10 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
             plan.insert((i + 1) * len(plan) // (count + 1), kind)
     seconds = 10 + 4 * kills + 25 * (broker_restarts + db_restarts)
     sandbox = prepare(nodes, workers=2)
+    clients_running = None
     try:
         names = {r[0] for r in sandbox.sql("SELECT name FROM nodes")}
-        finish = start_clients(sandbox.amqp_url, clients, seconds, seed)
+        clients_running = Clients(sandbox.amqp_url, clients, seconds, seed)
         started = time.time()
         recoveries, problems = [], []
         for n, kind in enumerate(plan):
@@ -103,7 +108,7 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
             recovered = answered_again(sandbox, at)
             recoveries.append({"fault": kind, "recovered_s": round(recovered, 2)})
             problems += [f"after {kind} #{n}: {p}" for p in check_database(sandbox, names, False)]
-        outcomes = finish()
+        outcomes = clients_running.finish()
         wait_settled(sandbox)
         problems += check_database(sandbox, names, settled=True) + check_clients(sandbox, outcomes)
         slow = [o for o in outcomes if o.finished - o.started > LONGEST_CALL]
@@ -116,6 +121,8 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
                                for k, v in by_kind.items()},
                 **summarize(outcomes), "problems": problems, "ok": not problems}
     finally:
+        if clients_running:
+            clients_running.stop()
         sandbox.close()
 
 

@@ -115,26 +115,35 @@ def _client_process(amqp_url: str, owners: list[str], seed: int, until: float, r
     results.put(out)
 
 
-def start_clients(amqp_url: str, clients: int, seconds: float, seed: int, processes: int = 10):
-    """Start the client processes; returns a function that waits and gives all outcomes."""
-    ctx = mp.get_context("fork")
-    owners = [f"soak-{i:03d}" for i in range(clients)]
-    groups = [owners[p::processes] for p in range(min(processes, clients))]
-    results = ctx.Queue()
-    until = time.time() + seconds
-    procs = [ctx.Process(target=_client_process, args=(amqp_url, g, seed + 1000 * i, until, results))
-             for i, g in enumerate(groups)]
-    for p in procs:
-        p.start()
+class Clients:
+    """The soak's client processes: `finish()` collects their outcomes, `stop()` ends them."""
 
-    def finish() -> list[Outcome]:
+    def __init__(self, amqp_url: str, clients: int, seconds: float, seed: int, processes: int = 10):
+        ctx = mp.get_context("fork")
+        owners = [f"soak-{i:03d}" for i in range(clients)]
+        groups = [owners[p::processes] for p in range(min(processes, clients))]
+        self.results = ctx.Queue()
+        until = time.time() + seconds
+        self.procs = [ctx.Process(target=_client_process,
+                                  args=(amqp_url, g, seed + 1000 * i, until, self.results))
+                      for i, g in enumerate(groups)]
+        for p in self.procs:
+            p.start()
+
+    def finish(self) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        for _ in procs:
-            outcomes.extend(results.get())
-        for p in procs:
+        for _ in self.procs:
+            outcomes.extend(self.results.get())
+        for p in self.procs:
             p.join()
         return outcomes
-    return finish
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        self.results.cancel_join_thread()
 
 
 def prepare(nodes: int, workers: int = 1) -> Sandbox:
@@ -214,7 +223,11 @@ def run(clients: int, seconds: float, nodes: int, seed: int = 1) -> dict:
     sandbox = prepare(nodes)
     try:
         names = {r[0] for r in sandbox.sql("SELECT name FROM nodes")}
-        outcomes = start_clients(sandbox.amqp_url, clients, seconds, seed)()
+        clients_running = Clients(sandbox.amqp_url, clients, seconds, seed)
+        try:
+            outcomes = clients_running.finish()
+        finally:
+            clients_running.stop()
         wait_settled(sandbox)
         problems = check_database(sandbox, names, settled=True) + check_clients(sandbox, outcomes)
         return {"clients": clients, "seconds": seconds, "nodes": nodes, **summarize(outcomes),

@@ -18,6 +18,7 @@ class MoltenIronError(Exception):
         super().__init__(message)
         self.message = message
         self.reply: dict | None = None  # the reply it came from, on the client side
+        self.request_id: str | None = None  # the request it refuses, where known
 
     @property
     def kind(self) -> str:

@@ -9,6 +9,7 @@ SQLAlchemy or pika.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,7 @@ class Arg:
     default: Any = None
     choices: tuple | None = None
     max_length: int = 255  # strings: the widest column they go into
+    uuid: bool = False     # a request id
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("waiting", (Arg("node_pool", _S, False),), mutates=False),
     Operation("workers", mutates=False),
     Operation("delete_db"),
-    Operation("cancel", (Arg("request_id", _S),)),
+    Operation("cancel", (Arg("request_id", _S, uuid=True),)),
     Operation("tick", internal=True),
 )}
 
@@ -111,23 +113,42 @@ def new_request(op: str, args: dict | None = None, deadline: float | None = None
 
 
 def decode_request(body: bytes) -> Request:
-    """Parse and validate a request body; BadRequest names the offending field."""
+    """Parse and validate a request body; BadRequest names the offending field.
+
+    Once the body's id is known the BadRequest carries it (`request_id`), so the
+    error reply can name the request it answers.
+    """
+    data = _parse(body)
+    request_id = data.get("id")
+    if not isinstance(request_id, str) or not _is_uuid(request_id):
+        raise BadRequest(f"field id must be a UUID string, got {request_id!r}")
+    try:
+        return _validated(data, request_id)
+    except BadRequest as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _parse(body: bytes) -> dict:
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(f"request body is larger than {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("request must be a JSON object")
+    return data
+
+
+def _validated(data: dict, request_id: str) -> Request:
     unknown = set(data) - {"v", "id", "op", "args", "deadline"}
     if unknown:
         raise BadRequest(f"unknown request field(s): {', '.join(sorted(map(str, unknown)))}")
-    if data.get("v") != VERSION:
+    if type(data.get("v")) is not int or data["v"] != VERSION:
         raise BadRequest(f"field v must be {VERSION}, got {data.get('v')!r}")
-    request_id = data.get("id")
-    if not isinstance(request_id, str) or not _is_uuid(request_id):
-        raise BadRequest(f"field id must be a UUID string, got {request_id!r}")
     op = data.get("op")
     if not isinstance(op, str) or op not in OPERATIONS:
         raise BadRequest(f"field op: unknown operation {op!r}")
@@ -138,7 +159,7 @@ def decode_request(body: bytes) -> Request:
         raise BadRequest("field args must be an object")
     deadline = data.get("deadline")
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-                                 or deadline != deadline):
+                                 or not math.isfinite(deadline)):
         raise BadRequest(f"field deadline must be a unix time or null, got {deadline!r}")
     return Request(id=request_id, op=op, args=validate_args(op, args), deadline=deadline)
 
@@ -168,6 +189,10 @@ def validate_args(op: str, args: dict) -> dict:
                              f"got {type(value).__name__}")
         if isinstance(value, str) and len(value) > arg.max_length:
             raise BadRequest(f"{op}: argument {arg.name} is longer than {arg.max_length} characters")
+        if not _encodable(value):
+            raise BadRequest(f"{op}: argument {arg.name} holds text that is not valid Unicode")
+        if arg.uuid and not _is_uuid(value):
+            raise BadRequest(f"{op}: argument {arg.name} must be a request id (UUID), got {value!r}")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise BadRequest(f"{op}: argument {arg.name} must be a list of strings")
         if arg.choices and value not in arg.choices:
@@ -182,11 +207,26 @@ def reply_body(request_id: str | None, reply: dict) -> bytes:
 
 
 def _is_uuid(text: str) -> bool:
+    """Only the canonical form: the id is a key, so '{...}' or 'urn:uuid:...' would be another."""
     try:
-        uuid.UUID(text)
+        return str(uuid.UUID(text)) == text
     except ValueError:
         return False
-    return len(text) <= 64
+
+
+def _encodable(value: Any) -> bool:
+    """No lone surrogates anywhere inside: the database driver cannot encode them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    return True
 
 
 def _kind_name(kinds: tuple) -> str:

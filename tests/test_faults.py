@@ -129,7 +129,8 @@ def test_a_request_the_database_refuses_is_dead_lettered_and_its_batch_mates_ser
             stack.start_worker(ready=False)  # both arrive in one batch
             assert client.wait(good.id, time.time() + 30)["status"] == 200
             wait_until(lambda: stack.dead_letters() == 1, 15, "the poison request to be dead-lettered")
-            assert client.wait(poison.id, time.time() + 0.5) is None
+            refused = client.wait(poison.id, time.time() + 30)
+            assert refused["status"] == 500 and "refused for the test" in refused["message"]
         assert stack.sql("SELECT owner FROM nodes ORDER BY id") == [("good",), (None,)]
         assert stack.cli("allocate", "after", "1").returncode == 0
         assert stack.workers[-1].poll() is None

@@ -5,6 +5,8 @@ The full runs: python -m bench.soak, python -m bench.faults (see README).
 
 from __future__ import annotations
 
+import pytest
+
 from bench import faults, soak
 
 
@@ -15,6 +17,7 @@ def test_soak_many_clients_random_operations_keep_every_invariant():
     assert result["by_outcome"].get("release:ok", 0) > 0
 
 
+@pytest.mark.disruptive
 def test_killed_workers_and_restarted_broker_and_database_lose_nothing():
     result = faults.run(kills=3, broker_restarts=1, db_restarts=1, clients=20, nodes=10)
     assert result["problems"] == []

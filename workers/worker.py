@@ -16,7 +16,8 @@ import uuid
 
 import pika
 from pika.exceptions import AMQPChannelError, AMQPConnectionError, AMQPError
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from molteniron import errors, protocol
 from molteniron.config import Config
@@ -26,14 +27,17 @@ from workers.keeper import PoolKeeper
 
 log = logging.getLogger(__name__)
 
+# Errors that say the database is unavailable, not that the batch is wrong: retried.
+TRANSIENT = (OperationalError, InterfaceError, PoolTimeout)
 DB_RETRY_MAX = 5.0           # longest pause between retries while the database is down
 # Fault injection for the crash tests: "exit-after-commit:OP" makes the worker die
 # right after committing a batch that holds OP, before it replies or acks.
 FAULT = os.environ.get("MOLTENIRON_FAULT", "")
 
 
-class RefusedByDatabase(Exception):
-    """The database refused a batch for its content (too long, constraint), not its health."""
+class RefusedBatch(Exception):
+    """Handling the batch failed for its content (a value the database refuses, a bug a
+    request triggers), not for the database's health: retrying it cannot help."""
 
     def __init__(self, detail: str):
         super().__init__(detail)
@@ -170,16 +174,23 @@ class Worker:
         so that only the request that causes it is dead-lettered."""
         try:
             batch = self._commit_with_retry(requests, returned)
-        except RefusedByDatabase as exc:
+        except RefusedBatch as exc:
             if len(requests) + len(returned) > 1:
                 for request in requests:
                     self._process([request], [], whole_batch=False)
                 for item in returned:
                     self._process([], [item], whole_batch=False)
                 return
-            for method, _, request in requests:
+            for method, properties, request in requests:
+                # Its client is told, and the message is kept for people to look at.
                 log.error("event=dead_lettered op=%s id=%s reason=%r", request.op, request.id,
                           exc.detail)
+                if properties.reply_to:
+                    self._queue_reply(properties.reply_to, properties.correlation_id,
+                                      protocol.reply_body(request.id, {
+                                          "status": 500, "error": "InternalError",
+                                          "message": f"the worker could not handle this "
+                                                     f"request: {exc.detail}"}))
                 self.channel.basic_reject(method.delivery_tag, requeue=False)
             return
         if batch is None:
@@ -212,13 +223,16 @@ class Worker:
         """The request, or None after answering/dead-lettering a malformed one."""
         try:
             request = protocol.decode_request(body)
-            if not properties.reply_to and not protocol.OPERATIONS[request.op].internal:
+            internal = protocol.OPERATIONS[request.op].internal
+            if not properties.reply_to and not internal:
                 raise errors.BadRequest("request has no reply_to property")
+            if properties.reply_to and internal:
+                raise errors.BadRequest(f"{request.op} is sent by workers, not clients")
             return request
         except errors.BadRequest as exc:
             if properties.reply_to:
                 self._queue_reply(properties.reply_to, properties.correlation_id,
-                                  protocol.reply_body(_request_id(body), exc.to_reply()))
+                                  protocol.reply_body(exc.request_id, exc.to_reply()))
                 self.channel.basic_ack(method.delivery_tag)
                 outcome = "error_reply"
             else:
@@ -235,11 +249,7 @@ class Worker:
                 return self.keeper.commit(requests, returned)
             except errors.NotActiveWorker:
                 raise
-            except (DataError, IntegrityError) as exc:
-                # Not the database's state but this batch's content: retrying cannot help.
-                self.keeper.reload_needed = True
-                raise RefusedByDatabase(str(exc.orig)[:300]) from exc
-            except SQLAlchemyError as exc:
+            except TRANSIENT as exc:
                 # The database is down or restarting: keep the deliveries, retry.
                 self.keeper.reload_needed = True
                 log.warning("event=db_unavailable worker=%s error=%r retry_in=%.1fs",
@@ -248,10 +258,8 @@ class Worker:
                 pause = min(pause * 2, DB_RETRY_MAX)
                 if self.stopping:
                     return None
-
-def _request_id(body: bytes) -> str | None:
-    try:
-        data = json.loads(body)
-        return data["id"] if isinstance(data, dict) and isinstance(data.get("id"), str) else None
-    except (ValueError, UnicodeDecodeError):
-        return None
+            except Exception as exc:  # anything else is this batch's own doing
+                self.keeper.reload_needed = True
+                log.exception("event=batch_refused worker=%s requests=%d", self.worker_id,
+                              len(requests))
+                raise RefusedBatch(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
