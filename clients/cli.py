@@ -168,7 +168,9 @@ def run_command(client, args, config) -> dict:
 
 def _allocate(client, args, config) -> dict:
     wait = None if args.no_wait else (args.wait or config.allocate_wait)
-    progress = _Progress(args.number_of_nodes, args.node_pool) if sys.stderr.isatty() else None
+    progress = None
+    if sys.stderr.isatty() and wait is not None:
+        progress = _Progress(args.number_of_nodes, args.node_pool)
     sent: list[str] = []
     try:
         return client.allocate(args.owner_name, args.number_of_nodes, args.node_pool, wait,
@@ -176,6 +178,8 @@ def _allocate(client, args, config) -> dict:
     except (Interrupted, KeyboardInterrupt):
         if sent:  # whatever state the request is in, it must not leave us owning nodes
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            client.close()  # the interrupted connection may be mid-read
             client.cancel(sent[0], quiet=True)
         raise
     finally:
@@ -211,8 +215,12 @@ def _fail(exc: errors.MoltenIronError, args) -> int:
     reply = exc.reply or exc.to_reply()
     print(json.dumps(_without_envelope(reply)))
     print(f"molteniron: {exc.message}", file=sys.stderr)
+    if exc.reply is None and isinstance(exc, (errors.BadRequest, errors.ConfigError)):
+        return EXIT_USAGE  # refused here, before anything was sent
     if isinstance(exc, errors.DeadlineExpired):
-        return EXIT_DEADLINE
+        # Only an allocate has a deadline of its own; for anything else the
+        # worker was too busy to answer in time.
+        return EXIT_DEADLINE if args.command == "allocate" else EXIT_UNAVAILABLE
     if isinstance(exc, errors.ServiceUnavailable):
         return EXIT_UNAVAILABLE
     return EXIT_REFUSED

@@ -35,7 +35,10 @@ class MoltenIronClient:
     def connect(self) -> "MoltenIronClient":
         if self.connection is not None and self.connection.is_open:
             return self
-        params = pika.URLParameters(self.amqp_url)
+        try:
+            params = pika.URLParameters(self.amqp_url)
+        except (ValueError, TypeError) as exc:
+            raise errors.ConfigError(f"amqp_url is not a valid AMQP URL: {exc}") from None
         params.connection_attempts = 1
         params.socket_timeout = min(self.timeout, 10.0)
         params.blocked_connection_timeout = self.timeout
@@ -68,13 +71,17 @@ class MoltenIronClient:
 
     # --- the RPC -----------------------------------------------------------------
 
-    def send(self, request: protocol.Request, expires_in: float) -> None:
-        """Publish a request (persistent, confirmed); its reply is collected by `wait`."""
+    def send(self, request: protocol.Request, expires_in: float | None) -> None:
+        """Publish a request (persistent, confirmed); its reply is collected by `wait`.
+
+        expires_in: seconds after which the broker drops it unseen (None: never).
+        """
         self.connect()
         self.replies[request.id] = []
+        expiration = None if expires_in is None else str(max(1, int(expires_in * 1000)))
         properties = pika.BasicProperties(
             reply_to=self.reply_queue, correlation_id=request.id, delivery_mode=2,
-            content_type="application/json", expiration=str(max(1, int(expires_in * 1000))))
+            content_type="application/json", expiration=expiration)
         try:
             self.channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY,
                                        request.to_body(), properties, mandatory=True)
@@ -131,18 +138,21 @@ class MoltenIronClient:
     def allocate(self, owner: str, count: int, node_pool: str = "default", wait: float | None = 3600.0,
                  on_progress: Callable[[dict | None], None] | None = None,
                  on_sent: Callable[[str], None] | None = None) -> dict:
-        """Nodes for owner; waits up to `wait` seconds (None: fail at once if too few)."""
-        if wait is None:
-            return self.call("allocate", {"owner": owner, "count": count,
-                                          "node_pool": node_pool, "wait": False})
-        deadline = time.time() + wait
+        """Nodes for owner; waits up to `wait` seconds (None: fail at once if too few).
+
+        Whatever goes wrong after the request may have left (no answer, lost
+        broker), it is cancelled, so this client never ends up owning nodes it
+        was not told about. on_sent gets the request id before it is published.
+        """
+        patience = self.timeout if wait is None else wait
+        deadline = time.time() + patience
         request = protocol.new_request("allocate", {"owner": owner, "count": count,
-                                                    "node_pool": node_pool, "wait": True},
+                                                    "node_pool": node_pool, "wait": wait is not None},
                                        deadline=deadline)
-        self.send(request, wait + GRACE)
         if on_sent:
             on_sent(request.id)
         try:
+            self.send(request, patience + GRACE)
             reply = self.wait(request.id, deadline + GRACE, on_progress)
         except errors.ServiceUnavailable:
             # The reply may be lost with our reply queue: make sure it grants nothing.
@@ -151,13 +161,26 @@ class MoltenIronClient:
         if reply is None:
             # No answer at all (worker down?): make sure the request can never be served.
             self.cancel(request.id, quiet=True)
+            if wait is None:
+                raise errors.ServiceUnavailable(
+                    f"no MoltenIron worker answered within {patience:g}s "
+                    "(is molteniron-worker running?)")
             raise errors.DeadlineExpired(f"no nodes within {wait:g}s and no worker answered")
         return _checked(reply)
 
     def cancel(self, request_id: str, quiet: bool = False) -> dict | None:
-        """Take back a request: waiting -> removed, served -> released, unseen -> refused later."""
+        """Take back a request: waiting -> removed, served -> released, unseen -> refused later.
+
+        The cancel itself never expires: if no worker answers now, it still takes
+        effect when one comes, however long the queue.
+        """
+        request = protocol.new_request("cancel", {"request_id": request_id})
         try:
-            return self.call("cancel", {"request_id": request_id}, timeout=min(self.timeout, 10.0))
+            self.send(request, expires_in=None)
+            reply = self.wait(request.id, time.time() + min(self.timeout, 10.0))
+            if reply is None:
+                raise errors.ServiceUnavailable("the cancel is queued; no worker answered yet")
+            return _checked(reply)
         except errors.MoltenIronError:
             if quiet:
                 return None

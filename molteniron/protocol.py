@@ -49,6 +49,7 @@ class Arg:
     default: Any = None
     choices: tuple | None = None
     max_length: int = 255  # strings: the widest column they go into
+    min_value: int | None = None  # integers: the smallest allowed; strings: shortest length
     uuid: bool = False     # a request id
 
 
@@ -75,10 +76,12 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         Arg("blob", (str, dict), max_length=MAX_BODY_BYTES),
         Arg("node_pool", _S, False, "default"))),
     Operation("allocate", (
-        Arg("owner", _S), Arg("count", _I), Arg("node_pool", _S, False, "default"),
+        Arg("owner", _S, min_value=1), Arg("count", _I, min_value=1),
+        Arg("node_pool", _S, False, "default"),
         Arg("wait", bool, False, True))),
-    Operation("release", (Arg("owner", _S),)),
-    Operation("get_field", (Arg("owner", _S), Arg("field", _S)), mutates=False),
+    Operation("release", (Arg("owner", _S, min_value=1),)),
+    Operation("get_field", (Arg("owner", _S, min_value=1), Arg("field", _S, min_value=1)),
+              mutates=False),
     Operation("set_field", (
         Arg("id", _I), Arg("key", _S), Arg("value", (str, int)),
         Arg("type", _S, False, "string"))),
@@ -187,6 +190,10 @@ def validate_args(op: str, args: dict) -> dict:
         if not isinstance(value, kinds):
             raise BadRequest(f"{op}: argument {arg.name} must be {_kind_name(kinds)}, "
                              f"got {type(value).__name__}")
+        if arg.min_value is not None and isinstance(value, int) and value < arg.min_value:
+            raise BadRequest(f"{op}: argument {arg.name} must be at least {arg.min_value}, got {value}")
+        if arg.min_value is not None and isinstance(value, str) and len(value) < arg.min_value:
+            raise BadRequest(f"{op}: argument {arg.name} must not be empty")
         if isinstance(value, str) and len(value) > arg.max_length:
             raise BadRequest(f"{op}: argument {arg.name} is longer than {arg.max_length} characters")
         if not _encodable(value):
@@ -215,17 +222,22 @@ def _is_uuid(text: str) -> bool:
 
 
 def _encodable(value: Any) -> bool:
-    """No lone surrogates anywhere inside: the database driver cannot encode them."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, dict):
-        return all(_encodable(k) and _encodable(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_encodable(v) for v in value)
+    """No lone surrogates anywhere inside: the database driver cannot encode them.
+
+    Iterative, so a deeply nested blob cannot exhaust the stack."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return True
 
 

@@ -140,3 +140,17 @@ def test_no_worker_answering_exits_4(running):
     result = running.cli("--timeout", "1", "status")
     assert result.returncode == 4
     assert "no MoltenIron worker answered" in result.stderr
+
+
+def test_arguments_refused_before_sending_exit_2(running):
+    for args in (["cancel", "not-a-uuid"], ["allocate", "", "1"], ["release", ""]):
+        result = running.cli(*args)
+        assert result.returncode == 2, (args, result)
+        assert "Traceback" not in result.stderr
+
+
+def test_a_bad_amqp_url_is_a_clear_error(stack):
+    stack.env["MOLTENIRON_AMQP_URL"] = "amqp://guest:guest@127.0.0.1:notaport/%2F"
+    result = stack.cli("status")
+    assert result.returncode == 2
+    assert "amqp_url" in result.stderr and "Traceback" not in result.stderr

@@ -150,3 +150,21 @@ def test_workers_shows_the_active_worker_and_its_standby(stack):
     reply = wait_until(both_seen, 30, "an active and a standby heartbeat")
     assert sorted(w["worker_id"] for w in reply["workers"]) == ["test-worker-0", "test-worker-1"]
     assert reply["queued_requests"] == 0
+
+
+def test_an_operational_error_on_a_healthy_database_is_not_retried_forever(stack):
+    from sqlalchemy import text
+    stack.start_worker()
+    stack.cli("add_baremetal", *node_args(1))
+    with stack.engine.begin() as conn:  # error 1644: PyMySQL calls it an OperationalError
+        conn.execute(text(
+            "CREATE TRIGGER refuse_stuck BEFORE INSERT ON allocations FOR EACH ROW "
+            "IF NEW.owner = 'stuck' THEN SIGNAL SQLSTATE '45000' "
+            "SET MESSAGE_TEXT = 'refused for the test'; END IF"))
+    try:
+        stuck = stack.cli("--timeout", "30", "allocate", "stuck", "1", "--no-wait")
+        assert stuck.returncode == 1 and stuck.json["status"] == 500, stuck
+        assert stack.cli("allocate", "after", "1", "--no-wait").returncode == 0
+    finally:
+        with stack.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER IF EXISTS refuse_stuck"))

@@ -20,6 +20,7 @@ class Outgoing:
     correlation_id: str | None
     request_id: str | None
     reply: dict
+    mandatory: bool = True  # a returned reply means its client is gone
 
 
 @dataclass
@@ -29,49 +30,36 @@ class Batch:
     clock: float = field(default_factory=time.time)
     outbox: list[Outgoing] = field(default_factory=list)
     to_store: dict[str, tuple[str, dict]] = field(default_factory=dict)
-    to_forget: set[str] = field(default_factory=set)
     touched_pools: set[str] = field(default_factory=set)  # may have ready nodes for waiters
     touched_nodes: set[int] = field(default_factory=set)  # changed through the ORM
 
     def mark(self) -> tuple:
         """What rollback_to needs to undo one request's additions."""
-        return (len(self.outbox), dict(self.to_store), set(self.to_forget),
-                set(self.touched_pools), set(self.touched_nodes))
+        return (len(self.outbox), dict(self.to_store), set(self.touched_pools),
+                set(self.touched_nodes))
 
     def rollback_to(self, mark: tuple) -> None:
-        outbox_len, self.to_store, self.to_forget, self.touched_pools, self.touched_nodes = mark
+        outbox_len, self.to_store, self.touched_pools, self.touched_nodes = mark
         del self.outbox[outbox_len:]
 
     def reply(self, reply_to: str | None, correlation_id: str | None,
-              request_id: str | None, reply: dict) -> None:
+              request_id: str | None, reply: dict, mandatory: bool = True) -> None:
         if reply_to:
-            self.outbox.append(Outgoing(reply_to, correlation_id, request_id, reply))
+            self.outbox.append(Outgoing(reply_to, correlation_id, request_id, reply, mandatory))
 
     def store(self, request_id: str, op: str, reply: dict) -> None:
         """Keep the reply so a redelivered request gets it again (written at commit)."""
-        self.to_forget.discard(request_id)
         self.to_store[request_id] = (op, reply)
-
-    def forget(self, request_id: str) -> None:
-        """Drop a stored reply, so the same request id is handled afresh if it comes again."""
-        self.to_store.pop(request_id, None)
-        self.to_forget.add(request_id)
 
     def stored_reply(self, request_id: str, preloaded: dict[str, dict]) -> dict | None:
         if request_id in self.to_store:
             return self.to_store[request_id][1]
-        if request_id in self.to_forget:
-            return None
         return preloaded.get(request_id)
 
     def write_stored(self) -> None:
         """Upsert this batch's stored replies in one statement (driver SQL: hot path)."""
-        sql = self.session.connection().exec_driver_sql
-        if self.to_forget:
-            forget = tuple(self.to_forget)
-            sql(f"DELETE FROM processed_requests WHERE request_id IN ({_marks(forget)})", forget)
         if self.to_store:
-            sql("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
+            self.session.connection().exec_driver_sql("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
                 "VALUES (%s, %s, %s, %s) ON DUPLICATE KEY UPDATE "
                 "reply = VALUES(reply), processed_at = VALUES(processed_at)",
                 [(rid, op, json.dumps(reply), self.now) for rid, (op, reply) in self.to_store.items()])

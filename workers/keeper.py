@@ -49,6 +49,14 @@ class PoolKeeper:
     def heartbeat_due(self) -> bool:
         return time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY
 
+    def database_answers(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except SQLAlchemyError:
+            return False
+
     def close(self) -> None:
         try:
             with Session(self.engine) as session, session.begin():
@@ -72,8 +80,11 @@ class PoolKeeper:
                     if request.op == "tick":
                         ticked = True
                         continue
-                    reply = self._handle_one(batch, request, properties, stored)
-                    batch.reply(properties.reply_to, properties.correlation_id, request.id, reply)
+                    reply, outcome = self._handle_one(batch, request, properties, stored)
+                    # A replayed grant may have reached its client the first time: if
+                    # this copy comes back, that says nothing about the client.
+                    batch.reply(properties.reply_to, properties.correlation_id, request.id, reply,
+                                mandatory=outcome != "replayed")
                 if ticked:
                     self._on_tick(batch)
                 self.state.flush(session, batch.now)
@@ -107,7 +118,7 @@ class PoolKeeper:
         self.waiters.load(session)
 
     def _handle_one(self, batch: Batch, request: protocol.Request, properties,
-                    stored: dict[str, dict]) -> dict:
+                    stored: dict[str, dict]) -> tuple[dict, str]:
         started = time.perf_counter()
         previous = batch.stored_reply(request.id, stored)
         if previous is not None:
@@ -115,7 +126,8 @@ class PoolKeeper:
         elif request.id in self.waiters.by_request:
             self.waiters.readdress(batch, request.id, properties.reply_to, properties.correlation_id)
             reply, outcome = self.waiters.queued_reply(request.id), "still_waiting"
-        elif request.deadline is not None and request.deadline <= batch.clock:
+        elif (request.deadline is not None and request.deadline <= batch.clock
+              and request.op != "cancel"):  # a cancel must take effect however late
             reply = errors.DeadlineExpired("the request's deadline passed before a worker "
                                            "saw it").to_reply()
             outcome = "late"
@@ -127,7 +139,7 @@ class PoolKeeper:
         log.info("op=%s id=%s owner=%s status=%s outcome=%s ms=%.2f", request.op, request.id,
                  request.args.get("owner", "-"), reply["status"], outcome,
                  (time.perf_counter() - started) * 1000)
-        return reply
+        return reply, outcome
 
     def _dispatch(self, batch: Batch, request: protocol.Request, properties) -> dict:
         context = Context(batch, self.state, self.waiters, properties.reply_to,
@@ -144,8 +156,10 @@ class PoolKeeper:
         mark = batch.mark()
         changes = self.waiters.changes
         savepoint = batch.session.begin_nested()
+        memory_touched = False  # handlers check before changing; refresh/serve change memory
         try:
             reply = handler(context, request)
+            memory_touched = True
             self.state.refresh(batch.session, batch.touched_nodes)
             batch.touched_nodes.clear()
             self._serve_waiters(batch)
@@ -161,6 +175,9 @@ class PoolKeeper:
                        "message": f"the database refused the change: {exc.orig}"}
         savepoint.rollback()
         batch.rollback_to(mark)
+        if memory_touched:
+            # Flushed just before the savepoint: the database now holds what memory should.
+            self.state.load(batch.session)
         if self.waiters.changes != changes:
             self.waiters.load(batch.session)
         return failure
@@ -178,11 +195,12 @@ class PoolKeeper:
         if reply.get("status") == protocol.QUEUED and waiter and waiter.reply_to == reply_to:
             self.waiters.cancel(batch, request_id, "its client went away")
             log.info("event=client_gone id=%s undone=waiting", request_id)
-        elif reply.get("status") == 200 and reply.get("nodes"):
+        elif reply.get("status") == 200 and isinstance(reply.get("nodes"), dict):
             self.state.flush(batch.session, batch.now)
             nodes = pool.release_request(batch.session, request_id, EndReason.CANCELLED, batch.now)
             if nodes:
-                batch.forget(request_id)  # a re-sent request is then handled afresh
+                batch.store(request_id, "allocate", errors.RequestCancelled(
+                    "its client went away before the reply reached it").to_reply())
                 self.state.refresh(batch.session, {n.id for n in nodes})
                 batch.touched_pools.update(n.node_pool for n in nodes)
                 self._serve_waiters(batch)

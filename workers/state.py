@@ -165,7 +165,7 @@ class PoolState:
         self.nodes[record["id"]] = record
         if record["state"] == State.READY.value:
             self._make_ready(record["id"])
-        if record["owner"]:
+        if record["owner"] is not None:
             self.owned[record["owner"]].add(record["id"])
 
     def _unindex(self, node_id: int) -> None:
@@ -173,7 +173,7 @@ class PoolState:
         if record is None:
             return
         self.ready.get(record["node_pool"], set()).discard(node_id)
-        if record["owner"] and record["owner"] in self.owned:
+        if record["owner"] is not None and record["owner"] in self.owned:
             self.owned[record["owner"]].discard(node_id)
             if not self.owned[record["owner"]]:
                 del self.owned[record["owner"]]

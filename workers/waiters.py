@@ -95,6 +95,9 @@ class Waiters:
         served = 0
         while queue:
             head = queue[0]
+            if head.deadline is not None and head.deadline <= batch.clock:
+                self._finish(batch, head, _timed_out(head))  # its client has given up
+                continue
             try:
                 records = state.allocate(head.owner, head.count, node_pool, head.request_id,
                                          batch.now)
@@ -112,10 +115,7 @@ class Waiters:
         expired = [w for w in self.by_request.values()
                    if w.deadline is not None and w.deadline <= batch.clock]
         for waiter in expired:
-            self._finish(batch, waiter, {
-                "status": TIMED_OUT, "error": "DeadlineExpired",
-                "message": f"no {waiter.count} node(s) of pool {waiter.node_pool} became "
-                           "ready before the deadline"})
+            self._finish(batch, waiter, _timed_out(waiter))
         return len(expired)
 
     def cancel(self, batch: Batch, request_id: str, why: str) -> Waiter:
@@ -153,3 +153,9 @@ class Waiters:
         self.by_pool.setdefault(waiter.node_pool, deque()).append(waiter)
         self.by_request[waiter.request_id] = waiter
         self.changes += 1
+
+
+def _timed_out(waiter: Waiter) -> dict:
+    return {"status": TIMED_OUT, "error": "DeadlineExpired",
+            "message": f"no {waiter.count} node(s) of pool {waiter.node_pool} became ready "
+                       "before the deadline"}

@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 # Errors that say the database is unavailable, not that the batch is wrong: retried.
 TRANSIENT = (OperationalError, InterfaceError, PoolTimeout)
-DB_RETRY_MAX = 5.0           # longest pause between retries while the database is down
+DB_RETRY_MAX = 5.0  # longest pause between retries while the database is down
+# After this many failed tries of one batch, a database that answers a ping is
+# refusing the batch itself (a packet too large, a trigger): stop retrying it.
+FAILURES_BEFORE_PROBE = 3
 # Fault injection for the crash tests: "exit-after-commit:OP" makes the worker die
 # right after committing a batch that holds OP, before it replies or acks.
 FAULT = os.environ.get("MOLTENIRON_FAULT", "")
@@ -201,13 +204,14 @@ class Worker:
             os._exit(70)
         for out in batch.outbox:
             self._queue_reply(out.reply_to, out.correlation_id,
-                              protocol.reply_body(out.request_id, out.reply))
+                              protocol.reply_body(out.request_id, out.reply), out.mandatory)
         if requests:  # the ack flushes the queued replies too
             self.channel.basic_ack(requests[-1][0].delivery_tag, multiple=whole_batch)
         else:
             self.connection.process_data_events(0)
 
-    def _queue_reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+    def _queue_reply(self, reply_to: str, correlation_id: str | None, body: bytes,
+                     mandatory: bool = True) -> None:
         """Queue a mandatory reply; the next ack or event loop pass sends them all.
 
         The blocking channel's basic_publish writes to the socket once per message,
@@ -217,7 +221,7 @@ class Worker:
         self.channel._impl.basic_publish(
             "", reply_to, body, pika.BasicProperties(correlation_id=correlation_id,
                                                      content_type="application/json"),
-            mandatory=True)
+            mandatory=mandatory)
 
     def _decode(self, method, properties, body) -> protocol.Request | None:
         """The request, or None after answering/dead-lettering a malformed one."""
@@ -241,9 +245,13 @@ class Worker:
             log.warning("event=bad_request outcome=%s bytes=%d error=%r",
                         outcome, len(body), exc.message[:200])
             return None
+        except Exception:  # a message must never stop the worker: keep it for people
+            log.exception("event=undecodable_request outcome=dead_lettered bytes=%d", len(body))
+            self.channel.basic_reject(method.delivery_tag, requeue=False)
+            return None
 
     def _commit_with_retry(self, requests, returned) -> Batch | None:
-        pause = 0.2
+        pause, failures = 0.2, 0
         while True:
             try:
                 return self.keeper.commit(requests, returned)
@@ -252,6 +260,10 @@ class Worker:
             except TRANSIENT as exc:
                 # The database is down or restarting: keep the deliveries, retry.
                 self.keeper.reload_needed = True
+                failures += 1
+                if failures >= FAILURES_BEFORE_PROBE and self.keeper.database_answers():
+                    # It answers, yet refuses this batch: the batch is the problem.
+                    raise RefusedBatch(f"{type(exc.orig).__name__}: {str(exc.orig)[:300]}") from exc
                 log.warning("event=db_unavailable worker=%s error=%r retry_in=%.1fs",
                             self.worker_id, str(exc).splitlines()[0][:200], pause)
                 self.connection.sleep(pause)
