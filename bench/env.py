@@ -37,9 +37,13 @@ class Sandbox:
         rabbitmqctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
         self.amqp_url = f"{AMQP_URL.rsplit('/', 1)[0]}/{quote(self.name, safe='')}"
         self.db_url = make_url(DB_URL).set(database=self.name).render_as_string(hide_password=False)
-        db.create_database(self.db_url)
-        self.engine = db.make_engine(self.db_url)
-        db.migrate(self.engine)
+        try:
+            db.create_database(self.db_url)
+            self.engine = db.make_engine(self.db_url)
+            db.migrate(self.engine)
+        except Exception:  # whatever failed, the vhost made above must not stay behind
+            rabbitmqctl("delete_vhost", self.name)
+            raise
         self.workers: list[subprocess.Popen] = []
         self.logdir = ROOT / "bench" / "logs"
         self.logdir.mkdir(exist_ok=True)
