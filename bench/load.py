@@ -48,7 +48,6 @@ def run_cycles(amqp_url: str, clients: int, seconds: float, warmup: float = 1.0,
              for g in groups]
     for p in procs:
         p.start()
-    window[0] = 0.0
     barrier.wait()  # everyone connected
     now = time.time()
     window[0], window[1] = now + warmup, now + warmup + seconds

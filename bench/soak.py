@@ -57,8 +57,6 @@ def _client_thread(amqp_url: str, owner: str, seed: int, until: float, out: list
                                             on_sent=sent.append)
                 finally:
                     record.request_id = sent[0] if sent else None
-                if wait is None:
-                    record.request_id = reply.get("id")
                 record.nodes = [n["name"] for n in reply["nodes"].values()]
             elif op == "release":
                 client.release(owner)

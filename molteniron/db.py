@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, make_url, text
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import ArgumentError, OperationalError
 
 from molteniron.errors import ConfigError
 
@@ -21,14 +20,9 @@ def make_engine(db_url: str, pre_ping: bool = True, **kwargs) -> Engine:
     """
     try:
         url = make_url(db_url)
-    except Exception as exc:  # sqlalchemy raises ArgumentError with a terse message
+    except ArgumentError as exc:
         raise ConfigError(f"db_url is not a database URL: {exc}") from None
     return create_engine(url, pool_pre_ping=pre_ping, pool_recycle=3600, **kwargs)
-
-
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    # expire_on_commit=False: objects stay readable after the worker's commit.
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 def create_database(db_url: str) -> None:
@@ -58,11 +52,4 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-def check_reachable(engine: Engine) -> None:
-    """Raise OperationalError with the driver's message if the database is down."""
-    with engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
-
-
-__all__ = ["make_engine", "make_sessionmaker", "create_database", "migrate",
-           "check_reachable", "OperationalError"]
+__all__ = ["make_engine", "create_database", "migrate", "OperationalError"]

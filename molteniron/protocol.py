@@ -59,6 +59,7 @@ class Operation:
     args: tuple[Arg, ...] = ()
     internal: bool = False   # sent by workers, never replied to
     mutates: bool = True     # False: reads only
+    expires: bool = True     # refused once its deadline has passed (cancel must always act)
 
 
 _S, _I = str, int
@@ -90,7 +91,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("waiting", (Arg("node_pool", _S, False),), mutates=False),
     Operation("workers", mutates=False),
     Operation("delete_db"),
-    Operation("cancel", (Arg("request_id", _S, uuid=True),)),
+    Operation("cancel", (Arg("request_id", _S, uuid=True),), expires=False),
     Operation("tick", internal=True),
 )}
 

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import time
 
+from sqlalchemy import text
+
 from molteniron import protocol
 from tests.stack import node_args, wait_until
 
@@ -63,7 +65,6 @@ def test_a_standby_serves_waiters_deadlines_without_any_new_request(stack):
 def test_a_fenced_worker_stops_writing_and_the_request_is_not_lost(stack):
     stack.start_worker()
     with stack.engine.begin() as conn:
-        from sqlalchemy import text
         conn.execute(text("UPDATE worker_meta SET epoch = epoch + 100, holder = 'usurper'"))
     with stack.client() as client:
         request = protocol.new_request("add_baremetal", dict(zip(
@@ -81,7 +82,6 @@ def test_a_fenced_worker_stops_writing_and_the_request_is_not_lost(stack):
 def test_worker_rides_out_lost_database_connections(running):
     running.cli("add_baremetal", *node_args(1))
     with running.engine.begin() as conn:
-        from sqlalchemy import text
         ids = [row[0] for row in conn.execute(text(
             "SELECT id FROM information_schema.processlist "
             "WHERE db = DATABASE() AND id <> CONNECTION_ID()"))]
@@ -110,7 +110,6 @@ def test_sigterm_stops_the_worker_cleanly(running):
 
 
 def test_a_request_the_database_refuses_is_dead_lettered_and_its_batch_mates_served(stack):
-    from sqlalchemy import text
     stack.start_worker()
     stack.cli("add_baremetal", *node_args(1))
     stack.cli("add_baremetal", *node_args(2))
@@ -153,7 +152,6 @@ def test_workers_shows_the_active_worker_and_its_standby(stack):
 
 
 def test_an_operational_error_on_a_healthy_database_is_not_retried_forever(stack):
-    from sqlalchemy import text
     stack.start_worker()
     stack.cli("add_baremetal", *node_args(1))
     with stack.engine.begin() as conn:  # error 1644: PyMySQL calls it an OperationalError

@@ -71,9 +71,10 @@ def load_stored_replies(session: Session, request_ids: list[str]) -> dict[str, d
         return {}
     rows = session.connection().exec_driver_sql(
         f"SELECT request_id, reply FROM processed_requests WHERE request_id IN "
-        f"({_marks(request_ids)})", tuple(request_ids))
+        f"({placeholders(request_ids)})", tuple(request_ids))
     return {rid: json.loads(reply) for rid, reply in rows}
 
 
-def _marks(values) -> str:
+def placeholders(values) -> str:
+    """%s, %s, ... for a driver-SQL IN list of these values."""
     return ", ".join(["%s"] * len(values))

@@ -82,11 +82,12 @@ def allocate(ctx: Context, req: Request) -> dict:
 def release(ctx: Context, req: Request) -> dict:
     owner = req.args["owner"]
     cancelled = ctx.waiters.cancel_owner(ctx.batch, owner)
-    if not ctx.state.owned.get(owner):
-        if cancelled:
+    try:
+        records = ctx.state.release_owner(owner, EndReason.RELEASED, ctx.batch.now)
+    except errors.OwnerNotFound:
+        if cancelled:  # it held nothing, but it was waiting: that is a release too
             return {**OK, "released": 0, "cancelled_waiting": cancelled}
-        raise errors.OwnerNotFound(f"No nodes are owned by {owner}")
-    records = ctx.state.release_owner(owner, EndReason.RELEASED, ctx.batch.now)
+        raise
     ctx.batch.touched_pools.update(r["node_pool"] for r in records)
     return {**OK, "released": len(records), "cancelled_waiting": cancelled}
 

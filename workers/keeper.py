@@ -123,11 +123,10 @@ class PoolKeeper:
         previous = batch.stored_reply(request.id, stored)
         if previous is not None:
             reply, outcome = previous, "replayed"
-        elif request.id in self.waiters.by_request:
-            self.waiters.readdress(batch, request.id, properties.reply_to, properties.correlation_id)
+        elif request.id in self.waiters.by_request:  # redelivered while it waits
             reply, outcome = self.waiters.queued_reply(request.id), "still_waiting"
         elif (request.deadline is not None and request.deadline <= batch.clock
-              and request.op != "cancel"):  # a cancel must take effect however late
+              and protocol.OPERATIONS[request.op].expires):
             reply = errors.DeadlineExpired("the request's deadline passed before a worker "
                                            "saw it").to_reply()
             outcome = "late"

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from molteniron import errors, pool
 from molteniron.models import EndReason, Node, State
+from workers.batch import placeholders
 
 
 class PoolState:
@@ -33,11 +34,7 @@ class PoolState:
 
     def load(self, session: Session) -> None:
         """Replace everything in memory with what the database holds."""
-        self.nodes.clear()
-        self.ready.clear()
-        self._ready_heap.clear()
-        self.owned.clear()
-        self._reset_pending()
+        self.clear()
         for node in session.scalars(select(Node).order_by(Node.id)):
             self._index(pool.node_record(node))
         session.expunge_all()
@@ -51,8 +48,12 @@ class PoolState:
                 self._index(pool.node_record(node))
 
     def clear(self) -> None:
-        for node_id in list(self.nodes):
-            self._unindex(node_id)
+        """Forget every node and every pending write (the pool was emptied)."""
+        self.nodes.clear()
+        self.ready.clear()
+        self._ready_heap.clear()
+        self.owned.clear()
+        self._reset_pending()
 
     # --- the rules -------------------------------------------------------------
 
@@ -112,9 +113,6 @@ class PoolState:
             released.append(dict(record))
         return released
 
-    def owner_records(self, owner: str) -> list[dict]:
-        return [self.nodes[i] for i in sorted(self.owned.get(owner, ()))]
-
     # --- writing ----------------------------------------------------------------
 
     def flush(self, session: Session, now: datetime) -> None:
@@ -129,7 +127,7 @@ class PoolState:
         for reason, node_ids in self._to_close.items():
             if node_ids:
                 sql(f"UPDATE allocations SET ended_at = %s, end_reason = %s "
-                    f"WHERE node_id IN ({_marks(node_ids)}) AND ended_at IS NULL",
+                    f"WHERE node_id IN ({placeholders(node_ids)}) AND ended_at IS NULL",
                     (now, reason.value, *node_ids))
         rows = [(r["node_id"], r["node_name"], r["owner"], r["request_id"], r["started_at"],
                  r["ended_at"], r["end_reason"] and r["end_reason"].value)
@@ -140,14 +138,14 @@ class PoolState:
         freed = [i for i, (state, _, _) in self._node_writes.items() if state == State.READY]
         if freed:
             sql(f"UPDATE nodes SET state = 'ready', owner = NULL, allocated_at = NULL, "
-                f"lease_expires_at = NULL WHERE id IN ({_marks(freed)})", tuple(freed))
+                f"lease_expires_at = NULL WHERE id IN ({placeholders(freed)})", tuple(freed))
         taken = [(i, owner, at) for i, (state, owner, at) in self._node_writes.items()
                  if state == State.ALLOCATED]
         if taken:
             # One UPDATE for every node taken: CASE picks each node's owner and time.
             cases = " ".join("WHEN %s THEN %s" for _ in taken)
             sql(f"UPDATE nodes SET state = 'allocated', owner = CASE id {cases} END, "
-                f"allocated_at = CASE id {cases} END WHERE id IN ({_marks(taken)})",
+                f"allocated_at = CASE id {cases} END WHERE id IN ({placeholders(taken)})",
                 (*[v for i, o, _ in taken for v in (i, o)],
                  *[v for i, _, t in taken for v in (i, t)], *[i for i, _, _ in taken]))
         session.expire_all()  # ORM objects loaded earlier in the batch are now stale
@@ -185,6 +183,3 @@ class PoolState:
             heapq.heappush(self._ready_heap[node_pool], node_id)
 
 
-
-def _marks(values) -> str:
-    return ", ".join(["%s"] * len(values))

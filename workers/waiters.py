@@ -77,18 +77,6 @@ class Waiters:
                               correlation_id, deadline, batch.now))
         return self.queued_reply(request_id)
 
-    def readdress(self, batch: Batch, request_id: str, reply_to: str | None,
-                  correlation_id: str | None) -> None:
-        """A client re-sent a waiting request from a new connection: answer it there."""
-        waiter = self.by_request[request_id]
-        if (waiter.reply_to, waiter.correlation_id) == (reply_to, correlation_id):
-            return
-        batch.session.execute(
-            WaitingRequest.__table__.update().where(WaitingRequest.id == waiter.row_id)
-            .values(reply_to=reply_to, correlation_id=correlation_id))
-        waiter.reply_to, waiter.correlation_id = reply_to, correlation_id
-        self.changes += 1
-
     def serve(self, batch: Batch, state: PoolState, node_pool: str) -> int:
         """Serve the pool's waiters in order while nodes suffice; return how many."""
         queue = self.by_pool.get(node_pool)
