@@ -35,6 +35,8 @@ def node_json(record: dict) -> dict:
         "provisioned": record["owner"] or "",
         "timestamp": record["allocated_at"],
         "node_pool": record["node_pool"],
+        # Not in the original (it had no leases): when the nodes go back by themselves.
+        "lease_expires_at": record.get("lease_expires_at"),
     }
 
 
@@ -52,12 +54,13 @@ def without_secrets(record: dict) -> dict:
 
 # --- status tables -----------------------------------------------------------
 
+# The original's columns, then the lease's end last (so the original's positions hold).
 STATUS_COLUMNS = (("id", 4), ("name", 6), ("ipmi_ip", 16), ("blob", 40), ("status", 8),
-                  ("provisioned", 40), ("time", 14), ("node_pool", 19))
+                  ("provisioned", 40), ("time", 14), ("node_pool", 19), ("lease_ends", 19))
 BAREMETAL_COLUMNS = (("id", 4), ("name", 6), ("ipmi_ip", 9), ("ipmi_user", 11),
                      ("ipmi_password", 15), ("port_hwaddr", 19), ("cpu_arch", 10),
                      ("cpus", 6), ("ram_mb", 8), ("disk_gb", 9), ("status", 8),
-                     ("provisioned", 40), ("time", 14), ("node_pool", 19))
+                     ("provisioned", 40), ("time", 14), ("node_pool", 19), ("lease_ends", 19))
 
 
 def status_text(records: list[dict], baremetal: bool, table_type: str,
@@ -82,7 +85,8 @@ def _row(record: dict, baremetal: bool, now: datetime) -> list:
     if record.get("allocated_at"):
         held_for = str(now - datetime.fromisoformat(record["allocated_at"]))[:12]
     head = [record["id"], record["name"], record["ipmi_ip"]]
-    tail = [record["state"], record["owner"] or "", held_for, record["node_pool"]]
+    tail = [record["state"], record["owner"] or "", held_for, record["node_pool"],
+            record.get("lease_expires_at") or ""]
     if baremetal:
         return head + [record[k] for k in HARDWARE_FIELDS] + tail
     return head + [json.dumps(blob(record), sort_keys=True)] + tail

@@ -26,6 +26,9 @@ class Config:
     allocate_wait: float = 3600.0    # seconds an allocate waits for nodes by default
     request_timeout: float = 30.0    # seconds the CLI waits for a worker to answer
     reply_retention: float = 86400.0  # seconds stored replies are kept for redeliveries
+    history_retention: float = 7776000.0  # seconds ended allocations are kept (90 days)
+    lease_seconds: int = 21600       # an allocation's lease unless allocate/renew says --lease
+    max_lease_seconds: int = 604800  # the longest lease anyone may ask for (7 days)
     prefetch: int = 128              # requests the worker drains into one transaction
     tick_interval: float = 1.0       # seconds between a worker's timer ticks
     log_level: str = "INFO"
@@ -40,7 +43,8 @@ ENV_PASSWORDS = {
     "MOLTENIRON_DB_PASSWORD": "db_url",
     "MOLTENIRON_AMQP_PASSWORD": "amqp_url",
 }
-_POSITIVE = {"allocate_wait", "request_timeout", "reply_retention", "prefetch", "tick_interval"}
+_POSITIVE = {"allocate_wait", "request_timeout", "reply_retention", "history_retention",
+             "lease_seconds", "max_lease_seconds", "prefetch", "tick_interval"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -106,7 +110,11 @@ def _validated(values: dict, source: str) -> Config:
     clean = {}
     for key, value in values.items():
         clean[key] = _coerce(key, value, known[key].type, source)
-    return Config(**clean)
+    config = Config(**clean)
+    if config.lease_seconds > config.max_lease_seconds:
+        raise ConfigError(f"{source}: lease_seconds ({config.lease_seconds}) must not be longer "
+                          f"than max_lease_seconds ({config.max_lease_seconds})")
+    return config
 
 
 def _coerce(key: str, value, type_name: str, source: str):

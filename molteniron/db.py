@@ -25,6 +25,17 @@ def make_engine(db_url: str, pre_ping: bool = True, **kwargs) -> Engine:
     return create_engine(url, pool_pre_ping=pre_ping, pool_recycle=3600, **kwargs)
 
 
+# MariaDB's lock wait timeout and deadlock: another session held what a transaction
+# needed. Transient by nature: retry it, never blame the transaction's content.
+LOCK_CONFLICTS = frozenset({1205, 1213})
+
+
+def lock_conflict(exc: BaseException) -> bool:
+    """True for a lock wait timeout or deadlock, whatever class the driver gave it."""
+    orig = getattr(exc, "orig", None)
+    return bool(getattr(orig, "args", None)) and orig.args[0] in LOCK_CONFLICTS
+
+
 def create_database(db_url: str) -> None:
     """CREATE DATABASE if the URL's database does not exist (needs the right to)."""
     url = make_url(db_url)
@@ -52,4 +63,4 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-__all__ = ["make_engine", "create_database", "migrate", "OperationalError"]
+__all__ = ["make_engine", "create_database", "migrate", "lock_conflict", "OperationalError"]

@@ -6,8 +6,8 @@ import enum
 from datetime import datetime
 from typing import Any, Optional
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Double, Enum, ForeignKey, Index, Integer,
-                        String, Text)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Double, Enum, ForeignKey, Index, Integer,
+                        String, Text, false)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -88,6 +88,7 @@ class Allocation(Base):
     __table_args__ = (
         Index("ix_allocations_node_open", "node_id", "ended_at"),
         Index("ix_allocations_request", "request_id"),
+        Index("ix_allocations_ended_at", "ended_at"),  # pruning by history_retention
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -115,8 +116,30 @@ class WaitingRequest(Base):
     reply_to: Mapped[Optional[str]] = mapped_column(String(255))
     correlation_id: Mapped[Optional[str]] = mapped_column(String(255))
     enqueued_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
-    # DOUBLE: a unix time in a 4-byte FLOAT is off by up to two minutes.
+    # The worker's clock when it took the request + the wait asked for, so the
+    # client's clock does not matter. DOUBLE: a 4-byte FLOAT is off by minutes.
     deadline: Mapped[Optional[float]] = mapped_column(Double, default=None)  # unix time
+    lease_seconds: Mapped[Optional[int]] = mapped_column(Integer, default=None)
+
+
+class GrantOutbox(Base):
+    """A grant committed but not yet known to have reached its client's reply queue.
+
+    Written in the transaction that allocates; deleted once the broker confirmed
+    the mandatory reply without returning it, or once a return undid the grant.
+    Whatever is here after a crash or reconnect is sent again.
+    """
+
+    __tablename__ = "grant_outbox"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reply_to: Mapped[str] = mapped_column(String(255))
+    correlation_id: Mapped[Optional[str]] = mapped_column(String(255))
+    reply: Mapped[str] = mapped_column(Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"))
+    created_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
+    # A copy came back while no earlier copy could have been routed: undo it, even
+    # if the worker that learnt it dies before the undo commits.
+    returned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ProcessedRequest(Base):

@@ -10,7 +10,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from molteniron import errors
@@ -102,42 +102,9 @@ def _add_from_mapping(session: Session, name: str, ipmi_ip: str, allocation_pool
 
 
 # --- allocating and releasing -----------------------------------------------
-
-def ready_nodes(session: Session, node_pool: str, limit: int) -> list[Node]:
-    """The first `limit` ready nodes of a pool, in id order (deterministic)."""
-    return list(session.scalars(
-        select(Node).where(Node.node_pool == node_pool, Node.state == State.READY)
-        .order_by(Node.id).limit(limit)))
-
-
-def capacity(session: Session, node_pool: str) -> int:
-    """Nodes of the pool outside maintenance: the most one request could ever get."""
-    return session.scalar(select(func.count()).select_from(Node).where(
-        Node.node_pool == node_pool, Node.state != State.MAINTENANCE)) or 0
-
-
-def allocate(session: Session, owner: str, count: int, node_pool: str = DEFAULT_POOL,
-             request_id: str | None = None, now: datetime | None = None) -> list[Node]:
-    """All or nothing: give `count` ready nodes of one pool to owner."""
-    owner = _text("owner", owner)
-    count = _count(count)
-    node_pool = _text("node_pool", node_pool or DEFAULT_POOL)
-    nodes = ready_nodes(session, node_pool, count)
-    if len(nodes) < count:
-        total = capacity(session, node_pool)
-        if count > total:
-            raise pool_too_small(node_pool, total, count)
-        raise not_enough_nodes(node_pool, len(nodes), count)
-    now = now or utcnow()
-    for node in nodes:
-        node.state = State.ALLOCATED
-        node.owner = owner
-        node.allocated_at = now
-        session.add(Allocation(node_id=node.id, node_name=node.name, owner=owner,
-                               request_id=request_id, started_at=now))
-    session.flush()
-    return nodes
-
+# Allocate, release, renew and lease expiry are decided in one place: the
+# worker's in-memory PoolState (workers/state.py). What stays here changes
+# nodes through the ORM for the rarer operations that need it.
 
 def pool_too_small(node_pool: str, total: int, count: int) -> errors.PoolTooSmall:
     return errors.PoolTooSmall(f"Pool {node_pool} has {total} node(s) outside maintenance; "
@@ -151,41 +118,6 @@ def not_enough_nodes(node_pool: str, ready: int, count: int) -> errors.NotEnough
 
 def owned_nodes(session: Session, owner: str) -> list[Node]:
     return list(session.scalars(select(Node).where(Node.owner == owner).order_by(Node.id)))
-
-
-def release(session: Session, owner: str, reason: EndReason = EndReason.RELEASED,
-            now: datetime | None = None) -> list[Node]:
-    """Return every node of owner to the pool; 404 if owner holds none."""
-    nodes = owned_nodes(session, _text("owner", owner))
-    if not nodes:
-        raise errors.OwnerNotFound(f"No nodes are owned by {owner}")
-    _free(session, nodes, reason, now or utcnow())
-    return nodes
-
-
-def release_request(session: Session, request_id: str, reason: EndReason = EndReason.CANCELLED,
-                    now: datetime | None = None) -> list[Node]:
-    """Return the nodes a given request was granted and still holds (maybe none)."""
-    held = session.scalars(select(Allocation.node_id).where(
-        Allocation.request_id == request_id, Allocation.ended_at.is_(None))).all()
-    if not held:
-        return []
-    nodes = list(session.scalars(select(Node).where(Node.id.in_(held)).order_by(Node.id)))
-    _free(session, nodes, reason, now or utcnow())
-    return nodes
-
-
-def _free(session: Session, nodes: list[Node], reason: EndReason, now: datetime) -> None:
-    ids = [n.id for n in nodes]
-    session.execute(update(Allocation).where(
-        Allocation.node_id.in_(ids), Allocation.ended_at.is_(None)
-    ).values(ended_at=now, end_reason=reason))
-    for node in nodes:
-        node.state = State.READY
-        node.owner = None
-        node.allocated_at = None
-        node.lease_expires_at = None
-    session.flush()
 
 
 # --- fields ----------------------------------------------------------------
@@ -287,16 +219,9 @@ def node_record(node: Node) -> dict:
         "allocation_pool": [ip.ip for ip in node.ips],
         "state": node.state.value, "owner": node.owner,
         "allocated_at": field_value(node, "allocated_at"),
+        "lease_expires_at": field_value(node, "lease_expires_at"),
         "node_pool": node.node_pool, "extra": dict(node.extra or {}),
     }
-
-
-def status_rows(session: Session, node_pool: str | None = None) -> list[Node]:
-    """Every node (or a pool's), in id order."""
-    query = select(Node).order_by(Node.id)
-    if node_pool:
-        query = query.where(Node.node_pool == node_pool)
-    return list(session.scalars(query))
 
 
 def delete_db(session: Session, now: datetime | None = None) -> int:
@@ -314,6 +239,13 @@ def prune_processed(session: Session, older_than: datetime, limit: int = 10_000)
     """Forget up to `limit` stored replies older than the retention."""
     return session.execute(delete(ProcessedRequest)
                            .where(ProcessedRequest.processed_at < older_than)
+                           .with_dialect_options(mysql_limit=limit)).rowcount
+
+
+def prune_history(session: Session, older_than: datetime, limit: int = 10_000) -> int:
+    """Forget up to `limit` allocations that ended before the retention."""
+    return session.execute(delete(Allocation)
+                           .where(Allocation.ended_at < older_than)
                            .with_dialect_options(mysql_limit=limit)).rowcount
 
 
@@ -360,12 +292,6 @@ def _non_negative(field: str, value: Any) -> int:
     if not 0 <= number < 2**31:
         raise errors.BadRequest(f"{field} must be between 0 and {2**31 - 1}, got {value!r}")
     return number
-
-
-def _count(count: Any) -> int:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise errors.BadRequest(f"number of nodes must be a positive integer, got {count!r}")
-    return count
 
 
 def _convert(value: Any, type_name: str) -> Any:

@@ -1,7 +1,11 @@
 """The wire protocol: names on the broker, the operations table, request validation.
 
-A request is `{"v": 1, "id": uuid, "op": name, "args": {...}, "deadline": unix|null}`;
-a reply is `{"v": 1, "id": ..., "status": code, ...}` in the original's shapes.
+A request is `{"v": 1, "id": uuid, "op": name, "args": {...}}`; a reply is
+`{"v": 1, "id": ..., "status": code, ...}` in the original's shapes. Times are
+durations (`wait_seconds`, `lease_seconds`), stamped by the worker when it takes
+the request, so nothing depends on the client's and the worker's clocks
+agreeing; how long a request may sit unseen in the queue is the message's TTL.
+An envelope `deadline` (sent by clients before 2.1) is accepted and ignored.
 Both the worker's dispatch and the CLI read OPERATIONS; nothing here imports
 SQLAlchemy or pika.
 """
@@ -49,7 +53,7 @@ class Arg:
     default: Any = None
     choices: tuple | None = None
     max_length: int = 255  # strings: the widest column they go into
-    min_value: int | None = None  # integers: the smallest allowed; strings: shortest length
+    min_value: float | None = None  # numbers: the smallest allowed; strings: shortest length
     uuid: bool = False     # a request id
 
 
@@ -59,10 +63,11 @@ class Operation:
     args: tuple[Arg, ...] = ()
     internal: bool = False   # sent by workers, never replied to
     mutates: bool = True     # False: reads only
-    expires: bool = True     # refused once its deadline has passed (cancel must always act)
+    expires: bool = True     # sent with a TTL: dropped unseen if no worker takes it in time
 
 
-_S, _I = str, int
+_S, _I, _N = str, int, (int, float)
+NODE_STATES = ("ready", "allocated", "dirty", "maintenance")
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("add_baremetal", (
         Arg("name", _S), Arg("ipmi_ip", _S), Arg("ipmi_user", _S), Arg("ipmi_password", _S),
@@ -79,15 +84,21 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("allocate", (
         Arg("owner", _S, min_value=1), Arg("count", _I, min_value=1),
         Arg("node_pool", _S, False, "default"),
-        Arg("wait", bool, False, True))),
-    Operation("release", (Arg("owner", _S, min_value=1),)),
+        Arg("wait", bool, False, True),
+        # None: wait until served or cancelled. Counted from when the worker takes it.
+        Arg("wait_seconds", _N, False, min_value=0),
+        Arg("lease_seconds", _I, False, min_value=1))),  # None: the worker's lease_seconds
+    # Never expires: a release sent while no worker runs takes effect when one comes.
+    Operation("release", (Arg("owner", _S, min_value=1),), expires=False),
+    Operation("renew", (Arg("owner", _S, min_value=1), Arg("lease_seconds", _I, False, min_value=1))),
     Operation("get_field", (Arg("owner", _S, min_value=1), Arg("field", _S, min_value=1)),
               mutates=False),
     Operation("set_field", (
         Arg("id", _I), Arg("key", _S), Arg("value", (str, int)),
         Arg("type", _S, False, "string"))),
     Operation("status", (
-        Arg("node_pool", _S, False), Arg("show_secrets", bool, False, False)), mutates=False),
+        Arg("node_pool", _S, False), Arg("show_secrets", bool, False, False),
+        Arg("state", _S, False, choices=NODE_STATES), Arg("owner", _S, False)), mutates=False),
     Operation("waiting", (Arg("node_pool", _S, False),), mutates=False),
     Operation("workers", mutates=False),
     Operation("delete_db"),
@@ -101,17 +112,16 @@ class Request:
     id: str
     op: str
     args: dict = field(default_factory=dict)
-    deadline: float | None = None
     v: int = VERSION
 
     def to_body(self) -> bytes:
         return json.dumps({"v": self.v, "id": self.id, "op": self.op,
-                           "args": self.args, "deadline": self.deadline}).encode()
+                           "args": self.args}).encode()
 
 
-def new_request(op: str, args: dict | None = None, deadline: float | None = None) -> Request:
+def new_request(op: str, args: dict | None = None) -> Request:
     """A request with a fresh id, its args checked the way the worker will check them."""
-    request = Request(id=str(uuid.uuid4()), op=op, args=dict(args or {}), deadline=deadline)
+    request = Request(id=str(uuid.uuid4()), op=op, args=dict(args or {}))
     validate_args(request.op, request.args)
     return request
 
@@ -165,7 +175,7 @@ def _validated(data: dict, request_id: str) -> Request:
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                  or not math.isfinite(deadline)):
         raise BadRequest(f"field deadline must be a unix time or null, got {deadline!r}")
-    return Request(id=request_id, op=op, args=validate_args(op, args), deadline=deadline)
+    return Request(id=request_id, op=op, args=validate_args(op, args))
 
 
 def validate_args(op: str, args: dict) -> dict:
@@ -191,7 +201,10 @@ def validate_args(op: str, args: dict) -> dict:
         if not isinstance(value, kinds):
             raise BadRequest(f"{op}: argument {arg.name} must be {_kind_name(kinds)}, "
                              f"got {type(value).__name__}")
-        if arg.min_value is not None and isinstance(value, int) and value < arg.min_value:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequest(f"{op}: argument {arg.name} must be a finite number, got {value!r}")
+        if (arg.min_value is not None and isinstance(value, (int, float))
+                and not isinstance(value, bool) and value < arg.min_value):
             raise BadRequest(f"{op}: argument {arg.name} must be at least {arg.min_value}, got {value}")
         if arg.min_value is not None and isinstance(value, str) and len(value) < arg.min_value:
             raise BadRequest(f"{op}: argument {arg.name} must not be empty")

@@ -102,12 +102,25 @@ def test_requests_without_reply_to_go_to_the_dead_letter_queue(running, raw):
     assert running.cli("status").returncode == 0
 
 
-def test_a_request_whose_deadline_passed_is_refused(running, raw):
+def test_a_client_clock_far_off_does_not_refuse_or_expire_a_request(running, raw):
     running.cli("add_baremetal", *node_args(1))
-    late = {**valid("allocate", {"owner": "late", "count": 1}), "deadline": time.time() - 1}
-    reply = raw.reply_to(raw.publish(json.dumps(late).encode()))
-    assert reply["status"] == 408
-    assert running.sql("SELECT owner FROM nodes") == [(None,)]
+    running.cli("allocate", "holder", "1")
+    # A client whose clock is an hour ahead of the worker's (an old client's envelope
+    # deadline already "passed"): its 5 s wait counts from when the worker takes it.
+    skewed = {**valid("allocate", {"owner": "skewed", "count": 1, "wait_seconds": 5}),
+              "deadline": time.time() - 3600}
+    correlation = raw.publish(json.dumps(skewed).encode())
+    wait_until(lambda: running.sql("SELECT owner FROM waiting_requests") == [("skewed",)], 15,
+               "the skewed client's allocate to wait")
+    running.cli("release", "holder")
+
+    def final_reply():
+        raw.connection.process_data_events(0.05)
+        return next((r for r in raw.replies if r["correlation_id"] == correlation
+                     and r["status"] != protocol.QUEUED), None)
+    reply = wait_until(final_reply, 15, "the skewed client's grant", interval=0)
+    assert reply["status"] == 200, reply
+    assert running.sql("SELECT owner FROM nodes") == [("skewed",)]
 
 
 def test_hostile_properties_do_not_hurt(running, raw):

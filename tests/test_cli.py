@@ -16,7 +16,7 @@ def test_original_sequence_prints_the_original_json(running):
     (key, node), = nodes.items()
     assert key == f"node_{node['id']}"
     assert set(node) == {"id", "name", "ipmi_ip", "blob", "allocation_pool", "status",
-                         "provisioned", "timestamp", "node_pool"}
+                         "provisioned", "timestamp", "node_pool", "lease_expires_at"}
     assert isinstance(node["blob"], str)
     assert json.loads(node["blob"]) == {
         "ipmi_user": "admin", "ipmi_password": "secret", "port_hwaddr": "aa:bb:cc:dd:ee:01",

@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy.orm import Session
 
 from molteniron.pool import utcnow
+from molteniron.protocol import reply_body
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Outgoing:
     request_id: str | None
     reply: dict
     mandatory: bool = True  # a returned reply means its client is gone
+    grant: bool = False     # it hands out nodes: kept in grant_outbox until confirmed
 
 
 @dataclass
@@ -30,22 +32,32 @@ class Batch:
     clock: float = field(default_factory=time.time)
     outbox: list[Outgoing] = field(default_factory=list)
     to_store: dict[str, tuple[str, dict]] = field(default_factory=dict)
-    touched_pools: set[str] = field(default_factory=set)  # may have ready nodes for waiters
-    touched_nodes: set[int] = field(default_factory=set)  # changed through the ORM
+    touched_pools: set[str] = field(default_factory=set)  # their waiters may be servable
+    touched_nodes: set[int] = field(default_factory=set)  # changed through the ORM (keeper)
+    withdrawn_grants: set[str] = field(default_factory=set)  # not to be sent (again)
+    reload_pool: bool = False  # a bulk statement changed nodes: reload them all
+    adopted_grants: list[tuple] | None = None  # the outbox as found at takeover
 
     def mark(self) -> tuple:
         """What rollback_to needs to undo one request's additions."""
         return (len(self.outbox), dict(self.to_store), set(self.touched_pools),
-                set(self.touched_nodes))
+                set(self.touched_nodes), set(self.withdrawn_grants))
 
     def rollback_to(self, mark: tuple) -> None:
-        outbox_len, self.to_store, self.touched_pools, self.touched_nodes = mark
+        (outbox_len, self.to_store, self.touched_pools, self.touched_nodes,
+         self.withdrawn_grants) = mark
         del self.outbox[outbox_len:]
 
     def reply(self, reply_to: str | None, correlation_id: str | None,
-              request_id: str | None, reply: dict, mandatory: bool = True) -> None:
+              request_id: str | None, reply: dict, mandatory: bool = True,
+              grant: bool = False) -> None:
         if reply_to:
-            self.outbox.append(Outgoing(reply_to, correlation_id, request_id, reply, mandatory))
+            self.outbox.append(Outgoing(reply_to, correlation_id, request_id, reply, mandatory,
+                                        grant))
+
+    def withdraw_grant(self, request_id: str) -> None:
+        """The grant's nodes went back: never send it again (cancel, undo)."""
+        self.withdrawn_grants.add(request_id)
 
     def store(self, request_id: str, op: str, reply: dict) -> None:
         """Keep the reply so a redelivered request gets it again (written at commit)."""
@@ -56,13 +68,34 @@ class Batch:
             return self.to_store[request_id][1]
         return preloaded.get(request_id)
 
+    def stored_op(self, request_id: str) -> str | None:
+        """The operation whose reply is stored under request_id (this batch's or earlier)."""
+        if request_id in self.to_store:
+            return self.to_store[request_id][0]
+        return self.session.connection().exec_driver_sql(
+            "SELECT op FROM processed_requests WHERE request_id = %s", (request_id,)).scalar()
+
+    def grants(self) -> list[Outgoing]:
+        return [out for out in self.outbox if out.grant]
+
     def write_stored(self) -> None:
-        """Upsert this batch's stored replies in one statement (driver SQL: hot path)."""
+        """Write this batch's stored replies and grants, a statement each (driver SQL: hot path)."""
+        sql = self.session.connection().exec_driver_sql
         if self.to_store:
-            self.session.connection().exec_driver_sql("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
+            sql("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
                 "VALUES (%s, %s, %s, %s) ON DUPLICATE KEY UPDATE "
                 "reply = VALUES(reply), processed_at = VALUES(processed_at)",
                 [(rid, op, json.dumps(reply), self.now) for rid, (op, reply) in self.to_store.items()])
+        grants = self.grants()
+        if grants:
+            sql("INSERT INTO grant_outbox (request_id, reply_to, correlation_id, reply, created_at) "
+                "VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE reply = VALUES(reply)",
+                [(g.request_id, g.reply_to, g.correlation_id,
+                  reply_body(g.request_id, g.reply).decode(), self.now)
+                 for g in grants])
+        if self.withdrawn_grants:
+            sql(f"DELETE FROM grant_outbox WHERE request_id IN "
+                f"({placeholders(self.withdrawn_grants)})", tuple(self.withdrawn_grants))
 
 
 def load_stored_replies(session: Session, request_ids: list[str]) -> dict[str, dict]:

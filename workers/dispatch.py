@@ -1,11 +1,11 @@
 """Operation name -> handler. A handler returns the reply or raises MoltenIronError.
 
-Two kinds: allocate, release, status and waiting work on the worker's
-in-memory PoolState and check everything before they change anything (no
-savepoint needed); the rest call the ORM pool operations inside a savepoint
-and name the nodes they changed in `batch.touched_nodes` so the state is
-re-read. Pools that may have ready nodes again go in `batch.touched_pools`;
-the worker serves their waiters afterwards.
+Two kinds: the IN_MEMORY handlers work on the worker's PoolState and Waiters
+and check everything before they change anything (no savepoint needed); the
+rest call the ORM pool operations inside a savepoint, and the nodes they
+change reach the PoolState by themselves (a session event, see keeper.py).
+Pools that may have ready nodes again go in `batch.touched_pools`; the keeper
+serves their waiters after every request.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from molteniron import compat, errors, pool
 from molteniron.models import EndReason, WorkerHeartbeat
 from molteniron.protocol import OPERATIONS, Request
 from workers.batch import Batch
+from workers.leases import LeasePolicy
 from workers.state import PoolState
 from workers.waiters import Waiters
 
@@ -30,6 +31,7 @@ class Context:
     batch: Batch
     state: PoolState
     waiters: Waiters
+    leases: LeasePolicy
     reply_to: str | None
     correlation_id: str | None
 
@@ -38,26 +40,24 @@ Handler = Callable[[Context, Request], dict]
 OK = {"status": 200}
 
 
-def _added(ctx: Context, node) -> dict:
-    ctx.batch.touched_nodes.add(node.id)
-    ctx.batch.touched_pools.add(node.node_pool)
+def add_baremetal(ctx: Context, req: Request) -> dict:
+    pool.add_baremetal(ctx.batch.session, **req.args)
     return dict(OK)
 
 
-def add_baremetal(ctx: Context, req: Request) -> dict:
-    return _added(ctx, pool.add_baremetal(ctx.batch.session, **req.args))
-
-
 def add_keyvalue_pairs(ctx: Context, req: Request) -> dict:
-    return _added(ctx, pool.add_keyvalue_pairs(ctx.batch.session, **req.args))
+    pool.add_keyvalue_pairs(ctx.batch.session, **req.args)
+    return dict(OK)
 
 
 def add_json_blob(ctx: Context, req: Request) -> dict:
-    return _added(ctx, pool.add_json_blob(ctx.batch.session, **req.args))
+    pool.add_json_blob(ctx.batch.session, **req.args)
+    return dict(OK)
 
 
 def allocate(ctx: Context, req: Request) -> dict:
     a = req.args
+    ctx.leases.check(a["lease_seconds"])
     node_pool = a["node_pool"] or pool.DEFAULT_POOL
     if ctx.waiters.has_waiting(node_pool):
         # First come, first served: nobody overtakes a request already waiting.
@@ -70,13 +70,15 @@ def allocate(ctx: Context, req: Request) -> dict:
                 f"for pool {node_pool}")
     else:
         try:
-            records = ctx.state.allocate(a["owner"], a["count"], node_pool, req.id, ctx.batch.now)
+            records = ctx.state.allocate(a["owner"], a["count"], node_pool, req.id, ctx.batch.now,
+                                         ctx.leases.until(ctx.batch.now, a["lease_seconds"]))
             return compat.nodes_reply(records)
         except errors.NotEnoughNodes:
             if not a["wait"]:
                 raise
     return ctx.waiters.enqueue(ctx.batch, req.id, node_pool, a["count"], a["owner"],
-                               ctx.reply_to, ctx.correlation_id, req.deadline)
+                               ctx.reply_to, ctx.correlation_id, a["wait_seconds"],
+                               a["lease_seconds"])
 
 
 def release(ctx: Context, req: Request) -> dict:
@@ -92,31 +94,47 @@ def release(ctx: Context, req: Request) -> dict:
     return {**OK, "released": len(records), "cancelled_waiting": cancelled}
 
 
+def renew(ctx: Context, req: Request) -> dict:
+    """Every node of the owner leased again, counted from now."""
+    asked = req.args["lease_seconds"]
+    ctx.leases.check(asked)
+    until = ctx.leases.until(ctx.batch.now, asked)
+    records = ctx.state.renew(req.args["owner"], until)
+    return {**OK, "renewed": len(records), "lease_expires_at": until.isoformat(timespec="seconds")}
+
+
 def get_field(ctx: Context, req: Request) -> dict:
     return compat.field_reply(pool.get_field(ctx.batch.session, **req.args))
 
 
 def set_field(ctx: Context, req: Request) -> dict:
     a = req.args
-    node = pool.set_field(ctx.batch.session, a["id"], a["key"], a["value"], a["type"])
-    return _added(ctx, node)
+    pool.set_field(ctx.batch.session, a["id"], a["key"], a["value"], a["type"])
+    return dict(OK)
 
 
 def status(ctx: Context, req: Request) -> dict:
-    node_pool = req.args["node_pool"]
-    records = [dict(ctx.state.nodes[i]) for i in sorted(ctx.state.nodes)
-               if node_pool in (None, ctx.state.nodes[i]["node_pool"])]
-    if not req.args["show_secrets"]:
+    a = req.args
+    nodes = ctx.state.nodes
+    if a["owner"] is not None:  # through the owner index: no walk over the whole pool
+        ids = sorted(ctx.state.owned.get(a["owner"], ()))
+    else:
+        ids = sorted(nodes)
+    records = [dict(nodes[i]) for i in ids
+               if a["node_pool"] in (None, nodes[i]["node_pool"])
+               and a["state"] in (None, nodes[i]["state"])]
+    if not a["show_secrets"]:
         records = [compat.without_secrets(r) for r in records]
     return {**OK, "nodes": records}
 
 
 def waiting(ctx: Context, req: Request) -> dict:
+    now = ctx.batch.now
     rows = [{"request_id": w.request_id, "owner": w.owner, "node_pool": w.node_pool,
-             "count": w.count, "position": ctx.waiters.position(w.request_id),
-             "waited_s": round((ctx.batch.now - w.enqueued_at).total_seconds(), 3),
+             "count": w.count, "position": place,
+             "waited_s": round((now - w.enqueued_at).total_seconds(), 3),
              "deadline": w.deadline}
-            for w in ctx.waiters.rows(req.args["node_pool"])]
+            for place, w in ctx.waiters.rows(req.args["node_pool"])]
     return {**OK, "waiting": rows}
 
 
@@ -134,9 +152,7 @@ def workers(ctx: Context, req: Request) -> dict:
 
 def delete_db(ctx: Context, req: Request) -> dict:
     ctx.waiters.cancel_all(ctx.batch, "delete_db emptied the pool")
-    removed = pool.delete_db(ctx.batch.session, now=ctx.batch.now)
-    ctx.state.clear()
-    return {**OK, "removed": removed}
+    return {**OK, "removed": pool.delete_db(ctx.batch.session, now=ctx.batch.now)}
 
 
 def cancel(ctx: Context, req: Request) -> dict:
@@ -146,23 +162,27 @@ def cancel(ctx: Context, req: Request) -> dict:
     if target in ctx.waiters.by_request:
         ctx.waiters.cancel(batch, target, "cancelled by its client")
         return {**OK, "cancelled": "waiting"}
-    nodes = pool.release_request(batch.session, target, now=batch.now)
-    batch.touched_nodes.update(n.id for n in nodes)
-    batch.touched_pools.update(n.node_pool for n in nodes)
+    if batch.stored_op(target) not in (None, "allocate"):
+        # Not an allocate: it cannot have granted nodes, and its reply must stay.
+        return {**OK, "cancelled": "not_an_allocate", "released": 0}
+    released = ctx.state.release_request(target, EndReason.CANCELLED, batch.now)
+    batch.touched_pools.update(r["node_pool"] for r in released)
+    batch.withdraw_grant(target)
     # Stored as the request's reply: served -> a redelivery is refused; unseen -> tombstone.
     batch.store(target, "allocate", errors.RequestCancelled(
         "the request was cancelled by its client").to_reply())
-    return {**OK, "cancelled": "served" if nodes else "not_waiting", "released": len(nodes)}
+    return {**OK, "cancelled": "served" if released else "not_waiting", "released": len(released)}
 
 
 # Handlers that use only the in-memory state and check before they change anything.
-IN_MEMORY = frozenset({"allocate", "release", "status", "waiting"})
+IN_MEMORY = frozenset({"allocate", "release", "renew", "status", "waiting", "cancel"})
 HANDLERS: dict[str, Handler] = {
     "add_baremetal": add_baremetal,
     "add_keyvalue_pairs": add_keyvalue_pairs,
     "add_json_blob": add_json_blob,
     "allocate": allocate,
     "release": release,
+    "renew": renew,
     "get_field": get_field,
     "set_field": set_field,
     "status": status,

@@ -3,6 +3,8 @@
 The keeper owns what the active worker decides with (PoolState, Waiters),
 checks on every transaction that its epoch is still the newest, and handles
 each request of a batch: replay a stored reply, dispatch it, store its reply.
+After every request, tick or undone grant it serves the waiters of each pool
+that may have changed, so nodes never sit ready while a waiter they fit waits.
 """
 
 from __future__ import annotations
@@ -11,22 +13,24 @@ import logging
 import time
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import event, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from molteniron import db, errors, pool, protocol
 from molteniron.config import Config
-from molteniron.models import EndReason, WorkerMeta
-from workers.batch import Batch, load_stored_replies
+from molteniron.models import EndReason, Node, WorkerMeta
+from workers.batch import Batch, load_stored_replies, placeholders
 from workers.dispatch import HANDLERS, IN_MEMORY, Context
+from workers.grants import UNDO
+from workers.leases import LeasePolicy
 from workers.state import PoolState
 from workers.waiters import Waiters
 
 log = logging.getLogger(__name__)
 
-PRUNE_EVERY = 60.0           # seconds between prunes of stored replies
-PRUNE_CHUNK = 10_000         # rows deleted per prune, so a prune never stalls a batch
+PRUNE_EVERY = 5.0            # seconds between prunes of stored replies and history
+PRUNE_CHUNK = 10_000         # rows deleted per table per prune, so a prune never stalls a batch
 HEARTBEAT_EVERY = 5.0        # seconds between a worker's heartbeat rows (active and standby)
 
 
@@ -35,8 +39,13 @@ class PoolKeeper:
         self.config = config
         self.worker_id = worker_id
         self.engine = db.make_engine(config.db_url, pre_ping=False)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Nodes changed through the ORM reach memory by themselves (no handler has to say so).
+        event.listen(self.sessions, "after_flush", _collect_changed_nodes)
+        event.listen(self.sessions, "do_orm_execute", _notice_bulk_node_changes)
+        self.leases = LeasePolicy(config.lease_seconds, config.max_lease_seconds)
         self.state = PoolState()
-        self.waiters = Waiters()
+        self.waiters = Waiters(self.leases)
         self.epoch: int | None = None   # None while standing by
         self.reload_needed = False       # in-memory state may differ from the database
         self.last_prune = 0.0
@@ -59,20 +68,32 @@ class PoolKeeper:
 
     def close(self) -> None:
         try:
-            with Session(self.engine) as session, session.begin():
+            with self.sessions() as session, session.begin():
                 session.connection().exec_driver_sql(
                     "DELETE FROM worker_heartbeats WHERE worker_id = %s", (self.worker_id,))
         except SQLAlchemyError:
             pass  # the row ages out: `workers` shows only recent heartbeats
         self.engine.dispose()
 
-    def commit(self, requests, returned) -> Batch:
-        """Handle a batch in one transaction; the batch holds the replies to send after it."""
-        with Session(self.engine, expire_on_commit=False) as session:
+    def commit(self, requests, returned, settled: dict[str, str] | None = None) -> Batch:
+        """Handle a batch in one transaction; the batch holds the replies to send after it.
+
+        returned: interim replies that came back (their waiter's client is gone);
+        settled: grant outcomes from the broker (workers/grants.py) to write down.
+        """
+        settled = settled or {}
+        undo = [rid for rid, outcome in settled.items() if outcome == UNDO]
+        if undo and self.epoch is not None:
+            self._mark_returned(undo)
+        with self.sessions() as session:
             with session.begin():
                 taking = self._fence(session)
                 batch = Batch(session)
+                session.info["batch"] = batch
+                if taking is not None:
+                    batch.adopted_grants = load_grant_outbox(session)
                 stored = load_stored_replies(session, [r.id for _, _, r in requests])
+                self._settle_grants(batch, settled)
                 for reply_to, reply in returned:
                     self._undo_returned(batch, reply_to, reply)
                 ticked = False
@@ -84,9 +105,11 @@ class PoolKeeper:
                     # A replayed grant may have reached its client the first time: if
                     # this copy comes back, that says nothing about the client.
                     batch.reply(properties.reply_to, properties.correlation_id, request.id, reply,
-                                mandatory=outcome != "replayed")
+                                mandatory=outcome != "replayed",
+                                grant=outcome == "handled" and _is_grant(request.op, reply))
                 if ticked:
                     self._on_tick(batch)
+                self._serve_waiters(batch)
                 self.state.flush(session, batch.now)
                 batch.write_stored()
         if taking is not None:
@@ -125,50 +148,43 @@ class PoolKeeper:
             reply, outcome = previous, "replayed"
         elif request.id in self.waiters.by_request:  # redelivered while it waits
             reply, outcome = self.waiters.queued_reply(request.id), "still_waiting"
-        elif (request.deadline is not None and request.deadline <= batch.clock
-              and protocol.OPERATIONS[request.op].expires):
-            reply = errors.DeadlineExpired("the request's deadline passed before a worker "
-                                           "saw it").to_reply()
-            outcome = "late"
         else:
             reply, outcome = self._dispatch(batch, request, properties), "handled"
-        if (outcome in ("handled", "late") and protocol.OPERATIONS[request.op].mutates
+            self._serve_waiters(batch)
+        if (outcome == "handled" and protocol.OPERATIONS[request.op].mutates
                 and reply["status"] != protocol.QUEUED):
             batch.store(request.id, request.op, reply)
         log.info("op=%s id=%s owner=%s status=%s outcome=%s ms=%.2f", request.op, request.id,
-                 request.args.get("owner", "-"), reply["status"], outcome,
+                 request.args.get("owner") or "-", reply["status"], outcome,
                  (time.perf_counter() - started) * 1000)
         return reply, outcome
 
     def _dispatch(self, batch: Batch, request: protocol.Request, properties) -> dict:
-        context = Context(batch, self.state, self.waiters, properties.reply_to,
+        context = Context(batch, self.state, self.waiters, self.leases, properties.reply_to,
                           properties.correlation_id)
         handler = HANDLERS[request.op]
         if request.op in IN_MEMORY:  # these check before they change: no savepoint needed
             try:
-                reply = handler(context, request)
+                return handler(context, request)
             except errors.MoltenIronError as exc:
                 return exc.to_reply()
-            self._serve_waiters(batch)
-            return reply
         self.state.flush(batch.session, batch.now)  # the ORM must see this batch's changes
         mark = batch.mark()
         changes = self.waiters.changes
         savepoint = batch.session.begin_nested()
-        memory_touched = False  # handlers check before changing; refresh/serve change memory
+        memory_touched = False  # handlers check before changing; the refresh changes memory
         try:
             reply = handler(context, request)
+            batch.session.flush()  # so that _collect_changed_nodes sees every change
             memory_touched = True
-            self.state.refresh(batch.session, batch.touched_nodes)
-            batch.touched_nodes.clear()
-            self._serve_waiters(batch)
+            self._absorb_orm_changes(batch)
             savepoint.commit()
             return reply
         except errors.MoltenIronError as exc:
             failure = exc.to_reply()
         except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise
+            if exc.connection_invalidated or db.lock_conflict(exc):
+                raise  # not this request's fault: the whole batch is retried
             log.exception("event=internal_error op=%s id=%s", request.op, request.id)
             failure = {"status": 500, "error": "InternalError",
                        "message": f"the database refused the change: {exc.orig}"}
@@ -181,6 +197,16 @@ class PoolKeeper:
             self.waiters.load(batch.session)
         return failure
 
+    def _absorb_orm_changes(self, batch: Batch) -> None:
+        """Bring nodes changed through the ORM into memory; their pools may serve waiters."""
+        if batch.reload_pool:
+            self.state.load(batch.session)
+            batch.touched_pools.update(self.waiters.by_pool)
+            batch.reload_pool = False
+        elif batch.touched_nodes:
+            batch.touched_pools.update(self.state.refresh(batch.session, batch.touched_nodes))
+        batch.touched_nodes.clear()
+
     def _serve_waiters(self, batch: Batch) -> None:
         while batch.touched_pools:
             node_pool = batch.touched_pools.pop()
@@ -188,29 +214,46 @@ class PoolKeeper:
                 self.waiters.serve(batch, self.state, node_pool)
 
     def _undo_returned(self, batch: Batch, reply_to: str, reply: dict) -> None:
-        """The client of a reply is gone: what the reply granted goes back."""
+        """An interim reply came back: the waiter's client is gone, so is the waiter."""
         request_id = reply["id"]
         waiter = self.waiters.by_request.get(request_id)
         if reply.get("status") == protocol.QUEUED and waiter and waiter.reply_to == reply_to:
             self.waiters.cancel(batch, request_id, "its client went away")
             log.info("event=client_gone id=%s undone=waiting", request_id)
-        elif reply.get("status") == 200 and isinstance(reply.get("nodes"), dict):
-            self.state.flush(batch.session, batch.now)
-            nodes = pool.release_request(batch.session, request_id, EndReason.CANCELLED, batch.now)
-            if nodes:
+            self._serve_waiters(batch)
+
+    def _mark_returned(self, request_ids: list[str]) -> None:
+        """Write down, before undoing anything, that these grants never reached anyone."""
+        with self.sessions() as session, session.begin():
+            self._fence(session)
+            session.connection().exec_driver_sql(
+                f"UPDATE grant_outbox SET returned = 1 WHERE request_id IN "
+                f"({placeholders(request_ids)})", tuple(request_ids))
+
+    def _settle_grants(self, batch: Batch, settled: dict[str, str]) -> None:
+        """Grants the broker confirmed or returned: out of the outbox; undone if returned."""
+        if not settled:
+            return
+        for request_id, outcome in settled.items():
+            if outcome != UNDO:
+                continue
+            released = self.state.release_request(request_id, EndReason.CANCELLED, batch.now)
+            if released:
                 batch.store(request_id, "allocate", errors.RequestCancelled(
                     "its client went away before the reply reached it").to_reply())
-                self.state.refresh(batch.session, {n.id for n in nodes})
-                batch.touched_pools.update(n.node_pool for n in nodes)
-                self._serve_waiters(batch)
-                log.info("event=client_gone id=%s undone=allocation nodes=%d",
-                         request_id, len(nodes))
+                batch.touched_pools.update(r["node_pool"] for r in released)
+            log.info("event=client_gone id=%s undone=allocation nodes=%d",
+                     request_id, len(released))
+        batch.session.connection().exec_driver_sql(
+            f"DELETE FROM grant_outbox WHERE request_id IN ({placeholders(settled)})",
+            tuple(settled))
+        self._serve_waiters(batch)
 
     def standby_heartbeat(self) -> None:
         """A standby gets no deliveries, so it says it is alive on its own."""
         self.last_heartbeat = time.monotonic()
         try:
-            with Session(self.engine) as session, session.begin():
+            with self.sessions() as session, session.begin():
                 write_heartbeat(session, self.worker_id, "standby")
         except SQLAlchemyError as exc:
             log.warning("event=heartbeat_failed worker=%s error=%r", self.worker_id,
@@ -218,15 +261,50 @@ class PoolKeeper:
 
     def _on_tick(self, batch: Batch) -> None:
         self.waiters.expire(batch)
+        for owner, records in self.state.expire(batch.now).items():
+            batch.touched_pools.update(r["node_pool"] for r in records)
+            log.info("event=lease_expired owner=%s nodes=%d", owner, len(records))
         if time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY:
             self.last_heartbeat = time.monotonic()
             write_heartbeat(batch.session, self.worker_id, "active")
         if batch.clock - self.last_prune >= PRUNE_EVERY:
             self.last_prune = batch.clock
-            cutoff = batch.now - timedelta(seconds=self.config.reply_retention)
-            pruned = pool.prune_processed(batch.session, cutoff, PRUNE_CHUNK)
-            if pruned:
-                log.info("event=pruned stored_replies=%d", pruned)
+            replies = pool.prune_processed(
+                batch.session, batch.now - timedelta(seconds=self.config.reply_retention),
+                PRUNE_CHUNK)
+            history = pool.prune_history(
+                batch.session, batch.now - timedelta(seconds=self.config.history_retention),
+                PRUNE_CHUNK)
+            if replies or history:
+                log.info("event=pruned stored_replies=%d allocations=%d", replies, history)
+
+
+def _is_grant(op: str, reply: dict) -> bool:
+    return op == "allocate" and reply.get("status") == 200
+
+
+def load_grant_outbox(session: Session) -> list[tuple]:
+    """Grants committed but not known to have reached their client (oldest first)."""
+    return [(rid, reply_to, corr, reply.encode(), bool(returned)) for rid, reply_to, corr, reply,
+            returned in session.connection().exec_driver_sql(
+                "SELECT request_id, reply_to, correlation_id, reply, returned FROM grant_outbox "
+                "ORDER BY created_at")]
+
+
+def _collect_changed_nodes(session: Session, flush_context) -> None:
+    batch = session.info.get("batch")
+    if batch is not None:
+        batch.touched_nodes.update(obj.id for obj in (*session.new, *session.dirty,
+                                                      *session.deleted)
+                                   if isinstance(obj, Node))
+
+
+def _notice_bulk_node_changes(orm_execute_state) -> None:
+    batch = orm_execute_state.session.info.get("batch")
+    mapper = orm_execute_state.bind_mapper
+    if (batch is not None and mapper is not None and mapper.class_ is Node
+            and (orm_execute_state.is_update or orm_execute_state.is_delete)):
+        batch.reload_pool = True
 
 
 def write_heartbeat(session: Session, worker_id: str, role: str) -> None:

@@ -1,11 +1,14 @@
-"""What the single writer decides allocate and release with, kept in memory.
+"""The pool's rules, decided in memory by the single writer.
 
+This is the one place that decides allocate, release, renew and lease expiry.
 The worker is the only writer, so it keeps every node's record, the ready
-nodes of each pool (lowest id first) and what each owner holds. It loads them
-at takeover, changes them only together with its own transaction, and writes
-a batch's changes in a handful of statements (`flush`), whatever the batch
-size. The database stays the record: after any failed transaction the worker
-reloads from it.
+nodes of each pool (lowest id first), what each owner holds, each pool's
+capacity and the leases in expiry order. It loads them at takeover, changes
+them only together with its own transaction, and writes a batch's changes in a
+handful of statements (`flush`), whatever the batch size. Other changes to
+nodes (add, set_field, remove) go through the ORM and come back here through
+`refresh`. The database stays the record: after any failed transaction the
+worker reloads from it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ class PoolState:
         self.ready: dict[str, set[int]] = defaultdict(set)
         self._ready_heap: dict[str, list[int]] = defaultdict(list)  # may hold stale ids
         self.owned: dict[str, set[int]] = defaultdict(set)
+        self.capacity_of: dict[str, int] = defaultdict(int)  # nodes outside maintenance
+        self.leases: dict[int, datetime] = {}
+        self.request_of: dict[int, str | None] = {}  # allocated node -> the request granted it
+        self.granted: dict[str, set[int]] = defaultdict(set)  # request -> nodes it still holds
+        self._lease_heap: list[tuple[datetime, int]] = []  # may hold stale entries
         self._reset_pending()
 
     # --- loading ---------------------------------------------------------------
@@ -38,14 +46,22 @@ class PoolState:
         for node in session.scalars(select(Node).order_by(Node.id)):
             self._index(pool.node_record(node))
         session.expunge_all()
+        for node_id, request_id in session.connection().exec_driver_sql(
+                "SELECT node_id, request_id FROM allocations WHERE ended_at IS NULL"):
+            self._held_by(node_id, request_id)
 
-    def refresh(self, session: Session, node_ids: set[int]) -> None:
-        """Re-read nodes that a pool operation changed through the ORM."""
+    def refresh(self, session: Session, node_ids: set[int]) -> set[str]:
+        """Re-read nodes changed through the ORM; return the pools they left or joined."""
+        pools = set()
         for node_id in node_ids:
-            self._unindex(node_id)
+            old = self._unindex(node_id)
+            if old is not None:
+                pools.add(old["node_pool"])
         if node_ids:
             for node in session.scalars(select(Node).where(Node.id.in_(node_ids))):
                 self._index(pool.node_record(node))
+                pools.add(node.node_pool)
+        return pools
 
     def clear(self) -> None:
         """Forget every node and every pending write (the pool was emptied)."""
@@ -53,17 +69,22 @@ class PoolState:
         self.ready.clear()
         self._ready_heap.clear()
         self.owned.clear()
+        self.capacity_of.clear()
+        self.leases.clear()
+        self.request_of.clear()
+        self.granted.clear()
+        self._lease_heap.clear()
         self._reset_pending()
 
     # --- the rules -------------------------------------------------------------
 
     def capacity(self, node_pool: str) -> int:
-        return sum(1 for r in self.nodes.values()
-                   if r["node_pool"] == node_pool and r["state"] != State.MAINTENANCE.value)
+        """Nodes of the pool outside maintenance: the most one request could ever get."""
+        return self.capacity_of.get(node_pool, 0)
 
     def allocate(self, owner: str, count: int, node_pool: str, request_id: str | None,
-                 now: datetime) -> list[dict]:
-        """All or nothing, lowest ids first: the same rule as molteniron.pool.allocate."""
+                 now: datetime, lease_until: datetime) -> list[dict]:
+        """All or nothing, lowest ids first; each node leased until lease_until."""
         ready = self.ready.get(node_pool, ())
         if len(ready) < count:
             total = self.capacity(node_pool)
@@ -82,6 +103,8 @@ class PoolState:
             record = self.nodes[node_id]
             record.update(state=State.ALLOCATED.value, owner=owner, allocated_at=stamp)
             self.owned[owner].add(node_id)
+            self._held_by(node_id, request_id)
+            self._set_lease(node_id, lease_until)
             self._node_writes[node_id] = (State.ALLOCATED, owner, now)
             self._opened[node_id] = {"node_id": node_id, "node_name": record["name"],
                                      "owner": owner, "request_id": request_id,
@@ -95,6 +118,37 @@ class PoolState:
             raise errors.OwnerNotFound(f"No nodes are owned by {owner}")
         return self._release(sorted(held), reason, now)
 
+    def release_request(self, request_id: str, reason: EndReason, now: datetime) -> list[dict]:
+        """The nodes one request was granted and still holds, back to ready (maybe none)."""
+        return self._release(sorted(self.granted.get(request_id, ())), reason, now)
+
+    def renew(self, owner: str, lease_until: datetime) -> list[dict]:
+        """Every node of owner leased until lease_until; OwnerNotFound if it holds none."""
+        held = self.owned.get(owner)
+        if not held:
+            raise errors.OwnerNotFound(f"No nodes are owned by {owner}")
+        for node_id in sorted(held):
+            self._set_lease(node_id, lease_until)
+            if node_id not in self._node_writes:  # allocated in an earlier batch
+                self._lease_writes[node_id] = lease_until
+        return [dict(self.nodes[i]) for i in sorted(held)]
+
+    def expire(self, now: datetime) -> dict[str, list[dict]]:
+        """Take back every node whose lease has ended (history: expired), by former owner."""
+        expired: dict[str, list[int]] = defaultdict(list)
+        heap = self._lease_heap
+        while heap and heap[0][0] <= now:
+            until, node_id = heapq.heappop(heap)
+            if self.leases.get(node_id) == until:  # else renewed or released since
+                expired[self.nodes[node_id]["owner"]].append(node_id)
+        return {owner: self._release(sorted(ids), EndReason.EXPIRED, now)
+                for owner, ids in expired.items()}
+
+    def _set_lease(self, node_id: int, until: datetime) -> None:
+        self.leases[node_id] = until
+        self.nodes[node_id]["lease_expires_at"] = until.isoformat(timespec="seconds")
+        heapq.heappush(self._lease_heap, (until, node_id))
+
     def _release(self, node_ids: list[int], reason: EndReason, now: datetime) -> list[dict]:
         released = []
         for node_id in node_ids:
@@ -102,7 +156,15 @@ class PoolState:
             self.owned[record["owner"]].discard(node_id)
             if not self.owned[record["owner"]]:
                 del self.owned[record["owner"]]
-            record.update(state=State.READY.value, owner=None, allocated_at=None)
+            self.leases.pop(node_id, None)
+            request_id = self.request_of.pop(node_id, None)
+            if request_id in self.granted:
+                self.granted[request_id].discard(node_id)
+                if not self.granted[request_id]:
+                    del self.granted[request_id]
+            self._lease_writes.pop(node_id, None)
+            record.update(state=State.READY.value, owner=None, allocated_at=None,
+                          lease_expires_at=None)
             self._make_ready(node_id)
             self._node_writes[node_id] = (State.READY, None, None)
             opened = self._opened.pop(node_id, None)
@@ -121,7 +183,7 @@ class PoolState:
         Plain driver SQL: this runs once per batch on the hot path, where building
         SQLAlchemy statements cost more than the database round trips.
         """
-        if not (self._node_writes or self._to_close):
+        if not (self._node_writes or self._to_close or self._lease_writes):
             return
         sql = session.connection().exec_driver_sql
         for reason, node_ids in self._to_close.items():
@@ -139,15 +201,23 @@ class PoolState:
         if freed:
             sql(f"UPDATE nodes SET state = 'ready', owner = NULL, allocated_at = NULL, "
                 f"lease_expires_at = NULL WHERE id IN ({placeholders(freed)})", tuple(freed))
-        taken = [(i, owner, at) for i, (state, owner, at) in self._node_writes.items()
-                 if state == State.ALLOCATED]
+        taken = [(i, owner, at, self.leases[i]) for i, (state, owner, at)
+                 in self._node_writes.items() if state == State.ALLOCATED]
         if taken:
-            # One UPDATE for every node taken: CASE picks each node's owner and time.
+            # One UPDATE for every node taken: CASE picks each node's owner, time and lease.
             cases = " ".join("WHEN %s THEN %s" for _ in taken)
             sql(f"UPDATE nodes SET state = 'allocated', owner = CASE id {cases} END, "
-                f"allocated_at = CASE id {cases} END WHERE id IN ({placeholders(taken)})",
-                (*[v for i, o, _ in taken for v in (i, o)],
-                 *[v for i, _, t in taken for v in (i, t)], *[i for i, _, _ in taken]))
+                f"allocated_at = CASE id {cases} END, lease_expires_at = CASE id {cases} END "
+                f"WHERE id IN ({placeholders(taken)})",
+                (*[v for i, o, _, _ in taken for v in (i, o)],
+                 *[v for i, _, t, _ in taken for v in (i, t)],
+                 *[v for i, _, _, lease in taken for v in (i, lease)], *[t[0] for t in taken]))
+        if self._lease_writes:
+            renewed = list(self._lease_writes.items())
+            cases = " ".join("WHEN %s THEN %s" for _ in renewed)
+            sql(f"UPDATE nodes SET lease_expires_at = CASE id {cases} END "
+                f"WHERE id IN ({placeholders(renewed)})",
+                (*[v for pair in renewed for v in pair], *[i for i, _ in renewed]))
         session.expire_all()  # ORM objects loaded earlier in the batch are now stale
         self._reset_pending()
 
@@ -156,25 +226,42 @@ class PoolState:
         self._opened: dict[int, dict] = {}
         self._closed_in_batch: list[dict] = []
         self._to_close: dict[EndReason, set[int]] = defaultdict(set)
+        self._lease_writes: dict[int, datetime] = {}  # renewals of nodes not otherwise written
 
     # --- indexes ----------------------------------------------------------------
 
     def _index(self, record: dict) -> None:
-        self.nodes[record["id"]] = record
+        node_id = record["id"]
+        self.nodes[node_id] = record
         if record["state"] == State.READY.value:
-            self._make_ready(record["id"])
+            self._make_ready(node_id)
+        if record["state"] != State.MAINTENANCE.value:
+            self.capacity_of[record["node_pool"]] += 1
         if record["owner"] is not None:
-            self.owned[record["owner"]].add(record["id"])
+            self.owned[record["owner"]].add(node_id)
+        if record["lease_expires_at"] is not None and record["state"] == State.ALLOCATED.value:
+            until = datetime.fromisoformat(record["lease_expires_at"])
+            self.leases[node_id] = until
+            heapq.heappush(self._lease_heap, (until, node_id))
 
-    def _unindex(self, node_id: int) -> None:
+    def _unindex(self, node_id: int) -> dict | None:
         record = self.nodes.pop(node_id, None)
         if record is None:
-            return
+            return None
         self.ready.get(record["node_pool"], set()).discard(node_id)
+        if record["state"] != State.MAINTENANCE.value:
+            self.capacity_of[record["node_pool"]] -= 1
         if record["owner"] is not None and record["owner"] in self.owned:
             self.owned[record["owner"]].discard(node_id)
             if not self.owned[record["owner"]]:
                 del self.owned[record["owner"]]
+        self.leases.pop(node_id, None)
+        return record
+
+    def _held_by(self, node_id: int, request_id: str | None) -> None:
+        self.request_of[node_id] = request_id
+        if request_id is not None:
+            self.granted[request_id].add(node_id)
 
     def _make_ready(self, node_id: int) -> None:
         node_pool = self.nodes[node_id]["node_pool"]

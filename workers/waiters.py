@@ -2,12 +2,16 @@
 
 Waiters are rows (they survive a restart); the active worker keeps them in
 memory too, loaded at takeover and changed only with its own transactions.
+Every way a waiter leaves (served, cancelled, expired, its client gone) marks
+its pool in `batch.touched_pools`, so the keeper serves the waiters behind it
+at once: nodes never sit ready while a waiter they fit waits.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections import deque
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,6 +22,7 @@ from molteniron import compat, errors
 from molteniron.models import WaitingRequest
 from molteniron.protocol import QUEUED, TIMED_OUT
 from workers.batch import Batch
+from workers.leases import LeasePolicy
 from workers.state import PoolState
 
 log = logging.getLogger(__name__)
@@ -32,24 +37,31 @@ class Waiter:
     owner: str
     reply_to: str | None
     correlation_id: str | None
-    deadline: float | None
+    deadline: float | None  # the worker's unix time
     enqueued_at: datetime
+    lease_seconds: int | None = None
 
 
 class Waiters:
-    def __init__(self) -> None:
-        self.by_pool: dict[str, deque[Waiter]] = {}
+    def __init__(self, leases: LeasePolicy):
+        self.leases = leases
+        # Per pool, waiters in arrival order: a dict keeps insertion order and removes in O(1).
+        self.by_pool: dict[str, dict[str, Waiter]] = {}
         self.by_request: dict[str, Waiter] = {}
+        self.by_owner: dict[str, set[str]] = defaultdict(set)
+        self._deadlines: list[tuple[float, str]] = []  # may hold stale entries
         self.changes = 0  # bumped on every change, so a rolled-back savepoint can tell
 
     def load(self, session: Session) -> None:
         """Replace what is in memory with the rows (at takeover, or after a rollback)."""
         self.by_pool.clear()
         self.by_request.clear()
+        self.by_owner.clear()
+        self._deadlines.clear()
         for row in session.scalars(select(WaitingRequest).order_by(WaitingRequest.id)):
             self._remember(Waiter(row.id, row.request_id, row.node_pool, row.count, row.owner,
                                   row.reply_to, row.correlation_id, row.deadline,
-                                  row.enqueued_at))
+                                  row.enqueued_at, row.lease_seconds))
 
     def __len__(self) -> int:
         return len(self.by_request)
@@ -58,53 +70,62 @@ class Waiters:
         return bool(self.by_pool.get(node_pool))
 
     def position(self, request_id: str) -> int:
+        """1-based place in its pool's queue (a walk of the queue: only for redeliveries)."""
         waiter = self.by_request[request_id]
-        return list(self.by_pool[waiter.node_pool]).index(waiter) + 1
+        for place, other in enumerate(self.by_pool[waiter.node_pool], 1):
+            if other == request_id:
+                return place
+        raise KeyError(request_id)
 
     def queued_reply(self, request_id: str) -> dict:
         return {"status": QUEUED, "queued": True, "position": self.position(request_id)}
 
     def enqueue(self, batch: Batch, request_id: str, node_pool: str, count: int, owner: str,
                 reply_to: str | None, correlation_id: str | None,
-                deadline: float | None) -> dict:
+                wait_seconds: float | None, lease_seconds: int | None) -> dict:
         """Make the allocate a waiting row; return the interim reply."""
+        deadline = None if wait_seconds is None else batch.clock + wait_seconds
         row = WaitingRequest(request_id=request_id, node_pool=node_pool, count=count, owner=owner,
                              reply_to=reply_to, correlation_id=correlation_id,
-                             enqueued_at=batch.now, deadline=deadline)
+                             enqueued_at=batch.now, deadline=deadline,
+                             lease_seconds=lease_seconds)
         batch.session.add(row)
         batch.session.flush()
         self._remember(Waiter(row.id, request_id, node_pool, count, owner, reply_to,
-                              correlation_id, deadline, batch.now))
-        return self.queued_reply(request_id)
+                              correlation_id, deadline, batch.now, lease_seconds))
+        return {"status": QUEUED, "queued": True, "position": len(self.by_pool[node_pool])}
 
     def serve(self, batch: Batch, state: PoolState, node_pool: str) -> int:
         """Serve the pool's waiters in order while nodes suffice; return how many."""
         queue = self.by_pool.get(node_pool)
         served = 0
         while queue:
-            head = queue[0]
+            head = next(iter(queue.values()))
             if head.deadline is not None and head.deadline <= batch.clock:
                 self._finish(batch, head, _timed_out(head))  # its client has given up
                 continue
             try:
                 records = state.allocate(head.owner, head.count, node_pool, head.request_id,
-                                         batch.now)
+                                         batch.now, self.leases.until(batch.now, head.lease_seconds))
             except errors.NotEnoughNodes:
                 break
             except errors.PoolTooSmall as exc:  # the pool shrank below what it asks for
                 self._finish(batch, head, exc.to_reply())
                 continue
-            self._finish(batch, head, compat.nodes_reply(records))
+            self._finish(batch, head, compat.nodes_reply(records), grant=True)
             served += 1
         return served
 
     def expire(self, batch: Batch) -> int:
         """Answer and remove every waiter whose deadline has passed."""
-        expired = [w for w in self.by_request.values()
-                   if w.deadline is not None and w.deadline <= batch.clock]
-        for waiter in expired:
-            self._finish(batch, waiter, _timed_out(waiter))
-        return len(expired)
+        expired = 0
+        while self._deadlines and self._deadlines[0][0] <= batch.clock:
+            deadline, request_id = heapq.heappop(self._deadlines)
+            waiter = self.by_request.get(request_id)
+            if waiter is not None and waiter.deadline == deadline:
+                self._finish(batch, waiter, _timed_out(waiter))
+                expired += 1
+        return expired
 
     def cancel(self, batch: Batch, request_id: str, why: str) -> Waiter:
         """Remove one waiter; its client gets a cancelled reply (if it still listens)."""
@@ -113,7 +134,7 @@ class Waiters:
         return waiter
 
     def cancel_owner(self, batch: Batch, owner: str) -> int:
-        mine = [w.request_id for w in self.by_request.values() if w.owner == owner]
+        mine = sorted(self.by_owner.get(owner, ()))
         for request_id in mine:
             self.cancel(batch, request_id, f"release {owner} cancelled this waiting allocate")
         return len(mine)
@@ -124,22 +145,36 @@ class Waiters:
             self.cancel(batch, request_id, why)
         return len(every)
 
-    def rows(self, node_pool: str | None = None) -> list[Waiter]:
-        return [w for p, q in sorted(self.by_pool.items()) if node_pool in (None, p) for w in q]
+    def rows(self, node_pool: str | None = None) -> list[tuple[int, Waiter]]:
+        """(position, waiter) in the order they will be served, pool by pool."""
+        return [(place, w) for p, queue in sorted(self.by_pool.items()) if node_pool in (None, p)
+                for place, w in enumerate(queue.values(), 1)]
 
-    def _finish(self, batch: Batch, waiter: Waiter, reply: dict) -> None:
+    def _finish(self, batch: Batch, waiter: Waiter, reply: dict, grant: bool = False) -> None:
         batch.session.execute(delete(WaitingRequest).where(WaitingRequest.id == waiter.row_id))
         batch.store(waiter.request_id, "allocate", reply)
-        batch.reply(waiter.reply_to, waiter.correlation_id, waiter.request_id, reply)
-        self.by_pool[waiter.node_pool].remove(waiter)
+        batch.reply(waiter.reply_to, waiter.correlation_id, waiter.request_id, reply, grant=grant)
+        queue = self.by_pool[waiter.node_pool]
+        del queue[waiter.request_id]
+        if not queue:
+            del self.by_pool[waiter.node_pool]
         del self.by_request[waiter.request_id]
+        owned = self.by_owner[waiter.owner]
+        owned.discard(waiter.request_id)
+        if not owned:
+            del self.by_owner[waiter.owner]
+        # Whoever waited behind it may fit now (or learn that the pool is too small).
+        batch.touched_pools.add(waiter.node_pool)
         self.changes += 1
         log.info("op=allocate id=%s owner=%s pool=%s status=%s waited=true",
                  waiter.request_id, waiter.owner, waiter.node_pool, reply["status"])
 
     def _remember(self, waiter: Waiter) -> None:
-        self.by_pool.setdefault(waiter.node_pool, deque()).append(waiter)
+        self.by_pool.setdefault(waiter.node_pool, {})[waiter.request_id] = waiter
         self.by_request[waiter.request_id] = waiter
+        self.by_owner[waiter.owner].add(waiter.request_id)
+        if waiter.deadline is not None:
+            heapq.heappush(self._deadlines, (waiter.deadline, waiter.request_id))
         self.changes += 1
 
 
@@ -147,3 +182,4 @@ def _timed_out(waiter: Waiter) -> dict:
     return {"status": TIMED_OUT, "error": "DeadlineExpired",
             "message": f"no {waiter.count} node(s) of pool {waiter.node_pool} became ready "
                        "before the deadline"}
+

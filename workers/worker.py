@@ -2,7 +2,9 @@
 
 One worker is active (the queue's single active consumer); the others stand
 by. Each drained batch of requests is one transaction (workers/keeper.py);
-replies are published and deliveries acked only after its commit.
+replies are published and deliveries acked only after its commit. Replies go
+out on a channel of their own in confirm mode, so the worker learns which
+grants reached their client (workers/grants.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pika.exceptions import AMQPChannelError, AMQPConnectionError, AMQPError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from molteniron import errors, protocol
+from molteniron import db, errors, protocol
 from molteniron.config import Config
 from workers import topology
 from workers.batch import Batch
+from workers.grants import Grant, GrantTracker
 from workers.keeper import PoolKeeper
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ FAILURES_BEFORE_PROBE = 3
 # Fault injection for the crash tests: "exit-after-commit:OP" makes the worker die
 # right after committing a batch that holds OP, before it replies or acks.
 FAULT = os.environ.get("MOLTENIRON_FAULT", "")
+CLOSE_CONFIRM_WAIT = 5.0  # seconds a stopping worker waits to learn where its grants went
 
 
 class RefusedBatch(Exception):
@@ -53,10 +57,13 @@ class Worker:
         self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keeper = PoolKeeper(config, self.worker_id)
         self.deliveries: list[tuple] = []
-        self.returned: list[tuple[str, dict]] = []
+        self.returned: list[tuple[str, dict]] = []  # interim replies whose client is gone
+        self.grants = GrantTracker()
         self.stopping = False
         self.connection = None
         self.channel = None
+        self.reply_channel = None
+        self.reply_seq = 0  # publish sequence number on reply_channel (confirm mode)
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -93,7 +100,13 @@ class Worker:
         self.channel = self.connection.channel()
         topology.declare(self.channel)
         self.channel.basic_qos(prefetch_count=self.config.prefetch)
-        self.channel.add_on_return_callback(self._on_returned_reply)
+        # pika's private _impl (pika<2, bounded in setup.py): the blocking wrapper would
+        # wait for each confirm, and it delays returns until after the confirm they
+        # precede; the underlying channel calls both back in the broker's order.
+        self.reply_channel = self.connection.channel()
+        self.reply_channel._impl.add_on_return_callback(self._on_returned_reply)
+        self.reply_channel._impl.confirm_delivery(self._on_confirm)
+        self.reply_seq = 0
         self.consumer_tag = self.channel.basic_consume(
             protocol.REQUEST_QUEUE, self._on_delivery, auto_ack=False)
         self.keeper.stand_by()
@@ -101,15 +114,17 @@ class Worker:
 
     def _forget_connection(self) -> None:
         # Deliveries of a lost channel cannot be acked; the broker redelivers them.
+        # What came back before the loss still holds: the interim replies' clients
+        # are gone, and returned grants are settled by the next transaction.
         self.deliveries.clear()
-        self.returned.clear()
+        self.grants.connection_lost()
         self.keeper.stand_by()
         try:
             if self.connection and self.connection.is_open:
                 self.connection.close()
         except AMQPError:
             pass
-        self.connection = self.channel = None
+        self.connection = self.channel = self.reply_channel = None
 
     def _close(self) -> None:
         try:
@@ -117,6 +132,12 @@ class Worker:
                 self.channel.basic_cancel(self.consumer_tag)
                 self.connection.process_data_events(0)
                 if self.deliveries or self.returned:
+                    self._handle_batch()
+                # Learn what became of the grants in flight, and write it down.
+                give_up = time.monotonic() + CLOSE_CONFIRM_WAIT
+                while self.grants.in_flight and time.monotonic() < give_up:
+                    self.connection.process_data_events(time_limit=0.05)
+                if self.grants.settled:
                     self._handle_batch()
             if self.connection and self.connection.is_open:
                 self.connection.close()
@@ -132,14 +153,20 @@ class Worker:
             now = time.monotonic()
             if now >= next_tick:
                 self._publish_tick()
+                self._send_grants()  # those nacked, or found in the outbox
                 next_tick = now + self.config.tick_interval
             if self.keeper.epoch is None and self.keeper.heartbeat_due():
                 self.keeper.standby_heartbeat()
-            wait = 0 if (self.deliveries or self.returned) else max(0.0, next_tick - now)
+            wait = 0 if self._urgent() else max(0.0, next_tick - now)
             self.connection.process_data_events(time_limit=wait)
-            if self.deliveries or self.returned:
+            if self._urgent():
                 self.connection.process_data_events(0)  # drain what is already here
                 self._handle_batch()
+
+    def _urgent(self) -> bool:
+        """Work that cannot wait for the next tick: requests, gone clients, grants to undo.
+        (Delivered grants are written down with whatever transaction comes next.)"""
+        return bool(self.deliveries or self.returned or self.grants.needs_undo())
 
     def _on_delivery(self, channel, method, properties, body) -> None:
         self.deliveries.append((method, properties, body))
@@ -150,8 +177,20 @@ class Worker:
             reply = json.loads(body)
         except ValueError:
             return
-        if isinstance(reply, dict) and reply.get("id"):
+        if not isinstance(reply, dict) or not reply.get("id"):
+            return
+        if not self.grants.on_return(reply["id"]) and reply.get("status") == protocol.QUEUED:
             self.returned.append((method.routing_key, reply))
+
+    def _on_confirm(self, frame) -> None:
+        method = frame.method
+        self.grants.on_confirm(method.delivery_tag, method.multiple,
+                               isinstance(method, pika.spec.Basic.Ack))
+
+    def _send_grants(self) -> None:
+        for grant in self.grants.to_send():
+            self.grants.sent(grant, self._queue_reply(grant.reply_to, grant.correlation_id,
+                                                      grant.body))
 
     def _publish_tick(self) -> None:
         tick = protocol.new_request("tick")
@@ -169,59 +208,82 @@ class Worker:
             request = self._decode(method, properties, body)
             if request is not None:
                 requests.append((method, properties, request))
-        if requests or returned:
+        if requests or returned or self.grants.settled:
             self._process(requests, returned, whole_batch=True)
 
     def _process(self, requests, returned, whole_batch: bool) -> None:
         """Commit, then reply, then ack. A batch the database refuses is split up
         so that only the request that causes it is dead-lettered."""
+        # Grant outcomes ride along with whole batches only: a split must not let
+        # them make a single good request look like the culprit.
+        settled = self.grants.take_settled() if whole_batch else {}
         try:
-            batch = self._commit_with_retry(requests, returned)
-        except RefusedBatch as exc:
-            if len(requests) + len(returned) > 1:
-                for request in requests:
-                    self._process([request], [], whole_batch=False)
-                for item in returned:
-                    self._process([], [item], whole_batch=False)
+            batch = self._commit_with_retry(requests, returned, settled)
+        except BaseException as exc:
+            self.grants.unsettle(settled)  # written down by a later transaction
+            if not isinstance(exc, RefusedBatch):
+                raise
+            if not (requests or returned):
                 return
-            for method, properties, request in requests:
-                # Its client is told, and the message is kept for people to look at.
-                log.error("event=dead_lettered op=%s id=%s reason=%r", request.op, request.id,
-                          exc.detail)
-                if properties.reply_to:
-                    self._queue_reply(properties.reply_to, properties.correlation_id,
-                                      protocol.reply_body(request.id, {
-                                          "status": 500, "error": "InternalError",
-                                          "message": f"the worker could not handle this "
-                                                     f"request: {exc.detail}"}))
-                self.channel.basic_reject(method.delivery_tag, requeue=False)
+            self._split_or_dead_letter(requests, returned, exc)
             return
         if batch is None:
+            self.grants.unsettle(settled)
             return  # stopping while the database was down: the broker redelivers
         if FAULT.startswith("exit-after-commit:") and any(
                 r.op == FAULT.split(":", 1)[1] for _, _, r in requests):
             log.error("event=fault_injected fault=%s", FAULT)
             os._exit(70)
+        if batch.adopted_grants is not None:
+            self.grants.adopt(batch.adopted_grants)
+        self.grants.withdraw(batch.withdrawn_grants)
         for out in batch.outbox:
-            self._queue_reply(out.reply_to, out.correlation_id,
-                              protocol.reply_body(out.request_id, out.reply), out.mandatory)
+            body = protocol.reply_body(out.request_id, out.reply)
+            if out.grant and out.request_id not in batch.withdrawn_grants:
+                self.grants.add(Grant(out.request_id, out.reply_to, out.correlation_id, body))
+            else:  # a grant cancelled in the same batch is only news: nothing to undo
+                self._queue_reply(out.reply_to, out.correlation_id, body, out.mandatory)
+        self._send_grants()
         if requests:  # the ack flushes the queued replies too
             self.channel.basic_ack(requests[-1][0].delivery_tag, multiple=whole_batch)
         else:
             self.connection.process_data_events(0)
 
+    def _split_or_dead_letter(self, requests, returned, exc: RefusedBatch) -> None:
+        """Retry each request alone; one that is refused alone is dead-lettered."""
+        if len(requests) + len(returned) > 1:
+            for request in requests:
+                self._process([request], [], whole_batch=False)
+            for item in returned:
+                self._process([], [item], whole_batch=False)
+            return
+        for method, properties, request in requests:
+            # Its client is told, and the message is kept for people to look at.
+            log.error("event=dead_lettered op=%s id=%s reason=%r", request.op, request.id,
+                      exc.detail)
+            if properties.reply_to:
+                self._queue_reply(properties.reply_to, properties.correlation_id,
+                                  protocol.reply_body(request.id, {
+                                      "status": 500, "error": "InternalError",
+                                      "message": f"the worker could not handle this "
+                                                 f"request: {exc.detail}"}))
+            self.channel.basic_reject(method.delivery_tag, requeue=False)
+
     def _queue_reply(self, reply_to: str, correlation_id: str | None, body: bytes,
-                     mandatory: bool = True) -> None:
-        """Queue a mandatory reply; the next ack or event loop pass sends them all.
+                     mandatory: bool = True) -> int:
+        """Queue a reply; the next ack or event loop pass sends them all. Returns its
+        publish sequence number (what the broker's confirm will name).
 
         The blocking channel's basic_publish writes to the socket once per message,
         which was 40% of the worker's time at 20 clients; its underlying channel
         only buffers, and the same connection sends the buffer in order.
         """
-        self.channel._impl.basic_publish(
+        self.reply_channel._impl.basic_publish(
             "", reply_to, body, pika.BasicProperties(correlation_id=correlation_id,
                                                      content_type="application/json"),
             mandatory=mandatory)
+        self.reply_seq += 1
+        return self.reply_seq
 
     def _decode(self, method, properties, body) -> protocol.Request | None:
         """The request, or None after answering/dead-lettering a malformed one."""
@@ -250,21 +312,24 @@ class Worker:
             self.channel.basic_reject(method.delivery_tag, requeue=False)
             return None
 
-    def _commit_with_retry(self, requests, returned) -> Batch | None:
+    def _commit_with_retry(self, requests, returned, settled) -> Batch | None:
         pause, failures = 0.2, 0
         while True:
             try:
-                return self.keeper.commit(requests, returned)
+                return self.keeper.commit(requests, returned, settled)
             except errors.NotActiveWorker:
                 raise
             except TRANSIENT as exc:
                 # The database is down or restarting: keep the deliveries, retry.
                 self.keeper.reload_needed = True
-                failures += 1
+                contended = db.lock_conflict(exc)
+                if not contended:
+                    failures += 1
                 if failures >= FAILURES_BEFORE_PROBE and self.keeper.database_answers():
                     # It answers, yet refuses this batch: the batch is the problem.
                     raise RefusedBatch(f"{type(exc.orig).__name__}: {str(exc.orig)[:300]}") from exc
-                log.warning("event=db_unavailable worker=%s error=%r retry_in=%.1fs",
+                log.warning("event=%s worker=%s error=%r retry_in=%.1fs",
+                            "db_lock_conflict" if contended else "db_unavailable",
                             self.worker_id, str(exc).splitlines()[0][:200], pause)
                 self.connection.sleep(pause)
                 pause = min(pause * 2, DB_RETRY_MAX)
@@ -272,6 +337,14 @@ class Worker:
                     return None
             except Exception as exc:  # anything else is this batch's own doing
                 self.keeper.reload_needed = True
+                if db.lock_conflict(exc):  # whatever class the driver gave it: wait and retry
+                    log.warning("event=db_lock_conflict worker=%s retry_in=%.1fs",
+                                self.worker_id, pause)
+                    self.connection.sleep(pause)
+                    pause = min(pause * 2, DB_RETRY_MAX)
+                    if self.stopping:
+                        return None
+                    continue
                 log.exception("event=batch_refused worker=%s requests=%d", self.worker_id,
                               len(requests))
                 raise RefusedBatch(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
