@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from molteniron import errors
+from molteniron import errors, protocol
 from molteniron.config import load_config
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DEADLINE, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
@@ -22,7 +22,9 @@ exit codes:
   1  request refused by the worker (JSON reply on stdout, message on stderr)
   2  usage error or bad configuration
   3  allocate: the deadline (--wait) passed without nodes
-  4  RabbitMQ unreachable, or no worker answered within --timeout
+  4  RabbitMQ unreachable, or no worker answered within --timeout (an
+     allocate is then cancelled; a release or cancel stays queued, prints
+     {"status": 202, "queued": true, ...} and takes effect when a worker comes)
   130 interrupted (Ctrl-C/SIGTERM); a waiting allocate is cancelled first
 
 configuration: --config FILE, -c DIR (DIR/conf.yaml), $MOLTENIRON_CONFIG or
@@ -79,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest wait for nodes (default allocate_wait from config, 3600)")
     group.add_argument("--no-wait", action="store_true",
                        help="fail at once if not enough nodes are ready")
+    p.add_argument("--lease", type=_positive_int, metavar="SECONDS",
+                   help="how long the nodes stay yours unless renewed "
+                        "(default: the worker's lease_seconds)")
+
+    p = sub.add_parser("renew", help="extend the lease of every node OWNER holds")
+    p.add_argument("owner_name")
+    p.add_argument("--lease", type=_positive_int, metavar="SECONDS",
+                   help="the new lease, from now (default: the worker's lease_seconds)")
 
     p = sub.add_parser("release", help="return every node of OWNER (and cancel its waiting allocates)")
     p.add_argument("owner_name")
@@ -97,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"a table of {what}")
         p.add_argument("-t", "--type", choices=("human", "csv", "json"), default="human")
         p.add_argument("--pool", metavar="POOL", help="only this node pool")
+        p.add_argument("--state", choices=protocol.NODE_STATES, help="only nodes in this state")
+        p.add_argument("--owner", metavar="OWNER", help="only nodes OWNER holds")
         p.add_argument("--show-secrets", action="store_true", help="print IPMI passwords")
 
     p = sub.add_parser("waiting", help="waiting allocations, in the order they will be served")
@@ -120,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from clients.client import MoltenIronClient  # pika only once the arguments are good
     client = MoltenIronClient(config.amqp_url, args.timeout or config.request_timeout)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    # SIGINT explicitly too: Python leaves it ignored when it was ignored at start
+    # (`molteniron allocate ... &` in a script), and a waiting allocate must be cancelled.
+    previous = {signum: signal.signal(signum, _raise_interrupted)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         reply = run_command(client, args, config)
     except errors.MoltenIronError as exc:
@@ -129,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print("molteniron: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         client.close()
     _print(reply, args.output)
     return EXIT_OK
@@ -141,7 +157,7 @@ def run_command(client, args, config) -> dict:
         return _allocate(client, args, config)
     if command in ("status", "status_baremetal"):
         from molteniron import compat
-        reply = client.status(args.pool, args.show_secrets)
+        reply = client.status(args.pool, args.show_secrets, args.state, args.owner)
         records = reply["nodes"]
         if args.type == "json":
             return {"status": 200, "result": records}
@@ -156,6 +172,7 @@ def run_command(client, args, config) -> dict:
         "add_json_blob": lambda: client.add_json_blob(**_fields(args, (
             "name", "ipmi_ip", "allocation_pool", "blob", "node_pool"))),
         "release": lambda: client.release(args.owner_name),
+        "renew": lambda: client.renew(args.owner_name, args.lease),
         "get_field": lambda: client.get_field(args.owner_name, args.field_name),
         "set_field": lambda: client.set_field(args.id, args.key, args.value, args.type),
         "waiting": lambda: client.waiting(args.pool),
@@ -174,7 +191,7 @@ def _allocate(client, args, config) -> dict:
     sent: list[str] = []
     try:
         return client.allocate(args.owner_name, args.number_of_nodes, args.node_pool, wait,
-                               on_progress=progress, on_sent=sent.append)
+                               lease_seconds=args.lease, on_progress=progress, on_sent=sent.append)
     except (Interrupted, KeyboardInterrupt):
         if sent:  # whatever state the request is in, it must not leave us owning nodes
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -221,7 +238,7 @@ def _fail(exc: errors.MoltenIronError, args) -> int:
         # Only an allocate has a deadline of its own; for anything else the
         # worker was too busy to answer in time.
         return EXIT_DEADLINE if args.command == "allocate" else EXIT_UNAVAILABLE
-    if isinstance(exc, errors.ServiceUnavailable):
+    if isinstance(exc, (errors.ServiceUnavailable, errors.RequestQueued)):
         return EXIT_UNAVAILABLE
     return EXIT_REFUSED
 

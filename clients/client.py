@@ -4,6 +4,11 @@ The reply queue is server-named, exclusive and auto-delete, and consumed
 before the first request is published: when this process goes away the
 queue goes with it, so the worker's mandatory reply comes back unroutable
 and the worker takes back what the reply granted. Imports no SQLAlchemy.
+
+A request of an op that expires (OPERATIONS[op].expires) carries a message
+TTL equal to the client's timeout: once the client stops waiting, no worker
+can take it any more. Release and cancel never expire: sent while no worker
+runs, they take effect when one comes.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Callable
+from urllib.parse import urlsplit
 
 import pika
 from pika.exceptions import AMQPError, NackError, UnroutableError
@@ -19,6 +25,7 @@ from molteniron import errors, protocol
 
 GRACE = 5.0  # seconds past a deadline to wait for the worker's own answer
 RECONNECT_FOR = 30.0  # seconds an allocate cut off from the broker keeps trying to cancel
+CANCEL_TIMEOUT = 10.0  # longest wait for a worker to confirm a cancel
 
 
 class MoltenIronClient:
@@ -35,10 +42,7 @@ class MoltenIronClient:
     def connect(self) -> "MoltenIronClient":
         if self.connection is not None and self.connection.is_open:
             return self
-        try:
-            params = pika.URLParameters(self.amqp_url)
-        except (ValueError, TypeError) as exc:
-            raise errors.ConfigError(f"amqp_url is not a valid AMQP URL: {exc}") from None
+        params = _parameters(self.amqp_url)
         params.connection_attempts = 1
         params.socket_timeout = min(self.timeout, 10.0)
         params.blocked_connection_timeout = self.timeout
@@ -52,7 +56,7 @@ class MoltenIronClient:
         except (AMQPError, OSError) as exc:
             self.connection = None
             raise errors.ServiceUnavailable(
-                f"cannot reach RabbitMQ at {_safe(self.amqp_url)}: {_why(exc)}") from None
+                f"cannot reach RabbitMQ at {_safe(params)}: {_why(exc)}") from None
         return self
 
     def close(self) -> None:
@@ -96,11 +100,13 @@ class MoltenIronClient:
             raise errors.ServiceUnavailable(f"lost RabbitMQ while sending: {_why(exc)}") from None
 
     def wait(self, request_id: str, until: float,
-             on_progress: Callable[[dict | None], None] | None = None) -> dict | None:
+             on_progress: Callable[[dict | None], None] | None = None,
+             interim: bool = False) -> dict | None:
         """The final reply to request_id, or None if `until` (unix time) passes first.
 
         Interim replies (queued, position k) and, once a second, None are passed
-        to on_progress so a terminal can show the wait.
+        to on_progress so a terminal can show the wait. interim: return the
+        first reply of any kind, "queued" included.
         """
         inbox = self.replies.setdefault(request_id, [])
         try:
@@ -112,6 +118,8 @@ class MoltenIronClient:
                         return reply
                     if on_progress:
                         on_progress(reply)
+                    if interim:
+                        return reply
                 remaining = until - time.time()
                 if remaining <= 0:
                     return None
@@ -123,83 +131,124 @@ class MoltenIronClient:
             raise errors.ServiceUnavailable(f"lost RabbitMQ while waiting: {_why(exc)}") from None
 
     def call(self, op: str, args: dict | None = None, timeout: float | None = None) -> dict:
-        """Send a request that does not wait for nodes; return its reply or raise its error."""
+        """Send a request that does not wait for nodes; return its reply or raise its error.
+
+        No answer within the timeout: RequestQueued for an op that never expires
+        (it is still in the queue and takes effect later), else ServiceUnavailable.
+        """
         timeout = timeout or self.timeout
-        request = protocol.new_request(op, args, deadline=time.time() + timeout)
-        self.send(request, timeout)
+        request = protocol.new_request(op, args)
+        expires = protocol.OPERATIONS[op].expires
+        self.send(request, timeout if expires else None)
         reply = self.wait(request.id, time.time() + timeout)
         if reply is None:
-            raise errors.ServiceUnavailable(
-                f"no MoltenIron worker answered within {timeout:g}s (is molteniron-worker running?)")
+            if not expires:
+                raise errors.RequestQueued(
+                    f"no MoltenIron worker answered within {timeout:g}s; the {op} is queued "
+                    "and takes effect when a worker consumes it")
+            raise self._no_worker(timeout)
         return _checked(reply)
+
+    def _no_worker(self, timeout: float) -> errors.ServiceUnavailable:
+        """The error for a request nobody answered, naming the likely cause."""
+        message = f"no MoltenIron worker answered within {timeout:g}s"
+        if self.queue_counts()[1] == 0:
+            message += (f": no MoltenIron worker is consuming {protocol.REQUEST_QUEUE} "
+                        "(start molteniron-worker)")
+        return errors.ServiceUnavailable(message)
+
+    def queue_counts(self) -> tuple[int | None, int | None]:
+        """(requests queued but not delivered, consumers) of the request queue; None: unknown."""
+        try:
+            self.connect()
+            declared = self.channel.queue_declare(protocol.REQUEST_QUEUE, passive=True)
+        except errors.ServiceUnavailable:
+            return None, None
+        except (AMQPError, OSError):
+            self.close()  # a refused passive declare closes the channel
+            return None, None
+        return declared.method.message_count, declared.method.consumer_count
 
     # --- operations -----------------------------------------------------------
 
     def allocate(self, owner: str, count: int, node_pool: str = "default", wait: float | None = 3600.0,
+                 lease_seconds: int | None = None,
                  on_progress: Callable[[dict | None], None] | None = None,
                  on_sent: Callable[[str], None] | None = None) -> dict:
         """Nodes for owner; waits up to `wait` seconds (None: fail at once if too few).
 
-        Whatever goes wrong after the request may have left (no answer, lost
-        broker), it is cancelled, so this client never ends up owning nodes it
-        was not told about. on_sent gets the request id before it is published.
+        A live worker answers at once (nodes, queued, or an error), so the first
+        answer is awaited only `timeout` seconds; after "queued", up to `wait`
+        more. Whatever goes wrong after the request may have left (no answer,
+        lost broker), it is cancelled, so this client never ends up owning nodes
+        it was not told about. on_sent gets the request id before it is published.
         """
-        patience = self.timeout if wait is None else wait
-        deadline = time.time() + patience
-        request = protocol.new_request("allocate", {"owner": owner, "count": count,
-                                                    "node_pool": node_pool, "wait": wait is not None},
-                                       deadline=deadline)
+        request = protocol.new_request("allocate", {
+            "owner": owner, "count": count, "node_pool": node_pool, "wait": wait is not None,
+            "wait_seconds": wait, "lease_seconds": lease_seconds})
         if on_sent:
             on_sent(request.id)
         try:
-            self.send(request, patience + GRACE)
-            reply = self.wait(request.id, deadline + GRACE, on_progress)
+            self.send(request, self.timeout)
+            reply = self.wait(request.id, time.time() + self.timeout, on_progress, interim=True)
+            queued = reply is not None and reply.get("status") == protocol.QUEUED
+            if queued:
+                # The worker started the clock when it took the request; it answers by itself
+                # when `wait` runs out, so GRACE only covers a worker that died meanwhile.
+                reply = self.wait(request.id, time.time() + wait + GRACE, on_progress)
         except errors.ServiceUnavailable:
             # The reply may be lost with our reply queue: make sure it grants nothing.
             self.cancel_after_reconnect(request.id, until=time.time() + RECONNECT_FOR)
             raise
         if reply is None:
-            # No answer at all (worker down?): make sure the request can never be served.
-            self.cancel(request.id, quiet=True)
-            if wait is None:
-                raise errors.ServiceUnavailable(
-                    f"no MoltenIron worker answered within {patience:g}s "
-                    "(is molteniron-worker running?)")
+            self.withdraw(request.id)
+            if not queued:
+                raise self._no_worker(self.timeout)
             raise errors.DeadlineExpired(f"no nodes within {wait:g}s and no worker answered")
         return _checked(reply)
+
+    def withdraw(self, request_id: str) -> None:
+        """Queue a cancel without awaiting its answer: it acts whenever a worker comes."""
+        try:
+            self.send(protocol.new_request("cancel", {"request_id": request_id}), expires_in=None)
+        except errors.ServiceUnavailable:
+            self.cancel_after_reconnect(request_id, until=time.time() + RECONNECT_FOR)
 
     def cancel(self, request_id: str, quiet: bool = False) -> dict | None:
         """Take back a request: waiting -> removed, served -> released, unseen -> refused later.
 
-        The cancel itself never expires: if no worker answers now, it still takes
-        effect when one comes, however long the queue.
+        The cancel itself never expires: if no worker answers now (RequestQueued),
+        it still takes effect when one comes, however long the queue.
         """
-        request = protocol.new_request("cancel", {"request_id": request_id})
         try:
-            self.send(request, expires_in=None)
-            reply = self.wait(request.id, time.time() + min(self.timeout, 10.0))
-            if reply is None:
-                raise errors.ServiceUnavailable("the cancel is queued; no worker answered yet")
-            return _checked(reply)
+            return self.call("cancel", {"request_id": request_id},
+                             timeout=min(self.timeout, CANCEL_TIMEOUT))
         except errors.MoltenIronError:
             if quiet:
                 return None
             raise
 
     def cancel_after_reconnect(self, request_id: str, until: float) -> bool:
-        """Reconnect and cancel, retrying until `until`; True once the worker confirmed."""
+        """Reconnect and cancel, retrying until `until`; True once it is confirmed or queued."""
         while time.time() < until:
             self.close()
             try:
                 self.connect()
                 self.cancel(request_id)
                 return True
+            except errors.RequestQueued:
+                return True  # safely in the queue: more copies would add nothing
             except errors.MoltenIronError:
                 time.sleep(1.0)
         return False
 
     def release(self, owner: str) -> dict:
+        """Every node of owner back to the pool; RequestQueued if no worker answered yet."""
         return self.call("release", {"owner": owner})
+
+    def renew(self, owner: str, lease_seconds: int | None = None) -> dict:
+        """Extend the lease of every node owner holds (None: the worker's default lease)."""
+        return self.call("renew", {"owner": owner, "lease_seconds": lease_seconds})
 
     def get_field(self, owner: str, field: str) -> dict:
         return self.call("get_field", {"owner": owner, "field": field})
@@ -207,8 +256,10 @@ class MoltenIronClient:
     def set_field(self, node_id: int, key: str, value: str | int, type_name: str = "string") -> dict:
         return self.call("set_field", {"id": node_id, "key": key, "value": value, "type": type_name})
 
-    def status(self, node_pool: str | None = None, show_secrets: bool = False) -> dict:
-        return self.call("status", {"node_pool": node_pool, "show_secrets": show_secrets})
+    def status(self, node_pool: str | None = None, show_secrets: bool = False,
+               state: str | None = None, owner: str | None = None) -> dict:
+        return self.call("status", {"node_pool": node_pool, "show_secrets": show_secrets,
+                                    "state": state, "owner": owner})
 
     def waiting(self, node_pool: str | None = None) -> dict:
         return self.call("waiting", {"node_pool": node_pool})
@@ -216,12 +267,7 @@ class MoltenIronClient:
     def workers(self) -> dict:
         """Running workers by their heartbeats, plus requests queued and not yet delivered."""
         reply = self.call("workers")
-        try:
-            declared = self.channel.queue_declare(protocol.REQUEST_QUEUE, passive=True)
-            reply["queued_requests"] = declared.method.message_count
-        except (AMQPError, OSError):
-            self.connection = None
-            reply["queued_requests"] = None
+        reply["queued_requests"] = self.queue_counts()[0]
         return reply
 
     def delete_db(self) -> dict:
@@ -258,6 +304,21 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _safe(url: str) -> str:
-    params = pika.URLParameters(url)
-    return f"{params.host}:{params.port}{' vhost ' + params.virtual_host if params.virtual_host != '/' else ''}"
+def _parameters(url: str) -> pika.URLParameters:
+    """The connection parameters of an amqp(s):// URL; ConfigError if it is not one."""
+    try:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError("it must start with amqp:// or amqps://")
+        return pika.URLParameters(url)
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        # The URL itself is not repeated: it may hold a password.
+        raise errors.ConfigError(
+            f"amqp_url is not a valid AMQP URL (amqp://USER:PASSWORD@HOST:PORT/VHOST): {_why(exc)}"
+        ) from None
+
+
+def _safe(params: pika.ConnectionParameters) -> str:
+    """Where the broker is, without the credentials."""
+    vhost = "" if params.virtual_host == "/" else f" vhost {params.virtual_host}"
+    return f"{params.host}:{params.port}{vhost}"

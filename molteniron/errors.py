@@ -92,12 +92,21 @@ class ServiceUnavailable(MoltenIronError):
     status = 503
 
 
+class RequestQueued(MoltenIronError):
+    """No worker answered a release or cancel yet; it acts when one consumes it (client side)."""
+
+    status = 202
+
+    def to_reply(self) -> dict:
+        return {**super().to_reply(), "queued": True}
+
+
 _BY_KIND = {
     cls.__name__: cls
     for cls in (
         MoltenIronError, ConfigError, BadRequest, UnknownField, NodeNotFound,
         OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes, PoolTooSmall,
-        RequestCancelled, DeadlineExpired, NotActiveWorker, ServiceUnavailable,
+        RequestCancelled, DeadlineExpired, NotActiveWorker, ServiceUnavailable, RequestQueued,
     )
 }
 _BY_STATUS = {400: BadRequest, 404: NodeNotFound, 408: DeadlineExpired, 409: Conflict}

@@ -1,8 +1,32 @@
 #!/usr/bin/env bash
 # Jenkins post-build step (run it always, also on failure/abort): give the nodes back.
+# While RabbitMQ or the worker does not answer (exit 4) it tries again, for up to
+# MOLTENIRON_RELEASE_RETRY seconds (default 300). A release that is still queued then
+# takes effect when a worker comes: that is a warning, not a failed build.
 set -uo pipefail
 owner=${MOLTENIRON_OWNER:-${BUILD_TAG:?set MOLTENIRON_OWNER or run under Jenkins}}
-molteniron release "$owner"
-rc=$?
-# 1 with "No nodes are owned" means the pre-hook never got nodes: nothing to give back.
-[ $rc -eq 0 ] || [ $rc -eq 1 ] || exit $rc
+retry_for=${MOLTENIRON_RELEASE_RETRY:-300}
+pause=10
+give_up_at=$((SECONDS + retry_for))
+while true; do
+  reply=$(molteniron release "$owner")
+  rc=$?
+  printf '%s\n' "$reply"
+  case $rc in
+    0) exit 0 ;;
+    # 404 "No nodes are owned": the pre-hook never got nodes, nothing to give back.
+    1) [[ $reply == *'"status": 404'* ]] && exit 0; exit 1 ;;
+    4) ;;
+    *) exit $rc ;;
+  esac
+  left=$((give_up_at - SECONDS))
+  [ $left -gt 0 ] || break
+  sleep $((left < pause ? left : pause))
+done
+if [[ $reply == *'"queued": true'* ]]; then
+  echo "molteniron: WARNING: no worker answered; the release of $owner is queued and" \
+       "gives the nodes back when a worker consumes it" >&2
+  exit 0
+fi
+echo "molteniron: could not release the nodes of $owner within ${retry_for}s" >&2
+exit 4

@@ -1,0 +1,195 @@
+"""No worker running: nothing lost, nothing stalled; clients that give up never own nodes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.stack import ROOT, RunningCli, node_args, wait_until
+
+HOOKS = ROOT / "clients" / "hooks"
+
+
+def owners(stack) -> dict[str, str | None]:
+    return dict(stack.sql("SELECT name, owner FROM nodes ORDER BY id"))
+
+
+def waiting_owners(stack) -> list[str]:
+    return [row[0] for row in stack.sql("SELECT owner FROM waiting_requests ORDER BY id")]
+
+
+def allocated_then_no_worker(stack, owner: str = "job") -> None:
+    """One node, held by owner, and no worker running any more."""
+    stack.start_worker()
+    stack.cli("add_baremetal", *node_args(1))
+    assert stack.cli("allocate", owner, "1").returncode == 0
+    stack.stop_workers()
+
+
+def run_hook(stack, tmp_path: Path, hook: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """A hook script as Jenkins runs it: `molteniron` on PATH, a 2 s request_timeout."""
+    config = tmp_path / "hook-conf.yaml"
+    config.write_text("request_timeout: 2\n")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return subprocess.run(
+        ["bash", str(HOOKS / hook), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**stack.env, "PATH": path, "MOLTENIRON_CONFIG": str(config),
+             "WORKSPACE": str(tmp_path), "MOLTENIRON_OWNER": "job", **env})
+
+
+def test_allocate_without_a_worker_gives_up_at_once_and_is_never_served_later(stack):
+    stack.start_worker()
+    stack.cli("add_baremetal", *node_args(1))
+    stack.stop_workers()
+
+    result = stack.cli("--timeout", "3", "allocate", "job", "1", "--wait", "3600", timeout=30)
+    assert result.returncode == 4, result
+    assert "no MoltenIron worker is consuming molteniron.requests" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    stack.start_worker()  # answers a status, so everything queued before it was handled
+    assert owners(stack) == {"node-1": None}
+    assert stack.sql("SELECT COUNT(*) FROM allocations WHERE owner='job'") == [(0,)]
+    assert waiting_owners(stack) == []
+
+
+def test_release_without_a_worker_is_queued_and_takes_effect_when_one_comes(stack):
+    allocated_then_no_worker(stack)
+
+    result = stack.cli("--timeout", "2", "release", "job", timeout=30)
+    assert result.returncode == 4, result
+    assert result.json["status"] == 202 and result.json["queued"] is True
+    assert "queued" in result.json["message"]
+    assert owners(stack) == {"node-1": "job"}
+
+    stack.start_worker()
+    wait_until(lambda: owners(stack) == {"node-1": None}, 15, "the queued release to free the node")
+
+
+def test_post_hook_passes_with_a_warning_when_the_release_stays_queued(stack, tmp_path):
+    allocated_then_no_worker(stack)
+
+    result = run_hook(stack, tmp_path, "post_hook.sh", MOLTENIRON_RELEASE_RETRY="1")
+    assert result.returncode == 0, result
+    assert "queued" in result.stderr and "WARNING" in result.stderr
+
+    stack.start_worker()
+    wait_until(lambda: owners(stack) == {"node-1": None}, 15, "the queued release to free the node")
+
+
+def test_post_hook_releases_and_counts_no_nodes_as_done(running, tmp_path):
+    running.cli("add_baremetal", *node_args(1))
+    running.cli("allocate", "job", "1")
+    released = run_hook(running, tmp_path, "post_hook.sh")
+    assert released.returncode == 0, released
+    assert owners(running) == {"node-1": None}
+
+    again = run_hook(running, tmp_path, "post_hook.sh")  # the pre-hook never got nodes
+    assert again.returncode == 0, again
+
+
+def test_post_hook_fails_when_the_release_is_refused(running, tmp_path):
+    result = run_hook(running, tmp_path, "post_hook.sh", MOLTENIRON_OWNER="x" * 300)
+    assert result.returncode == 2, result  # an owner name longer than any column
+
+
+def test_pre_hook_writes_the_nodes_file_readable_only_by_its_user(running, tmp_path):
+    running.cli("add_baremetal", *node_args(1))
+    nodes_file = tmp_path / "molteniron-nodes.json"
+    nodes_file.write_text("left over from an earlier build\n")
+    nodes_file.chmod(0o644)
+
+    result = run_hook(running, tmp_path, "pre_hook.sh", "1")
+    assert result.returncode == 0, result
+    assert stat.S_IMODE(nodes_file.stat().st_mode) == 0o600
+    assert "secret-1" in nodes_file.read_text()  # the IPMI password
+    assert owners(running) == {"node-1": "job"}
+
+
+def test_pre_hook_says_when_each_lease_ends(running, tmp_path):
+    """Needs the worker to put lease_expires_at in the allocate reply's nodes."""
+    running.cli("add_baremetal", *node_args(1))
+    result = run_hook(running, tmp_path, "pre_hook.sh", "1")
+    assert result.returncode == 0, result
+    assert re.search(r"node-1 is leased to job until \d{4}-\d\d-\d\dT\d\d:\d\d", result.stderr), result
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_background_allocate_is_cancelled_on_a_signal(running, signum):
+    """`molteniron allocate ... &` in a script starts with SIGINT ignored; a signal must still cancel."""
+    running.cli("add_baremetal", *node_args(1))
+    running.cli("allocate", "holder", "1")
+    waiting = RunningCli(subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "allocate", "quitter", "1", "--wait", "60"],
+        env=running.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_ignore_sigint))
+    try:
+        wait_until(lambda: waiting_owners(running) == ["quitter"], 15, "quitter to wait")
+        waiting.process.send_signal(signum)
+        result = waiting.result()
+    finally:
+        waiting.process.kill()
+    assert result.returncode == 130, result
+    assert waiting_owners(running) == []
+    running.cli("release", "holder")
+    assert owners(running) == {"node-1": None}
+
+
+@pytest.mark.parametrize("url", ["notaurl", "amqp://[bad", "http://127.0.0.1/"])
+def test_a_malformed_amqp_url_is_a_usage_error(stack, url):
+    stack.env["MOLTENIRON_AMQP_URL"] = url
+    result = stack.cli("status")
+    assert result.returncode == 2, result
+    assert "amqp_url is not a valid AMQP URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_allocate_lease_and_renew(running):
+    """Needs the worker side: --lease, renew, nodes.lease_expires_at."""
+    for i in (1, 2):
+        running.cli("add_baremetal", *node_args(i))
+    short = running.cli("allocate", "short", "1", "--lease", "60")
+    assert short.returncode == 0, short
+    assert running.cli("allocate", "default", "1").returncode == 0
+
+    def lease(owner):
+        return running.sql(f"SELECT lease_expires_at FROM nodes WHERE owner='{owner}'")[0][0]
+
+    before = lease("short")
+    assert before < lease("default")
+    renewed = running.cli("renew", "short", "--lease", "7200")
+    assert renewed.returncode == 0, renewed
+    assert lease("short") > before
+
+    nobody = running.cli("renew", "nobody")
+    assert nobody.returncode == 1 and nobody.json["status"] == 404
+
+
+def test_status_filters_by_state_and_owner(running):
+    """Needs the worker side: status with state and owner."""
+    for i in (1, 2, 3):
+        running.cli("add_baremetal", *node_args(i))
+    running.cli("allocate", "job-a", "1")
+    running.cli("allocate", "job-b", "1")
+
+    def names(*args):
+        result = running.cli("status", "-t", "json", *args)
+        assert result.returncode == 0, result
+        return [record["name"] for record in result.json["result"]]
+
+    assert names("--state", "ready") == ["node-3"]
+    assert names("--state", "allocated") == ["node-1", "node-2"]
+    assert names("--owner", "job-b") == ["node-2"]
+    assert names("--state", "ready", "--owner", "job-b") == []
+    assert running.cli("status", "--state", "asleep").returncode == 2
