@@ -79,8 +79,8 @@ def worker_memory(nodes: int, waiters: int) -> dict:
             client.allocate("holder", nodes, wait=None)
             ids = []
             for i in range(waiters):
-                request = protocol.new_request("allocate", {"owner": f"w-{i}", "count": 1},
-                                               deadline=time.time() + 600)
+                request = protocol.new_request("allocate", {"owner": f"w-{i}", "count": 1,
+                                                            "wait_seconds": 600})
                 client.send(request, 600)
                 ids.append(request.id)
             while sandbox.sql("SELECT COUNT(*) FROM waiting_requests")[0][0] < waiters:

@@ -64,8 +64,8 @@ def _client_thread(amqp_url: str, owner: str, seed: int, until: float, out: list
                 client.status()
             else:  # cancel: start a waiting allocate, cancel it soon after
                 request = protocol.new_request("allocate", {"owner": owner, "count": 1,
-                                                            "node_pool": rng.choice(POOLS)},
-                                               deadline=time.time() + 30)
+                                                            "node_pool": rng.choice(POOLS),
+                                                            "wait_seconds": 30})
                 record.request_id = request.id
                 client.send(request, 30)
                 time.sleep(rng.random() * 0.2)

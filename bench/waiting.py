@@ -38,8 +38,8 @@ def _connection_thread(amqp_url: str, owners: list[str], ready, go, events: list
     arrivals = client.arrivals
     pending = {}
     for owner in owners:
-        request = protocol.new_request("allocate", {"owner": owner, "count": 1},
-                                       deadline=time.time() + DEADLINE)
+        request = protocol.new_request("allocate", {"owner": owner, "count": 1,
+                                                    "wait_seconds": DEADLINE})
         client.send(request, DEADLINE)
         pending[request.id] = owner
     ready.wait()
@@ -55,7 +55,7 @@ def _connection_thread(amqp_url: str, owners: list[str], ready, go, events: list
             owner = pending.pop(request_id)
             (node,) = final["nodes"].values()
             events.append(("served", node["name"], arrivals[request_id], request_id))
-            release = protocol.new_request("release", {"owner": owner}, deadline=time.time() + 60)
+            release = protocol.new_request("release", {"owner": owner})
             events.append(("release_sent", node["name"], time.time(), owner))
             client.send(release, 60)
             releases[release.id] = owner
@@ -143,8 +143,8 @@ def run_single_waiter(sandbox, rounds: int) -> dict:
     releaser.allocate("w-0", 1, wait=None)
     latencies = []
     for k in range(1, rounds + 1):
-        request = protocol.new_request("allocate", {"owner": f"w-{k}", "count": 1},
-                                       deadline=time.time() + 60)
+        request = protocol.new_request("allocate", {"owner": f"w-{k}", "count": 1,
+                                                    "wait_seconds": 60})
         waiter.send(request, 60)
         while not waiter.replies.get(request.id):  # the 202: it waits now
             waiter.connection.process_data_events(time_limit=0.5)

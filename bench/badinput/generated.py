@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -104,6 +105,16 @@ def requests(kinds: frozenset) -> st.SearchStrategy:
 
 
 @dataclass
+class EnvelopeRequest(protocol.Request):
+    """A request that also sends the envelope `deadline` older clients sent (any value)."""
+    deadline: Any = None
+
+    def to_body(self) -> bytes:
+        return json.dumps({"v": self.v, "id": self.id, "op": self.op, "args": self.args,
+                           "deadline": self.deadline}).encode()
+
+
+@dataclass
 class HypothesisTally:
     examples: int = 0
     statuses: Counter = field(default_factory=Counter)
@@ -130,7 +141,7 @@ def exchange(client: MoltenIronClient, worker, drawn: tuple, tally: HypothesisTa
     """Send one drawn request and a `status` barrier behind it; judge what came back."""
     (op, args), (how, value) = drawn
     deadline = time.time() + value if how == "in" else value
-    request = protocol.Request(id=str(uuid.uuid4()), op=op, args=args, deadline=deadline)
+    request = EnvelopeRequest(id=str(uuid.uuid4()), op=op, args=args, deadline=deadline)
     barrier = protocol.new_request("status", {"node_pool": BARRIER_POOL})
     try:
         client.send(request, 60)
@@ -164,7 +175,8 @@ def final_reply(client: MoltenIronClient, request: protocol.Request,
         if not finals:
             tally.problem("no reply", request)
         return finals[0] if finals else None
-    limit = request.deadline if isinstance(request.deadline, (int, float)) else math.inf
+    wait = request.args.get("wait_seconds") if isinstance(request.args, dict) else None
+    limit = time.time() + wait if isinstance(wait, (int, float)) else math.inf
     if not math.isfinite(limit) or limit > time.time() + 5:
         client.cancel(request.id, quiet=True)  # it may wait for ever: take it back
         limit = time.time()

@@ -45,8 +45,8 @@ def populate(client: MoltenIronClient) -> None:
     client.allocate("owner-b", 2, wait=None)
     client.allocate("owner-s", 1, node_pool="spare", wait=None)
     waiter = protocol.new_request("allocate", {"owner": "owner-w", "count": len(SPARE_NODES),
-                                               "node_pool": "spare", "wait": True},
-                                  deadline=time.time() + 3600)
+                                               "node_pool": "spare", "wait": True,
+                                               "wait_seconds": 3600})
     client.send(waiter, 3600)
     deadline = time.monotonic() + IDLE * 2
     while not any(r.get("status") == protocol.QUEUED for r in client.replies[waiter.id]):

@@ -1,0 +1,134 @@
+"""A large pool with a long queue: per-request work must not grow with either.
+
+    python -m bench.large [--nodes 100000] [--waiters 10000] [--quick]
+
+One sandbox holds `nodes` ready nodes in pool `default` and one node in pool
+`queue`, held, with `waiters` allocates waiting on them. Measured there:
+the worker's takeover (loading everything), allocate+release cycles at 20
+clients in the large pool, `waiting` and `status` (whole and filtered),
+release -> the head waiter's reply, the worker's RSS, and how fast stored
+replies are pruned against the rate they are written at the bench's top speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from bench.env import Sandbox, add_nodes
+from bench.load import percentiles, run_cycles
+from bench.waiting import StampingClient
+from clients.client import MoltenIronClient
+from molteniron import protocol
+
+QUEUE_NODES = 1  # one node travels down the queue: each release serves the next waiter
+
+
+def timed(call, runs: int = 5) -> dict:
+    """Median and max wall time of a client call, in ms."""
+    walls = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        walls.append((time.perf_counter() - started) * 1000)
+    return {"median_ms": round(statistics.median(walls), 1), "max_ms": round(max(walls), 1)}
+
+
+def fill_queue(client: StampingClient, waiters: int) -> list[str]:
+    """`waiters` allocates of one node each waiting in pool `queue`, in order."""
+    ids = []
+    for i in range(waiters):
+        request = protocol.new_request("allocate", {"owner": f"w-{i:05d}", "count": 1,
+                                                    "node_pool": "queue", "wait_seconds": 3600})
+        client.send(request, 600)
+        ids.append(request.id)
+    while sum(1 for i in ids if client.replies.get(i)) < waiters:  # every 202 is back
+        client.connection.process_data_events(time_limit=0.2)
+    return ids
+
+
+def release_to_reply(releaser: MoltenIronClient, waiter: StampingClient, ids: list[str],
+                     rounds: int) -> dict:
+    """Release the node the previous one got; time until the next waiter's grant arrives."""
+    latencies = []
+    previous = "holder-queue"
+    for k in range(rounds):
+        sent = time.time()
+        releaser.release(previous)
+        reply = waiter.wait(ids[k], time.time() + 30)
+        assert reply and reply["status"] == 200, reply
+        latencies.append((waiter.arrivals[ids[k]] - sent) * 1000)
+        previous = f"w-{k:05d}"
+    return {"rounds": rounds, **percentiles(latencies)}
+
+
+def prune_rate(sandbox: Sandbox, rows: int, seconds: float) -> dict:
+    """Rows of expired stored replies the worker deletes per second."""
+    sandbox.sql("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
+                "SELECT CONCAT('old-', seq), 'release', '{}', '2000-01-01' "
+                f"FROM seq_1_to_{rows}")
+    started = time.time()
+    left = rows
+    while time.time() - started < seconds and left:
+        time.sleep(0.5)
+        left = sandbox.sql("SELECT COUNT(*) FROM processed_requests "
+                           "WHERE request_id LIKE 'old-%'")[0][0]
+    elapsed = time.time() - started
+    return {"rows": rows, "pruned": rows - left, "seconds": round(elapsed, 1),
+            "rows_per_s": round((rows - left) / elapsed, 0)}
+
+
+def rss_mb(sandbox: Sandbox) -> float:
+    status = open(f"/proc/{sandbox.workers[0].pid}/status").read()
+    return round(int(next(line.split()[1] for line in status.splitlines()
+                          if line.startswith("VmRSS"))) / 1024, 1)
+
+
+def run(nodes: int, waiters: int, seconds: float, rounds: int) -> dict:
+    sandbox = Sandbox("large")
+    try:
+        add_nodes(sandbox, nodes)
+        add_nodes(sandbox, QUEUE_NODES, node_pool="queue", prefix="q")
+        started = time.perf_counter()
+        sandbox.start_worker()
+        sandbox.wait_answering(timeout=300)
+        result: dict = {"nodes": nodes, "waiters": waiters,
+                        "takeover_s": round(time.perf_counter() - started, 2)}
+        result["cycles_20"] = run_cycles(sandbox.amqp_url, 20, seconds).summary()
+        with MoltenIronClient(sandbox.amqp_url, timeout=300) as admin, \
+                StampingClient(sandbox.amqp_url, timeout=300).connect() as waiter:
+            admin.allocate("holder-queue", QUEUE_NODES, node_pool="queue", wait=None)
+            started = time.perf_counter()
+            ids = fill_queue(waiter, waiters)
+            result["queue_filled_s"] = round(time.perf_counter() - started, 2)
+            result["waiting"] = timed(admin.waiting)
+            result["status_all"] = timed(admin.status, runs=3)
+            result["status_filtered"] = timed(
+                lambda: admin.call("status", {"state": "allocated", "owner": "holder-queue"}))
+            result["release_to_reply"] = release_to_reply(admin, waiter, ids, rounds)
+            result["worker_rss_mb"] = rss_mb(sandbox)
+        result["prune"] = prune_rate(sandbox, 50_000, 30)
+        return result
+    finally:
+        sandbox.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.large", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=100_000)
+    parser.add_argument("--waiters", type=int, default=10_000)
+    parser.add_argument("--quick", action="store_true", help="10,000 nodes, 1,000 waiters")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.nodes, args.waiters = 10_000, 1_000
+    result = run(args.nodes, args.waiters, 2.0 if args.quick else 10.0, 50 if args.quick else 200)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
