@@ -186,6 +186,7 @@ class MoltenIronClient:
         request = protocol.new_request("allocate", {
             "owner": owner, "count": count, "node_pool": node_pool, "wait": wait is not None,
             "wait_seconds": wait, "lease_seconds": lease_seconds})
+        self.connect()  # unreachable here: nothing was sent, so there is nothing to cancel
         if on_sent:
             on_sent(request.id)
         try:

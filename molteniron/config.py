@@ -77,9 +77,12 @@ def load_config(path: str | None = None, conf_dir: str | None = None,
 
 def with_password(url: str, password: str) -> str:
     """The URL with its password replaced (so the file need not hold it)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        user = quote(parts.username or "", safe="")
+    except ValueError as exc:  # the URL itself is malformed: say so without echoing it
+        raise ConfigError(f"a URL given with a password override is malformed: {exc}") from None
     host = parts.netloc.rpartition("@")[2]  # as written: keeps [IPv6] brackets and port
-    user = quote(parts.username or "", safe="")
     netloc = f"{user}:{quote(password, safe='')}@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
 

@@ -137,7 +137,24 @@ def test_unknown_key_names_the_key(tmp_path):
     assert info.value.status == 400
 
 
+def test_a_malformed_url_with_a_password_override_is_a_config_error_not_a_traceback():
+    with pytest.raises(ConfigError, match="malformed") as info:
+        load_config(env={"MOLTENIRON_AMQP_URL": "amqp://[bad",
+                         "MOLTENIRON_AMQP_PASSWORD": "s3cret"})
+    assert "s3cret" not in info.value.message
+
+
+def test_lease_keys_default_and_the_default_lease_may_not_pass_the_cap(tmp_path):
+    defaults = load_config(env={})
+    assert (defaults.lease_seconds, defaults.max_lease_seconds) == (21600, 604800)
+    assert defaults.history_retention == 90 * 86400
+    path = write(tmp_path / "c.yaml", "lease_seconds: 7200\nmax_lease_seconds: 3600\n")
+    with pytest.raises(ConfigError, match="max_lease_seconds"):
+        load_config(str(path), env={})
+
+
 @pytest.mark.parametrize("key, value", [
+    ("lease_seconds", "0"), ("max_lease_seconds", "1.5"), ("history_retention", "-1"),
     ("prefetch", "lots"), ("prefetch", "true"), ("prefetch", 2.5), ("prefetch", "[1, 2]"),
     ("allocate_wait", "soon"), ("request_timeout", "{a: 1}"), ("tick_interval", "null"),
     ("db_url", "5"), ("db_url", "''"), ("amqp_url", "[amqp://x]"), ("prefetch", "0"),
