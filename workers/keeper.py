@@ -261,6 +261,7 @@ class PoolKeeper:
 
     def _on_tick(self, batch: Batch) -> None:
         self.waiters.expire(batch)
+        self.waiters.probe_blocking_heads(batch, self.state)
         for owner, records in self.state.expire(batch.now).items():
             batch.touched_pools.update(r["node_pool"] for r in records)
             log.info("event=lease_expired owner=%s nodes=%d", owner, len(records))

@@ -127,6 +127,21 @@ class Waiters:
                 expired += 1
         return expired
 
+    def probe_blocking_heads(self, batch: Batch, state: PoolState) -> int:
+        """Remind each head waiter that keeps ready nodes idle that it waits (mandatory).
+
+        A client killed while waiting sent no cancel; if its reply comes back
+        unroutable, the keeper cancels it and the waiters behind it are served.
+        """
+        probed = 0
+        for node_pool, queue in self.by_pool.items():
+            if state.ready.get(node_pool):
+                head = next(iter(queue.values()))
+                batch.reply(head.reply_to, head.correlation_id, head.request_id,
+                            {"status": QUEUED, "queued": True, "position": 1})
+                probed += 1
+        return probed
+
     def cancel(self, batch: Batch, request_id: str, why: str) -> Waiter:
         """Remove one waiter; its client gets a cancelled reply (if it still listens)."""
         waiter = self.by_request[request_id]
