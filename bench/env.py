@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 from urllib.parse import quote
 
 from sqlalchemy import make_url, text
@@ -27,22 +28,34 @@ def rabbitmqctl(*args: str) -> str:
     return done.stdout
 
 
-class Sandbox:
-    """A vhost + database made for one run and removed by close()."""
+default_rabbitmqctl = rabbitmqctl  # Sandbox's parameter of the same name shadows it
 
-    def __init__(self, label: str):
+
+class Sandbox:
+    """A vhost + database made for one run and removed by close().
+
+    By default on the machine's services (AMQP_URL, DB_URL, plain rabbitmqctl); give
+    `amqp_url`, `db_url` and a `rabbitmqctl(*args) -> str` to run elsewhere, e.g. on
+    the private instances of bench/private.py.
+    """
+
+    def __init__(self, label: str, amqp_url: str | None = None, db_url: str | None = None,
+                 rabbitmqctl: Callable[..., str] | None = None):
         self.name = f"molteniron_{label}_{uuid.uuid4().hex[:8]}"
-        rabbitmqctl("add_vhost", self.name)
-        user = make_url_user(AMQP_URL)
-        rabbitmqctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
-        self.amqp_url = f"{AMQP_URL.rsplit('/', 1)[0]}/{quote(self.name, safe='')}"
-        self.db_url = make_url(DB_URL).set(database=self.name).render_as_string(hide_password=False)
+        amqp_url = amqp_url or AMQP_URL
+        self.rabbitmqctl = rabbitmqctl or default_rabbitmqctl
+        self.rabbitmqctl("add_vhost", self.name)
+        user = make_url_user(amqp_url)
+        self.rabbitmqctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
+        self.amqp_url = f"{amqp_url.rsplit('/', 1)[0]}/{quote(self.name, safe='')}"
+        self.db_url = make_url(db_url or DB_URL).set(database=self.name).render_as_string(
+            hide_password=False)
         try:
             db.create_database(self.db_url)
             self.engine = db.make_engine(self.db_url)
             db.migrate(self.engine)
         except Exception:  # whatever failed, the vhost made above must not stay behind
-            rabbitmqctl("delete_vhost", self.name)
+            self.rabbitmqctl("delete_vhost", self.name)
             raise
         self.workers: list[subprocess.Popen] = []
         self.logdir = ROOT / "bench" / "logs"
@@ -94,7 +107,7 @@ class Sandbox:
         with server.begin() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{self.name}`"))
         server.dispose()
-        rabbitmqctl("delete_vhost", self.name)
+        self.rabbitmqctl("delete_vhost", self.name)
 
 
 def stop_processes(processes: list[subprocess.Popen], grace: float = 20) -> None:

@@ -5,22 +5,22 @@
 
 After each fault: the invariants hold and the pool answers again (the time it
 took is the failover/recovery time). At the end: no client hung past its
-deadline, and the soak's database and client checks pass. Restarts affect the
-whole local broker and database: run it on a machine of its own.
+deadline, and the soak's database and client checks pass. The run has a
+private MariaDB and a private RabbitMQ node of its own (bench/private.py, on
+free ports, removed at the end): the restarts never touch the machine's
+shared services, so it may run beside other work.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 
-from bench.soak import (Clients, check_clients, check_database, prepare, report, summarize,
-                        wait_settled)
+from bench.env import Sandbox, add_nodes
+from bench.private import PrivateMariaDB, PrivateRabbitMQ
+from bench.soak import Clients, check_clients, check_database, report, summarize, wait_settled
 
 # Longest a client call may take: allocate's wait + grace + a reconnect-and-cancel, or a timeout.
 LONGEST_CALL = 5.0 + 5.0 + 30.0 + 60.0
@@ -35,38 +35,12 @@ def kill_active_worker(sandbox) -> None:
     sandbox.start_worker()  # the next standby
 
 
-def restart_broker(sandbox) -> None:
-    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
-    subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+def restart_broker(rabbit: PrivateRabbitMQ) -> None:
+    rabbit.restart()  # stop_app/start_app: every connection drops, durable queues stay
 
 
-def restart_database(sandbox) -> None:
-    pid = int(subprocess.check_output(["pgrep", "-x", "mariadbd"]).split()[0])
-    os.kill(pid, signal.SIGTERM)
-    # Wait for the process itself, not the port: start-stop-daemon --oknodo does
-    # nothing while the old server is still shutting down.
-    deadline = time.time() + 120
-    while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
-        time.sleep(0.1)
-    os.makedirs("/run/mysqld", exist_ok=True)
-    subprocess.run(["chown", "mysql:mysql", "/run/mysqld"], check=True)
-    subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--chuid", "mysql",
-                    "--exec", "/usr/sbin/mariadbd"], check=True)
-    _wait_port(3306, open_=True)
-
-
-def _wait_port(port: int, open_: bool, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            is_open = True
-        except OSError:
-            is_open = False
-        if is_open == open_:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"port {port} did not {'open' if open_ else 'close'} within {timeout}s")
+def restart_database(mariadb: PrivateMariaDB) -> None:
+    mariadb.restart()
 
 
 def answered_again(sandbox, since: float, timeout: float = 120) -> float:
@@ -83,10 +57,6 @@ def answered_again(sandbox, since: float, timeout: float = 120) -> float:
     raise RuntimeError(f"the pool did not answer within {timeout}s of the fault")
 
 
-FAULTS = {"worker_kill": kill_active_worker, "broker_restart": restart_broker,
-          "db_restart": restart_database}
-
-
 def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
         nodes: int = 20, seed: int = 7) -> dict:
     plan = ["worker_kill"] * kills
@@ -94,36 +64,45 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
         for i in range(count):  # spread the restarts among the kills
             plan.insert((i + 1) * len(plan) // (count + 1), kind)
     seconds = 10 + 4 * kills + 25 * (broker_restarts + db_restarts)
-    sandbox = prepare(nodes, workers=2)
-    clients_running = None
-    try:
-        names = {r[0] for r in sandbox.sql("SELECT name FROM nodes")}
-        clients_running = Clients(sandbox.amqp_url, clients, seconds, seed)
-        started = time.time()
-        recoveries, problems = [], []
-        for n, kind in enumerate(plan):
-            time.sleep(max(0.0, started + 3 + n * (seconds - 8) / len(plan) - time.time()))
-            at = time.time()
-            FAULTS[kind](sandbox)
-            recovered = answered_again(sandbox, at)
-            recoveries.append({"fault": kind, "recovered_s": round(recovered, 2)})
-            problems += [f"after {kind} #{n}: {p}" for p in check_database(sandbox, names, False)]
-        outcomes = clients_running.finish()
-        wait_settled(sandbox)
-        problems += check_database(sandbox, names, settled=True) + check_clients(sandbox, outcomes)
-        slow = [o for o in outcomes if o.finished - o.started > LONGEST_CALL]
-        problems += [f"{o.client} {o.op} took {o.finished - o.started:.1f}s" for o in slow]
-        by_kind = {}
-        for r in recoveries:
-            by_kind.setdefault(r["fault"], []).append(r["recovered_s"])
-        return {"clients": clients, "seconds": seconds, "faults": len(plan),
-                "recovery_s": {k: {"max": max(v), "median": sorted(v)[len(v) // 2], "count": len(v)}
-                               for k, v in by_kind.items()},
-                **summarize(outcomes), "problems": problems, "ok": not problems}
-    finally:
-        if clients_running:
-            clients_running.stop()
-        sandbox.close()
+    with PrivateMariaDB() as mariadb, PrivateRabbitMQ() as rabbit:
+        sandbox = Sandbox("faults", amqp_url=rabbit.url, db_url=mariadb.url, rabbitmqctl=rabbit.ctl)
+        faults = {"worker_kill": lambda: kill_active_worker(sandbox),
+                  "broker_restart": lambda: restart_broker(rabbit),
+                  "db_restart": lambda: restart_database(mariadb)}
+        clients_running = None
+        try:
+            add_nodes(sandbox, nodes // 2, "a", prefix="a")  # the soak's two pools
+            add_nodes(sandbox, nodes - nodes // 2, "b", prefix="b")
+            for _ in range(2):
+                sandbox.start_worker()
+            sandbox.wait_answering()
+            names = {r[0] for r in sandbox.sql("SELECT name FROM nodes")}
+            clients_running = Clients(sandbox.amqp_url, clients, seconds, seed)
+            started = time.time()
+            recoveries, problems = [], []
+            for n, kind in enumerate(plan):
+                time.sleep(max(0.0, started + 3 + n * (seconds - 8) / len(plan) - time.time()))
+                at = time.time()
+                faults[kind]()
+                recovered = answered_again(sandbox, at)
+                recoveries.append({"fault": kind, "recovered_s": round(recovered, 2)})
+                problems += [f"after {kind} #{n}: {p}" for p in check_database(sandbox, names, False)]
+            outcomes = clients_running.finish()
+            wait_settled(sandbox)
+            problems += check_database(sandbox, names, settled=True) + check_clients(sandbox, outcomes)
+            slow = [o for o in outcomes if o.finished - o.started > LONGEST_CALL]
+            problems += [f"{o.client} {o.op} took {o.finished - o.started:.1f}s" for o in slow]
+            by_kind = {}
+            for r in recoveries:
+                by_kind.setdefault(r["fault"], []).append(r["recovered_s"])
+            return {"clients": clients, "seconds": seconds, "faults": len(plan),
+                    "recovery_s": {k: {"max": max(v), "median": sorted(v)[len(v) // 2],
+                                       "count": len(v)} for k, v in by_kind.items()},
+                    **summarize(outcomes), "problems": problems, "ok": not problems}
+        finally:
+            if clients_running:
+                clients_running.stop()
+            sandbox.close()
 
 
 def main(argv: list[str] | None = None) -> int:
