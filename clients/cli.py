@@ -32,10 +32,6 @@ configuration: --config FILE, -c DIR (DIR/conf.yaml), $MOLTENIRON_CONFIG or
 """
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived (Jenkins aborting the job, or Ctrl-C)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="molteniron", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -134,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     client = MoltenIronClient(config.amqp_url, args.timeout or config.request_timeout)
     # SIGINT explicitly too: Python leaves it ignored when it was ignored at start
     # (`molteniron allocate ... &` in a script), and a waiting allocate must be cancelled.
-    previous = {signum: signal.signal(signum, _raise_interrupted)
+    def interrupt(signum, frame):
+        client.interrupted = True
+        raise errors.Interrupted()
+    previous = {signum: signal.signal(signum, interrupt)
                 for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         reply = run_command(client, args, config)
     except errors.MoltenIronError as exc:
         return _fail(exc, args)
-    except (Interrupted, KeyboardInterrupt):
+    except (errors.Interrupted, KeyboardInterrupt):
         print("molteniron: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
@@ -192,11 +191,12 @@ def _allocate(client, args, config) -> dict:
     try:
         return client.allocate(args.owner_name, args.number_of_nodes, args.node_pool, wait,
                                lease_seconds=args.lease, on_progress=progress, on_sent=sent.append)
-    except (Interrupted, KeyboardInterrupt):
+    except (errors.Interrupted, KeyboardInterrupt):
         if sent:  # whatever state the request is in, it must not leave us owning nodes
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             client.close()  # the interrupted connection may be mid-read
+            client.interrupted = False  # the signals are ignored now: failures are real
             client.cancel(sent[0], quiet=True)
         raise
     finally:
@@ -258,10 +258,6 @@ def _without_envelope(reply: dict) -> dict:
 
 def _fields(args, names) -> dict:
     return {name: getattr(args, name) for name in names}
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted()
 
 
 def _positive(text: str) -> float:

@@ -36,6 +36,7 @@ class MoltenIronClient:
         self.channel = None
         self.reply_queue = None
         self.replies: dict[str, list[dict]] = {}
+        self.interrupted = False  # set by a signal handler before it raises errors.Interrupted
 
     # --- connection ------------------------------------------------------------
 
@@ -55,8 +56,7 @@ class MoltenIronClient:
             self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
         except (AMQPError, OSError) as exc:
             self.connection = None
-            raise errors.ServiceUnavailable(
-                f"cannot reach RabbitMQ at {_safe(params)}: {_why(exc)}") from None
+            raise self._lost(f"cannot reach RabbitMQ at {_safe(params)}: {_why(exc)}") from None
         return self
 
     def close(self) -> None:
@@ -97,7 +97,7 @@ class MoltenIronClient:
             raise errors.ServiceUnavailable("the broker refused the request (nack)") from None
         except (AMQPError, OSError) as exc:
             self.connection = None
-            raise errors.ServiceUnavailable(f"lost RabbitMQ while sending: {_why(exc)}") from None
+            raise self._lost(f"lost RabbitMQ while sending: {_why(exc)}") from None
 
     def wait(self, request_id: str, until: float,
              on_progress: Callable[[dict | None], None] | None = None,
@@ -128,7 +128,14 @@ class MoltenIronClient:
                     on_progress(None)
         except (AMQPError, OSError) as exc:
             self.connection = None
-            raise errors.ServiceUnavailable(f"lost RabbitMQ while waiting: {_why(exc)}") from None
+            raise self._lost(f"lost RabbitMQ while waiting: {_why(exc)}") from None
+
+    def _lost(self, message: str) -> Exception:
+        # A signal handler that raises inside pika's socket I/O comes out as a lost
+        # connection: say what really happened.
+        if self.interrupted:
+            return errors.Interrupted()
+        return errors.ServiceUnavailable(message)
 
     def call(self, op: str, args: dict | None = None, timeout: float | None = None) -> dict:
         """Send a request that does not wait for nodes; return its reply or raise its error.

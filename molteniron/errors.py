@@ -101,6 +101,12 @@ class RequestQueued(MoltenIronError):
         return {**super().to_reply(), "queued": True}
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived on the client side (Jenkins aborting a job, Ctrl-C).
+
+    Not a MoltenIronError: no reply carries it; the CLI exits 130 for it."""
+
+
 _BY_KIND = {
     cls.__name__: cls
     for cls in (

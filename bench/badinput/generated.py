@@ -56,6 +56,9 @@ def contextual(arg: Arg, kinds: frozenset) -> st.SearchStrategy | None:
         "ipmi_ip": st.ip_addresses().map(str),
         "cpus": st.integers(0, 1024), "ram_mb": st.integers(0, 2 ** 31),
         "disk_gb": st.integers(0, 2 ** 31),
+        "wait_seconds": st.floats(-1, 2) | st.integers(-1, 2),
+        "lease_seconds": st.integers(-1, 10 ** 7),
+        "state": st.sampled_from([*protocol.NODE_STATES, "bogus"]),
         "pairs": st.lists(st.tuples(st.text(max_size=10), st.text(max_size=10)).map("=".join),
                           max_size=4),
     }.get(arg.name)
@@ -64,6 +67,7 @@ def contextual(arg: Arg, kinds: frozenset) -> st.SearchStrategy | None:
 def well_typed(arg: Arg, kinds: frozenset) -> st.SearchStrategy:
     kinds_of_arg = arg.kind if isinstance(arg.kind, tuple) else (arg.kind,)
     typed = {str: hostile_text(kinds, min(arg.max_length + 5, 300)), int: st.integers(),
+             float: st.floats(allow_nan=True, allow_infinity=True),
              bool: st.booleans(), list: st.lists(hostile_text(kinds, 20), max_size=4),
              dict: st.dictionaries(st.text(max_size=8), json_values(), max_size=4)}
     strategy = st.one_of(*(typed[k] for k in kinds_of_arg))
