@@ -10,12 +10,16 @@ import json
 from datetime import datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
 from molteniron import compat, errors, pool
+from molteniron.models import Node
+from workers.state import PoolState
 
 HARDWARE = ("ipmi_user", "ipmi_password", "port_hwaddr", "cpu_arch", "cpus", "ram_mb",
             "disk_gb")
 WHEN = datetime(2024, 3, 4, 5, 6, 7, 890123)
+LEASE_ENDS = WHEN + timedelta(hours=6)
 
 
 def add(session, name, node_pool="default", password="hunter2-secret", **kw):
@@ -26,15 +30,25 @@ def add(session, name, node_pool="default", password="hunter2-secret", **kw):
     return pool.add_baremetal(session, name, **args)
 
 
+def allocate(session, owner, count, node_pool="default", now=WHEN):
+    """Allocate as the worker does (PoolState, then its flush) and commit; return the nodes."""
+    state = PoolState()
+    state.load(session)
+    records = state.allocate(owner, count, node_pool, None, now, now + timedelta(hours=6))
+    state.flush(session, now)
+    session.commit()
+    return list(session.scalars(select(Node).where(Node.id.in_([r["id"] for r in records]))
+                                .order_by(Node.id)))
+
+
 @pytest.fixture
 def allocated(session):
-    """Two nodes allocated to "job-7" in pool "gpu" at WHEN, plus one ready node."""
+    """Two nodes allocated to "job-7" in pool "gpu" at WHEN for 6 hours, plus one ready node."""
     add(session, "n1", "gpu", allocation_pool="10.1.0.1,10.1.0.2")
     add(session, "n2", "gpu", allocation_pool="10.2.0.1")
     add(session, "spare", "gpu")
-    nodes = pool.allocate(session, "job-7", 2, node_pool="gpu", now=WHEN)
     session.commit()
-    return nodes
+    return allocate(session, "job-7", 2, node_pool="gpu")
 
 
 def test_nodes_reply_shape_matches_the_original(session, allocated):
@@ -45,7 +59,7 @@ def test_nodes_reply_shape_matches_the_original(session, allocated):
     assert list(reply["nodes"]) == [f"node_{n1.id}", f"node_{n2.id}"]
     first = reply["nodes"][f"node_{n1.id}"]
     assert set(first) == {"id", "name", "ipmi_ip", "blob", "allocation_pool", "status",
-                          "provisioned", "timestamp", "node_pool"}
+                          "provisioned", "timestamp", "node_pool", "lease_expires_at"}
     assert first["id"] == n1.id and isinstance(first["id"], int)
     assert first["name"] == "n1"
     assert first["ipmi_ip"] == "10.0.0.2"
@@ -56,6 +70,7 @@ def test_nodes_reply_shape_matches_the_original(session, allocated):
     assert first["node_pool"] == "gpu"
     assert isinstance(first["timestamp"], str)
     assert datetime.fromisoformat(first["timestamp"]) == WHEN.replace(microsecond=0)
+    assert first["lease_expires_at"] == LEASE_ENDS.isoformat(timespec="seconds")
 
 
 def test_nodes_reply_blob_is_a_json_string_of_the_hardware_fields(session, allocated):
@@ -71,7 +86,8 @@ def test_nodes_reply_blob_is_a_json_string_of_the_hardware_fields(session, alloc
 def test_nodes_reply_blob_includes_extra_keys(session):
     pool.add_json_blob(session, "x1", "10.0.0.1", "10.1.0.1",
                        {"cpus": 2, "ipmi_user": "u", "rack": "r4"})
-    node = pool.allocate(session, "job", 1)[0]
+    session.commit()
+    node = allocate(session, "job", 1)[0]
     blob = json.loads(compat.nodes_reply([pool.node_record(node)])
                       ["nodes"][f"node_{node.id}"]["blob"])
     assert blob["rack"] == "r4"
@@ -91,6 +107,7 @@ def test_node_json_of_a_ready_node(session):
     assert item["status"] == "ready"
     assert item["provisioned"] == ""
     assert item["timestamp"] is None
+    assert item["lease_expires_at"] is None
 
 
 def test_nodes_reply_empty(session):
@@ -120,7 +137,10 @@ def test_error_reply_shape():
 # --- status tables -------------------------------------------------------------------
 
 def records(session):
-    return [pool.node_record(n) for n in pool.status_rows(session)]
+    """Every node's record as the worker's status reads them: from its PoolState."""
+    state = PoolState()
+    state.load(session)
+    return [state.nodes[i] for i in sorted(state.nodes)]
 
 
 NOW = WHEN.replace(microsecond=0) + timedelta(hours=1, minutes=2, seconds=3)
@@ -134,13 +154,13 @@ def test_status_human_table(session, allocated):
     assert len({len(line) for line in lines}) == 1   # columns aligned
     header = [c.strip() for c in lines[1].strip("+").split("+")]
     assert header == ["id", "name", "ipmi_ip", "blob", "status", "provisioned", "time",
-                      "node_pool"]
+                      "node_pool", "lease_ends"]
     rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[3:6]]
     assert rows[0][:3] == [str(n1.id), "n1", "10.0.0.2"]
     assert json.loads(rows[0][3])["cpus"] == 8
-    assert rows[0][4:] == ["allocated", "job-7", "1:02:03", "gpu"]
+    assert rows[0][4:] == ["allocated", "job-7", "1:02:03", "gpu", "2024-03-04T11:06:07"]
     assert rows[2][1] == "spare"
-    assert rows[2][4:] == ["ready", "", "", "gpu"]
+    assert rows[2][4:] == ["ready", "", "", "gpu", ""]
 
 
 def test_status_baremetal_human_lists_hardware_columns(session, allocated):
@@ -149,11 +169,11 @@ def test_status_baremetal_human_lists_hardware_columns(session, allocated):
     assert len({len(line) for line in lines}) == 1
     header = [c.strip() for c in lines[1].strip("+").split("+")]
     assert header == ["id", "name", "ipmi_ip", *HARDWARE, "status", "provisioned", "time",
-                      "node_pool"]
+                      "node_pool", "lease_ends"]
     cells = [c.strip() for c in lines[3].strip("|").split("|")]
-    assert cells[1:14] == ["n1", "10.0.0.2", "admin", "hunter2-secret", "52:54:00:aa:bb:cc",
+    assert cells[1:15] == ["n1", "10.0.0.2", "admin", "hunter2-secret", "52:54:00:aa:bb:cc",
                            "x86_64", "8", "16384", "500", "allocated", "job-7", "1:02:03",
-                           "gpu"]
+                           "gpu", "2024-03-04T11:06:07"]
 
 
 def test_status_table_widens_for_long_values(session):
@@ -170,9 +190,9 @@ def test_status_csv(session, allocated):
     lines = text.splitlines()
     assert len(lines) == 3
     assert lines[0].startswith(f"{n1.id},n1,10.0.0.2,")
-    assert lines[0].endswith(",allocated,job-7,1:02:03,gpu,")
+    assert lines[0].endswith(",allocated,job-7,1:02:03,gpu,2024-03-04T11:06:07,")
     assert lines[1].startswith(f"{n2.id},n2,")
-    assert lines[2].endswith(",ready,,,gpu,")
+    assert lines[2].endswith(",ready,,,gpu,,")
 
 
 def test_status_baremetal_csv(session, allocated):
@@ -180,7 +200,7 @@ def test_status_baremetal_csv(session, allocated):
     lines = compat.status_text(records(session), True, "csv", now=NOW).splitlines()
     assert len(lines) == 3
     assert lines[0] == (f"{n1.id},n1,10.0.0.2,admin,hunter2-secret,52:54:00:aa:bb:cc,x86_64,"
-                        "8,16384,500,allocated,job-7,1:02:03,gpu,")
+                        "8,16384,500,allocated,job-7,1:02:03,gpu,2024-03-04T11:06:07,")
 
 
 @pytest.mark.parametrize("baremetal", [False, True])
@@ -213,4 +233,5 @@ def test_without_secrets_only_hides_the_password(session):
 def test_status_of_an_empty_pool(session):
     assert compat.status_text([], False, "csv") == ""
     lines = compat.status_text([], False, "human").splitlines()
-    assert len(lines) == 4 and "node_pool" in lines[1]
+    assert len(lines) == 4
+    assert [c.strip() for c in lines[1].strip("+").split("+")][-2:] == ["node_pool", "lease_ends"]

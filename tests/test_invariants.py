@@ -1,231 +1,423 @@
-"""A seeded random workload against the real database, then the pool's invariants by SQL.
+"""A seeded random workload through the worker's real path, checked after every batch.
 
-The loop also keeps a small model of every node (pool, state, owner) built only
-from what the pool functions returned, and checks each operation's outcome
-(which nodes, which error) against it, so a wrong node or a wrong error is
-caught where it happens, not only at the end.
+PoolKeeper.commit gets random batches of requests (decoded as the worker decodes
+them), the interim replies of clients that went away and grant outcomes from the
+broker, the way the worker hands them over. Between batches a keeper may be told
+to reload, a batch may fail (its flush breaks, or the database refuses it), and a
+second keeper may take the pool over. After every batch that commits, what the
+keeper holds in memory must equal the database, and the database must keep the
+pool's invariants; after every batch that fails, the database must be unchanged.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import text
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
-from molteniron import errors, pool
+from molteniron import errors, pool, protocol
+from molteniron.config import Config
+from molteniron.models import Base, Node
+from tests.conftest import empty_tables
+from workers import keeper as keeper_module
+from workers.batch import Batch
+from workers.state import PoolState
 
+SEED = 20240517
+BATCHES = 400
 POOLS = ("p0", "p1", "p2")
-OWNERS = tuple(f"owner{i}" for i in range(12))
-STATES = {"ready", "allocated", "dirty", "maintenance"}
-OPERATIONS = 3000
+OWNERS = tuple(f"owner{i}" for i in range(8))
+DOOMED = "doomed"  # the database refuses to record an allocation for this owner
+MAX_NODES = 36
 
 
-class Model:
+@dataclass
+class Properties:
+    """What the keeper reads of a delivery's AMQP properties."""
+    reply_to: str | None
+    correlation_id: str | None
+
+
+class InjectedFailure(Exception):
+    """A batch's transaction breaks after its writes were sent (then it rolls back)."""
+
+
+class Clock:
+    """The time the keeper stamps on each batch, moved on by the test.
+
+    Leases and waits of a few seconds end without the test sleeping, and the
+    run is the same every time for a given seed.
+    """
+
     def __init__(self):
-        self.nodes: dict[int, dict] = {}      # id -> {"pool", "state", "owner", "name"}
+        self.now = pool.utcnow()
+        self.unix = time.time()
 
-    def ready(self, node_pool):
-        return sorted(i for i, n in self.nodes.items()
-                      if n["pool"] == node_pool and n["state"] == "ready")
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+        self.unix += seconds
 
-    def capacity(self, node_pool):
-        return sum(1 for n in self.nodes.values()
-                   if n["pool"] == node_pool and n["state"] != "maintenance")
-
-    def owned(self, owner):
-        return sorted(i for i, n in self.nodes.items() if n["owner"] == owner)
+    def batch(self, session) -> Batch:
+        return Batch(session, now=self.now, clock=self.unix)
 
 
-def run_workload(session, seed):
-    rng = random.Random(seed)
-    model = Model()
-    added: set[str] = set()
-    requests: dict[str, list[int]] = {}    # request id -> node ids it was granted and holds
-    outcomes = Counter()
-    serial = 0
+@pytest.fixture
+def clock(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(keeper_module, "Batch", clock.batch)
+    return clock
 
-    def expect(error_type, call):
-        """Run call; it must raise exactly error_type (or succeed if None)."""
-        try:
-            result = call()
-        except errors.MoltenIronError as exc:
-            session.rollback()
-            assert type(exc) is error_type, (f"step {step}: expected "
-                                             f"{getattr(error_type, '__name__', 'success')}, "
-                                             f"got {type(exc).__name__}: {exc.message}")
-            outcomes[type(exc).__name__] += 1
-            return None
-        session.commit()
-        assert error_type is None, f"step {step}: expected {error_type.__name__}, got success"
-        outcomes["ok"] += 1
-        return result
 
-    for step in range(OPERATIONS):
+@pytest.fixture
+def keepers(engine, database_url):
+    """Two workers' keepers over the same, empty pool."""
+    empty_tables(engine)
+    config = Config(db_url=database_url)
+    pair = (keeper_module.PoolKeeper(config, "worker-a"),
+            keeper_module.PoolKeeper(config, "worker-b"))
+    yield pair
+    for keeper in pair:
+        keeper.close()
+
+
+@pytest.fixture
+def database_refuses_doomed(engine):
+    with engine.begin() as conn:
+        conn.execute(text(
+            f"CREATE TRIGGER refuse_doomed BEFORE INSERT ON allocations FOR EACH ROW "
+            f"IF NEW.owner = '{DOOMED}' THEN "
+            f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'allocation refused by the test'; "
+            f"END IF"))
+    yield
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER IF EXISTS refuse_doomed"))
+
+
+# --- the workload ---------------------------------------------------------------------
+
+def request(op, **args):
+    """A request as the worker gets it: made by a client, decoded (defaults filled in)."""
+    return protocol.decode_request(protocol.new_request(op, args).to_body())
+
+
+class Workload:
+    """Random requests aimed at what the pool holds now (read from the active keeper)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.serial = 0
+        self.names: list[str] = []
+        self.allocates: list[str] = []         # request ids of allocates sent so far
+        self.handled: list[protocol.Request] = []  # committed requests, for redeliveries
+        self.op_of: dict[str, str] = {}
+
+    def next_batch(self, keeper) -> tuple[list, list]:
+        rng = self.rng
+        requests = [self.random_request(keeper) for _ in range(rng.randint(1, 6))]
+        if self.handled and rng.random() < 0.05:  # the broker delivers one again
+            requests.insert(rng.randrange(len(requests) + 1), rng.choice(self.handled[-200:]))
+        returned = []
+        waiting = sorted(keeper.waiters.by_request)
+        if waiting and rng.random() < 0.08:  # a waiting client went away
+            waiter = keeper.waiters.by_request[rng.choice(waiting)]
+            returned.append((waiter.reply_to, {"id": waiter.request_id, "status": 202}))
+        return requests, returned
+
+    def random_request(self, keeper) -> protocol.Request:
+        rng = self.rng
+        nodes = sorted(keeper.state.nodes)
         roll = rng.random()
-        if roll < 0.16 or not model.nodes:                      # add a node
-            if added and rng.random() < 0.1:
-                name = rng.choice(sorted(added))
-                expect(errors.DuplicateNode, lambda: pool.add_baremetal(
-                    session, name, "10.0.0.1", "u", "p", "10.1.0.1", "aa", "x86", 1, 1, 1,
-                    rng.choice(POOLS)))
-                continue
-            serial += 1
-            name = f"node{serial:05d}"
-            node_pool = rng.choice(POOLS)
-            kind = rng.randrange(3)
-            if kind == 0:
-                call = lambda: pool.add_baremetal(
-                    session, name, f"10.0.{serial // 256}.{serial % 256}", "u", "p",
-                    f"10.9.0.{serial % 256},10.9.1.{serial % 256}", "aa:bb", "x86_64",
-                    rng.randint(1, 64), 1024, 10, node_pool)
-            elif kind == 1:
-                call = lambda: pool.add_keyvalue_pairs(
-                    session, name, "10.0.0.1", "10.9.0.1", ["cpus=2", 'ipmi_user="u"'],
-                    node_pool)
-            else:
-                call = lambda: pool.add_json_blob(
-                    session, name, "10.0.0.1", "10.9.0.1", '{"cpus": 4, "rack": "r1"}',
-                    node_pool)
-            node = expect(None, call)
-            added.add(name)
-            model.nodes[node.id] = {"pool": node_pool, "state": "ready", "owner": None,
-                                    "name": name}
-        elif roll < 0.45:                                       # allocate
-            owner, node_pool = rng.choice(OWNERS), rng.choice(POOLS)
-            count = rng.choice((1, 1, 1, 2, 2, 3, 5, 8, 0))
-            ready = model.ready(node_pool)
-            if count < 1:
-                error = errors.BadRequest
-            elif len(ready) >= count:
-                error = None
-            elif count > model.capacity(node_pool):
-                error = errors.PoolTooSmall
-            else:
-                error = errors.NotEnoughNodes
-            request_id = f"req{step}"
-            got = expect(error, lambda: pool.allocate(session, owner, count, node_pool,
-                                                      request_id=request_id))
-            if got is not None:
-                assert [n.id for n in got] == ready[:count], f"step {step}: not lowest ids"
-                for node in got:
-                    model.nodes[node.id].update(state="allocated", owner=owner)
-                requests[request_id] = [n.id for n in got]
-        elif roll < 0.62:                                       # release an owner
-            owner = rng.choice(OWNERS)
-            owned = model.owned(owner)
-            got = expect(None if owned else errors.OwnerNotFound,
-                         lambda: pool.release(session, owner))
-            if got is not None:
-                assert sorted(n.id for n in got) == owned
-                for node in got:
-                    model.nodes[node.id].update(state="ready", owner=None)
-                for ids in requests.values():
-                    ids[:] = [i for i in ids if i not in owned]
-        elif roll < 0.67:                                       # release one request
-            if not requests:
-                continue
-            request_id = rng.choice(sorted(requests))
-            held = sorted(requests.pop(request_id))
-            got = expect(None, lambda: pool.release_request(session, request_id))
-            assert sorted(n.id for n in got) == held, f"step {step}: release_request"
-            for node_id in held:
-                model.nodes[node_id].update(state="ready", owner=None)
-        elif roll < 0.80:                                       # maintenance toggles
-            node_id = rng.choice(sorted(model.nodes))
-            current = model.nodes[node_id]["state"]
-            target = rng.choice(("maintenance", "maintenance", "ready", "allocated"))
-            if target == current:
-                error = None
-            elif current == "allocated" or target == "allocated":
-                error = errors.Conflict
-            else:
-                error = None
-            if expect(error, lambda: pool.set_field(session, node_id, "status", target)):
-                model.nodes[node_id]["state"] = target
-        elif roll < 0.86:                                       # move a node to another pool
-            node_id = rng.choice(sorted(model.nodes))
-            target = rng.choice(POOLS)
-            error = errors.Conflict if model.nodes[node_id]["state"] == "allocated" else None
-            if expect(error, lambda: pool.set_field(session, node_id, "node_pool", target)):
-                model.nodes[node_id]["pool"] = target
-        elif roll < 0.92:                                       # other set_field calls
-            node_id = rng.choice(sorted(model.nodes))
-            case = rng.randrange(6)
-            if case == 0:
-                expect(None, lambda: pool.set_field(session, node_id, "cpus",
-                                                    str(rng.randint(0, 99)), "int"))
-            elif case == 1:
-                expect(None, lambda: pool.set_field(session, node_id, "port_hwaddr",
-                                                    f"aa:{step % 256:02x}"))
-            elif case == 2:
-                expect(errors.BadRequest, lambda: pool.set_field(session, node_id, "cpus", "x"))
-            elif case == 3:
-                expect(errors.BadRequest, lambda: pool.set_field(session, node_id, "owner",
-                                                                 rng.choice(OWNERS)))
-            elif case == 4:
-                other = rng.choice(sorted(added))
-                same = other == model.nodes[node_id]["name"]
-                expect(None if same else errors.DuplicateNode,
-                       lambda: pool.set_field(session, node_id, "name", other))
-            else:
-                expect(errors.NodeNotFound, lambda: pool.set_field(
-                    session, max(model.nodes) + 1000, "cpus", "1", "int"))
-        else:                                                   # reads
-            owner = rng.choice(OWNERS)
-            owned = model.owned(owner)
-            got = expect(None if owned else errors.OwnerNotFound,
-                         lambda: pool.get_field(session, owner, "provisioned"))
-            if got is not None:
-                assert got == [(i, owner) for i in owned]
-    return model, added, outcomes
+        if not nodes or (roll < 0.10 and len(nodes) < MAX_NODES):
+            req = self.add_node()
+        elif roll < 0.40:
+            args = dict(owner=rng.choice(OWNERS), count=rng.choice((1, 1, 1, 2, 2, 3, 5)),
+                        node_pool=rng.choice(POOLS), wait=rng.random() < 0.6)
+            if args["wait"]:
+                args["wait_seconds"] = rng.choice((None, 0, 1, 5, 20))
+            args["lease_seconds"] = rng.choice((None, 1, 2, 5, 30))
+            req = request("allocate", **args)
+            self.allocates.append(req.id)
+        elif roll < 0.52:
+            req = request("release", owner=rng.choice(OWNERS))
+        elif roll < 0.58:
+            req = request("renew", owner=rng.choice(OWNERS),
+                          lease_seconds=rng.choice((None, 1, 5, 30)))
+        elif roll < 0.64:
+            target = (rng.choice(self.allocates[-30:]) if self.allocates and rng.random() < 0.9
+                      else protocol.new_request("status").id)
+            req = request("cancel", request_id=target)
+        elif roll < 0.76:
+            req = request("set_field", id=rng.choice(nodes), key="status",
+                          value=rng.choice(("maintenance", "ready", "ready")))
+        elif roll < 0.82:
+            req = request("set_field", id=rng.choice(nodes), key="node_pool",
+                          value=rng.choice(POOLS))
+        elif roll < 0.87:
+            req = request("status", **rng.choice(({}, {"node_pool": rng.choice(POOLS)},
+                                                  {"owner": rng.choice(OWNERS)})))
+        elif roll < 0.998:
+            req = request("tick")
+        else:
+            req = request("delete_db")
+        self.op_of[req.id] = req.op
+        return req
+
+    def add_node(self) -> protocol.Request:
+        rng = self.rng
+        if self.names and rng.random() < 0.1:
+            name = rng.choice(self.names)  # taken: 409
+        else:
+            self.serial += 1
+            name = f"node{self.serial:04d}"
+            self.names.append(name)
+        return request("add_baremetal", name=name, ipmi_ip="10.0.0.1", ipmi_user="u",
+                       ipmi_password="p", allocation_pool=f"10.9.0.{self.serial % 256}",
+                       port_hwaddr="aa:bb", cpu_arch="x86_64", cpus=rng.randint(1, 64),
+                       ram_mb=1024, disk_gb=10, node_pool=rng.choice(POOLS))
+
+    def doomed_allocate(self) -> protocol.Request:
+        req = request("allocate", owner=DOOMED, count=1, node_pool=self.rng.choice(POOLS),
+                      wait=False)
+        self.op_of[req.id] = req.op
+        return req
+
+    def settle(self, in_outbox: set[str]) -> dict[str, str]:
+        """What the broker says of grants sent earlier: most arrive, some come back."""
+        outcomes = {}
+        for request_id in sorted(in_outbox):
+            if self.rng.random() < 0.5:
+                outcomes[request_id] = "undo" if self.rng.random() < 0.15 else "delivered"
+        return outcomes
 
 
-def test_random_workload_keeps_the_pool_consistent(session, engine):
-    started = time.monotonic()
-    model, added, outcomes = run_workload(session, seed=20240517)
-    elapsed = time.monotonic() - started
-    session.close()
+def commit(keeper, requests, returned, settled):
+    items = [(None, Properties(None if r.op == "tick" else f"reply-{r.id}", r.id), r)
+             for r in requests]
+    return keeper.commit(items, list(returned), dict(settled))
 
-    # The workload really exercised both the success and the error paths.
-    assert outcomes["ok"] > 1500
-    for kind in ("NotEnoughNodes", "PoolTooSmall", "OwnerNotFound", "Conflict",
-                 "DuplicateNode", "BadRequest", "NodeNotFound"):
-        assert outcomes[kind] > 0, (kind, outcomes)
-    assert elapsed < 60, f"workload took {elapsed:.1f} s"
 
+REAL_FLUSH = PoolState.flush
+
+
+def flush_then_fail(self, session, now):
+    REAL_FLUSH(self, session, now)
+    raise InjectedFailure("the transaction broke after the pool's writes")
+
+
+# --- what must hold ---------------------------------------------------------------------
+
+def snapshot(engine) -> dict[str, list[dict]]:
+    """Every row of every table."""
     with engine.connect() as conn:
-        nodes = conn.execute(text(
-            "SELECT id, name, node_pool, state, owner, allocated_at FROM nodes")).all()
+        return {table.name: [dict(r._mapping) for r in conn.execute(
+                    select(table).order_by(*table.primary_key.columns))]
+                for table in Base.metadata.sorted_tables}
+
+
+def grouped(pairs) -> dict:
+    groups = defaultdict(set)
+    for key, value in pairs:
+        groups[key].add(value)
+    return dict(groups)
+
+
+def non_empty(mapping) -> dict:
+    return {k: v for k, v in mapping.items() if v}
+
+
+def assert_consistent(keeper, engine, in_outbox: set[str]) -> None:
+    state, waiters = keeper.state, keeper.waiters
+    with Session(engine) as session:
+        records = {n.id: pool.node_record(n) for n in session.scalars(select(Node))}
+        conn = session.connection()
         open_rows = conn.execute(text(
-            "SELECT node_id, owner, node_name FROM allocations WHERE ended_at IS NULL")).all()
+            "SELECT node_id, node_name, owner, request_id FROM allocations "
+            "WHERE ended_at IS NULL")).all()
         closed_without_reason = conn.execute(text(
             "SELECT COUNT(*) FROM allocations WHERE ended_at IS NOT NULL "
             "AND end_reason IS NULL")).scalar()
+        waiting_rows = [tuple(r) for r in conn.execute(text(
+            "SELECT id, request_id, node_pool, count, owner, reply_to, correlation_id, "
+            "deadline, lease_seconds FROM waiting_requests ORDER BY id"))]
+        stored_for_waiters = conn.execute(text(
+            "SELECT COUNT(*) FROM processed_requests p JOIN waiting_requests w "
+            "ON w.request_id = p.request_id")).scalar()
+        outbox_rows = {r[0] for r in conn.execute(text("SELECT request_id FROM grant_outbox"))}
 
-    by_id = {n.id: n for n in nodes}
-    open_by_node: dict[int, list] = {}
-    for r in open_rows:
-        open_by_node.setdefault(r.node_id, []).append(r)
+    # Memory holds exactly the database's nodes.
+    assert state.nodes == records
+    nodes = records.values()
+    allocated = {n["id"] for n in nodes if n["state"] == "allocated"}
 
-    # None vanished, none appeared.
-    assert {n.name for n in nodes} == added
-    assert len(nodes) == len(added)
+    # The indexes agree with the records.
+    assert non_empty(state.ready) == grouped(
+        (n["node_pool"], n["id"]) for n in nodes if n["state"] == "ready")
+    assert non_empty(state.owned) == grouped(
+        (n["owner"], n["id"]) for n in nodes if n["owner"] is not None)
+    assert non_empty(state.capacity_of) == dict(Counter(
+        n["node_pool"] for n in nodes if n["state"] != "maintenance"))
+    assert {i: until.isoformat(timespec="seconds") for i, until in state.leases.items()} == {
+        n["id"]: n["lease_expires_at"] for n in nodes if n["state"] == "allocated"}
+    # Its heaps may hold stale entries, never miss a live one: allocate and expire pop them.
+    for node_pool, ready in state.ready.items():
+        assert ready <= set(state._ready_heap[node_pool]), node_pool
+    assert set(state.leases.items()) <= {(i, until) for until, i in state._lease_heap}
+
+    # Every allocated node has one owner, one open history row, its lease, its request.
     for n in nodes:
-        assert n.state in STATES, n
-        if n.state == "allocated":
-            assert n.owner is not None and n.allocated_at is not None, n
-            rows = open_by_node.get(n.id, [])
-            assert len(rows) == 1, (n, rows)
-            assert rows[0].owner == n.owner and rows[0].node_name == n.name, (n, rows)
-        else:
-            assert n.owner is None and n.allocated_at is None, n
-            assert n.id not in open_by_node, (n, open_by_node.get(n.id))
-    # No open history row for a node that is not allocated (or no longer exists).
-    for node_id in open_by_node:
-        assert node_id in by_id and by_id[node_id].state == "allocated", node_id
+        assert (n["owner"] is None) == (n["state"] != "allocated"), n
+        assert (n["allocated_at"] is None) == (n["state"] != "allocated"), n
+    assert sorted(r.node_id for r in open_rows) == sorted(allocated)
+    for r in open_rows:
+        assert (r.owner, r.node_name) == (records[r.node_id]["owner"],
+                                          records[r.node_id]["name"]), r
     assert closed_without_reason == 0
-    # The database agrees with what the pool functions reported along the way.
-    assert {n.id: (n.node_pool, n.state, n.owner) for n in nodes} == {
-        i: (m["pool"], m["state"], m["owner"]) for i, m in model.nodes.items()}
+    owned = [i for ids in state.owned.values() for i in ids]
+    assert len(owned) == len(set(owned)) == len(allocated)  # no node owned twice
+    assert state.request_of == {r.node_id: r.request_id for r in open_rows}
+    assert non_empty(state.granted) == grouped(
+        (r.request_id, r.node_id) for r in open_rows if r.request_id is not None)
+
+    # The waiting rows are the waiters in memory, in FIFO order per pool.
+    in_memory = sorted((w.row_id, w.request_id, w.node_pool, w.count, w.owner, w.reply_to,
+                        w.correlation_id, w.deadline, w.lease_seconds)
+                       for w in waiters.by_request.values())
+    assert in_memory == waiting_rows
+    for node_pool, queue in waiters.by_pool.items():
+        assert queue, node_pool
+        row_ids = [w.row_id for w in queue.values()]
+        assert row_ids == sorted(row_ids), node_pool
+        assert all(w.node_pool == node_pool for w in queue.values())
+    assert non_empty(waiters.by_owner) == grouped(
+        (w.owner, w.request_id) for w in waiters.by_request.values())
+    assert stored_for_waiters == 0  # a waiter's answer is not known yet
+
+    # Nodes never sit ready while the head waiter of their pool would fit, and a head
+    # waiter the pool can never serve has been told so.
+    for node_pool, queue in waiters.by_pool.items():
+        head = next(iter(queue.values()))
+        assert head.count > len(state.ready.get(node_pool, ())), (node_pool, head)
+        assert head.count <= state.capacity(node_pool), (node_pool, head)
+
+    assert outbox_rows == in_outbox
+
+
+def take_over(newcomer, fenced, work, engine, requests, returned, settled):
+    """newcomer takes the pool with this batch; the keeper it replaced may not write again."""
+    newcomer.stand_by()  # a new consumer: its next batch takes a new epoch
+    batch = commit(newcomer, requests, returned, settled)
+    before = snapshot(engine)
+    with pytest.raises(errors.NotActiveWorker):
+        # With grant outcomes of its own: it must not even mark a returned grant.
+        commit(fenced, *work.next_batch(fenced), settled)
+    assert snapshot(engine) == before, "a fenced keeper wrote"
+    return batch
+
+
+def after_failure(before, settled):
+    """The database after a failed batch: as before, but for grants known to have come back.
+
+    Those are marked in a transaction of their own before anything is undone, so
+    that the undo survives whatever happens to the batch.
+    """
+    undone = {rid for rid, outcome in settled.items() if outcome == "undo"}
+    for row in before["grant_outbox"]:
+        if row["request_id"] in undone:
+            row["returned"] = True
+    return before
+
+
+# --- the test ---------------------------------------------------------------------------
+
+def test_random_batches_keep_memory_and_database_consistent(
+        engine, keepers, clock, database_refuses_doomed, monkeypatch):
+    rng = random.Random(SEED)
+    work = Workload(rng)
+    active, standby = keepers
+    in_outbox: set[str] = set()    # grants the database keeps until the broker settles them
+    settled: dict[str, str] = {}   # outcomes waiting for the next transaction
+    seen = Counter()
+    retry = None
+
+    for step in range(BATCHES):
+        clock.advance(rng.choice((0, 0, 0.5, 1, 2, 4)))
+        requests, returned = retry or work.next_batch(active)
+        retry = None
+        settled.update(work.settle(in_outbox - settled.keys()))
+        roll = rng.random()
+
+        if roll < 0.03 and step > 0:  # a second worker takes the pool over
+            batch = take_over(standby, active, work, engine, requests, returned, settled)
+            active, standby = standby, active
+            seen["takeover"] += 1
+        else:
+            if roll < 0.06:
+                active.reload_needed = True  # a reload changes nothing memory should hold
+                seen["reload"] += 1
+            failure = None
+            if 0.06 <= roll < 0.10:
+                failure = "flush"
+            elif 0.10 <= roll < 0.16:
+                failure = "doomed"
+                requests = [*requests, work.doomed_allocate()]
+            before = snapshot(engine) if failure else None
+            try:
+                with monkeypatch.context() as patch:
+                    if failure == "flush":
+                        patch.setattr(PoolState, "flush", flush_then_fail)
+                    batch = commit(active, requests, returned, settled)
+            except (InjectedFailure, DBAPIError) as exc:
+                assert failure is not None, f"step {step}: {exc!r}"
+                if isinstance(exc, DBAPIError):
+                    assert "refused by the test" in str(exc), exc
+                assert snapshot(engine) == after_failure(before, settled), (
+                    f"step {step}: a failed batch wrote")
+                active.reload_needed = True  # what the worker does after a failed commit
+                # Redelivered, without the request the database refuses (the worker
+                # dead-letters it); the outcomes are settled by the next transaction.
+                retry = ([r for r in requests if r.args.get("owner") != DOOMED], returned)
+                seen[f"failed_{failure}"] += 1
+                seen["failed_with_undo"] += "undo" in settled.values()
+                continue
+            if failure == "doomed":  # it got nothing, or the database would have refused
+                assert DOOMED not in active.state.owned
+                seen["doomed_refused_in_memory"] += 1
+
+        in_outbox = ((in_outbox - settled.keys()) | {g.request_id for g in batch.grants()}
+                     ) - batch.withdrawn_grants
+        seen["undo"] += list(settled.values()).count("undo")
+        settled = {}
+        for req in requests:
+            if req.op != "tick":
+                assert any(out.request_id == req.id and out.correlation_id == req.id
+                           for out in batch.outbox), f"step {step}: {req.op} got no reply"
+        asked = {r.id for r in requests}
+        for out in batch.outbox:
+            seen[(work.op_of.get(out.request_id), out.reply["status"],
+                  out.reply.get("error"))] += 1
+            if out.grant and out.request_id not in asked:
+                seen["waiter_served"] += 1
+        work.handled.extend(r for r in requests if r.op != "tick")
+        assert_consistent(active, engine, in_outbox)
+
+    # The workload really went through every path it is meant to check.
+    with engine.connect() as conn:
+        endings = dict(conn.execute(text(
+            "SELECT end_reason, COUNT(*) FROM allocations GROUP BY end_reason")).all())
+    for reason in ("released", "expired", "cancelled"):
+        assert endings.get(reason, 0) > 0, (reason, endings)
+    for key in ("takeover", "reload", "failed_flush", "failed_doomed", "failed_with_undo",
+                "undo", "waiter_served",
+                ("allocate", 200, None), ("allocate", 202, None),
+                ("allocate", 409, "NotEnoughNodes"), ("allocate", 409, "PoolTooSmall"),
+                ("allocate", 408, "DeadlineExpired"), ("allocate", 409, "RequestCancelled"),
+                ("release", 404, "OwnerNotFound"), ("renew", 200, None),
+                ("add_baremetal", 409, "DuplicateNode"), ("set_field", 409, "Conflict")):
+        assert seen[key] > 0, (key, seen)

@@ -3,18 +3,21 @@
 "Nothing changed" is always checked with fresh SQL through the same session
 (which autoflushes anything the failed call left pending), never after a
 rollback: pool functions promise to validate before they change anything.
+Allocate and release are the worker's PoolState's (tests/test_state.py); here
+they only put nodes in the hands of an owner, the way the worker does.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
 
 from molteniron import errors, pool
 from molteniron.models import Allocation, EndReason, Node, NodeIP, State
+from workers.state import PoolState
 
 
 # --- helpers -----------------------------------------------------------------
@@ -55,6 +58,26 @@ def row(session, node_id):
     """One node's columns read fresh (bypassing the identity map's attributes)."""
     return session.execute(select(Node.state, Node.owner, Node.allocated_at, Node.node_pool,
                                   Node.name).where(Node.id == node_id)).one()
+
+
+def allocate(session, owner, count, node_pool="default", now=None):
+    """Allocate as the worker does (PoolState, then its flush) and commit; return the records."""
+    now = now or pool.utcnow()
+    state = PoolState()
+    state.load(session)
+    records = state.allocate(owner, count, node_pool, None, now, now + timedelta(hours=6))
+    state.flush(session, now)
+    session.commit()
+    return records
+
+
+def release(session, owner):
+    """Release every node of owner as the worker does, and commit."""
+    state = PoolState()
+    state.load(session)
+    state.release_owner(owner, EndReason.RELEASED, pool.utcnow())
+    state.flush(session, pool.utcnow())
+    session.commit()
 
 
 def open_allocations(session, **where):
@@ -283,171 +306,6 @@ def test_add_json_blob_duplicate_name_is_409(session):
     assert snapshot(session) == before
 
 
-# --- allocate ---------------------------------------------------------------------
-
-def test_allocate_gives_lowest_ids_and_opens_history(session):
-    nodes = add_many(session, 5)
-    when = datetime(2024, 5, 6, 7, 8, 9, 123456)
-    got = pool.allocate(session, "job-1", 3, request_id="req-1", now=when)
-    session.commit()
-    ids = sorted(n.id for n in nodes)
-    assert [n.id for n in got] == ids[:3]
-    for node_id in ids[:3]:
-        assert row(session, node_id)[:3] == (State.ALLOCATED, "job-1", when)
-    for node_id in ids[3:]:
-        assert row(session, node_id)[:3] == (State.READY, None, None)
-    history = open_allocations(session)
-    assert [(a.node_id, a.owner, a.request_id, a.started_at, a.end_reason) for a in history] == [
-        (node_id, "job-1", "req-1", when, None) for node_id in ids[:3]]
-    assert [a.node_name for a in history] == [n.name for n in nodes[:3]]
-
-
-def test_allocate_is_deterministic_after_release(session):
-    nodes = add_many(session, 6)
-    ids = [n.id for n in nodes]
-    assert [n.id for n in pool.allocate(session, "a", 2)] == ids[0:2]
-    assert [n.id for n in pool.allocate(session, "b", 2)] == ids[2:4]
-    pool.release(session, "a")
-    # The freed nodes have the lowest ids again, so they are handed out first.
-    assert [n.id for n in pool.allocate(session, "c", 3)] == [ids[0], ids[1], ids[4]]
-
-
-def test_allocate_not_enough_ready_is_409_and_changes_nothing(session):
-    add_many(session, 4)
-    pool.allocate(session, "holder", 2)
-    session.commit()
-    before = snapshot(session)
-    with pytest.raises(errors.NotEnoughNodes) as info:
-        pool.allocate(session, "greedy", 3, request_id="r-greedy")
-    assert info.value.status == 409
-    assert "Found 2, requested 3" in info.value.message
-    assert snapshot(session) == before
-    assert count_rows(session, Node, Node.owner == "greedy") == 0
-    assert count_rows(session, Allocation, Allocation.owner == "greedy") == 0
-    assert count_rows(session, Node, Node.state == State.READY) == 2
-
-
-def test_allocate_more_than_capacity_is_pool_too_small(session):
-    nodes = add_many(session, 3)
-    pool.set_field(session, nodes[0].id, "status", "maintenance")
-    session.commit()
-    before = snapshot(session)
-    with pytest.raises(errors.PoolTooSmall) as info:
-        pool.allocate(session, "job", 3)     # 3 nodes, but only 2 outside maintenance
-    assert info.value.status == 409
-    assert snapshot(session) == before
-    with pytest.raises(errors.PoolTooSmall):
-        pool.allocate(session, "job", 1, node_pool="no-such-pool")
-    assert count_rows(session, Allocation) == 0
-
-
-def test_allocate_skips_maintenance_nodes(session):
-    nodes = add_many(session, 3)
-    pool.set_field(session, nodes[0].id, "status", "maintenance")
-    got = pool.allocate(session, "job", 2)
-    assert [n.id for n in got] == [nodes[1].id, nodes[2].id]
-    assert row(session, nodes[0].id)[:2] == (State.MAINTENANCE, None)
-
-
-def test_allocate_pools_are_separate(session):
-    a = add_many(session, 2, node_pool="poolA", prefix="a")
-    b = add_many(session, 3, node_pool="poolB", prefix="b")
-    got = pool.allocate(session, "job", 2, node_pool="poolB")
-    assert [n.id for n in got] == [b[0].id, b[1].id]
-    assert all(row(session, n.id)[0] == State.READY for n in a)
-    with pytest.raises(errors.PoolTooSmall):
-        pool.allocate(session, "job", 3, node_pool="poolA")
-    with pytest.raises(errors.NotEnoughNodes):
-        pool.allocate(session, "job", 2, node_pool="poolB")
-    with pytest.raises(errors.PoolTooSmall):
-        pool.allocate(session, "job", 1)            # the "default" pool is empty
-    assert count_rows(session, Node, Node.state == State.ALLOCATED) == 2
-
-
-def test_allocate_more_for_the_same_owner_adds_nodes(session):
-    add_many(session, 3)
-    pool.allocate(session, "job", 1, request_id="r1")
-    pool.allocate(session, "job", 2, request_id="r2")
-    assert count_rows(session, Node, Node.owner == "job") == 3
-    assert sorted(a.request_id for a in open_allocations(session, owner="job")) == [
-        "r1", "r2", "r2"]
-
-
-@pytest.mark.parametrize("owner, count", [("job", 0), ("job", -1), ("job", "2"), ("job", True),
-                                          ("job", 1.0), ("", 1), (None, 1)])
-def test_allocate_bad_arguments_are_400_and_change_nothing(session, owner, count):
-    add_many(session, 3)
-    session.commit()
-    before = snapshot(session)
-    with pytest.raises(errors.BadRequest) as info:
-        pool.allocate(session, owner, count)
-    assert info.value.status == 400
-    assert snapshot(session) == before
-
-
-# --- release and release_request ---------------------------------------------------
-
-def test_release_returns_every_node_of_owner_and_closes_history(session):
-    a = add_many(session, 3, node_pool="poolA", prefix="a")
-    b = add_many(session, 2, node_pool="poolB", prefix="b")
-    pool.allocate(session, "job", 2, node_pool="poolA")
-    pool.allocate(session, "job", 1, node_pool="poolB")
-    pool.allocate(session, "other", 1, node_pool="poolA")
-    session.commit()
-    when = datetime(2030, 1, 1, 12, 0, 0)
-    released = pool.release(session, "job", now=when)
-    session.commit()
-    assert sorted(n.id for n in released) == sorted([a[0].id, a[1].id, b[0].id])
-    for node in released:
-        assert row(session, node.id)[:3] == (State.READY, None, None)
-    assert row(session, a[2].id)[:2] == (State.ALLOCATED, "other")
-    closed = list(session.scalars(select(Allocation).where(Allocation.owner == "job")))
-    assert len(closed) == 3
-    assert all((c.ended_at, c.end_reason) == (when, EndReason.RELEASED) for c in closed)
-    assert [x.owner for x in open_allocations(session)] == ["other"]
-
-
-def test_release_unknown_owner_is_404_and_changes_nothing(session):
-    add_many(session, 2)
-    pool.allocate(session, "job", 1)
-    session.commit()
-    before = snapshot(session)
-    with pytest.raises(errors.OwnerNotFound) as info:
-        pool.release(session, "nobody")
-    assert info.value.status == 404
-    assert "nobody" in info.value.message
-    assert snapshot(session) == before
-    pool.release(session, "job")
-    with pytest.raises(errors.OwnerNotFound):
-        pool.release(session, "job")          # a second release finds nothing
-
-
-def test_release_request_frees_only_that_requests_nodes(session):
-    nodes = add_many(session, 4)
-    pool.allocate(session, "job", 1, request_id="r1")
-    pool.allocate(session, "job", 2, request_id="r2")
-    session.commit()
-    freed = pool.release_request(session, "r2")
-    session.commit()
-    assert [n.id for n in freed] == [nodes[1].id, nodes[2].id]
-    assert row(session, nodes[0].id)[:2] == (State.ALLOCATED, "job")
-    assert row(session, nodes[1].id)[:2] == (State.READY, None)
-    assert row(session, nodes[2].id)[:2] == (State.READY, None)
-    reasons = session.execute(select(Allocation.request_id, Allocation.end_reason)
-                              .order_by(Allocation.id)).all()
-    assert reasons == [("r1", None), ("r2", EndReason.CANCELLED), ("r2", EndReason.CANCELLED)]
-    assert pool.release_request(session, "r2") == []          # already released
-    assert pool.release_request(session, "unknown") == []
-    assert row(session, nodes[0].id)[:2] == (State.ALLOCATED, "job")
-
-
-def test_release_request_with_a_reason(session):
-    add_many(session, 1)
-    pool.allocate(session, "job", 1, request_id="r1")
-    pool.release_request(session, "r1", reason=EndReason.EXPIRED)
-    assert session.scalar(select(Allocation.end_reason)) == EndReason.EXPIRED
-
-
 # --- get_field -----------------------------------------------------------------------
 
 def test_get_field_reads_columns_hardware_and_original_names(session):
@@ -457,7 +315,7 @@ def test_get_field_reads_columns_hardware_and_original_names(session):
             allocation_pool="10.1.0.3", node_pool="p")
     add(session, "c", node_pool="p")
     when = datetime(2024, 1, 2, 3, 4, 5, 678000)
-    pool.allocate(session, "job", 2, node_pool="p", now=when)
+    allocate(session, "job", 2, node_pool="p", now=when)
     session.commit()
     expect = {
         "id": [(a.id, a.id), (b.id, b.id)],
@@ -473,6 +331,7 @@ def test_get_field_reads_columns_hardware_and_original_names(session):
         "provisioned": [(a.id, "job"), (b.id, "job")],
         "owner": [(a.id, "job"), (b.id, "job")],
         "timestamp": [(a.id, "2024-01-02T03:04:05"), (b.id, "2024-01-02T03:04:05")],
+        "lease_expires_at": [(a.id, "2024-01-02T09:04:05"), (b.id, "2024-01-02T09:04:05")],
     }
     for field, values in expect.items():
         assert pool.get_field(session, "job", field) == values, field
@@ -481,13 +340,14 @@ def test_get_field_reads_columns_hardware_and_original_names(session):
 def test_get_field_reads_extra_keys(session):
     pool.add_json_blob(session, "x1", "10.0.0.1", "10.1.0.1", {"rack": "r1", "cpus": 1})
     pool.add_json_blob(session, "x2", "10.0.0.2", "10.1.0.2", {"rack": "r2", "cpus": 1})
-    nodes = pool.allocate(session, "job", 2)
-    assert pool.get_field(session, "job", "rack") == [(nodes[0].id, "r1"), (nodes[1].id, "r2")]
+    nodes = allocate(session, "job", 2)
+    assert pool.get_field(session, "job", "rack") == [(nodes[0]["id"], "r1"),
+                                                      (nodes[1]["id"], "r2")]
 
 
 def test_get_field_unknown_field_is_400(session):
     add_many(session, 2)
-    pool.allocate(session, "job", 2)
+    allocate(session, "job", 2)
     with pytest.raises(errors.UnknownField) as info:
         pool.get_field(session, "job", "colour")
     assert info.value.status == 400
@@ -498,15 +358,15 @@ def test_get_field_unknown_field_is_400(session):
 def test_get_field_extra_key_missing_on_one_node_is_400(session):
     pool.add_json_blob(session, "x1", "10.0.0.1", "10.1.0.1", {"rack": "r1"})
     pool.add_json_blob(session, "x2", "10.0.0.2", "10.1.0.2", {})
-    pool.allocate(session, "job", 2)
+    allocate(session, "job", 2)
     with pytest.raises(errors.UnknownField, match="field rack does not exist"):
         pool.get_field(session, "job", "rack")
 
 
 def test_get_field_owner_with_nothing_is_404(session):
     add_many(session, 2)
-    pool.allocate(session, "job", 1)
-    pool.release(session, "job")
+    allocate(session, "job", 1)
+    release(session, "job")
     for owner in ("nobody", "job"):
         with pytest.raises(errors.OwnerNotFound) as info:
             pool.get_field(session, owner, "name")
@@ -611,7 +471,7 @@ def test_set_field_bad_value_is_400(session, field, value, type_name):
                                    "lease_expires_at"])
 def test_set_field_cannot_set_allocation_fields(session, field):
     node = add(session, "n1")
-    pool.allocate(session, "job", 1)
+    allocate(session, "job", 1)
     session.commit()
     err = assert_set_field_refused(session, errors.BadRequest, 400, node.id, field, "thief")
     assert field in err.message
@@ -632,7 +492,7 @@ def test_set_field_ready_maintenance_ready(session):
 @pytest.mark.parametrize("target", ["ready", "maintenance", "dirty"])
 def test_set_field_allocated_node_state_is_409(session, target):
     node = add(session, "n1")
-    pool.allocate(session, "job", 1)
+    allocate(session, "job", 1)
     session.commit()
     err = assert_set_field_refused(session, errors.Conflict, 409,
                                    node.id, "status", target, "string")
@@ -650,7 +510,7 @@ def test_set_field_ready_node_cannot_be_marked_allocated(session):
 
 def test_set_field_allocated_node_cannot_change_pool(session):
     node = add(session, "n1")
-    pool.allocate(session, "job", 1)
+    allocate(session, "job", 1)
     session.commit()
     assert_set_field_refused(session, errors.Conflict, 409, node.id, "node_pool", "other")
 
@@ -665,23 +525,13 @@ def test_set_field_duplicate_name_is_409(session):
     assert row(session, a.id)[4] == "a"
 
 
-# --- status_rows and delete_db ----------------------------------------------------------
-
-def test_status_rows_all_and_by_pool(session):
-    a = add_many(session, 2, node_pool="poolA", prefix="a")
-    b = add_many(session, 2, node_pool="poolB", prefix="b")
-    c = add(session, "c0", node_pool="poolA")
-    assert [n.id for n in pool.status_rows(session)] == [n.id for n in (*a, *b, c)]
-    assert [n.id for n in pool.status_rows(session, "poolA")] == [a[0].id, a[1].id, c.id]
-    assert [n.id for n in pool.status_rows(session, "poolB")] == [b[0].id, b[1].id]
-    assert pool.status_rows(session, "none") == []
-
+# --- delete_db ----------------------------------------------------------
 
 def test_delete_db_empties_nodes_and_closes_open_history(session):
     add_many(session, 4)
-    pool.allocate(session, "gone", 1)
-    pool.release(session, "gone")
-    pool.allocate(session, "job", 2)
+    allocate(session, "gone", 1)
+    release(session, "gone")
+    allocate(session, "job", 2)
     session.commit()
     when = datetime(2031, 2, 3, 4, 5, 6)
     assert pool.delete_db(session, now=when) == 4
@@ -694,7 +544,7 @@ def test_delete_db_empties_nodes_and_closes_open_history(session):
     assert rows[1:] == [("job", EndReason.REMOVED, when), ("job", EndReason.REMOVED, when)]
     # The pool is usable again afterwards, names included.
     add_many(session, 1)
-    assert [n.name for n in pool.allocate(session, "job", 1)] == ["n0"]
+    assert [n["name"] for n in allocate(session, "job", 1)] == ["n0"]
 
 
 def test_delete_db_on_empty_pool(session):
@@ -712,7 +562,7 @@ def test_set_field_dirty_node_can_be_made_ready_or_maintenance(session):
     session.commit()
     assert row(session, a.id)[0] == State.READY
     assert row(session, b.id)[0] == State.MAINTENANCE
-    assert [n.id for n in pool.allocate(session, "job", 1)] == [a.id]
+    assert [n["id"] for n in allocate(session, "job", 1)] == [a.id]
 
 
 def test_set_field_too_long_cpu_arch_is_400(session):

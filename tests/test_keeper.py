@@ -1,0 +1,319 @@
+"""PoolKeeper.commit: nodes never sit ready while a waiter they fit waits.
+
+Whatever makes room in a pool (a waiter ahead leaving, nodes coming back or
+arriving), the waiter behind is served in the very batch that made the room.
+Each test drives the keeper the way the worker does, one batch at a time, and
+reads the outcome from the batch's replies and from the database.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import text
+
+from molteniron import errors, pool, protocol
+from molteniron.config import Config
+from tests.conftest import empty_tables
+from workers import keeper as keeper_module
+from workers.batch import Batch
+from workers.keeper import PoolKeeper
+
+
+@dataclass
+class Properties:
+    """What the keeper reads of a delivery's AMQP properties."""
+    reply_to: str | None
+    correlation_id: str | None
+
+
+@pytest.fixture
+def keeper(engine, database_url):
+    empty_tables(engine)
+    keeper = PoolKeeper(Config(db_url=database_url), "worker-test")
+    yield keeper
+    keeper.close()
+
+
+def sql(keeper, statement, **params):
+    with keeper.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(text(statement), params)]
+
+
+def request(op, **args):
+    """A request as the worker gets it: made by a client, decoded (defaults filled in)."""
+    return protocol.decode_request(protocol.new_request(op, args).to_body())
+
+
+def reply_to_of(req):
+    return f"reply-{req.id}"
+
+
+def commit(keeper, *requests, returned=(), settled=None):
+    """One batch, the way the worker hands it over: (method, properties, request)."""
+    items = [(None, Properties(None if r.op == "tick" else reply_to_of(r), r.id), r)
+             for r in requests]
+    return keeper.commit(items, list(returned), settled)
+
+
+def replies(batch, req):
+    return [out for out in batch.outbox if out.request_id == req.id]
+
+
+def only_reply(batch, req):
+    (out,) = replies(batch, req)
+    assert out.reply_to == reply_to_of(req) and out.correlation_id == req.id
+    return out
+
+
+def assert_granted(batch, req, node_count):
+    """req was answered in this batch with one grant of node_count nodes, its last reply.
+
+    (A tick may also remind a head waiter that it still waits, before serving it.)
+    """
+    sent = replies(batch, req)
+    assert [out.grant for out in sent].count(True) == 1, sent
+    out = sent[-1]
+    assert out.grant and out.reply["status"] == 200, out.reply
+    assert out.reply_to == reply_to_of(req) and out.correlation_id == req.id
+    assert len(out.reply["nodes"]) == node_count
+
+
+def add_node(keeper, name, node_pool="p"):
+    batch = commit(keeper, add_request(name, node_pool))
+    assert [out.reply["status"] for out in batch.outbox] == [200]
+    return sql(keeper, "SELECT id FROM nodes WHERE name = :name", name=name)[0][0]
+
+
+def add_request(name, node_pool="p"):
+    return request("add_baremetal", name=name, ipmi_ip="10.0.0.1", ipmi_user="u",
+                   ipmi_password="p", allocation_pool="10.1.0.1", port_hwaddr="aa",
+                   cpu_arch="x86_64", cpus=1, ram_mb=1, disk_gb=1, node_pool=node_pool)
+
+
+def allocate(keeper, owner, count, node_pool="p", **args):
+    """Send an allocate; return the request and its reply in that batch."""
+    req = request("allocate", owner=owner, count=count, node_pool=node_pool, **args)
+    batch = commit(keeper, req)
+    return req, only_reply(batch, req).reply
+
+
+def wait_for(keeper, owner, count, node_pool="p", **args):
+    req, reply = allocate(keeper, owner, count, node_pool, wait=True, **args)
+    assert reply["status"] == protocol.QUEUED, reply
+    return req
+
+
+def owners(keeper):
+    return dict(sql(keeper, "SELECT id, owner FROM nodes ORDER BY id"))
+
+
+def waiting(keeper):
+    return [r[0] for r in sql(keeper, "SELECT owner FROM waiting_requests ORDER BY id")]
+
+
+@pytest.fixture
+def big_ahead_of_small(keeper):
+    """Pool p: 2 nodes, "holder" holds one. "big" waits for 2, "small" for 1 behind it."""
+    add_node(keeper, "n1")
+    add_node(keeper, "n2")
+    allocate(keeper, "holder", 1)
+    big = wait_for(keeper, "big", 2, wait_seconds=0)  # its deadline passes at once
+    small = wait_for(keeper, "small", 1)
+    assert waiting(keeper) == ["big", "small"]
+    return big, small
+
+
+def assert_small_served(keeper, batch, small):
+    assert_granted(batch, small, 1)
+    assert sorted(owners(keeper).values()) == ["holder", "small"]
+    assert waiting(keeper) == []
+    assert keeper.waiters.by_request == {}
+
+
+# --- the waiter behind is served in the batch that makes room -------------------------
+
+def test_cancelling_the_head_waiter_serves_the_one_behind(keeper, big_ahead_of_small):
+    big, small = big_ahead_of_small
+    cancel = request("cancel", request_id=big.id)
+    batch = commit(keeper, cancel)
+    assert only_reply(batch, cancel).reply == {"status": 200, "cancelled": "waiting"}
+    assert only_reply(batch, big).reply["error"] == "RequestCancelled"
+    assert_small_served(keeper, batch, small)
+
+
+def test_a_head_waiter_whose_deadline_passed_is_answered_on_tick_and_the_next_served(
+        keeper, big_ahead_of_small):
+    big, small = big_ahead_of_small
+    batch = commit(keeper, request("tick"))
+    assert only_reply(batch, big).reply["status"] == protocol.TIMED_OUT
+    assert_small_served(keeper, batch, small)
+
+
+def test_releasing_an_owner_cancels_its_waiting_allocate_and_serves_the_next(
+        keeper, big_ahead_of_small):
+    big, small = big_ahead_of_small
+    release = request("release", owner="big")
+    batch = commit(keeper, release)
+    assert only_reply(batch, release).reply == {"status": 200, "released": 0,
+                                                "cancelled_waiting": 1}
+    assert only_reply(batch, big).reply["error"] == "RequestCancelled"
+    assert_small_served(keeper, batch, small)
+
+
+def test_a_head_waiter_whose_client_is_gone_is_dropped_and_the_next_served(
+        keeper, big_ahead_of_small):
+    big, small = big_ahead_of_small
+    batch = commit(keeper, returned=[(reply_to_of(big), {"id": big.id, "status": 202})])
+    assert_small_served(keeper, batch, small)
+
+
+def test_a_returned_interim_reply_of_another_queue_drops_no_waiter(keeper, big_ahead_of_small):
+    big, small = big_ahead_of_small
+    commit(keeper, returned=[("reply-someone-else", {"id": big.id, "status": 202})])
+    assert waiting(keeper) == ["big", "small"]
+
+
+@pytest.fixture
+def small_waits_in_empty_pool(keeper):
+    """Pool p: 1 node, held by "holder"; "small" waits for 1."""
+    add_node(keeper, "n1")
+    allocate(keeper, "holder", 1)
+    return wait_for(keeper, "small", 1)
+
+
+def test_adding_a_node_serves_a_waiter_in_the_same_batch(keeper, small_waits_in_empty_pool):
+    small = small_waits_in_empty_pool
+    add = add_request("n2")
+    batch = commit(keeper, add)
+    assert only_reply(batch, add).reply["status"] == 200
+    assert_small_served(keeper, batch, small)
+
+
+def test_moving_a_node_into_the_pool_serves_a_waiter_in_the_same_batch(
+        keeper, small_waits_in_empty_pool):
+    small = small_waits_in_empty_pool
+    elsewhere = add_node(keeper, "q1", node_pool="q")
+    assert waiting(keeper) == ["small"]
+    move = request("set_field", id=elsewhere, key="node_pool", value="p")
+    batch = commit(keeper, move)
+    assert only_reply(batch, move).reply["status"] == 200
+    assert_small_served(keeper, batch, small)
+    assert owners(keeper)[elsewhere] == "small"
+
+
+def test_a_node_back_from_maintenance_serves_a_waiter_in_the_same_batch(keeper):
+    add_node(keeper, "n1")
+    spare = add_node(keeper, "n2")
+    commit(keeper, request("set_field", id=spare, key="status", value="maintenance"))
+    allocate(keeper, "holder", 1)
+    small = wait_for(keeper, "small", 1)
+    back = request("set_field", id=spare, key="status", value="ready")
+    batch = commit(keeper, back)
+    assert only_reply(batch, back).reply["status"] == 200
+    assert_small_served(keeper, batch, small)
+
+
+def test_a_lease_ending_on_tick_serves_a_waiter_in_the_same_batch(
+        keeper, small_waits_in_empty_pool, monkeypatch):
+    small = small_waits_in_empty_pool
+    commit(keeper, request("renew", owner="holder", lease_seconds=60))
+    # The next batch runs a minute later (no sleeping: the batch is told the time).
+    later, clock = pool.utcnow() + timedelta(seconds=61), time.time() + 61
+    monkeypatch.setattr(keeper_module, "Batch",
+                        lambda session: Batch(session, now=later, clock=clock))
+    batch = commit(keeper, request("tick"))
+    assert_granted(batch, small, 1)
+    assert sql(keeper, "SELECT owner, end_reason FROM allocations ORDER BY id") == [
+        ("holder", "expired"), ("small", None)]
+
+
+@pytest.mark.parametrize("change", [{"key": "node_pool", "value": "q"},
+                                    {"key": "status", "value": "maintenance"}])
+def test_a_waiter_the_pool_can_no_longer_serve_gets_409_at_once(keeper, change):
+    add_node(keeper, "n1")
+    add_node(keeper, "n2")
+    spare = add_node(keeper, "n3")
+    allocate(keeper, "holder", 2)  # n1 and n2: n3 is the one ready node
+    everything = wait_for(keeper, "everything", 3)
+    shrink = request("set_field", id=spare, **change)
+    batch = commit(keeper, shrink)
+    assert only_reply(batch, shrink).reply["status"] == 200
+    reply = only_reply(batch, everything).reply
+    assert (reply["status"], reply["error"]) == (409, "PoolTooSmall")
+    assert waiting(keeper) == []
+    assert sql(keeper, "SELECT reply FROM processed_requests WHERE request_id = :id",
+               id=everything.id)  # a redelivery gets the same answer
+
+
+def test_a_waiter_behind_the_head_the_pool_can_no_longer_serve_gets_409_at_once(keeper):
+    add_node(keeper, "n1")
+    add_node(keeper, "n2")
+    spare = add_node(keeper, "n3")
+    allocate(keeper, "holder", 2)
+    head = wait_for(keeper, "head", 2)  # 1 ready: it waits, and 2 stay possible
+    everything = wait_for(keeper, "everything", 3)
+    shrink = request("set_field", id=spare, key="node_pool", value="q")
+    batch = commit(keeper, shrink)
+    # Like a new allocate of 3 would be, the waiter is told now, not when it reaches the head.
+    answers = [(out.reply["status"], out.reply.get("error")) for out in replies(batch, everything)]
+    assert answers == [(409, "PoolTooSmall")]
+    assert waiting(keeper) == ["head"]
+
+
+def test_a_new_allocate_never_overtakes_a_waiter(keeper, small_waits_in_empty_pool):
+    add_node(keeper, "n2", node_pool="q")
+    # Both in one batch: the node arrives, then a newcomer asks without waiting.
+    newcomer = request("allocate", owner="newcomer", count=1, node_pool="p", wait=False)
+    batch = commit(keeper, add_request("n3"), newcomer)
+    assert only_reply(batch, newcomer).reply["error"] == "NotEnoughNodes"
+    assert_granted(batch, small_waits_in_empty_pool, 1)
+
+
+# --- grant outcomes from the broker ----------------------------------------------------
+
+@pytest.fixture
+def granted_and_waiting(keeper):
+    """Pool p: 1 node granted to "first" (its grant in the outbox); "second" waits for it."""
+    node = add_node(keeper, "n1")
+    first, reply = allocate(keeper, "first", 1)
+    assert reply["status"] == 200
+    second = wait_for(keeper, "second", 1)
+    assert sql(keeper, "SELECT request_id FROM grant_outbox") == [(first.id,)]
+    return node, first, second
+
+
+def test_an_undone_grant_puts_the_nodes_back_and_serves_the_next_waiter(
+        keeper, granted_and_waiting):
+    node, first, second = granted_and_waiting
+    batch = commit(keeper, settled={first.id: "undo"})
+    assert_granted(batch, second, 1)
+    assert owners(keeper) == {node: "second"}
+    assert sql(keeper, "SELECT owner, end_reason FROM allocations ORDER BY id") == [
+        ("first", "cancelled"), ("second", None)]
+    assert sql(keeper, "SELECT request_id FROM grant_outbox") == [(second.id,)]
+    # A redelivery of the undone allocate is refused, not granted again.
+    assert "RequestCancelled" in sql(
+        keeper, "SELECT reply FROM processed_requests WHERE request_id = :id", id=first.id)[0][0]
+
+
+def test_a_delivered_grant_leaves_the_outbox_and_keeps_its_nodes(keeper, granted_and_waiting):
+    node, first, second = granted_and_waiting
+    batch = commit(keeper, settled={first.id: "delivered"})
+    assert batch.outbox == []
+    assert owners(keeper) == {node: "first"}
+    assert sql(keeper, "SELECT request_id FROM grant_outbox") == []
+    assert waiting(keeper) == ["second"]
+
+
+# --- what reaches the pool at all ------------------------------------------------------
+
+@pytest.mark.parametrize("owner, count", [("job", 0), ("job", -1), ("job", "2"), ("job", True),
+                                          ("job", 1.0), ("", 1), (None, 1)])
+def test_bad_allocate_arguments_are_400_before_any_rule_runs(owner, count):
+    with pytest.raises(errors.BadRequest) as info:
+        protocol.new_request("allocate", {"owner": owner, "count": count})
+    assert info.value.status == 400
