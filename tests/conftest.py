@@ -15,13 +15,6 @@ from molteniron.models import Base
 pytest_plugins = ["tests.stack"]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "disruptive: restarts the shared broker or database; "
-                                       "runs after every other test")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
 
 TEST_DB_URL = os.environ.get("MOLTENIRON_TEST_DB_URL", "mysql+pymysql://root@127.0.0.1:3306/")
 HOW_TO_START_DB = (

@@ -11,8 +11,10 @@ pool's invariants; after every batch that fails, the database must be unchanged.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
@@ -102,9 +104,16 @@ def database_refuses_doomed(engine):
 
 # --- the workload ---------------------------------------------------------------------
 
+_serial = itertools.count(1)
+
+
 def request(op, **args):
-    """A request as the worker gets it: made by a client, decoded (defaults filled in)."""
-    return protocol.decode_request(protocol.new_request(op, args).to_body())
+    """A request as the worker gets it: made by a client, decoded (defaults filled in).
+
+    Its id counts up instead of being random, so the run is the same for a seed."""
+    made = protocol.new_request(op, args)
+    made.id = str(uuid.UUID(int=next(_serial)))
+    return protocol.decode_request(made.to_body())
 
 
 class Workload:

@@ -201,11 +201,14 @@ class PoolKeeper:
         """Bring nodes changed through the ORM into memory; their pools may serve waiters."""
         if batch.reload_pool:
             self.state.load(batch.session)
-            batch.touched_pools.update(self.waiters.by_pool)
+            changed = set(self.waiters.by_pool)
             batch.reload_pool = False
-        elif batch.touched_nodes:
-            batch.touched_pools.update(self.state.refresh(batch.session, batch.touched_nodes))
+        else:
+            changed = self.state.refresh(batch.session, batch.touched_nodes)
         batch.touched_nodes.clear()
+        for node_pool in changed:  # a pool that shrank may never serve some waiters now
+            self.waiters.refuse_impossible(batch, self.state, node_pool)
+        batch.touched_pools.update(changed)
 
     def _serve_waiters(self, batch: Batch) -> None:
         while batch.touched_pools:
@@ -261,10 +264,11 @@ class PoolKeeper:
 
     def _on_tick(self, batch: Batch) -> None:
         self.waiters.expire(batch)
-        self.waiters.probe_blocking_heads(batch, self.state)
         for owner, records in self.state.expire(batch.now).items():
             batch.touched_pools.update(r["node_pool"] for r in records)
             log.info("event=lease_expired owner=%s nodes=%d", owner, len(records))
+        self._serve_waiters(batch)  # before probing: a head served now needs no reminder
+        self.waiters.probe_blocking_heads(batch, self.state)
         if time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY:
             self.last_heartbeat = time.monotonic()
             write_heartbeat(batch.session, self.worker_id, "active")

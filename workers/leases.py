@@ -21,5 +21,10 @@ class LeasePolicy:
                                     f"max_lease_seconds={self.max_seconds}s")
 
     def until(self, now: datetime, asked: int | None) -> datetime:
-        """When a lease asked for now ends (the default when none was asked for)."""
-        return now + timedelta(seconds=min(asked or self.default_seconds, self.max_seconds))
+        """When a lease asked for now ends (the default when none was asked for).
+
+        Rounded up to a whole second: replies and status show whole seconds, and a
+        lease read back from them must be the very one the timer keeps.
+        """
+        end = now + timedelta(seconds=min(asked or self.default_seconds, self.max_seconds))
+        return end.replace(microsecond=0) + timedelta(seconds=1 if end.microsecond else 0)

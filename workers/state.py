@@ -135,12 +135,12 @@ class PoolState:
 
     def expire(self, now: datetime) -> dict[str, list[dict]]:
         """Take back every node whose lease has ended (history: expired), by former owner."""
-        expired: dict[str, list[int]] = defaultdict(list)
+        expired: dict[str, set[int]] = defaultdict(set)  # a refresh may push a lease twice
         heap = self._lease_heap
         while heap and heap[0][0] <= now:
             until, node_id = heapq.heappop(heap)
             if self.leases.get(node_id) == until:  # else renewed or released since
-                expired[self.nodes[node_id]["owner"]].append(node_id)
+                expired[self.nodes[node_id]["owner"]].add(node_id)
         return {owner: self._release(sorted(ids), EndReason.EXPIRED, now)
                 for owner, ids in expired.items()}
 

@@ -18,7 +18,7 @@ from datetime import datetime
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from molteniron import compat, errors
+from molteniron import compat, errors, pool
 from molteniron.models import WaitingRequest
 from molteniron.protocol import QUEUED, TIMED_OUT
 from workers.batch import Batch
@@ -115,6 +115,16 @@ class Waiters:
             self._finish(batch, head, compat.nodes_reply(records), grant=True)
             served += 1
         return served
+
+    def refuse_impossible(self, batch: Batch, state: PoolState, node_pool: str) -> int:
+        """409 to every waiter asking for more nodes than the pool now has outside
+        maintenance (a walk of the queue: only after the pool itself changed)."""
+        total = state.capacity(node_pool)
+        hopeless = [w for w in self.by_pool.get(node_pool, {}).values() if w.count > total]
+        for waiter in hopeless:
+            self._finish(batch, waiter, pool.pool_too_small(node_pool, total,
+                                                            waiter.count).to_reply())
+        return len(hopeless)
 
     def expire(self, batch: Batch) -> int:
         """Answer and remove every waiter whose deadline has passed."""
