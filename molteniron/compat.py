@@ -52,6 +52,19 @@ def without_secrets(record: dict) -> dict:
     return {k: (HIDDEN if k in SECRET_FIELDS and v else v) for k, v in record.items()}
 
 
+def reply_without_secrets(reply: dict) -> dict:
+    """A reply as it may be stored: every node's blob without its IPMI password."""
+    nodes = reply.get("nodes")
+    if not isinstance(nodes, dict):
+        return reply
+    hidden = {}
+    for key, node in nodes.items():
+        fields = json.loads(node["blob"])
+        fields.update({k: HIDDEN for k in SECRET_FIELDS if fields.get(k)})
+        hidden[key] = {**node, "blob": json.dumps(fields)}
+    return {**reply, "nodes": hidden}
+
+
 # --- status tables -----------------------------------------------------------
 
 # The original's columns, then the lease's end last (so the original's positions hold).

@@ -32,12 +32,19 @@ class Config:
     prefetch: int = 128              # requests the worker drains into one transaction
     tick_interval: float = 1.0       # seconds between a worker's timer ticks
     log_level: str = "INFO"
+    # Broker user names allowed to manage the pool. None: authorization off (the
+    # original's behaviour: everyone may do everything; the worker warns at start).
+    admins: tuple[str, ...] | None = None
+    # A file of Fernet keys, one per line, newest first: IPMI passwords are stored
+    # encrypted with the first; any of them decrypts (rotation). None: plain text.
+    secret_key_file: str | None = None
 
 
 # Environment variable -> key; secrets can live here instead of in the file.
 ENV_OVERRIDES = {
     "MOLTENIRON_DB_URL": "db_url",
     "MOLTENIRON_AMQP_URL": "amqp_url",
+    "MOLTENIRON_ADMINS": "admins",  # comma-separated broker user names
 }
 ENV_PASSWORDS = {
     "MOLTENIRON_DB_PASSWORD": "db_url",
@@ -112,12 +119,28 @@ def _validated(values: dict, source: str) -> Config:
                               f"(known: {', '.join(sorted(known))})")
     clean = {}
     for key, value in values.items():
-        clean[key] = _coerce(key, value, known[key].type, source)
+        if key == "admins":
+            clean[key] = _user_names(key, value, source)
+        elif key == "secret_key_file":
+            clean[key] = None if value is None else _coerce(key, value, "str", source)
+        else:
+            clean[key] = _coerce(key, value, known[key].type, source)
     config = Config(**clean)
     if config.lease_seconds > config.max_lease_seconds:
         raise ConfigError(f"{source}: lease_seconds ({config.lease_seconds}) must not be longer "
                           f"than max_lease_seconds ({config.max_lease_seconds})")
     return config
+
+
+def _user_names(key: str, value, source: str) -> tuple[str, ...] | None:
+    """A YAML list of broker user names, or a comma-separated string (for the environment)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [name.strip() for name in value.split(",") if name.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{source}: {key} must be a list of broker user names")
+    return tuple(value)
 
 
 def _coerce(key: str, value, type_name: str, source: str):

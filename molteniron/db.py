@@ -22,7 +22,9 @@ def make_engine(db_url: str, pre_ping: bool = True, **kwargs) -> Engine:
         url = make_url(db_url)
     except ArgumentError as exc:
         raise ConfigError(f"db_url is not a database URL: {exc}") from None
-    return create_engine(url, pool_pre_ping=pre_ping, pool_recycle=3600, **kwargs)
+    # hide_parameters: a failed statement's error must not carry an IPMI password into a log.
+    return create_engine(url, pool_pre_ping=pre_ping, pool_recycle=3600, hide_parameters=True,
+                         **kwargs)
 
 
 # MariaDB's lock wait timeout and deadlock: another session held what a transaction

@@ -40,6 +40,12 @@ class UnknownField(BadRequest):
     """get_field/set_field named a field that nodes do not have."""
 
 
+class Forbidden(MoltenIronError):
+    """The broker user who sent the request may not do this (authorization is on)."""
+
+    status = 403
+
+
 class NodeNotFound(MoltenIronError):
     """No node has the given id or name."""
 
@@ -110,12 +116,12 @@ class Interrupted(Exception):
 _BY_KIND = {
     cls.__name__: cls
     for cls in (
-        MoltenIronError, ConfigError, BadRequest, UnknownField, NodeNotFound,
+        MoltenIronError, ConfigError, BadRequest, UnknownField, Forbidden, NodeNotFound,
         OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes, PoolTooSmall,
         RequestCancelled, DeadlineExpired, NotActiveWorker, ServiceUnavailable, RequestQueued,
     )
 }
-_BY_STATUS = {400: BadRequest, 404: NodeNotFound, 408: DeadlineExpired, 409: Conflict}
+_BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineExpired, 409: Conflict}
 
 
 def from_reply(reply: dict) -> MoltenIronError:

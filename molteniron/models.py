@@ -50,7 +50,7 @@ class Node(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     ipmi_ip: Mapped[str] = mapped_column(String(255))
     ipmi_user: Mapped[str] = mapped_column(String(255), default="")
-    ipmi_password: Mapped[str] = mapped_column(String(255), default="")
+    ipmi_password: Mapped[str] = mapped_column(String(1024), default="")  # maybe encrypted
     port_hwaddr: Mapped[str] = mapped_column(String(255), default="")
     cpu_arch: Mapped[str] = mapped_column(String(255), default="")
     cpus: Mapped[int] = mapped_column(Integer, default=0)
@@ -59,6 +59,8 @@ class Node(Base):
     node_pool: Mapped[str] = mapped_column(String(255), default="default")
     state: Mapped[State] = mapped_column(_enum(State, "node_state"), default=State.READY)
     owner: Mapped[Optional[str]] = mapped_column(String(255), default=None)
+    # The broker user who allocated it: the owner name is bound to that user until released.
+    holder_user: Mapped[Optional[str]] = mapped_column(String(255), default=None)
     allocated_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
     lease_expires_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -95,6 +97,7 @@ class Allocation(Base):
     node_id: Mapped[int] = mapped_column(Integer)  # no FK: history outlives removed nodes
     node_name: Mapped[str] = mapped_column(String(255))
     owner: Mapped[str] = mapped_column(String(255))
+    user: Mapped[Optional[str]] = mapped_column(String(255), default=None)  # broker user
     request_id: Mapped[Optional[str]] = mapped_column(String(64), default=None)
     started_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
     ended_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
@@ -113,6 +116,7 @@ class WaitingRequest(Base):
     node_pool: Mapped[str] = mapped_column(String(255))
     count: Mapped[int] = mapped_column(Integer)
     owner: Mapped[str] = mapped_column(String(255))
+    user: Mapped[Optional[str]] = mapped_column(String(255), default=None)  # broker user
     reply_to: Mapped[Optional[str]] = mapped_column(String(255))
     correlation_id: Mapped[Optional[str]] = mapped_column(String(255))
     enqueued_at: Mapped[datetime] = mapped_column(PRECISE_TIME)

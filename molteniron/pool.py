@@ -217,7 +217,7 @@ def node_record(node: Node) -> dict:
         "id": node.id, "name": node.name, "ipmi_ip": node.ipmi_ip,
         **{f: getattr(node, f) for f in HARDWARE_FIELDS},
         "allocation_pool": [ip.ip for ip in node.ips],
-        "state": node.state.value, "owner": node.owner,
+        "state": node.state.value, "owner": node.owner, "holder_user": node.holder_user,
         "allocated_at": field_value(node, "allocated_at"),
         "lease_expires_at": field_value(node, "lease_expires_at"),
         "node_pool": node.node_pool, "extra": dict(node.extra or {}),

@@ -113,6 +113,8 @@ class Request:
     op: str
     args: dict = field(default_factory=dict)
     v: int = VERSION
+    # The broker-validated AMQP user_id the worker received it with (never in the body).
+    user: str | None = None
 
     def to_body(self) -> bytes:
         return json.dumps({"v": self.v, "id": self.id, "op": self.op,

@@ -132,15 +132,16 @@ class Stack:
     def client(self, timeout: float = 10.0) -> MoltenIronClient:
         return MoltenIronClient(self.amqp_url, timeout=timeout)
 
-    def cli(self, *args: str, timeout: float = 60) -> CliResult:
-        done = subprocess.run([sys.executable, "-m", "clients.cli", *args], env=self.env,
+    def cli(self, *args: str, timeout: float = 60, env: dict | None = None) -> CliResult:
+        done = subprocess.run([sys.executable, "-m", "clients.cli", *args],
+                              env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         return CliResult(done)
 
-    def cli_start(self, *args: str) -> RunningCli:
+    def cli_start(self, *args: str, env: dict | None = None) -> RunningCli:
         return RunningCli(subprocess.Popen(
-            [sys.executable, "-m", "clients.cli", *args], env=self.env, cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            [sys.executable, "-m", "clients.cli", *args], env={**self.env, **(env or {})},
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
     # --- the broker, seen from outside ----------------------------------------
 

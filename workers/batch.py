@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from molteniron.compat import reply_without_secrets
 from molteniron.pool import utcnow
 from molteniron.protocol import reply_body
 
@@ -60,8 +61,10 @@ class Batch:
         self.withdrawn_grants.add(request_id)
 
     def store(self, request_id: str, op: str, reply: dict) -> None:
-        """Keep the reply so a redelivered request gets it again (written at commit)."""
-        self.to_store[request_id] = (op, reply)
+        """Keep the reply so a redelivered request gets it again (written at commit).
+
+        Without IPMI passwords: a replayed grant is rendered again from the pool."""
+        self.to_store[request_id] = (op, reply_without_secrets(reply))
 
     def stored_reply(self, request_id: str, preloaded: dict[str, dict]) -> dict | None:
         if request_id in self.to_store:
@@ -91,7 +94,7 @@ class Batch:
             sql("INSERT INTO grant_outbox (request_id, reply_to, correlation_id, reply, created_at) "
                 "VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE reply = VALUES(reply)",
                 [(g.request_id, g.reply_to, g.correlation_id,
-                  reply_body(g.request_id, g.reply).decode(), self.now)
+                  reply_body(g.request_id, reply_without_secrets(g.reply)).decode(), self.now)
                  for g in grants])
         if self.withdrawn_grants:
             sql(f"DELETE FROM grant_outbox WHERE request_id IN "

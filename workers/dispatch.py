@@ -71,14 +71,15 @@ def allocate(ctx: Context, req: Request) -> dict:
     else:
         try:
             records = ctx.state.allocate(a["owner"], a["count"], node_pool, req.id, ctx.batch.now,
-                                         ctx.leases.until(ctx.batch.now, a["lease_seconds"]))
+                                         ctx.leases.until(ctx.batch.now, a["lease_seconds"]),
+                                         req.user)
             return compat.nodes_reply(records)
         except errors.NotEnoughNodes:
             if not a["wait"]:
                 raise
     return ctx.waiters.enqueue(ctx.batch, req.id, node_pool, a["count"], a["owner"],
                                ctx.reply_to, ctx.correlation_id, a["wait_seconds"],
-                               a["lease_seconds"])
+                               a["lease_seconds"], req.user)
 
 
 def release(ctx: Context, req: Request) -> dict:

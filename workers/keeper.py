@@ -17,9 +17,10 @@ from sqlalchemy import event, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from molteniron import db, errors, pool, protocol
+from molteniron import compat, db, errors, pool, protocol
 from molteniron.config import Config
 from molteniron.models import EndReason, Node, WorkerMeta
+from workers.authz import Authorizer
 from workers.batch import Batch, load_stored_replies, placeholders
 from workers.dispatch import HANDLERS, IN_MEMORY, Context
 from workers.grants import UNDO
@@ -44,6 +45,7 @@ class PoolKeeper:
         event.listen(self.sessions, "after_flush", _collect_changed_nodes)
         event.listen(self.sessions, "do_orm_execute", _notice_bulk_node_changes)
         self.leases = LeasePolicy(config.lease_seconds, config.max_lease_seconds)
+        self.authz = Authorizer(config.admins)
         self.state = PoolState()
         self.waiters = Waiters(self.leases)
         self.epoch: int | None = None   # None while standing by
@@ -91,7 +93,7 @@ class PoolKeeper:
                 batch = Batch(session)
                 session.info["batch"] = batch
                 if taking is not None:
-                    batch.adopted_grants = load_grant_outbox(session)
+                    batch.adopted_grants = self._adopt_grants(batch)
                 stored = load_stored_replies(session, [r.id for _, _, r in requests])
                 self._settle_grants(batch, settled)
                 for reply_to, reply in returned:
@@ -145,7 +147,7 @@ class PoolKeeper:
         started = time.perf_counter()
         previous = batch.stored_reply(request.id, stored)
         if previous is not None:
-            reply, outcome = previous, "replayed"
+            reply, outcome = self._replayed(request, previous), "replayed"
         elif request.id in self.waiters.by_request:  # redelivered while it waits
             reply, outcome = self.waiters.queued_reply(request.id), "still_waiting"
         else:
@@ -154,12 +156,33 @@ class PoolKeeper:
         if (outcome == "handled" and protocol.OPERATIONS[request.op].mutates
                 and reply["status"] != protocol.QUEUED):
             batch.store(request.id, request.op, reply)
-        log.info("op=%s id=%s owner=%s status=%s outcome=%s ms=%.2f", request.op, request.id,
-                 request.args.get("owner") or "-", reply["status"], outcome,
-                 (time.perf_counter() - started) * 1000)
+        log.info("op=%s id=%s user=%s owner=%s status=%s outcome=%s ms=%.2f", request.op,
+                 request.id, request.user or "-", request.args.get("owner") or "-",
+                 reply["status"], outcome, (time.perf_counter() - started) * 1000)
         return reply, outcome
 
+    def _replayed(self, request: protocol.Request, stored: dict) -> dict:
+        """A stored reply holds no password: a grant still held is rendered again, in full."""
+        held = self.state.granted.get(request.id)
+        if request.op == "allocate" and stored.get("status") == 200 and held:
+            return compat.nodes_reply([self.state.nodes[i] for i in sorted(held)])
+        return stored
+
+    def _holder_of_owner(self, owner: str) -> str | None:
+        return self.state.holder_of(owner) or self.waiters.holder_of(owner)
+
+    def _holder_of_request(self, request_id: str) -> str | None:
+        waiter = self.waiters.by_request.get(request_id)
+        if waiter is not None:
+            return waiter.user
+        held = self.state.granted.get(request_id)
+        return self.state.nodes[next(iter(held))]["holder_user"] if held else None
+
     def _dispatch(self, batch: Batch, request: protocol.Request, properties) -> dict:
+        try:
+            self.authz.check(request, self._holder_of_owner, self._holder_of_request)
+        except errors.MoltenIronError as exc:
+            return exc.to_reply()
         context = Context(batch, self.state, self.waiters, self.leases, properties.reply_to,
                           properties.correlation_id)
         handler = HANDLERS[request.op]
@@ -196,6 +219,20 @@ class PoolKeeper:
         if self.waiters.changes != changes:
             self.waiters.load(batch.session)
         return failure
+
+    def _adopt_grants(self, batch: Batch) -> list[tuple]:
+        """The outbox as found at takeover, each grant rendered again from the pool (the
+        row holds no password); a grant whose nodes went back meanwhile is dropped."""
+        adopted = []
+        for request_id, reply_to, correlation_id, returned in load_grant_outbox(batch.session):
+            held = self.state.granted.get(request_id)
+            if not held:
+                batch.withdraw_grant(request_id)
+                continue
+            body = protocol.reply_body(request_id, compat.nodes_reply(
+                [self.state.nodes[i] for i in sorted(held)]))
+            adopted.append((request_id, reply_to, correlation_id, body, returned))
+        return adopted
 
     def _absorb_orm_changes(self, batch: Batch) -> None:
         """Bring nodes changed through the ORM into memory; their pools may serve waiters."""
@@ -290,9 +327,9 @@ def _is_grant(op: str, reply: dict) -> bool:
 
 def load_grant_outbox(session: Session) -> list[tuple]:
     """Grants committed but not known to have reached their client (oldest first)."""
-    return [(rid, reply_to, corr, reply.encode(), bool(returned)) for rid, reply_to, corr, reply,
-            returned in session.connection().exec_driver_sql(
-                "SELECT request_id, reply_to, correlation_id, reply, returned FROM grant_outbox "
+    return [(rid, reply_to, corr, bool(returned)) for rid, reply_to, corr, returned
+            in session.connection().exec_driver_sql(
+                "SELECT request_id, reply_to, correlation_id, returned FROM grant_outbox "
                 "ORDER BY created_at")]
 
 

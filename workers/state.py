@@ -83,7 +83,7 @@ class PoolState:
         return self.capacity_of.get(node_pool, 0)
 
     def allocate(self, owner: str, count: int, node_pool: str, request_id: str | None,
-                 now: datetime, lease_until: datetime) -> list[dict]:
+                 now: datetime, lease_until: datetime, user: str | None = None) -> list[dict]:
         """All or nothing, lowest ids first; each node leased until lease_until."""
         ready = self.ready.get(node_pool, ())
         if len(ready) < count:
@@ -101,15 +101,21 @@ class PoolState:
         stamp = now.isoformat(timespec="seconds")
         for node_id in taken:
             record = self.nodes[node_id]
-            record.update(state=State.ALLOCATED.value, owner=owner, allocated_at=stamp)
+            record.update(state=State.ALLOCATED.value, owner=owner, allocated_at=stamp,
+                          holder_user=user)
             self.owned[owner].add(node_id)
             self._held_by(node_id, request_id)
             self._set_lease(node_id, lease_until)
             self._node_writes[node_id] = (State.ALLOCATED, owner, now)
             self._opened[node_id] = {"node_id": node_id, "node_name": record["name"],
-                                     "owner": owner, "request_id": request_id,
+                                     "owner": owner, "user": user, "request_id": request_id,
                                      "started_at": now, "ended_at": None, "end_reason": None}
         return [dict(self.nodes[i]) for i in taken]
+
+    def holder_of(self, owner: str) -> str | None:
+        """The broker user the owner name is bound to while it holds nodes (None: unbound)."""
+        held = self.owned.get(owner)
+        return self.nodes[next(iter(held))]["holder_user"] if held else None
 
     def release_owner(self, owner: str, reason: EndReason, now: datetime) -> list[dict]:
         """Every node of owner back to ready; OwnerNotFound if it holds none."""
@@ -164,7 +170,7 @@ class PoolState:
                     del self.granted[request_id]
             self._lease_writes.pop(node_id, None)
             record.update(state=State.READY.value, owner=None, allocated_at=None,
-                          lease_expires_at=None)
+                          lease_expires_at=None, holder_user=None)
             self._make_ready(node_id)
             self._node_writes[node_id] = (State.READY, None, None)
             opened = self._opened.pop(node_id, None)
@@ -191,27 +197,29 @@ class PoolState:
                 sql(f"UPDATE allocations SET ended_at = %s, end_reason = %s "
                     f"WHERE node_id IN ({placeholders(node_ids)}) AND ended_at IS NULL",
                     (now, reason.value, *node_ids))
-        rows = [(r["node_id"], r["node_name"], r["owner"], r["request_id"], r["started_at"],
-                 r["ended_at"], r["end_reason"] and r["end_reason"].value)
+        rows = [(r["node_id"], r["node_name"], r["owner"], r["user"], r["request_id"],
+                 r["started_at"], r["ended_at"], r["end_reason"] and r["end_reason"].value)
                 for r in [*self._opened.values(), *self._closed_in_batch]]
         if rows:
-            sql("INSERT INTO allocations (node_id, node_name, owner, request_id, started_at, "
-                "ended_at, end_reason) VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
+            sql("INSERT INTO allocations (node_id, node_name, owner, user, request_id, "
+                "started_at, ended_at, end_reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", rows)
         freed = [i for i, (state, _, _) in self._node_writes.items() if state == State.READY]
         if freed:
-            sql(f"UPDATE nodes SET state = 'ready', owner = NULL, allocated_at = NULL, "
-                f"lease_expires_at = NULL WHERE id IN ({placeholders(freed)})", tuple(freed))
-        taken = [(i, owner, at, self.leases[i]) for i, (state, owner, at)
-                 in self._node_writes.items() if state == State.ALLOCATED]
+            sql(f"UPDATE nodes SET state = 'ready', owner = NULL, holder_user = NULL, "
+                f"allocated_at = NULL, lease_expires_at = NULL "
+                f"WHERE id IN ({placeholders(freed)})", tuple(freed))
+        taken = [(i, owner, self.nodes[i]["holder_user"], at, self.leases[i])
+                 for i, (state, owner, at) in self._node_writes.items()
+                 if state == State.ALLOCATED]
         if taken:
-            # One UPDATE for every node taken: CASE picks each node's owner, time and lease.
+            # One UPDATE for every node taken: CASE picks each node's values.
             cases = " ".join("WHEN %s THEN %s" for _ in taken)
-            sql(f"UPDATE nodes SET state = 'allocated', owner = CASE id {cases} END, "
-                f"allocated_at = CASE id {cases} END, lease_expires_at = CASE id {cases} END "
-                f"WHERE id IN ({placeholders(taken)})",
-                (*[v for i, o, _, _ in taken for v in (i, o)],
-                 *[v for i, _, t, _ in taken for v in (i, t)],
-                 *[v for i, _, _, lease in taken for v in (i, lease)], *[t[0] for t in taken]))
+            columns = ("owner", "holder_user", "allocated_at", "lease_expires_at")
+            sql(f"UPDATE nodes SET state = 'allocated', "
+                + ", ".join(f"{c} = CASE id {cases} END" for c in columns)
+                + f" WHERE id IN ({placeholders(taken)})",
+                (*[v for k in range(1, 5) for row in taken for v in (row[0], row[k])],
+                 *[row[0] for row in taken]))
         if self._lease_writes:
             renewed = list(self._lease_writes.items())
             cases = " ".join("WHEN %s THEN %s" for _ in renewed)

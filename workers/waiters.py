@@ -40,6 +40,7 @@ class Waiter:
     deadline: float | None  # the worker's unix time
     enqueued_at: datetime
     lease_seconds: int | None = None
+    user: str | None = None  # the broker user who asked
 
 
 class Waiters:
@@ -61,7 +62,7 @@ class Waiters:
         for row in session.scalars(select(WaitingRequest).order_by(WaitingRequest.id)):
             self._remember(Waiter(row.id, row.request_id, row.node_pool, row.count, row.owner,
                                   row.reply_to, row.correlation_id, row.deadline,
-                                  row.enqueued_at, row.lease_seconds))
+                                  row.enqueued_at, row.lease_seconds, row.user))
 
     def __len__(self) -> int:
         return len(self.by_request)
@@ -82,17 +83,18 @@ class Waiters:
 
     def enqueue(self, batch: Batch, request_id: str, node_pool: str, count: int, owner: str,
                 reply_to: str | None, correlation_id: str | None,
-                wait_seconds: float | None, lease_seconds: int | None) -> dict:
+                wait_seconds: float | None, lease_seconds: int | None,
+                user: str | None = None) -> dict:
         """Make the allocate a waiting row; return the interim reply."""
         deadline = None if wait_seconds is None else batch.clock + wait_seconds
         row = WaitingRequest(request_id=request_id, node_pool=node_pool, count=count, owner=owner,
-                             reply_to=reply_to, correlation_id=correlation_id,
+                             user=user, reply_to=reply_to, correlation_id=correlation_id,
                              enqueued_at=batch.now, deadline=deadline,
                              lease_seconds=lease_seconds)
         batch.session.add(row)
         batch.session.flush()
         self._remember(Waiter(row.id, request_id, node_pool, count, owner, reply_to,
-                              correlation_id, deadline, batch.now, lease_seconds))
+                              correlation_id, deadline, batch.now, lease_seconds, user))
         return {"status": QUEUED, "queued": True, "position": len(self.by_pool[node_pool])}
 
     def serve(self, batch: Batch, state: PoolState, node_pool: str) -> int:
@@ -106,7 +108,8 @@ class Waiters:
                 continue
             try:
                 records = state.allocate(head.owner, head.count, node_pool, head.request_id,
-                                         batch.now, self.leases.until(batch.now, head.lease_seconds))
+                                         batch.now, self.leases.until(batch.now, head.lease_seconds),
+                                         head.user)
             except errors.NotEnoughNodes:
                 break
             except errors.PoolTooSmall as exc:  # the pool shrank below what it asks for
@@ -157,6 +160,11 @@ class Waiters:
         waiter = self.by_request[request_id]
         self._finish(batch, waiter, errors.RequestCancelled(why).to_reply())
         return waiter
+
+    def holder_of(self, owner: str) -> str | None:
+        """The broker user of the owner's waiting allocates (None: it waits for nothing)."""
+        waiting = self.by_owner.get(owner)
+        return self.by_request[next(iter(waiting))].user if waiting else None
 
     def cancel_owner(self, batch: Batch, owner: str) -> int:
         mine = sorted(self.by_owner.get(owner, ()))

@@ -71,6 +71,10 @@ class Worker:
         """Serve until SIGTERM/SIGINT; reconnect to the broker when it goes away."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        if not self.keeper.authz.enabled:
+            log.warning("event=authorization_off worker=%s detail=%r", self.worker_id,
+                        "config admins is not set: every broker user may do everything, "
+                        "delete_db included")
         pause = 0.5
         while not self.stopping:
             try:
@@ -294,6 +298,7 @@ class Worker:
                 raise errors.BadRequest("request has no reply_to property")
             if properties.reply_to and internal:
                 raise errors.BadRequest(f"{request.op} is sent by workers, not clients")
+            request.user = properties.user_id  # the broker refuses one that is not the login
             return request
         except errors.BadRequest as exc:
             if properties.reply_to:
