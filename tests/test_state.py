@@ -260,6 +260,20 @@ def test_release_in_the_same_batch_as_allocate_writes_closed_history(session):
         (node_id, "job", "r1", T0, T0 + timedelta(seconds=1), EndReason.RELEASED)]
 
 
+def test_a_node_taken_released_and_taken_again_in_one_batch_has_history_in_order(session):
+    # A redelivered batch after a takeover holds such runs: the first holder's closed
+    # row must come before the second holder's open one, or history shows two owners.
+    (node_id,) = add_many(session, 1)
+    state = loaded(session)
+    state.allocate("first", 1, "default", "r1", T0, T0 + HOUR)
+    state.release_owner("first", EndReason.RELEASED, T0)
+    state.allocate("second", 1, "default", "r2", T0, T0 + HOUR)
+    flush(session, state, T0)
+    assert history(session) == [
+        (node_id, "first", "r1", T0, T0, EndReason.RELEASED),
+        (node_id, "second", "r2", T0, None, None)]
+
+
 def test_release_unknown_owner_is_404_and_changes_nothing(session):
     add_many(session, 2)
     state = loaded(session)

@@ -199,7 +199,9 @@ class PoolState:
                     (now, reason.value, *node_ids))
         rows = [(r["node_id"], r["node_name"], r["owner"], r["user"], r["request_id"],
                  r["started_at"], r["ended_at"], r["end_reason"] and r["end_reason"].value)
-                for r in [*self._opened.values(), *self._closed_in_batch]]
+                # Closed first: a node taken, released and taken again in this batch
+                # must show its holders in order (ids break the tie of equal times).
+                for r in [*self._closed_in_batch, *self._opened.values()]]
         if rows:
             sql("INSERT INTO allocations (node_id, node_name, owner, user, request_id, "
                 "started_at, ended_at, end_reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", rows)
