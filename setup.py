@@ -15,6 +15,7 @@ setup(
         "PyYAML>=6.0",
         "pika>=1.3,<2",
         "alembic>=1.12",
+        "cryptography>=41",  # Fernet: IPMI passwords at rest (secret_key_file)
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],

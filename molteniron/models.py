@@ -11,6 +11,8 @@ from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Double, Enum, Forei
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from molteniron.secrets import EncryptedString
+
 
 # Microseconds: allocation order and waiting times are read from these.
 PRECISE_TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -50,7 +52,7 @@ class Node(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     ipmi_ip: Mapped[str] = mapped_column(String(255))
     ipmi_user: Mapped[str] = mapped_column(String(255), default="")
-    ipmi_password: Mapped[str] = mapped_column(String(1024), default="")  # maybe encrypted
+    ipmi_password: Mapped[str] = mapped_column(EncryptedString(1024), default="")  # secrets.py
     port_hwaddr: Mapped[str] = mapped_column(String(255), default="")
     cpu_arch: Mapped[str] = mapped_column(String(255), default="")
     cpus: Mapped[int] = mapped_column(Integer, default=0)

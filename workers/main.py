@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
-from molteniron import db
+from sqlalchemy.exc import SQLAlchemyError
+
+from molteniron import db, secrets
 from molteniron.config import load_config
 from molteniron.errors import ConfigError, NotActiveWorker
 
@@ -19,9 +21,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="The MoltenIron worker: consumes allocation requests from RabbitMQ and "
                     "keeps the node pool in MySQL/MariaDB. Start several: one is active, "
                     "the others stand by and take over when it stops.",
-        epilog="Exit codes: 0 stopped by SIGTERM/SIGINT; 2 bad configuration; "
+        epilog="Exit codes: 0 stopped by SIGTERM/SIGINT (or a one-off option done); "
+               "2 bad configuration (secret_key_file included); "
                "4 database unreachable or schema upgrade failed; "
-               "5 another worker took over the pool (restart to stand by again).")
+               "5 another worker took over the pool (restart to stand by again). "
+               "With secret_key_file set, IPMI passwords are stored encrypted; to rotate the "
+               "key, put a new one first in the file, restart the workers, run "
+               "--rotate-secrets, then remove the old key.")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
     parser.add_argument("-c", "--conf-dir", metavar="DIR", help="read DIR/conf.yaml")
     parser.add_argument("--migrate-only", action="store_true",
@@ -29,11 +35,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-migrate", action="store_true",
                         help="do not touch the schema at start (it must be current)")
     parser.add_argument("--worker-id", help="name in logs and heartbeats (default host:pid)")
+    parser.add_argument("--rotate-secrets", action="store_true",
+                        help="re-encrypt every node's IPMI password with the first key of "
+                             "secret_key_file (plain-text ones too), in one transaction, and exit")
+    parser.add_argument("--generate-secret-key", action="store_true",
+                        help="print a new key for secret_key_file and exit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.generate_secret_key:
+        print(secrets.generate_key())
+        return 0
     try:
         config = load_config(args.config, args.conf_dir)
     except ConfigError as exc:
@@ -43,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        _configure_secrets(config, args.rotate_secrets)
+    except ConfigError as exc:
+        print(f"molteniron-worker: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
     if not args.no_migrate:
         try:
             db.create_database(config.db_url)
@@ -56,6 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.migrate_only:
         print(f"molteniron-worker: schema of {_safe(config.db_url)} is current", file=sys.stderr)
         return 0
+    try:
+        if args.rotate_secrets:
+            rotated = _rotate_secrets(config)
+            print(f"re-encrypted {rotated} IPMI password(s) with the first key of "
+                  f"{config.secret_key_file}")
+            return 0
+        _check_stored_secrets(config)
+        if not secrets.configured():
+            logging.getLogger(__name__).warning(
+                "event=secrets_plain_text detail=%r", "config secret_key_file is not set: "
+                "IPMI passwords are stored in the database in plain text")
+    except ConfigError as exc:
+        print(f"molteniron-worker: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except db.OperationalError as exc:
+        print(f"molteniron-worker: cannot reach the database at {_safe(config.db_url)}: "
+              f"{exc.orig}", file=sys.stderr)
+        return EXIT_DATABASE
     from workers.worker import Worker  # pika and the worker only when serving
     try:
         Worker(config, args.worker_id).run()
@@ -63,6 +100,51 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).error("event=exit reason=fenced detail=%r", exc.message)
         return EXIT_FENCED
     return 0
+
+
+def _configure_secrets(config, rotating: bool) -> None:
+    """Load secret_key_file into this process's key set (None: plain text)."""
+    log = logging.getLogger(__name__)
+    if config.secret_key_file is None:
+        if rotating:
+            raise ConfigError("--rotate-secrets needs secret_key_file in the configuration")
+        secrets.configure(None)
+        return
+    keys = secrets.load_keys(config.secret_key_file)
+    warning = secrets.loose_permissions(config.secret_key_file)
+    if warning:
+        log.warning("event=secret_key_file_permissions detail=%r", warning)
+    secrets.configure(keys)
+    log.info("event=secrets_encrypted keys=%d", len(keys))
+
+
+def _rotate_secrets(config) -> int:
+    engine = db.make_engine(config.db_url)
+    try:
+        with engine.begin() as conn:
+            return secrets.rotate_stored(conn)
+    finally:
+        engine.dispose()
+
+
+def _check_stored_secrets(config) -> None:
+    """Refuse to start if the stored passwords cannot be read with this key set.
+
+    Otherwise every batch would fail once the worker loads the pool. A database
+    that is down (or not migrated) now is the worker's to handle, not a reason to stop.
+    """
+    engine = db.make_engine(config.db_url)
+    try:
+        with engine.connect() as conn:
+            problem = secrets.unreadable_stored(conn)
+    except SQLAlchemyError as exc:
+        logging.getLogger(__name__).warning("event=secrets_unchecked reason=%r",
+                                            str(exc).splitlines()[0][:200])
+        return
+    finally:
+        engine.dispose()
+    if problem:
+        raise ConfigError(problem)
 
 
 def _safe(url: str) -> str:
