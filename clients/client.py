@@ -5,6 +5,10 @@ before the first request is published: when this process goes away the
 queue goes with it, so the worker's mandatory reply comes back unroutable
 and the worker takes back what the reply granted. Imports no SQLAlchemy.
 
+Every request carries the AMQP `user_id` property set to the broker login of
+amqp_url: RabbitMQ refuses a message whose user_id is not its connection's
+login, so the worker can trust it to decide who may do what.
+
 A request of an op that expires (OPERATIONS[op].expires) carries a message
 TTL equal to the client's timeout: once the client stops waiting, no worker
 can take it any more. Release and cancel never expire: sent while no worker
@@ -35,6 +39,9 @@ class MoltenIronClient:
         self.connection = None
         self.channel = None
         self.reply_queue = None
+        # The broker login, sent as user_id on every request (None: no user name in
+        # the credentials, e.g. an EXTERNAL login by certificate).
+        self.user_id: str | None = None
         self.replies: dict[str, list[dict]] = {}
         self.interrupted = False  # set by a signal handler before it raises errors.Interrupted
 
@@ -47,6 +54,7 @@ class MoltenIronClient:
         params.connection_attempts = 1
         params.socket_timeout = min(self.timeout, 10.0)
         params.blocked_connection_timeout = self.timeout
+        self.user_id = getattr(params.credentials, "username", None)
         try:
             self.connection = pika.BlockingConnection(params)
             self.channel = self.connection.channel()
@@ -85,7 +93,7 @@ class MoltenIronClient:
         expiration = None if expires_in is None else str(max(1, int(expires_in * 1000)))
         properties = pika.BasicProperties(
             reply_to=self.reply_queue, correlation_id=request.id, delivery_mode=2,
-            content_type="application/json", expiration=expiration)
+            content_type="application/json", expiration=expiration, user_id=self.user_id)
         try:
             self.channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY,
                                        request.to_body(), properties, mandatory=True)
