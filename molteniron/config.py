@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from molteniron.errors import ConfigError
 
@@ -86,7 +86,8 @@ def with_password(url: str, password: str) -> str:
     """The URL with its password replaced (so the file need not hold it)."""
     try:
         parts = urlsplit(url)
-        user = quote(parts.username or "", safe="")
+        # username is still percent-encoded as written: decode before encoding again.
+        user = quote(unquote(parts.username or ""), safe="")
     except ValueError as exc:  # the URL itself is malformed: say so without echoing it
         raise ConfigError(f"a URL given with a password override is malformed: {exc}") from None
     host = parts.netloc.rpartition("@")[2]  # as written: keeps [IPv6] brackets and port

@@ -175,3 +175,15 @@ def test_no_password_in_stored_replies_logs_or_status(secured, users):
         assert secret not in stack.worker_log()
         assert secret not in status.stdout
     assert "********" in stored  # the grant was stored, without its password
+
+
+def test_only_workers_may_send_ticks(secured, users, amqp_url):
+    alice = pika.URLParameters(users["alice"]["env"]["MOLTENIRON_AMQP_URL"])
+    connection = pika.BlockingConnection(alice)
+    tick = protocol.new_request("tick")
+    connection.channel().basic_publish(
+        protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY, tick.to_body(),
+        pika.BasicProperties(user_id=alice.credentials.username))
+    connection.close()
+    wait_until(lambda: secured.dead_letters() == 1, 15, "the forged tick to be dead-lettered")
+    assert "tick is sent by workers" in secured.worker_log()

@@ -122,6 +122,12 @@ def test_db_password_applies_to_the_env_url_and_amqp_password_to_amqp(tmp_path):
     assert cfg.amqp_url == "amqp://guest:mqpw@127.0.0.1:5672/%2F"
 
 
+def test_a_password_override_keeps_a_percent_encoded_user_name():
+    cfg = load_config(env={"MOLTENIRON_AMQP_URL": "amqp://ci%40team@mq:5672/molteniron",
+                           "MOLTENIRON_AMQP_PASSWORD": "pw"})
+    assert cfg.amqp_url == "amqp://ci%40team:pw@mq:5672/molteniron"
+
+
 def test_db_password_keeps_an_ipv6_host():
     cfg = load_config(env={"MOLTENIRON_DB_URL": "mysql+pymysql://mi@[::1]:3306/pool",
                            "MOLTENIRON_DB_PASSWORD": "pw"})

@@ -64,6 +64,7 @@ class Worker:
         self.channel = None
         self.reply_channel = None
         self.reply_seq = 0  # publish sequence number on reply_channel (confirm mode)
+        self.login = pika.URLParameters(config.amqp_url).credentials.username
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -200,7 +201,8 @@ class Worker:
         tick = protocol.new_request("tick")
         self.channel.basic_publish(
             protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY, tick.to_body(),
-            pika.BasicProperties(delivery_mode=1, content_type="application/json"))
+            pika.BasicProperties(delivery_mode=1, content_type="application/json",
+                                 user_id=self.login))
 
     # --- one batch -----------------------------------------------------------
 
@@ -296,7 +298,9 @@ class Worker:
             internal = protocol.OPERATIONS[request.op].internal
             if not properties.reply_to and not internal:
                 raise errors.BadRequest("request has no reply_to property")
-            if properties.reply_to and internal:
+            if internal and (properties.reply_to or (self.keeper.authz.enabled
+                                                     and properties.user_id != self.login)):
+                # Workers (all logged in as the same broker user) send ticks; nobody else.
                 raise errors.BadRequest(f"{request.op} is sent by workers, not clients")
             request.user = properties.user_id  # the broker refuses one that is not the login
             return request
