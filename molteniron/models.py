@@ -32,7 +32,8 @@ class State(str, enum.Enum):
 class EndReason(str, enum.Enum):
     RELEASED = "released"
     EXPIRED = "expired"
-    CANCELLED = "cancelled"
+    CANCELLED = "cancelled"      # by its client (Ctrl-C, timeout, cancel)
+    CLIENT_GONE = "client_gone"  # its grant came back: the client had gone away
     REMOVED = "removed"
 
 
@@ -66,6 +67,9 @@ class Node(Base):
     allocated_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
     lease_expires_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    tags: Mapped[Optional[list[str]]] = mapped_column(JSON, default=list)  # for constraints
+    # Why it is in maintenance; set while it is allocated: maintenance begins at release.
+    maintenance_reason: Mapped[Optional[str]] = mapped_column(String(255), default=None)
 
     ips: Mapped[list["NodeIP"]] = relationship(
         back_populates="node", order_by="NodeIP.position",

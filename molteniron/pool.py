@@ -221,6 +221,7 @@ def node_record(node: Node) -> dict:
         "allocated_at": field_value(node, "allocated_at"),
         "lease_expires_at": field_value(node, "lease_expires_at"),
         "node_pool": node.node_pool, "extra": dict(node.extra or {}),
+        "tags": list(node.tags or []), "maintenance_reason": node.maintenance_reason,
     }
 
 

@@ -52,7 +52,7 @@ def test_a_returned_grant_is_undone_even_when_the_worker_dies_during_the_undo(st
     doomed.process.wait()
     with stack.engine.begin() as conn:  # hold the undo's commit open for 10 s
         conn.execute(text("CREATE TRIGGER slow_undo BEFORE UPDATE ON allocations FOR EACH ROW "
-                          "IF NEW.end_reason = 'cancelled' THEN SET @x = SLEEP(10); END IF"))
+                          "IF NEW.end_reason = 'client_gone' THEN SET @x = SLEEP(10); END IF"))
     try:
         stack.cli("release", "holder")  # serves doomed; the grant comes back unroutable
         wait_until(lambda: stack.sql("SELECT returned FROM grant_outbox") == [(1,)], 15,
@@ -65,7 +65,7 @@ def test_a_returned_grant_is_undone_even_when_the_worker_dies_during_the_undo(st
 
     wait_until(lambda: owners(stack) == {"node-1": None}, 30, "the standby to undo the grant")
     assert stack.sql("SELECT owner, end_reason FROM allocations ORDER BY id") == [
-        ("holder", "released"), ("doomed", "cancelled")]
+        ("holder", "released"), ("doomed", "client_gone")]
     assert stack.sql("SELECT COUNT(*) FROM grant_outbox") == [(0,)]
     assert stack.cli("allocate", "next", "1", "--no-wait").returncode == 0
 

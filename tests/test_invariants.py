@@ -420,7 +420,7 @@ def test_random_batches_keep_memory_and_database_consistent(
     with engine.connect() as conn:
         endings = dict(conn.execute(text(
             "SELECT end_reason, COUNT(*) FROM allocations GROUP BY end_reason")).all())
-    for reason in ("released", "expired", "cancelled"):
+    for reason in ("released", "expired", "cancelled", "client_gone"):
         assert endings.get(reason, 0) > 0, (reason, endings)
     for key in ("takeover", "reload", "failed_flush", "failed_doomed", "failed_with_undo",
                 "undo", "waiter_served",

@@ -293,7 +293,7 @@ def test_an_undone_grant_puts_the_nodes_back_and_serves_the_next_waiter(
     assert_granted(batch, second, 1)
     assert owners(keeper) == {node: "second"}
     assert sql(keeper, "SELECT owner, end_reason FROM allocations ORDER BY id") == [
-        ("first", "cancelled"), ("second", None)]
+        ("first", "client_gone"), ("second", None)]
     assert sql(keeper, "SELECT request_id FROM grant_outbox") == [(second.id,)]
     # A redelivery of the undone allocate is refused, not granted again.
     assert "RequestCancelled" in sql(

@@ -277,7 +277,7 @@ class PoolKeeper:
         for request_id, outcome in settled.items():
             if outcome != UNDO:
                 continue
-            released = self.state.release_request(request_id, EndReason.CANCELLED, batch.now)
+            released = self.state.release_request(request_id, EndReason.CLIENT_GONE, batch.now)
             if released:
                 batch.store(request_id, "allocate", errors.RequestCancelled(
                     "its client went away before the reply reached it").to_reply())

@@ -1,0 +1,22 @@
+"""node tags (constraints) and the reason a node is in maintenance
+
+Revision ID: 0004
+Revises: 0003
+"""
+from alembic import op
+import sqlalchemy as sa
+
+revision = '0004'
+down_revision = '0003'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column('nodes', sa.Column('tags', sa.JSON(), nullable=True))
+    op.add_column('nodes', sa.Column('maintenance_reason', sa.String(length=255), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column('nodes', 'maintenance_reason')
+    op.drop_column('nodes', 'tags')
