@@ -20,13 +20,15 @@ from molteniron.models import Allocation, EndReason, Node, NodeIP, ProcessedRequ
 DEFAULT_POOL = "default"
 INT_FIELDS = frozenset({"cpus", "ram_mb", "disk_gb"})
 # Fields set_field may change directly; state has its own rules below.
-SETTABLE_FIELDS = frozenset({"name", "ipmi_ip", "node_pool", "allocation_pool", *HARDWARE_FIELDS})
+SETTABLE_FIELDS = frozenset({"name", "ipmi_ip", "node_pool", "allocation_pool", "tags",
+                             *HARDWARE_FIELDS})
 # Names get_field accepts, mapped to what they read (the original's names included).
 READABLE_FIELDS = {
     "id": "id", "name": "name", "ipmi_ip": "ipmi_ip", "node_pool": "node_pool",
     "status": "state", "state": "state", "provisioned": "owner", "owner": "owner",
     "timestamp": "allocated_at", "allocated_at": "allocated_at",
     "lease_expires_at": "lease_expires_at", "allocation_pool": "allocation_pool",
+    "tags": "tags", "maintenance_reason": "maintenance_reason",
     **{f: f for f in HARDWARE_FIELDS},
 }
 _STATE_CHANGES = {  # what set_field may do to a node's state
@@ -47,14 +49,16 @@ def utcnow() -> datetime:
 def add_baremetal(session: Session, name: str, ipmi_ip: str, ipmi_user: str,
                   ipmi_password: str, allocation_pool: str | list[str], port_hwaddr: str,
                   cpu_arch: str, cpus: Any, ram_mb: Any, disk_gb: Any,
-                  node_pool: str = DEFAULT_POOL, extra: dict | None = None) -> Node:
+                  node_pool: str = DEFAULT_POOL, extra: dict | None = None,
+                  tags: str | list[str] | None = None) -> Node:
     """Add one ready node; 409 if its name is taken."""
     hardware = _hardware({"ipmi_user": ipmi_user, "ipmi_password": ipmi_password,
                           "port_hwaddr": port_hwaddr, "cpu_arch": cpu_arch,
                           "cpus": cpus, "ram_mb": ram_mb, "disk_gb": disk_gb})
     node = Node(name=_text("name", name), ipmi_ip=_text("ipmi_ip", ipmi_ip),
                 node_pool=_text("node_pool", node_pool or DEFAULT_POOL),
-                state=State.READY, owner=None, extra=dict(extra or {}), **hardware)
+                state=State.READY, owner=None, extra=dict(extra or {}),
+                tags=parse_tags(tags), **hardware)
     node.ips = [NodeIP(position=i, ip=ip) for i, ip in enumerate(parse_ips(allocation_pool))]
     if session.scalar(select(Node.id).where(Node.name == node.name)) is not None:
         raise errors.DuplicateNode(f"Node already exists: {node.name}")
@@ -64,7 +68,8 @@ def add_baremetal(session: Session, name: str, ipmi_ip: str, ipmi_user: str,
 
 
 def add_json_blob(session: Session, name: str, ipmi_ip: str, allocation_pool: str,
-                  blob: str | dict, node_pool: str = DEFAULT_POOL) -> Node:
+                  blob: str | dict, node_pool: str = DEFAULT_POOL,
+                  tags: str | list[str] | None = None) -> Node:
     """Add a node whose hardware fields come as one JSON object."""
     if isinstance(blob, str):
         try:
@@ -73,11 +78,12 @@ def add_json_blob(session: Session, name: str, ipmi_ip: str, allocation_pool: st
             raise errors.BadRequest(f"blob is not valid JSON: {exc}") from None
     if not isinstance(blob, dict):
         raise errors.BadRequest("blob must be a JSON object of hardware fields")
-    return _add_from_mapping(session, name, ipmi_ip, allocation_pool, blob, node_pool)
+    return _add_from_mapping(session, name, ipmi_ip, allocation_pool, blob, node_pool, tags)
 
 
 def add_keyvalue_pairs(session: Session, name: str, ipmi_ip: str, allocation_pool: str,
-                       pairs: Iterable[str], node_pool: str = DEFAULT_POOL) -> Node:
+                       pairs: Iterable[str], node_pool: str = DEFAULT_POOL,
+                       tags: str | list[str] | None = None) -> Node:
     """Add a node whose hardware fields come as KEY=VALUE words (VALUE may be JSON)."""
     fields: dict[str, Any] = {}
     for pair in pairs:
@@ -86,11 +92,11 @@ def add_keyvalue_pairs(session: Session, name: str, ipmi_ip: str, allocation_poo
             raise errors.BadRequest(f"{pair!r} is not KEY=VALUE")
         fields[key] = _json_or_text(raw)
     pool = fields.pop("node_pool", node_pool)
-    return _add_from_mapping(session, name, ipmi_ip, allocation_pool, fields, pool)
+    return _add_from_mapping(session, name, ipmi_ip, allocation_pool, fields, pool, tags)
 
 
 def _add_from_mapping(session: Session, name: str, ipmi_ip: str, allocation_pool: str,
-                      fields: dict, node_pool: Any) -> Node:
+                      fields: dict, node_pool: Any, tags: str | list[str] | None = None) -> Node:
     # The original stored any blob; known hardware fields that are missing
     # default to empty/0, unknown keys are kept in `extra` and shown in the blob.
     hardware = {k: fields.get(k, 0 if k in INT_FIELDS else "") for k in HARDWARE_FIELDS}
@@ -98,7 +104,7 @@ def _add_from_mapping(session: Session, name: str, ipmi_ip: str, allocation_pool
     if not isinstance(node_pool, str):
         raise errors.BadRequest("node_pool must be a string")
     return add_baremetal(session, name, ipmi_ip, allocation_pool=allocation_pool,
-                         node_pool=node_pool or DEFAULT_POOL, extra=extra, **hardware)
+                         node_pool=node_pool or DEFAULT_POOL, extra=extra, tags=tags, **hardware)
 
 
 # --- allocating and releasing -----------------------------------------------
@@ -169,6 +175,8 @@ def set_field(session: Session, node_id: Any, key: str, value: Any,
         converted = _non_negative(key, converted)
     elif key == "allocation_pool":
         ips = parse_ips(converted)
+    elif key == "tags":
+        converted = parse_tags(str(converted))
     else:
         converted = _text(key, str(converted), empty=key in HARDWARE_FIELDS)
     node = _node(session, node_id)
@@ -251,6 +259,16 @@ def prune_history(session: Session, older_than: datetime, limit: int = 10_000) -
 
 
 # --- input checking ----------------------------------------------------------
+
+def parse_tags(tags: str | list[str] | None) -> list[str]:
+    """Tags from "a,b" or a list: sorted, without duplicates or blanks."""
+    if tags is None:
+        return []
+    items = tags.split(",") if isinstance(tags, str) else tags
+    if not isinstance(items, list):
+        raise errors.BadRequest("tags must be a comma-separated list")
+    return sorted({_text("tags", str(t).strip()) for t in items if str(t).strip()})
+
 
 def parse_ips(allocation_pool: str | list[str]) -> list[str]:
     items = allocation_pool.split(",") if isinstance(allocation_pool, str) else allocation_pool
