@@ -130,6 +130,7 @@ class WaitingRequest(Base):
     # client's clock does not matter. DOUBLE: a 4-byte FLOAT is off by minutes.
     deadline: Mapped[Optional[float]] = mapped_column(Double, default=None)  # unix time
     lease_seconds: Mapped[Optional[int]] = mapped_column(Integer, default=None)
+    constraints: Mapped[Optional[dict]] = mapped_column(JSON, default=None)  # None: any node
 
 
 class GrantOutbox(Base):

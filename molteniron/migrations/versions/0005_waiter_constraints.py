@@ -1,0 +1,20 @@
+"""what a waiting allocate asks of its nodes (arch, minimums, tags)
+
+Revision ID: 0005
+Revises: 0004
+"""
+from alembic import op
+import sqlalchemy as sa
+
+revision = '0005'
+down_revision = '0004'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column('waiting_requests', sa.Column('constraints', sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column('waiting_requests', 'constraints')
