@@ -112,9 +112,11 @@ def _add_from_mapping(session: Session, name: str, ipmi_ip: str, allocation_pool
 # worker's in-memory PoolState (workers/state.py). What stays here changes
 # nodes through the ORM for the rarer operations that need it.
 
-def pool_too_small(node_pool: str, total: int, count: int) -> errors.PoolTooSmall:
-    return errors.PoolTooSmall(f"Pool {node_pool} has {total} node(s) outside maintenance; "
-                               f"{count} can never be allocated")
+def pool_too_small(node_pool: str, total: int, count: int,
+                   constraints: str = "") -> errors.PoolTooSmall:
+    meeting = f" meeting {constraints}" if constraints else ""
+    return errors.PoolTooSmall(f"Pool {node_pool} has {total} node(s){meeting} outside "
+                               f"maintenance; {count} can never be allocated")
 
 
 def not_enough_nodes(node_pool: str, ready: int, count: int) -> errors.NotEnoughNodes:
@@ -193,6 +195,52 @@ def set_field(session: Session, node_id: Any, key: str, value: Any,
     return node
 
 
+# --- maintenance and removal ------------------------------------------------
+
+def find_node(session: Session, ref: str | int) -> Node:
+    """A node by id (digits) or by name; 404 naming what was asked for."""
+    text = str(ref)
+    node = session.get(Node, int(text)) if text.isdigit() else session.scalar(
+        select(Node).where(Node.name == text))
+    if node is None:
+        raise errors.NodeNotFound(f"no node has the id or name {text!r}")
+    return node
+
+
+def set_maintenance(session: Session, ref: str | int, on: bool, reason: str | None) -> Node:
+    """Take a node out of service (with a reason) or put it back.
+
+    An allocated node stays with its job: its maintenance begins when it is
+    released (the reason is kept until then and shown by status).
+    """
+    node = find_node(session, ref)
+    if on:
+        node.maintenance_reason = _text("reason", reason or "no reason given")
+        if node.state in (State.READY, State.DIRTY):
+            node.state = State.MAINTENANCE
+    else:
+        node.maintenance_reason = None
+        if node.state == State.MAINTENANCE:
+            node.state = State.READY
+    session.flush()
+    return node
+
+
+def remove_node(session: Session, ref: str | int, force: bool, now: datetime) -> Node:
+    """Remove a node that is not allocated; force: end its allocation (history: removed)."""
+    node = find_node(session, ref)
+    if node.state == State.ALLOCATED:
+        if not force:
+            raise errors.Conflict(f"node {node.name} is allocated to {node.owner}; "
+                                  "release it first or remove it with --force")
+        session.execute(update(Allocation).where(
+            Allocation.node_id == node.id, Allocation.ended_at.is_(None)
+        ).values(ended_at=now, end_reason=EndReason.REMOVED))
+    session.delete(node)
+    session.flush()
+    return node
+
+
 def _change_state(node: Node, value: Any) -> None:
     try:
         target = State(str(value))
@@ -204,6 +252,8 @@ def _change_state(node: Node, value: Any) -> None:
         raise errors.Conflict(f"node {node.id} cannot go from {node.state.value} to "
                               f"{target.value} by set_field")
     node.state = target
+    node.maintenance_reason = "set_field status maintenance" if target == State.MAINTENANCE \
+        else None
 
 
 def _node(session: Session, node_id: Any) -> Node:

@@ -248,6 +248,8 @@ class PoolKeeper:
         batch.touched_pools.update(changed)
 
     def _serve_waiters(self, batch: Batch) -> None:
+        while self.state.shrunk:  # a node went into maintenance at its release
+            self.waiters.refuse_impossible(batch, self.state, self.state.shrunk.pop())
         while batch.touched_pools:
             node_pool = batch.touched_pools.pop()
             if self.waiters.has_waiting(node_pool):

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from molteniron import errors, pool
 from molteniron.models import EndReason, Node, State
 from workers.batch import placeholders
+from workers.constraints import ANY, Constraints
 
 
 class PoolState:
@@ -34,6 +35,7 @@ class PoolState:
         self.capacity_of: dict[str, int] = defaultdict(int)  # nodes outside maintenance
         self.leases: dict[int, datetime] = {}
         self.request_of: dict[int, str | None] = {}  # allocated node -> the request granted it
+        self.shrunk: set[str] = set()  # pools that lost capacity: some waiters may be hopeless
         self.granted: dict[str, set[int]] = defaultdict(set)  # request -> nodes it still holds
         self._lease_heap: list[tuple[datetime, int]] = []  # may hold stale entries
         self._reset_pending()
@@ -61,6 +63,8 @@ class PoolState:
             for node in session.scalars(select(Node).where(Node.id.in_(node_ids))):
                 self._index(pool.node_record(node))
                 pools.add(node.node_pool)
+            for gone in node_ids - self.nodes.keys():  # removed: its allocation ended too
+                self._forget_request(gone)
         return pools
 
     def clear(self) -> None:
@@ -73,31 +77,52 @@ class PoolState:
         self.leases.clear()
         self.request_of.clear()
         self.granted.clear()
+        self.shrunk.clear()
         self._lease_heap.clear()
         self._reset_pending()
 
     # --- the rules -------------------------------------------------------------
 
-    def capacity(self, node_pool: str) -> int:
-        """Nodes of the pool outside maintenance: the most one request could ever get."""
-        return self.capacity_of.get(node_pool, 0)
+    def capacity(self, node_pool: str, wants: Constraints = ANY) -> int:
+        """Nodes of the pool outside maintenance that meet `wants`: the most one
+        request could ever get. Without constraints a counter; with them a scan."""
+        if wants.any:
+            return self.capacity_of.get(node_pool, 0)
+        return sum(1 for r in self.nodes.values() if r["node_pool"] == node_pool
+                   and r["state"] != State.MAINTENANCE.value and wants.matches(r))
+
+    def usable(self, node_pool: str, wants: Constraints) -> set[int]:
+        """The ready nodes of the pool that meet `wants`."""
+        ready = self.ready.get(node_pool, set())
+        return set(ready) if wants.any else {i for i in ready if wants.matches(self.nodes[i])}
 
     def allocate(self, owner: str, count: int, node_pool: str, request_id: str | None,
-                 now: datetime, lease_until: datetime, user: str | None = None) -> list[dict]:
-        """All or nothing, lowest ids first; each node leased until lease_until."""
-        ready = self.ready.get(node_pool, ())
-        if len(ready) < count:
-            total = self.capacity(node_pool)
+                 now: datetime, lease_until: datetime, user: str | None = None,
+                 wants: Constraints = ANY, skip: set[int] = frozenset()) -> list[dict]:
+        """All or nothing, lowest ids first, only nodes meeting `wants` and not in `skip`
+        (nodes an earlier waiter could use); each node leased until lease_until."""
+        ready = self.ready.get(node_pool, set())
+        if wants.any and not skip:
+            available = len(ready)
+        else:
+            candidates = sorted(i for i in ready if i not in skip and wants.matches(self.nodes[i]))
+            available = len(candidates)
+        if available < count:
+            total = self.capacity(node_pool, wants)
             if count > total:
-                raise pool.pool_too_small(node_pool, total, count)
-            raise pool.not_enough_nodes(node_pool, len(ready), count)
-        heap = self._ready_heap[node_pool]
-        taken = []
-        while len(taken) < count:
-            node_id = heapq.heappop(heap)
-            if node_id in ready:
-                ready.discard(node_id)
-                taken.append(node_id)
+                raise pool.pool_too_small(node_pool, total, count, wants.describe())
+            raise pool.not_enough_nodes(node_pool, available, count)
+        if wants.any and not skip:
+            heap = self._ready_heap[node_pool]
+            taken = []
+            while len(taken) < count:
+                node_id = heapq.heappop(heap)
+                if node_id in ready:
+                    ready.discard(node_id)
+                    taken.append(node_id)
+        else:  # the heap keeps these ids: the fast path skips what is not ready any more
+            taken = candidates[:count]
+            ready.difference_update(taken)
         stamp = now.isoformat(timespec="seconds")
         for node_id in taken:
             record = self.nodes[node_id]
@@ -163,16 +188,18 @@ class PoolState:
             if not self.owned[record["owner"]]:
                 del self.owned[record["owner"]]
             self.leases.pop(node_id, None)
-            request_id = self.request_of.pop(node_id, None)
-            if request_id in self.granted:
-                self.granted[request_id].discard(node_id)
-                if not self.granted[request_id]:
-                    del self.granted[request_id]
+            self._forget_request(node_id)
             self._lease_writes.pop(node_id, None)
-            record.update(state=State.READY.value, owner=None, allocated_at=None,
+            # Maintenance asked for while it was allocated begins now.
+            after = State.MAINTENANCE if record["maintenance_reason"] else State.READY
+            record.update(state=after.value, owner=None, allocated_at=None,
                           lease_expires_at=None, holder_user=None)
-            self._make_ready(node_id)
-            self._node_writes[node_id] = (State.READY, None, None)
+            if after == State.READY:
+                self._make_ready(node_id)
+            else:
+                self.capacity_of[record["node_pool"]] -= 1
+                self.shrunk.add(record["node_pool"])
+            self._node_writes[node_id] = (after, None, None)
             opened = self._opened.pop(node_id, None)
             if opened is not None:  # opened in this same batch: insert it closed
                 self._closed_in_batch.append({**opened, "ended_at": now, "end_reason": reason})
@@ -205,11 +232,12 @@ class PoolState:
         if rows:
             sql("INSERT INTO allocations (node_id, node_name, owner, user, request_id, "
                 "started_at, ended_at, end_reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", rows)
-        freed = [i for i, (state, _, _) in self._node_writes.items() if state == State.READY]
-        if freed:
-            sql(f"UPDATE nodes SET state = 'ready', owner = NULL, holder_user = NULL, "
-                f"allocated_at = NULL, lease_expires_at = NULL "
-                f"WHERE id IN ({placeholders(freed)})", tuple(freed))
+        for after in (State.READY, State.MAINTENANCE):
+            freed = [i for i, (state, _, _) in self._node_writes.items() if state == after]
+            if freed:
+                sql(f"UPDATE nodes SET state = '{after.value}', owner = NULL, "
+                    f"holder_user = NULL, allocated_at = NULL, lease_expires_at = NULL "
+                    f"WHERE id IN ({placeholders(freed)})", tuple(freed))
         taken = [(i, owner, self.nodes[i]["holder_user"], at, self.leases[i])
                  for i, (state, owner, at) in self._node_writes.items()
                  if state == State.ALLOCATED]
@@ -267,6 +295,13 @@ class PoolState:
                 del self.owned[record["owner"]]
         self.leases.pop(node_id, None)
         return record
+
+    def _forget_request(self, node_id: int) -> None:
+        request_id = self.request_of.pop(node_id, None)
+        if request_id in self.granted:
+            self.granted[request_id].discard(node_id)
+            if not self.granted[request_id]:
+                del self.granted[request_id]
 
     def _held_by(self, node_id: int, request_id: str | None) -> None:
         self.request_of[node_id] = request_id

@@ -22,6 +22,7 @@ from molteniron import compat, errors, pool
 from molteniron.models import WaitingRequest
 from molteniron.protocol import QUEUED, TIMED_OUT
 from workers.batch import Batch
+from workers.constraints import ANY, Constraints
 from workers.leases import LeasePolicy
 from workers.state import PoolState
 
@@ -41,6 +42,7 @@ class Waiter:
     enqueued_at: datetime
     lease_seconds: int | None = None
     user: str | None = None  # the broker user who asked
+    wants: Constraints = ANY
 
 
 class Waiters:
@@ -62,7 +64,8 @@ class Waiters:
         for row in session.scalars(select(WaitingRequest).order_by(WaitingRequest.id)):
             self._remember(Waiter(row.id, row.request_id, row.node_pool, row.count, row.owner,
                                   row.reply_to, row.correlation_id, row.deadline,
-                                  row.enqueued_at, row.lease_seconds, row.user))
+                                  row.enqueued_at, row.lease_seconds, row.user,
+                                  Constraints.from_row(row.constraints)))
 
     def __len__(self) -> int:
         return len(self.by_request)
@@ -84,49 +87,82 @@ class Waiters:
     def enqueue(self, batch: Batch, request_id: str, node_pool: str, count: int, owner: str,
                 reply_to: str | None, correlation_id: str | None,
                 wait_seconds: float | None, lease_seconds: int | None,
-                user: str | None = None) -> dict:
+                user: str | None = None, wants: Constraints = ANY) -> dict:
         """Make the allocate a waiting row; return the interim reply."""
         deadline = None if wait_seconds is None else batch.clock + wait_seconds
         row = WaitingRequest(request_id=request_id, node_pool=node_pool, count=count, owner=owner,
                              user=user, reply_to=reply_to, correlation_id=correlation_id,
                              enqueued_at=batch.now, deadline=deadline,
-                             lease_seconds=lease_seconds)
+                             lease_seconds=lease_seconds, constraints=wants.to_row())
         batch.session.add(row)
         batch.session.flush()
         self._remember(Waiter(row.id, request_id, node_pool, count, owner, reply_to,
-                              correlation_id, deadline, batch.now, lease_seconds, user))
+                              correlation_id, deadline, batch.now, lease_seconds, user, wants))
         return {"status": QUEUED, "queued": True, "position": len(self.by_pool[node_pool])}
 
-    def serve(self, batch: Batch, state: PoolState, node_pool: str) -> int:
-        """Serve the pool's waiters in order while nodes suffice; return how many."""
+    def serve(self, batch: Batch, state: PoolState, node_pool: str) -> None:
+        """Serve the pool's waiters in order while nodes suffice.
+
+        The rule: a waiter that cannot be served keeps the ready nodes it could use
+        from everyone behind it; those behind may take only other nodes. A waiter
+        without constraints could use any node, so nobody passes it (plain FIFO).
+        """
         queue = self.by_pool.get(node_pool)
-        served = 0
         while queue:
             head = next(iter(queue.values()))
-            if head.deadline is not None and head.deadline <= batch.clock:
-                self._finish(batch, head, _timed_out(head))  # its client has given up
+            if not self._try(batch, state, head, frozenset()):
+                if not head.wants.any:
+                    self._serve_behind(batch, state, node_pool, state.usable(node_pool, head.wants))
+                return
+
+    def _serve_behind(self, batch: Batch, state: PoolState, node_pool: str,
+                      blocked: set[int]) -> None:
+        """The walk past a blocked head with constraints (only then: it is O(queue))."""
+        for waiter in list(self.by_pool.get(node_pool, {}).values())[1:]:
+            if waiter.request_id not in self.by_request:
                 continue
-            try:
-                records = state.allocate(head.owner, head.count, node_pool, head.request_id,
-                                         batch.now, self.leases.until(batch.now, head.lease_seconds),
-                                         head.user)
-            except errors.NotEnoughNodes:
-                break
-            except errors.PoolTooSmall as exc:  # the pool shrank below what it asks for
-                self._finish(batch, head, exc.to_reply())
-                continue
-            self._finish(batch, head, compat.nodes_reply(records), grant=True)
-            served += 1
-        return served
+            if not self._try(batch, state, waiter, blocked):
+                if waiter.wants.any:
+                    return  # it could use every node left: nobody behind it may pass
+                blocked |= state.usable(node_pool, waiter.wants)
+
+    def blocked_nodes(self, state: PoolState, node_pool: str) -> set[int] | None:
+        """Ready nodes that waiting allocates could use (None: all of them): what a new
+        allocate must leave alone to be served at once."""
+        blocked: set[int] = set()
+        for waiter in self.by_pool.get(node_pool, {}).values():
+            if waiter.wants.any:
+                return None
+            blocked |= state.usable(node_pool, waiter.wants)
+        return blocked
+
+    def _try(self, batch: Batch, state: PoolState, waiter: Waiter, skip) -> bool:
+        """Serve or finish one waiter; False if it must go on waiting."""
+        if waiter.deadline is not None and waiter.deadline <= batch.clock:
+            self._finish(batch, waiter, _timed_out(waiter))  # its client has given up
+            return True
+        try:
+            records = state.allocate(waiter.owner, waiter.count, waiter.node_pool,
+                                     waiter.request_id, batch.now,
+                                     self.leases.until(batch.now, waiter.lease_seconds),
+                                     waiter.user, waiter.wants, skip)
+        except errors.NotEnoughNodes:
+            return False
+        except errors.PoolTooSmall as exc:  # the pool shrank below what it asks for
+            self._finish(batch, waiter, exc.to_reply())
+            return True
+        self._finish(batch, waiter, compat.nodes_reply(records), grant=True)
+        return True
 
     def refuse_impossible(self, batch: Batch, state: PoolState, node_pool: str) -> int:
         """409 to every waiter asking for more nodes than the pool now has outside
         maintenance (a walk of the queue: only after the pool itself changed)."""
-        total = state.capacity(node_pool)
-        hopeless = [w for w in self.by_pool.get(node_pool, {}).values() if w.count > total]
-        for waiter in hopeless:
-            self._finish(batch, waiter, pool.pool_too_small(node_pool, total,
-                                                            waiter.count).to_reply())
+        hopeless = [(w, state.capacity(node_pool, w.wants))
+                    for w in self.by_pool.get(node_pool, {}).values()]
+        hopeless = [(w, total) for w, total in hopeless if w.count > total]
+        for waiter, total in hopeless:
+            self._finish(batch, waiter, pool.pool_too_small(
+                node_pool, total, waiter.count, waiter.wants.describe()).to_reply())
         return len(hopeless)
 
     def expire(self, batch: Batch) -> int:
