@@ -1,0 +1,158 @@
+"""The inventory file on the client's side: YAML out and in, and an original MoltenIron database.
+
+The worker checks and applies an inventory (molteniron/inventory.py); here it
+is only read and written. Imports no SQLAlchemy: reading an original database
+imports it (and its driver) inside read_original only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import yaml
+
+from molteniron import errors
+
+HEADER = ("# MoltenIron inventory: `molteniron import FILE` adds or updates these nodes by name.\n"
+          "# ipmi_password ******** keeps the stored password; state applies only ready or\n"
+          "# maintenance, and only to nodes that are not allocated.\n")
+HARDWARE_KEYS = ("ipmi_user", "ipmi_password", "port_hwaddr", "cpu_arch", "cpus", "ram_mb",
+                 "disk_gb")
+
+
+# --- YAML ----------------------------------------------------------------------
+
+def dump(entries: list[dict]) -> str:
+    """The inventory file's text: a header comment, then `nodes:` and one entry per node."""
+    return HEADER + yaml.safe_dump({"nodes": entries}, sort_keys=False, allow_unicode=True,
+                                   default_flow_style=None, width=100)
+
+
+def write(path: str, text: str, secret: bool) -> None:
+    """Write the file; readable by its owner only when it holds passwords."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o666)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        if secret:  # O_CREAT's mode does not apply to a file that was there already
+            os.fchmod(out.fileno(), 0o600)
+        out.write(text)
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that 52:54:00:12:34:56 stays a string.
+
+    YAML 1.1 reads digits separated by colons as a base-60 number, which would
+    turn an unquoted MAC address into an integer.
+    """
+
+
+def _number_or_text(kind: str):
+    construct = getattr(yaml.SafeLoader, f"construct_yaml_{kind}")
+
+    def constructor(loader, node):
+        if ":" in node.value:
+            return loader.construct_scalar(node)
+        return construct(loader, node)
+    return constructor
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _number_or_text("int"))
+_Loader.add_constructor("tag:yaml.org,2002:float", _number_or_text("float"))
+
+
+def load(text: str) -> dict:
+    """The inventory in a file's text, as the import request carries it ({"nodes": [...]}).
+
+    A bare list of entries is accepted too. Values YAML reads as dates or times
+    become their ISO text: the request is JSON.
+    """
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise errors.BadRequest(f"the inventory is not valid YAML: {exc}") from None
+    if isinstance(data, list):
+        data = {"nodes": data}
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
+        raise errors.BadRequest("the inventory must be a list of nodes, or a mapping whose "
+                                "key nodes holds that list")
+    return json.loads(json.dumps(data, default=_iso))
+
+
+def read(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as source:
+            return load(source.read())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise errors.BadRequest(f"cannot read {path}: {exc}") from None
+
+
+def _iso(value: Any) -> str:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+# --- the original MoltenIron's database -------------------------------------------
+
+def read_original(db_url: str) -> tuple[dict, list[str]]:
+    """(inventory, notes) read from an original MoltenIron database (tables Nodes and IPs)."""
+    from sqlalchemy import create_engine, text  # only this command needs a database
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+    try:
+        engine = create_engine(db_url)
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise errors.BadRequest(f"--from-original: not a database URL: {exc}") from None
+    try:
+        with engine.connect() as conn:
+            nodes = [dict(row) for row in conn.execute(text(
+                "SELECT id, name, ipmi_ip, `blob`, status, provisioned, node_pool "
+                "FROM Nodes ORDER BY id")).mappings()]
+            ips = [tuple(row) for row in conn.execute(text(
+                "SELECT node_id, ip FROM IPs ORDER BY id"))]
+    except DBAPIError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        raise errors.BadRequest(f"--from-original: cannot read Nodes and IPs at {where}: "
+                                f"{exc.orig}") from None
+    finally:
+        engine.dispose()
+    return from_original(nodes, ips)
+
+
+def from_original(nodes: list[dict], ips: list[tuple]) -> tuple[dict, list[str]]:
+    """The original's rows as an inventory, plus notes for the operator.
+
+    Every node comes in ready: nodes the original had provisioned belong to
+    jobs of the old system, which will never release them here.
+    """
+    pools: dict[Any, list[str]] = {}
+    for node_id, ip in ips:
+        pools.setdefault(node_id, []).append(ip)
+    entries, provisioned = [], []
+    for row in nodes:
+        try:
+            blob = json.loads(row["blob"] or "{}")
+        except ValueError as exc:
+            raise errors.BadRequest(f"--from-original: Nodes id {row['id']} ({row['name']}): "
+                                    f"blob is not JSON: {exc}") from None
+        if not isinstance(blob, dict):
+            raise errors.BadRequest(f"--from-original: Nodes id {row['id']} ({row['name']}): "
+                                    "blob is not a JSON object")
+        entry = {"name": row["name"], "ipmi_ip": row["ipmi_ip"],
+                 **{key: blob[key] for key in HARDWARE_KEYS if key in blob},
+                 "allocation_pool": pools.get(row["id"], []),
+                 "node_pool": row["node_pool"] or "default",
+                 "extra": {k: v for k, v in blob.items() if k not in HARDWARE_KEYS},
+                 "state": "ready"}
+        entry.setdefault("ipmi_password", "")
+        entries.append(entry)
+        if row["provisioned"] or row["status"] not in ("ready", None):
+            provisioned.append(f"{row['name']} ({row['status']}"
+                               + (f", provisioned by {row['provisioned']})" if row["provisioned"]
+                                  else ")"))
+    notes = []
+    if provisioned:
+        notes.append(f"{len(provisioned)} node(s) not ready in the original are imported as "
+                     f"ready: {', '.join(provisioned)}")
+    return {"nodes": entries}, notes
