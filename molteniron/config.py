@@ -38,6 +38,11 @@ class Config:
     # A file of Fernet keys, one per line, newest first: IPMI passwords are stored
     # encrypted with the first; any of them decrypts (rotation). None: plain text.
     secret_key_file: str | None = None
+    # Effective priority a waiting allocate gains per minute, so a low one is not starved.
+    priority_aging: float = 1.0
+    # The most nodes each broker user may hold at once, e.g. {ci-team-a: 10}; "*" for
+    # everyone else. None: no quotas.
+    quotas: dict | None = None
 
 
 # Environment variable -> key; secrets can live here instead of in the file.
@@ -51,6 +56,7 @@ ENV_PASSWORDS = {
     "MOLTENIRON_AMQP_PASSWORD": "amqp_url",
 }
 _POSITIVE = {"allocate_wait", "request_timeout", "reply_retention", "history_retention",
+             "priority_aging",
              "lease_seconds", "max_lease_seconds", "prefetch", "tick_interval"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
@@ -122,6 +128,8 @@ def _validated(values: dict, source: str) -> Config:
     for key, value in values.items():
         if key == "admins":
             clean[key] = _user_names(key, value, source)
+        elif key == "quotas":
+            clean[key] = _quotas(value, source)
         elif key == "secret_key_file":
             clean[key] = None if value is None else _coerce(key, value, "str", source)
         else:
@@ -131,6 +139,18 @@ def _validated(values: dict, source: str) -> Config:
         raise ConfigError(f"{source}: lease_seconds ({config.lease_seconds}) must not be longer "
                           f"than max_lease_seconds ({config.max_lease_seconds})")
     return config
+
+
+def _quotas(value, source: str) -> dict | None:
+    """{broker user (or "*"): most nodes held at once}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+            isinstance(user, str) and user and isinstance(n, int) and not isinstance(n, bool)
+            and n >= 0 for user, n in value.items()):
+        raise ConfigError(f"{source}: quotas must map broker user names (or \"*\") to a "
+                          "whole number of nodes, e.g. {ci-team-a: 10, \"*\": 4}")
+    return dict(value)
 
 
 def _user_names(key: str, value, source: str) -> tuple[str, ...] | None:

@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pika
 import pytest
@@ -192,6 +192,25 @@ def stack(amqp_url, database_url, engine, tmp_path, request):
         for i in range(len(stack.workers)):
             print(f"--- worker {i} log ---\n{stack.worker_log(i)[-5000:]}")
     stack.purge_queues()
+
+
+@pytest.fixture
+def users(stack, amqp_url):
+    """Three broker users in the test run's vhost: two CI users and an admin.
+
+    Each: {"name": login, "env": {"MOLTENIRON_AMQP_URL": its URL}} for stack.cli(env=...)."""
+    vhost = unquote(amqp_url.rsplit("/", 1)[1])
+    made = {}
+    for role in ("alice", "bob", "admin"):
+        name, password = f"mi-{role}-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+        _rabbitmqctl("add_user", name, password)
+        _rabbitmqctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+        host = amqp_url.split("@", 1)[1]
+        made[role] = {"name": name,
+                      "env": {"MOLTENIRON_AMQP_URL": f"amqp://{quote(name)}:{password}@{host}"}}
+    yield made
+    for user in made.values():
+        _rabbitmqctl("delete_user", user["name"])
 
 
 @pytest.fixture

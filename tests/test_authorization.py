@@ -7,37 +7,13 @@ with `admins` naming one of them (MOLTENIRON_ADMINS).
 from __future__ import annotations
 
 import json
-import subprocess
 import time
-import uuid
-from urllib.parse import quote, unquote
 
 import pika
 import pytest
 
 from molteniron import protocol
 from tests.stack import node_args, wait_until
-
-
-def rabbitmqctl(*args):
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def users(stack, amqp_url):
-    """Three broker users in the test vhost: two CI users and an admin."""
-    vhost = amqp_url.rsplit("/", 1)[1]
-    made = {}
-    for role in ("alice", "bob", "admin"):
-        name, password = f"mi-{role}-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
-        rabbitmqctl("add_user", name, password)
-        rabbitmqctl("set_permissions", "-p", unquote(vhost), name, ".*", ".*", ".*")
-        host = amqp_url.split("@", 1)[1]
-        made[role] = {"name": name,
-                      "env": {"MOLTENIRON_AMQP_URL": f"amqp://{quote(name)}:{password}@{host}"}}
-    yield made
-    for user in made.values():
-        rabbitmqctl("delete_user", user["name"])
 
 
 @pytest.fixture

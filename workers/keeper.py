@@ -25,6 +25,7 @@ from workers.batch import Batch, load_stored_replies, placeholders
 from workers.dispatch import HANDLERS, IN_MEMORY, Context
 from workers.grants import UNDO
 from workers.leases import LeasePolicy
+from workers.quotas import Quotas
 from workers.state import PoolState
 from workers.waiters import Waiters
 
@@ -47,7 +48,7 @@ class PoolKeeper:
         self.leases = LeasePolicy(config.lease_seconds, config.max_lease_seconds)
         self.authz = Authorizer(config.admins)
         self.state = PoolState()
-        self.waiters = Waiters(self.leases)
+        self.waiters = Waiters(self.leases, config.priority_aging, Quotas(config.quotas))
         self.epoch: int | None = None   # None while standing by
         self.reload_needed = False       # in-memory state may differ from the database
         self.last_prune = 0.0
@@ -250,6 +251,8 @@ class PoolKeeper:
     def _serve_waiters(self, batch: Batch) -> None:
         while self.state.shrunk:  # a node went into maintenance at its release
             self.waiters.refuse_impossible(batch, self.state, self.state.shrunk.pop())
+        while self.state.quota_freed:  # users below their quota again: their waiters may go
+            batch.touched_pools.update(self.waiters.pools_of_user(self.state.quota_freed.pop()))
         while batch.touched_pools:
             node_pool = batch.touched_pools.pop()
             if self.waiters.has_waiting(node_pool):

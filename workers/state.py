@@ -36,6 +36,8 @@ class PoolState:
         self.leases: dict[int, datetime] = {}
         self.request_of: dict[int, str | None] = {}  # allocated node -> the request granted it
         self.shrunk: set[str] = set()  # pools that lost capacity: some waiters may be hopeless
+        self.held_by_user: dict[str | None, int] = defaultdict(int)  # for quotas
+        self.quota_freed: set[str | None] = set()  # users who gave nodes back: serve their waiters
         self.granted: dict[str, set[int]] = defaultdict(set)  # request -> nodes it still holds
         self._lease_heap: list[tuple[datetime, int]] = []  # may hold stale entries
         self._reset_pending()
@@ -78,6 +80,8 @@ class PoolState:
         self.request_of.clear()
         self.granted.clear()
         self.shrunk.clear()
+        self.held_by_user.clear()
+        self.quota_freed.clear()
         self._lease_heap.clear()
         self._reset_pending()
 
@@ -128,6 +132,7 @@ class PoolState:
             record = self.nodes[node_id]
             record.update(state=State.ALLOCATED.value, owner=owner, allocated_at=stamp,
                           holder_user=user)
+            self.held_by_user[user] += 1
             self.owned[owner].add(node_id)
             self._held_by(node_id, request_id)
             self._set_lease(node_id, lease_until)
@@ -190,6 +195,8 @@ class PoolState:
             self.leases.pop(node_id, None)
             self._forget_request(node_id)
             self._lease_writes.pop(node_id, None)
+            self.held_by_user[record["holder_user"]] -= 1
+            self.quota_freed.add(record["holder_user"])
             # Maintenance asked for while it was allocated begins now.
             after = State.MAINTENANCE if record["maintenance_reason"] else State.READY
             record.update(state=after.value, owner=None, allocated_at=None,
@@ -277,6 +284,7 @@ class PoolState:
             self.capacity_of[record["node_pool"]] += 1
         if record["owner"] is not None:
             self.owned[record["owner"]].add(node_id)
+            self.held_by_user[record["holder_user"]] += 1
         if record["lease_expires_at"] is not None and record["state"] == State.ALLOCATED.value:
             until = datetime.fromisoformat(record["lease_expires_at"])
             self.leases[node_id] = until
@@ -290,6 +298,8 @@ class PoolState:
         if record["state"] != State.MAINTENANCE.value:
             self.capacity_of[record["node_pool"]] -= 1
         if record["owner"] is not None and record["owner"] in self.owned:
+            self.held_by_user[record["holder_user"]] -= 1
+            self.quota_freed.add(record["holder_user"])
             self.owned[record["owner"]].discard(node_id)
             if not self.owned[record["owner"]]:
                 del self.owned[record["owner"]]

@@ -1,4 +1,5 @@
-"""Waiting allocations: FIFO per pool, deadlines, cancel.
+"""Waiting allocations: per pool by priority then arrival (workers/queue.py), deadlines,
+quotas, cancel.
 
 Waiters are rows (they survive a restart); the active worker keeps them in
 memory too, loaded at takeover and changed only with its own transactions.
@@ -24,6 +25,8 @@ from molteniron.protocol import QUEUED, TIMED_OUT
 from workers.batch import Batch
 from workers.constraints import ANY, Constraints
 from workers.leases import LeasePolicy
+from workers.queue import PoolQueue
+from workers.quotas import Quotas
 from workers.state import PoolState
 
 log = logging.getLogger(__name__)
@@ -43,15 +46,19 @@ class Waiter:
     lease_seconds: int | None = None
     user: str | None = None  # the broker user who asked
     wants: Constraints = ANY
+    priority: int = 0
 
 
 class Waiters:
-    def __init__(self, leases: LeasePolicy):
+    def __init__(self, leases: LeasePolicy, priority_aging: float = 1.0,
+                 quotas: Quotas | None = None):
         self.leases = leases
-        # Per pool, waiters in arrival order: a dict keeps insertion order and removes in O(1).
-        self.by_pool: dict[str, dict[str, Waiter]] = {}
+        self.priority_aging = priority_aging
+        self.quotas = quotas or Quotas(None)
+        self.by_pool: dict[str, PoolQueue] = {}  # each pool's waiters, in serving order
         self.by_request: dict[str, Waiter] = {}
         self.by_owner: dict[str, set[str]] = defaultdict(set)
+        self.by_user: dict[str | None, set[str]] = defaultdict(set)  # quotas: who to serve again
         self._deadlines: list[tuple[float, str]] = []  # may hold stale entries
         self.changes = 0  # bumped on every change, so a rolled-back savepoint can tell
 
@@ -60,12 +67,13 @@ class Waiters:
         self.by_pool.clear()
         self.by_request.clear()
         self.by_owner.clear()
+        self.by_user.clear()
         self._deadlines.clear()
         for row in session.scalars(select(WaitingRequest).order_by(WaitingRequest.id)):
             self._remember(Waiter(row.id, row.request_id, row.node_pool, row.count, row.owner,
                                   row.reply_to, row.correlation_id, row.deadline,
                                   row.enqueued_at, row.lease_seconds, row.user,
-                                  Constraints.from_row(row.constraints)))
+                                  Constraints.from_row(row.constraints), row.priority))
 
     def __len__(self) -> int:
         return len(self.by_request)
@@ -75,11 +83,7 @@ class Waiters:
 
     def position(self, request_id: str) -> int:
         """1-based place in its pool's queue (a walk of the queue: only for redeliveries)."""
-        waiter = self.by_request[request_id]
-        for place, other in enumerate(self.by_pool[waiter.node_pool], 1):
-            if other == request_id:
-                return place
-        raise KeyError(request_id)
+        return self.by_pool[self.by_request[request_id].node_pool].position(request_id)
 
     def queued_reply(self, request_id: str) -> dict:
         return {"status": QUEUED, "queued": True, "position": self.position(request_id)}
@@ -87,18 +91,23 @@ class Waiters:
     def enqueue(self, batch: Batch, request_id: str, node_pool: str, count: int, owner: str,
                 reply_to: str | None, correlation_id: str | None,
                 wait_seconds: float | None, lease_seconds: int | None,
-                user: str | None = None, wants: Constraints = ANY) -> dict:
+                user: str | None = None, wants: Constraints = ANY, priority: int = 0) -> dict:
         """Make the allocate a waiting row; return the interim reply."""
         deadline = None if wait_seconds is None else batch.clock + wait_seconds
         row = WaitingRequest(request_id=request_id, node_pool=node_pool, count=count, owner=owner,
                              user=user, reply_to=reply_to, correlation_id=correlation_id,
                              enqueued_at=batch.now, deadline=deadline,
-                             lease_seconds=lease_seconds, constraints=wants.to_row())
+                             lease_seconds=lease_seconds, constraints=wants.to_row(),
+                             priority=priority)
         batch.session.add(row)
         batch.session.flush()
-        self._remember(Waiter(row.id, request_id, node_pool, count, owner, reply_to,
-                              correlation_id, deadline, batch.now, lease_seconds, user, wants))
-        return {"status": QUEUED, "queued": True, "position": len(self.by_pool[node_pool])}
+        place = self._remember(Waiter(row.id, request_id, node_pool, count, owner, reply_to,
+                                      correlation_id, deadline, batch.now, lease_seconds, user,
+                                      wants, priority))
+        if place == 1 and len(self.by_pool[node_pool]) > 1:
+            # Ahead of earlier waiters (by priority): the nodes they kept may be its now.
+            batch.touched_pools.add(node_pool)
+        return {"status": QUEUED, "queued": True, "position": place}
 
     def serve(self, batch: Batch, state: PoolState, node_pool: str) -> None:
         """Serve the pool's waiters in order while nodes suffice.
@@ -109,19 +118,25 @@ class Waiters:
         """
         queue = self.by_pool.get(node_pool)
         while queue:
-            head = next(iter(queue.values()))
-            if not self._try(batch, state, head, frozenset()):
-                if not head.wants.any:
-                    self._serve_behind(batch, state, node_pool, state.usable(node_pool, head.wants))
-                return
+            head = queue.head()
+            outcome = self._try(batch, state, head, frozenset())
+            if outcome is True:
+                continue
+            if outcome is OVER_QUOTA:  # it keeps nothing from anyone: look behind it
+                self._serve_behind(batch, state, node_pool, set())
+            elif not head.wants.any:
+                self._serve_behind(batch, state, node_pool, state.usable(node_pool, head.wants))
+            return
 
     def _serve_behind(self, batch: Batch, state: PoolState, node_pool: str,
                       blocked: set[int]) -> None:
         """The walk past a blocked head with constraints (only then: it is O(queue))."""
-        for waiter in list(self.by_pool.get(node_pool, {}).values())[1:]:
+        queue = self.by_pool.get(node_pool)
+        for waiter in (queue.ordered()[1:] if queue else ()):
             if waiter.request_id not in self.by_request:
                 continue
-            if not self._try(batch, state, waiter, blocked):
+            outcome = self._try(batch, state, waiter, blocked)
+            if outcome is False:
                 if waiter.wants.any:
                     return  # it could use every node left: nobody behind it may pass
                 blocked |= state.usable(node_pool, waiter.wants)
@@ -130,17 +145,23 @@ class Waiters:
         """Ready nodes that waiting allocates could use (None: all of them): what a new
         allocate must leave alone to be served at once."""
         blocked: set[int] = set()
-        for waiter in self.by_pool.get(node_pool, {}).values():
+        queue = self.by_pool.get(node_pool)
+        for waiter in (queue.values() if queue else ()):
+            if not self.quotas.allows(waiter.user, waiter.count, state.held_by_user[waiter.user]):
+                continue  # over its quota: it keeps nothing from anyone
             if waiter.wants.any:
                 return None
             blocked |= state.usable(node_pool, waiter.wants)
         return blocked
 
-    def _try(self, batch: Batch, state: PoolState, waiter: Waiter, skip) -> bool:
-        """Serve or finish one waiter; False if it must go on waiting."""
+    def _try(self, batch: Batch, state: PoolState, waiter: Waiter, skip):
+        """Serve or finish one waiter: True; False if it must go on waiting for nodes;
+        OVER_QUOTA if it must wait for its user to give nodes back."""
         if waiter.deadline is not None and waiter.deadline <= batch.clock:
             self._finish(batch, waiter, _timed_out(waiter))  # its client has given up
             return True
+        if not self.quotas.allows(waiter.user, waiter.count, state.held_by_user[waiter.user]):
+            return OVER_QUOTA
         try:
             records = state.allocate(waiter.owner, waiter.count, waiter.node_pool,
                                      waiter.request_id, batch.now,
@@ -158,7 +179,8 @@ class Waiters:
         """409 to every waiter asking for more nodes than the pool now has outside
         maintenance (a walk of the queue: only after the pool itself changed)."""
         hopeless = [(w, state.capacity(node_pool, w.wants))
-                    for w in self.by_pool.get(node_pool, {}).values()]
+                    for w in (self.by_pool[node_pool].values()
+                              if node_pool in self.by_pool else ())]
         hopeless = [(w, total) for w, total in hopeless if w.count > total]
         for waiter, total in hopeless:
             self._finish(batch, waiter, pool.pool_too_small(
@@ -185,7 +207,7 @@ class Waiters:
         probed = 0
         for node_pool, queue in self.by_pool.items():
             if state.ready.get(node_pool):
-                head = next(iter(queue.values()))
+                head = queue.head()
                 batch.reply(head.reply_to, head.correlation_id, head.request_id,
                             {"status": QUEUED, "queued": True, "position": 1})
                 probed += 1
@@ -202,6 +224,10 @@ class Waiters:
         waiting = self.by_owner.get(owner)
         return self.by_request[next(iter(waiting))].user if waiting else None
 
+    def pools_of_user(self, user: str | None) -> set[str]:
+        """The pools where a user has waiting allocates."""
+        return {self.by_request[r].node_pool for r in self.by_user.get(user, ())}
+
     def cancel_owner(self, batch: Batch, owner: str) -> int:
         mine = sorted(self.by_owner.get(owner, ()))
         for request_id in mine:
@@ -217,14 +243,14 @@ class Waiters:
     def rows(self, node_pool: str | None = None) -> list[tuple[int, Waiter]]:
         """(position, waiter) in the order they will be served, pool by pool."""
         return [(place, w) for p, queue in sorted(self.by_pool.items()) if node_pool in (None, p)
-                for place, w in enumerate(queue.values(), 1)]
+                for place, w in enumerate(queue.ordered(), 1)]
 
     def _finish(self, batch: Batch, waiter: Waiter, reply: dict, grant: bool = False) -> None:
         batch.session.execute(delete(WaitingRequest).where(WaitingRequest.id == waiter.row_id))
         batch.store(waiter.request_id, "allocate", reply)
         batch.reply(waiter.reply_to, waiter.correlation_id, waiter.request_id, reply, grant=grant)
         queue = self.by_pool[waiter.node_pool]
-        del queue[waiter.request_id]
+        queue.remove(waiter.request_id)
         if not queue:
             del self.by_pool[waiter.node_pool]
         del self.by_request[waiter.request_id]
@@ -232,19 +258,31 @@ class Waiters:
         owned.discard(waiter.request_id)
         if not owned:
             del self.by_owner[waiter.owner]
+        mine = self.by_user[waiter.user]
+        mine.discard(waiter.request_id)
+        if not mine:
+            del self.by_user[waiter.user]
         # Whoever waited behind it may fit now (or learn that the pool is too small).
         batch.touched_pools.add(waiter.node_pool)
         self.changes += 1
         log.info("op=allocate id=%s owner=%s pool=%s status=%s waited=true",
                  waiter.request_id, waiter.owner, waiter.node_pool, reply["status"])
 
-    def _remember(self, waiter: Waiter) -> None:
-        self.by_pool.setdefault(waiter.node_pool, {})[waiter.request_id] = waiter
+    def _remember(self, waiter: Waiter) -> int:
+        queue = self.by_pool.get(waiter.node_pool)
+        if queue is None:
+            queue = self.by_pool[waiter.node_pool] = PoolQueue(self.priority_aging)
+        place = queue.add(waiter)
         self.by_request[waiter.request_id] = waiter
         self.by_owner[waiter.owner].add(waiter.request_id)
+        self.by_user[waiter.user].add(waiter.request_id)
         if waiter.deadline is not None:
             heapq.heappush(self._deadlines, (waiter.deadline, waiter.request_id))
         self.changes += 1
+        return place
+
+
+OVER_QUOTA = "over_quota"
 
 
 def _timed_out(waiter: Waiter) -> dict:
