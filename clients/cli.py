@@ -16,6 +16,8 @@ from molteniron.config import load_config
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DEADLINE, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
+# Commands whose result is a table: printed as one when stdout is a terminal.
+TABLE_COMMANDS = ("status", "status_baremetal", "waiting", "history")
 EPILOG = """\
 exit codes:
   0  success
@@ -38,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check bare-metal nodes out of the MoltenIron pool and back in.")
     parser.add_argument("-c", "--conf-dir", metavar="DIR", help="read DIR/conf.yaml")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
-    parser.add_argument("-o", "--output", choices=("json", "result"), default="json",
-                        help="json: the whole reply (default); result: only its result")
+    parser.add_argument("-o", "--output", choices=("json", "result"),
+                        help="json: the whole reply (default); result: only its result "
+                             "(default for tables when stdout is a terminal)")
     parser.add_argument("--timeout", type=_positive, metavar="SECONDS",
                         help="how long to wait for the worker to answer (default from config, 30)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -101,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, what in (("status", "the pool"), ("status_baremetal", "the pool's hardware")):
         p = sub.add_parser(name, help=f"a table of {what}")
-        p.add_argument("-t", "--type", choices=("human", "csv", "json"), default="human")
+        _table_option(p, "human")
         p.add_argument("--pool", metavar="POOL", help="only this node pool")
         p.add_argument("--state", choices=protocol.NODE_STATES, help="only nodes in this state")
         p.add_argument("--owner", metavar="OWNER", help="only nodes OWNER holds")
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("waiting", help="waiting allocations, in the order they will be served")
     p.add_argument("--pool", metavar="POOL", help="only this node pool")
+    _table_option(p)
 
     sub.add_parser("workers", help="running workers (active, standby), waiting allocates, queue depth")
 
@@ -116,11 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("request_id")
 
     sub.add_parser("delete_db", help="remove every node from the pool")
+
+    p = sub.add_parser("history", help="who held which node, from when to when, how it ended "
+                                       "(newest first)")
+    p.add_argument("--owner", metavar="OWNER", help="only allocations of OWNER")
+    p.add_argument("--node", metavar="NODE", help="only allocations of this node (name or id)")
+    p.add_argument("--since", metavar="ISO",
+                   help="only allocations open at or after this ISO-8601 time (UTC unless "
+                        "it names its offset), e.g. 2024-03-04T11:00:00")
+    p.add_argument("--limit", type=_positive_int, default=100, metavar="N",
+                   help="at most N rows (default 100, at most 10000)")
+    _table_option(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.output is None:
+        # A person at a terminal gets the table; a script gets the JSON reply, as always.
+        as_table = (args.command in TABLE_COMMANDS and getattr(args, "type", None) != "json"
+                    and sys.stdout.isatty())
+        args.output = "result" if as_table else "json"
     try:
         config = load_config(args.config, args.conf_dir)
     except errors.ConfigError as exc:
@@ -161,7 +181,9 @@ def run_command(client, args, config) -> dict:
         if args.type == "json":
             return {"status": 200, "result": records}
         return {"status": 200, "result": compat.status_text(
-            records, command == "status_baremetal", args.type)}
+            records, command == "status_baremetal", args.type or "human")}
+    if command in ("waiting", "history"):
+        return _rows_command(client, args)
     calls = {
         "add_baremetal": lambda: client.add_baremetal(**_fields(args, (
             "name", "ipmi_ip", "ipmi_user", "ipmi_password", "allocation_pool", "port_hwaddr",
@@ -174,12 +196,27 @@ def run_command(client, args, config) -> dict:
         "renew": lambda: client.renew(args.owner_name, args.lease),
         "get_field": lambda: client.get_field(args.owner_name, args.field_name),
         "set_field": lambda: client.set_field(args.id, args.key, args.value, args.type),
-        "waiting": lambda: client.waiting(args.pool),
         "cancel": lambda: client.cancel(args.request_id),
         "workers": client.workers,
         "delete_db": client.delete_db,
     }
     return calls[command]()
+
+
+def _rows_command(client, args) -> dict:
+    """waiting / history: the reply as is, or its rows as a table (-t, or a terminal)."""
+    from molteniron import compat
+    if args.command == "waiting":
+        reply, key, columns = client.waiting(args.pool), "waiting", compat.WAITING_COLUMNS
+    else:
+        reply = client.history(args.owner, args.node, args.since, args.limit)
+        key, columns = "history", compat.HISTORY_COLUMNS
+    table_type = args.type or ("human" if args.output == "result" else None)
+    if table_type is None:
+        return reply
+    if table_type == "json":
+        return {"status": 200, "result": reply[key]}
+    return {"status": 200, "result": compat.records_text(columns, reply[key], table_type)}
 
 
 def _allocate(client, args, config) -> dict:
@@ -254,6 +291,13 @@ def _print(reply: dict, output: str) -> None:
 
 def _without_envelope(reply: dict) -> dict:
     return {k: v for k, v in reply.items() if k not in ("v", "id")}
+
+
+def _table_option(parser, default: str | None = None) -> None:
+    parser.add_argument("-t", "--type", choices=("human", "csv", "json"), default=None,
+                        help="human: a table; csv: a header row, then one row each; json: "
+                             "the rows (default: " + (default or "human on a terminal, "
+                                                      "else the JSON reply") + ")")
 
 
 def _fields(args, names) -> dict:

@@ -172,11 +172,11 @@ class MoltenIronClient:
                         "(start molteniron-worker)")
         return errors.ServiceUnavailable(message)
 
-    def queue_counts(self) -> tuple[int | None, int | None]:
-        """(requests queued but not delivered, consumers) of the request queue; None: unknown."""
+    def queue_counts(self, queue: str = protocol.REQUEST_QUEUE) -> tuple[int | None, int | None]:
+        """(messages queued but not delivered, consumers) of a queue; None: unknown."""
         try:
             self.connect()
-            declared = self.channel.queue_declare(protocol.REQUEST_QUEUE, passive=True)
+            declared = self.channel.queue_declare(queue, passive=True)
         except errors.ServiceUnavailable:
             return None, None
         except (AMQPError, OSError):
@@ -281,10 +281,35 @@ class MoltenIronClient:
         return self.call("waiting", {"node_pool": node_pool})
 
     def workers(self) -> dict:
-        """Running workers by their heartbeats, plus requests queued and not yet delivered."""
-        reply = self.call("workers")
-        reply["queued_requests"] = self.queue_counts()[0]
-        return reply
+        """The broker's view (queue depths, consumers) and, if a worker answers, the workers'.
+
+        The broker part comes from passive declares, so it answers with no worker
+        running; then `workers` is None and `worker_error` says why. With no consumer
+        on the request queue nobody is asked: nobody could answer.
+        """
+        queued, consumers = self.queue_counts()
+        broker = {"queued_requests": queued, "consumers": consumers,
+                  "dead_letters": self.queue_counts(protocol.DEAD_LETTER_QUEUE)[0]}
+        if consumers is None:
+            self.connect()  # unreachable: ServiceUnavailable; else the queue is missing
+            return {"status": 200, "workers": None, **broker,
+                    "worker_error": f"{protocol.REQUEST_QUEUE} does not exist on this "
+                                    "broker/vhost: no MoltenIron worker has ever started here"}
+        if consumers == 0:
+            return {"status": 200, "workers": None, **broker,
+                    "worker_error": f"no worker is consuming {protocol.REQUEST_QUEUE}"}
+        try:
+            reply = self.call("workers")
+        except errors.ServiceUnavailable:
+            return {"status": 200, "workers": None, **broker,
+                    "worker_error": f"no worker answered within {self.timeout:g}s"}
+        return {**reply, **broker}
+
+    def history(self, owner: str | None = None, node: str | None = None,
+                since: str | None = None, limit: int = 100) -> dict:
+        """Allocations newest first (node: a name or id; since: an ISO-8601 time)."""
+        return self.call("history", {"owner": owner, "node": node, "since": since,
+                                     "limit": limit})
 
     def delete_db(self) -> dict:
         return self.call("delete_db")

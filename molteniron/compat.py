@@ -7,6 +7,8 @@ original printed them. Works on plain node records (dicts, see
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from datetime import datetime, timezone
 
@@ -81,9 +83,22 @@ def status_text(records: list[dict], baremetal: bool, table_type: str,
     """The original's `status` / `status_baremetal` table, human or csv."""
     columns = BAREMETAL_COLUMNS if baremetal else STATUS_COLUMNS
     now = now or datetime.now(timezone.utc).replace(tzinfo=None)
-    rows = [_row(r, baremetal, now) for r in records]
+    return table_text(columns, [_row(r, baremetal, now) for r in records], table_type)
+
+
+def table_text(columns: tuple[tuple[str, int], ...], rows: list[list], table_type: str) -> str:
+    """Rows under (name, width) columns: a boxed table (human) or csv with a header row.
+
+    The csv is what Python's csv module writes (quoted where a value holds a comma,
+    a quote or a newline), so csv.reader reads back the same cells; None is "".
+    """
     if table_type == "csv":
-        return "\n".join("".join(f"{cell}," for cell in row) for row in rows)
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(name for name, _ in columns)
+        writer.writerows(["" if cell is None else cell for cell in row] for row in rows)
+        return out.getvalue()[:-1]  # print() adds the last newline back
+    rows = [["" if cell is None else cell for cell in row] for row in rows]
     widths = [max([width, len(name)] + [len(str(row[i])) for row in rows])
               for i, (name, width) in enumerate(columns)]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
@@ -91,6 +106,20 @@ def status_text(records: list[dict], baremetal: bool, table_type: str,
     body = ["|" + "|".join(f" {str(cell):<{w}} " for cell, w in zip(row, widths)) + "|"
             for row in rows]
     return "\n".join([line, header, line, *body, line])
+
+
+# `history` and `waiting`: one column per key of their reply's rows.
+HISTORY_COLUMNS = (("started_at", 19), ("ended_at", 19), ("end_reason", 11), ("owner", 12),
+                   ("node_name", 9), ("node_id", 7), ("user", 8), ("request_id", 36))
+WAITING_COLUMNS = (("position", 8), ("owner", 12), ("node_pool", 9), ("count", 5),
+                   ("waited_s", 8), ("deadline", 8), ("request_id", 36))
+
+
+def records_text(columns: tuple[tuple[str, int], ...], records: list[dict],
+                 table_type: str) -> str:
+    """Reply rows (dicts) as a table of the keys named by columns, human or csv."""
+    return table_text(columns, [[r.get(name) for name, _ in columns] for r in records],
+                      table_type)
 
 
 def _row(record: dict, baremetal: bool, now: datetime) -> list:

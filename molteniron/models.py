@@ -97,6 +97,11 @@ class Allocation(Base):
         Index("ix_allocations_node_open", "node_id", "ended_at"),
         Index("ix_allocations_request", "request_id"),
         Index("ix_allocations_ended_at", "ended_at"),  # pruning by history_retention
+        # `history`, newest first: of everyone, of one owner, of one node (name or id).
+        Index("ix_allocations_started", "started_at"),
+        Index("ix_allocations_owner_started", "owner", "started_at"),
+        Index("ix_allocations_node_name_started", "node_name", "started_at"),
+        Index("ix_allocations_node_started", "node_id", "started_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -131,6 +136,7 @@ class WaitingRequest(Base):
     deadline: Mapped[Optional[float]] = mapped_column(Double, default=None)  # unix time
     lease_seconds: Mapped[Optional[int]] = mapped_column(Integer, default=None)
     constraints: Mapped[Optional[dict]] = mapped_column(JSON, default=None)  # None: any node
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # higher first
 
 
 class GrantOutbox(Base):

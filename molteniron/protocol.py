@@ -16,6 +16,7 @@ import json
 import math
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from molteniron.errors import BadRequest
@@ -55,6 +56,8 @@ class Arg:
     max_length: int = 255  # strings: the widest column they go into
     min_value: float | None = None  # numbers: the smallest allowed; strings: shortest length
     uuid: bool = False     # a request id
+    max_value: float | None = None  # numbers: the largest allowed
+    iso_time: bool = False  # strings: an ISO-8601 time (UTC unless it names its offset)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("delete_db"),
     Operation("cancel", (Arg("request_id", _S, uuid=True),), expires=False),
     Operation("tick", internal=True),
+    # Ended and open allocations, newest first. node: a node name or id; since: ISO-8601.
+    Operation("history", (
+        Arg("owner", _S, False), Arg("node", _S, False), Arg("since", _S, False, iso_time=True),
+        Arg("limit", _I, False, 100, min_value=1, max_value=10_000)), mutates=False),
 )}
 
 
@@ -208,6 +215,9 @@ def validate_args(op: str, args: dict) -> dict:
         if (arg.min_value is not None and isinstance(value, (int, float))
                 and not isinstance(value, bool) and value < arg.min_value):
             raise BadRequest(f"{op}: argument {arg.name} must be at least {arg.min_value}, got {value}")
+        if (arg.max_value is not None and isinstance(value, (int, float))
+                and not isinstance(value, bool) and value > arg.max_value):
+            raise BadRequest(f"{op}: argument {arg.name} must be at most {arg.max_value}, got {value}")
         if arg.min_value is not None and isinstance(value, str) and len(value) < arg.min_value:
             raise BadRequest(f"{op}: argument {arg.name} must not be empty")
         if isinstance(value, str) and len(value) > arg.max_length:
@@ -218,11 +228,26 @@ def validate_args(op: str, args: dict) -> dict:
             raise BadRequest(f"{op}: argument {arg.name} must be a request id (UUID), got {value!r}")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise BadRequest(f"{op}: argument {arg.name} must be a list of strings")
+        if arg.iso_time and parse_time(value) is None:
+            raise BadRequest(f"{op}: argument {arg.name} must be an ISO-8601 time "
+                             f"(e.g. 2024-03-04T11:06:07 or 2024-03-04T12:06:07+01:00), "
+                             f"got {value!r}")
         if arg.choices and value not in arg.choices:
             raise BadRequest(f"{op}: argument {arg.name} must be one of "
                              f"{', '.join(arg.choices)}, got {value!r}")
         clean[arg.name] = value
     return clean
+
+
+def parse_time(text: str) -> datetime | None:
+    """An ISO-8601 time as naive UTC (the database's times), None if it is not one."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if when.tzinfo is not None:
+        when = when.astimezone(timezone.utc).replace(tzinfo=None)
+    return when
 
 
 def reply_body(request_id: str | None, reply: dict) -> bytes:

@@ -6,6 +6,8 @@ asserted exactly.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from datetime import datetime, timedelta
 
@@ -187,20 +189,37 @@ def test_status_table_widens_for_long_values(session):
 def test_status_csv(session, allocated):
     n1, n2 = allocated
     text = compat.status_text(records(session), baremetal=False, table_type="csv", now=NOW)
-    lines = text.splitlines()
-    assert len(lines) == 3
-    assert lines[0].startswith(f"{n1.id},n1,10.0.0.2,")
-    assert lines[0].endswith(",allocated,job-7,1:02:03,gpu,2024-03-04T11:06:07,")
-    assert lines[1].startswith(f"{n2.id},n2,")
-    assert lines[2].endswith(",ready,,,gpu,,")
+    header, *rows = csv.reader(io.StringIO(text))
+    assert header == ["id", "name", "ipmi_ip", "blob", "status", "provisioned", "time",
+                      "node_pool", "lease_ends"]
+    assert len(rows) == 3
+    assert rows[0][:3] == [str(n1.id), "n1", "10.0.0.2"]
+    assert json.loads(rows[0][3])["cpus"] == 8   # the blob's commas and quotes are quoted
+    assert rows[0][4:] == ["allocated", "job-7", "1:02:03", "gpu", "2024-03-04T11:06:07"]
+    assert rows[1][:2] == [str(n2.id), "n2"]
+    assert rows[2][4:] == ["ready", "", "", "gpu", ""]
 
 
 def test_status_baremetal_csv(session, allocated):
     n1 = allocated[0]
     lines = compat.status_text(records(session), True, "csv", now=NOW).splitlines()
-    assert len(lines) == 3
-    assert lines[0] == (f"{n1.id},n1,10.0.0.2,admin,hunter2-secret,52:54:00:aa:bb:cc,x86_64,"
-                        "8,16384,500,allocated,job-7,1:02:03,gpu,2024-03-04T11:06:07,")
+    assert len(lines) == 1 + 3
+    assert lines[0] == ("id,name,ipmi_ip,ipmi_user,ipmi_password,port_hwaddr,cpu_arch,cpus,"
+                        "ram_mb,disk_gb,status,provisioned,time,node_pool,lease_ends")
+    assert lines[1] == (f"{n1.id},n1,10.0.0.2,admin,hunter2-secret,52:54:00:aa:bb:cc,x86_64,"
+                        "8,16384,500,allocated,job-7,1:02:03,gpu,2024-03-04T11:06:07")
+
+
+def test_status_csv_quotes_commas_quotes_and_newlines():
+    record = {"id": 1, "name": 'odd, "quoted"\nname', "ipmi_ip": "10.0.0.1",
+              "ipmi_user": "a,b", "ipmi_password": "", "port_hwaddr": "", "cpu_arch": "",
+              "cpus": 1, "ram_mb": 2, "disk_gb": 3, "extra": {}, "state": "ready",
+              "owner": None, "allocated_at": None, "node_pool": "default",
+              "lease_expires_at": None}
+    text = compat.status_text([record], True, "csv", now=NOW)
+    header, row = csv.reader(io.StringIO(text))
+    assert row[:4] == ["1", 'odd, "quoted"\nname', "10.0.0.1", "a,b"]
+    assert len(row) == len(header)
 
 
 @pytest.mark.parametrize("baremetal", [False, True])
@@ -231,7 +250,8 @@ def test_without_secrets_only_hides_the_password(session):
 
 
 def test_status_of_an_empty_pool(session):
-    assert compat.status_text([], False, "csv") == ""
+    assert compat.status_text([], False, "csv") == (
+        "id,name,ipmi_ip,blob,status,provisioned,time,node_pool,lease_ends")
     lines = compat.status_text([], False, "human").splitlines()
     assert len(lines) == 4
     assert [c.strip() for c in lines[1].strip("+").split("+")][-2:] == ["node_pool", "lease_ends"]

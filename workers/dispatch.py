@@ -17,8 +17,9 @@ from typing import Callable
 from sqlalchemy import select
 
 from molteniron import compat, errors, pool
+from molteniron.history import allocation_history
 from molteniron.models import EndReason, WorkerHeartbeat
-from molteniron.protocol import OPERATIONS, Request
+from molteniron.protocol import OPERATIONS, Request, parse_time
 from workers.batch import Batch
 from workers.leases import LeasePolicy
 from workers.state import PoolState
@@ -175,6 +176,24 @@ def cancel(ctx: Context, req: Request) -> dict:
     return {**OK, "cancelled": "served" if released else "not_waiting", "released": len(released)}
 
 
+def history(ctx: Context, req: Request) -> dict:
+    """Allocations, open and ended, newest first: from the database, through an index."""
+    a = req.args
+    since = parse_time(a["since"]) if a["since"] is not None else None
+    return {**OK, "history": allocation_history(ctx.batch.session, a["owner"], a["node"],
+                                                since, a["limit"])}
+
+
+def export(ctx: Context, req: Request) -> dict:
+    """Every node as an inventory entry (passwords hidden unless show_secrets)."""
+    return {**OK, "nodes": inventory.export_nodes(ctx.batch.session, req.args["show_secrets"])}
+
+
+def import_(ctx: Context, req: Request) -> dict:
+    """Add or update nodes by name from an inventory: all of it checked, then all or nothing."""
+    return {**OK, **inventory.import_nodes(ctx.batch.session, req.args["inventory"])}
+
+
 # Handlers that use only the in-memory state and check before they change anything.
 IN_MEMORY = frozenset({"allocate", "release", "renew", "status", "waiting", "cancel"})
 HANDLERS: dict[str, Handler] = {
@@ -191,5 +210,6 @@ HANDLERS: dict[str, Handler] = {
     "delete_db": delete_db,
     "cancel": cancel,
     "workers": workers,
+    "history": history,
 }
 assert set(HANDLERS) == {name for name, op in OPERATIONS.items() if not op.internal}
