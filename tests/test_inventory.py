@@ -27,12 +27,15 @@ from workers.authz import Authorizer
 
 def add_pool(stack) -> None:
     """Three nodes: tags, another pool, extra keys, one in maintenance with a reason."""
-    assert stack.cli("add_baremetal", *node_args(1), "--tags", "gpu,fast").returncode == 0
+    assert stack.cli("add_baremetal", *node_args(1)).returncode == 0
     assert stack.cli("add_baremetal", *node_args(2, "other")).returncode == 0
     assert stack.cli("add_keyvalue_pairs", "kv-3", "10.0.0.3", "10.1.3.1", "ipmi_user=u",
                      "ipmi_password=pw-3", "port_hwaddr=52:54:00:12:34:56", "cpu_arch=aarch64",
                      "cpus=4", "ram_mb=8192", "disk_gb=100", "rack=7").returncode == 0
-    assert stack.cli("maintenance", "node-2", "on", "--reason", "fan broken").returncode == 0
+    (node_1,), (node_2,) = stack.sql(
+        "SELECT id FROM nodes WHERE name IN ('node-1', 'node-2') ORDER BY name")
+    assert stack.cli("set_field", str(node_1), "tags", "gpu,fast").returncode == 0
+    assert stack.cli("set_field", str(node_2), "status", "maintenance").returncode == 0
 
 
 def nodes(stack, *options: str) -> dict[str, dict]:
@@ -62,7 +65,7 @@ def test_export_delete_import_round_trips(running, tmp_path):
         "cpu_arch": "x86_64", "cpus": 8, "ram_mb": 16384, "disk_gb": 200, "node_pool": "default",
         "tags": ["fast", "gpu"], "extra": {}, "state": "ready", "maintenance_reason": None}
     assert entries["node-2"]["state"] == "maintenance"
-    assert entries["node-2"]["maintenance_reason"] == "fan broken"
+    assert entries["node-2"]["maintenance_reason"] == "set_field status maintenance"
     assert entries["kv-3"]["extra"] == {"rack": "7"}
     assert entries["kv-3"]["port_hwaddr"] == "52:54:00:12:34:56"
 
@@ -252,7 +255,8 @@ def test_unreadable_original_database_is_a_usage_error(running):
 
 def test_the_cli_imports_no_sqlalchemy():
     done = subprocess.run([sys.executable, "-c",
-                           "import sys, clients.cli, clients.inventory_file; clients.cli.build_parser();"
+                           "import sys, clients.cli, clients.inventory_file;"
+                           "clients.cli.build_parser();"
                            "print([m for m in sys.modules if m.split('.')[0] in "
                            "('sqlalchemy', 'pymysql')])"],
                           capture_output=True, text=True, cwd=ROOT, check=True)
