@@ -131,6 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=100, metavar="N",
                    help="at most N rows (default 100, at most 10000)")
     _table_option(p)
+
+    p = sub.add_parser("export", help="write every node as YAML, the file import reads")
+    p.add_argument("-o", "--file", dest="export_file", metavar="FILE",
+                   help="write to FILE (mode 600 with --show-secrets) instead of stdout")
+    p.add_argument("--show-secrets", action="store_true",
+                   help="write IPMI passwords (else ********, which import reads as "
+                        "'keep the stored one')")
+
+    p = sub.add_parser("import", help="add or update nodes by name from an export's YAML "
+                                      "(all of them, or none if any entry is bad)",
+                       description="Add or update nodes by name. Every entry is checked "
+                       "first: one bad entry and nothing is imported. ipmi_password ******** "
+                       "keeps the stored password. state: only ready and maintenance (with "
+                       "maintenance_reason) are applied, and only to nodes that are not "
+                       "allocated; an allocated node keeps its owner and cannot change "
+                       "node_pool. Importing the same file again changes nothing.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("import_file", nargs="?", metavar="FILE", help="YAML written by export")
+    source.add_argument("--from-original", metavar="DB_URL",
+                        help="read the nodes of an original MoltenIron database instead "
+                             "(e.g. mysql+pymysql://root@localhost/MoltenIron); every node "
+                             "comes in ready, those it had provisioned included")
     return parser
 
 
@@ -166,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         client.close()
-    _print(reply, args.output)
+    if reply is not None:  # None: the command printed its result itself (export's YAML)
+        _print(reply, args.output)
     return EXIT_OK
 
 
@@ -184,6 +207,8 @@ def run_command(client, args, config) -> dict:
             records, command == "status_baremetal", args.type or "human")}
     if command in ("waiting", "history"):
         return _rows_command(client, args)
+    if command in ("export", "import"):
+        return _inventory_command(client, args)
     calls = {
         "add_baremetal": lambda: client.add_baremetal(**_fields(args, (
             "name", "ipmi_ip", "ipmi_user", "ipmi_password", "allocation_pool", "port_hwaddr",
@@ -201,6 +226,31 @@ def run_command(client, args, config) -> dict:
         "delete_db": client.delete_db,
     }
     return calls[command]()
+
+
+def _inventory_command(client, args) -> dict | None:
+    """export: the YAML to FILE or stdout; import: a file's or an original database's nodes."""
+    from clients import inventory_file
+    if args.command == "export":
+        reply = client.export(args.show_secrets)
+        text = inventory_file.dump(reply["nodes"])
+        if args.export_file is None:
+            sys.stdout.write(text)
+            return None
+        inventory_file.write(args.export_file, text, secret=args.show_secrets)
+        print(f"molteniron: wrote {len(reply['nodes'])} node(s) to {args.export_file}",
+              file=sys.stderr)
+        return {"status": 200, "exported": len(reply["nodes"]), "file": args.export_file}
+    if args.from_original:
+        inventory, notes = inventory_file.read_original(args.from_original)
+        for note in notes:
+            print(f"molteniron: {note}", file=sys.stderr)
+    else:
+        inventory = inventory_file.read(args.import_file)
+    reply = client.import_inventory(inventory)
+    print(f"molteniron: {reply['added']} added, {reply['changed']} changed, "
+          f"{reply['unchanged']} unchanged", file=sys.stderr)
+    return reply
 
 
 def _rows_command(client, args) -> dict:

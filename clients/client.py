@@ -323,6 +323,18 @@ class MoltenIronClient:
     def add_json_blob(self, **fields) -> dict:
         return self.call("add_json_blob", fields)
 
+    def export(self, show_secrets: bool = False) -> dict:
+        """Every node as an inventory entry; passwords "********" unless show_secrets."""
+        return self.call("export", {"show_secrets": show_secrets})
+
+    def import_inventory(self, inventory: dict) -> dict:
+        """Add or update nodes by name from {"nodes": [entry...]}: all of them, or none."""
+        args = {"inventory": inventory}
+        if len(json.dumps(args)) > protocol.MAX_BODY_BYTES - 1000:  # room for the envelope
+            raise errors.BadRequest(f"the inventory is larger than a request may be "
+                                    f"({protocol.MAX_BODY_BYTES} bytes): import it in parts")
+        return self.call("import", args)
+
     def _on_reply(self, channel, method, properties, body) -> None:
         inbox = self.replies.get(properties.correlation_id)
         if inbox is None:

@@ -110,7 +110,9 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     # Ended and open allocations, newest first. node: a node name or id; since: ISO-8601.
     Operation("history", (
         Arg("owner", _S, False), Arg("node", _S, False), Arg("since", _S, False, iso_time=True),
-        Arg("limit", _I, False, 100, min_value=1, max_value=10_000)), mutates=False),
+        Arg("limit", _I, False, 100, min_value=1, max_value=10_000)), mutates=False),    # Every node as an inventory entry (molteniron/inventory.py); import: {"nodes": [entry...]}.
+    Operation("export", (Arg("show_secrets", bool, False, False),), mutates=False),
+    Operation("import", (Arg("inventory", dict),)),
 )}
 
 

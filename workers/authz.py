@@ -21,7 +21,7 @@ from molteniron import errors
 from molteniron.protocol import Request
 
 ADMIN_ONLY = frozenset({"add_baremetal", "add_keyvalue_pairs", "add_json_blob", "set_field",
-                        "delete_db"})
+                        "delete_db", "import"})
 OWNER_OPS = frozenset({"allocate", "release", "renew", "get_field"})
 
 
@@ -52,7 +52,7 @@ class Authorizer:
         op, args = request.op, request.args
         if op in ADMIN_ONLY:
             raise forbidden(op, user, "only admins may change the pool")
-        if op == "status" and args.get("show_secrets"):
+        if op in ("status", "export") and args.get("show_secrets"):
             raise forbidden(op, user, "only admins may see IPMI passwords")
         if op in OWNER_OPS:
             holder = holder_of_owner(args["owner"])

@@ -16,7 +16,7 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from molteniron import compat, errors, pool
+from molteniron import compat, errors, inventory, pool
 from molteniron.history import allocation_history
 from molteniron.models import EndReason, WorkerHeartbeat
 from molteniron.protocol import OPERATIONS, Request, parse_time
@@ -211,5 +211,7 @@ HANDLERS: dict[str, Handler] = {
     "cancel": cancel,
     "workers": workers,
     "history": history,
+    "export": export,
+    "import": import_,
 }
 assert set(HANDLERS) == {name for name, op in OPERATIONS.items() if not op.internal}
