@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("cpus", "ram_mb", "disk_gb"):
         p.add_argument(name, type=int)
     p.add_argument("node_pool", nargs="?", default="default")
+    _tags_option(p)
 
     p = sub.add_parser("add_keyvalue_pairs", help="add a node from KEY=VALUE words")
     p.add_argument("name")
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("allocation_pool")
     p.add_argument("pairs", nargs="+", metavar="KEY=VALUE",
                    help="hardware fields (ipmi_user=..., cpus=8, node_pool=...); JSON values allowed")
+    _tags_option(p)
 
     p = sub.add_parser("add_json_blob", help="add a node from a JSON object of hardware fields")
     p.add_argument("name")
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("allocation_pool")
     p.add_argument("blob")
     p.add_argument("node_pool", nargs="?", default="default")
+    _tags_option(p)
 
     p = sub.add_parser("allocate", help="check out N nodes for OWNER (waits until they are free)")
     p.add_argument("owner_name")
@@ -80,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest wait for nodes (default allocate_wait from config, 3600)")
     group.add_argument("--no-wait", action="store_true",
                        help="fail at once if not enough nodes are ready")
+    p.add_argument("--arch", help="only nodes of this cpu_arch")
+    for option, what in (("--min-cpus", "CPUs"), ("--min-ram-mb", "MB of RAM"),
+                         ("--min-disk-gb", "GB of disk")):
+        p.add_argument(option, type=_non_negative_int, metavar="N",
+                       help=f"only nodes with at least N {what}")
+    p.add_argument("--tag", action="append", dest="tags", metavar="TAG",
+                   help="only nodes with this tag (repeat for several)")
+    p.add_argument("--priority", type=int, metavar="N",
+                   help="higher is served first (default 0); waiting raises it by "
+                        "priority_aging per minute")
     p.add_argument("--lease", type=_positive_int, metavar="SECONDS",
                    help="how long the nodes stay yours unless renewed "
                         "(default: the worker's lease_seconds)")
@@ -118,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", help="cancel a request by id (waiting, served or not yet seen)")
     p.add_argument("request_id")
+
+    p = sub.add_parser("maintenance", help="take a node out of service (on) or back (off); "
+                                           "an allocated node goes at its release")
+    p.add_argument("node", help="node name or id")
+    p.add_argument("mode", choices=("on", "off"))
+    p.add_argument("--reason", help="why (shown by status); default 'no reason given'")
+
+    p = sub.add_parser("remove", help="remove a node that is not allocated")
+    p.add_argument("node", help="node name or id")
+    p.add_argument("--force", action="store_true",
+                   help="remove it even if allocated (its allocation ends as 'removed')")
 
     sub.add_parser("delete_db", help="remove every node from the pool")
 
@@ -212,11 +236,14 @@ def run_command(client, args, config) -> dict:
     calls = {
         "add_baremetal": lambda: client.add_baremetal(**_fields(args, (
             "name", "ipmi_ip", "ipmi_user", "ipmi_password", "allocation_pool", "port_hwaddr",
-            "cpu_arch", "cpus", "ram_mb", "disk_gb", "node_pool"))),
+            "cpu_arch", "cpus", "ram_mb", "disk_gb", "node_pool", "tags"))),
         "add_keyvalue_pairs": lambda: client.add_keyvalue_pairs(**_fields(args, (
-            "name", "ipmi_ip", "allocation_pool", "pairs"))),
+            "name", "ipmi_ip", "allocation_pool", "pairs", "tags"))),
         "add_json_blob": lambda: client.add_json_blob(**_fields(args, (
-            "name", "ipmi_ip", "allocation_pool", "blob", "node_pool"))),
+            "name", "ipmi_ip", "allocation_pool", "blob", "node_pool", "tags"))),
+        "maintenance": lambda: client.call("maintenance", {
+            "node": args.node, "mode": args.mode, "reason": args.reason}),
+        "remove": lambda: client.call("remove", {"node": args.node, "force": args.force}),
         "release": lambda: client.release(args.owner_name),
         "renew": lambda: client.renew(args.owner_name, args.lease),
         "get_field": lambda: client.get_field(args.owner_name, args.field_name),
@@ -277,7 +304,9 @@ def _allocate(client, args, config) -> dict:
     sent: list[str] = []
     try:
         return client.allocate(args.owner_name, args.number_of_nodes, args.node_pool, wait,
-                               lease_seconds=args.lease, on_progress=progress, on_sent=sent.append)
+                               lease_seconds=args.lease, on_progress=progress, on_sent=sent.append,
+                               constraints={k: getattr(args, k) for k in ALLOCATE_OPTIONS
+                                            if getattr(args, k) is not None})
     except (errors.Interrupted, KeyboardInterrupt):
         if sent:  # whatever state the request is in, it must not leave us owning nodes
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -343,11 +372,18 @@ def _without_envelope(reply: dict) -> dict:
     return {k: v for k, v in reply.items() if k not in ("v", "id")}
 
 
+ALLOCATE_OPTIONS = ("arch", "min_cpus", "min_ram_mb", "min_disk_gb", "tags", "priority")
+
+
 def _table_option(parser, default: str | None = None) -> None:
     parser.add_argument("-t", "--type", choices=("human", "csv", "json"), default=None,
                         help="human: a table; csv: a header row, then one row each; json: "
                              "the rows (default: " + (default or "human on a terminal, "
                                                       "else the JSON reply") + ")")
+
+
+def _tags_option(parser) -> None:
+    parser.add_argument("--tags", metavar="A,B", help="tags that allocate --tag can ask for")
 
 
 def _fields(args, names) -> dict:
@@ -361,6 +397,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0: {text!r}")
     return value
 
 

@@ -187,7 +187,7 @@ class MoltenIronClient:
     # --- operations -----------------------------------------------------------
 
     def allocate(self, owner: str, count: int, node_pool: str = "default", wait: float | None = 3600.0,
-                 lease_seconds: int | None = None,
+                 lease_seconds: int | None = None, constraints: dict | None = None,
                  on_progress: Callable[[dict | None], None] | None = None,
                  on_sent: Callable[[str], None] | None = None) -> dict:
         """Nodes for owner; waits up to `wait` seconds (None: fail at once if too few).
@@ -200,7 +200,7 @@ class MoltenIronClient:
         """
         request = protocol.new_request("allocate", {
             "owner": owner, "count": count, "node_pool": node_pool, "wait": wait is not None,
-            "wait_seconds": wait, "lease_seconds": lease_seconds})
+            "wait_seconds": wait, "lease_seconds": lease_seconds, **(constraints or {})})
         self.connect()  # unreachable here: nothing was sent, so there is nothing to cancel
         if on_sent:
             on_sent(request.id)

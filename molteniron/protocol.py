@@ -76,21 +76,26 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         Arg("name", _S), Arg("ipmi_ip", _S), Arg("ipmi_user", _S), Arg("ipmi_password", _S),
         Arg("allocation_pool", _S, max_length=4096), Arg("port_hwaddr", _S), Arg("cpu_arch", _S),
         Arg("cpus", _I), Arg("ram_mb", _I), Arg("disk_gb", _I),
-        Arg("node_pool", _S, False, "default"))),
+        Arg("node_pool", _S, False, "default"), Arg("tags", _S, False, max_length=1024))),
     Operation("add_keyvalue_pairs", (
         Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S, max_length=4096), Arg("pairs", list),
-        Arg("node_pool", _S, False, "default"))),
+        Arg("node_pool", _S, False, "default"), Arg("tags", _S, False, max_length=1024))),
     Operation("add_json_blob", (
         Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S, max_length=4096),
         Arg("blob", (str, dict), max_length=MAX_BODY_BYTES),
-        Arg("node_pool", _S, False, "default"))),
+        Arg("node_pool", _S, False, "default"), Arg("tags", _S, False, max_length=1024))),
     Operation("allocate", (
         Arg("owner", _S, min_value=1), Arg("count", _I, min_value=1),
         Arg("node_pool", _S, False, "default"),
         Arg("wait", bool, False, True),
         # None: wait until served or cancelled. Counted from when the worker takes it.
         Arg("wait_seconds", _N, False, min_value=0),
-        Arg("lease_seconds", _I, False, min_value=1))),  # None: the worker's lease_seconds
+        Arg("lease_seconds", _I, False, min_value=1),  # None: the worker's lease_seconds
+        # Constraints: only nodes matching all of them (None: any).
+        Arg("arch", _S, False), Arg("min_cpus", _I, False, min_value=0),
+        Arg("min_ram_mb", _I, False, min_value=0), Arg("min_disk_gb", _I, False, min_value=0),
+        Arg("tags", list, False),
+        Arg("priority", _I, False, 0))),  # higher first; waiting raises it (priority_aging)
     # Never expires: a release sent while no worker runs takes effect when one comes.
     Operation("release", (Arg("owner", _S, min_value=1),), expires=False),
     Operation("renew", (Arg("owner", _S, min_value=1), Arg("lease_seconds", _I, False, min_value=1))),
@@ -106,11 +111,15 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("workers", mutates=False),
     Operation("delete_db"),
     Operation("cancel", (Arg("request_id", _S, uuid=True),), expires=False),
+    Operation("maintenance", (Arg("node", _S, min_value=1), Arg("mode", _S, choices=("on", "off")),
+                              Arg("reason", _S, False))),
+    Operation("remove", (Arg("node", _S, min_value=1), Arg("force", bool, False, False))),
     Operation("tick", internal=True),
     # Ended and open allocations, newest first. node: a node name or id; since: ISO-8601.
     Operation("history", (
         Arg("owner", _S, False), Arg("node", _S, False), Arg("since", _S, False, iso_time=True),
-        Arg("limit", _I, False, 100, min_value=1, max_value=10_000)), mutates=False),    # Every node as an inventory entry (molteniron/inventory.py); import: {"nodes": [entry...]}.
+        Arg("limit", _I, False, 100, min_value=1, max_value=10_000)), mutates=False),
+    # Every node as an inventory entry (molteniron/inventory.py); import: {"nodes": [entry...]}.
     Operation("export", (Arg("show_secrets", bool, False, False),), mutates=False),
     Operation("import", (Arg("inventory", dict),)),
 )}

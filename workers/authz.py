@@ -21,7 +21,7 @@ from molteniron import errors
 from molteniron.protocol import Request
 
 ADMIN_ONLY = frozenset({"add_baremetal", "add_keyvalue_pairs", "add_json_blob", "set_field",
-                        "delete_db", "import"})
+                        "delete_db", "maintenance", "remove", "import"})
 OWNER_OPS = frozenset({"allocate", "release", "renew", "get_field"})
 
 

@@ -21,6 +21,7 @@ from molteniron.history import allocation_history
 from molteniron.models import EndReason, WorkerHeartbeat
 from molteniron.protocol import OPERATIONS, Request, parse_time
 from workers.batch import Batch
+from workers.constraints import Constraints
 from workers.leases import LeasePolicy
 from workers.state import PoolState
 from workers.waiters import Waiters
@@ -59,28 +60,35 @@ def add_json_blob(ctx: Context, req: Request) -> dict:
 def allocate(ctx: Context, req: Request) -> dict:
     a = req.args
     ctx.leases.check(a["lease_seconds"])
+    wants = Constraints.from_args(a)
     node_pool = a["node_pool"] or pool.DEFAULT_POOL
-    if ctx.waiters.has_waiting(node_pool):
-        # First come, first served: nobody overtakes a request already waiting.
-        total = ctx.state.capacity(node_pool)
-        if a["count"] > total:
-            raise pool.pool_too_small(node_pool, total, a["count"])
+    total = ctx.state.capacity(node_pool, wants)
+    if a["count"] > total:  # it could never be served: no point waiting
+        raise pool.pool_too_small(node_pool, total, a["count"], wants.describe())
+    quotas = ctx.waiters.quotas
+    quotas.check_count(req.user, a["count"])
+    # First come, first served: a new request may take only nodes no waiter could use.
+    blocked = (ctx.waiters.blocked_nodes(ctx.state, node_pool)
+               if ctx.waiters.has_waiting(node_pool) else set())
+    if not quotas.allows(req.user, a["count"], ctx.state.held_by_user[req.user]):
         if not a["wait"]:
-            raise errors.NotEnoughNodes(
-                f"Not enough available nodes found: earlier requests are waiting "
-                f"for pool {node_pool}")
-    else:
+            raise errors.NotEnoughNodes(f"user {req.user} holds its quota of "
+                                        f"{quotas.limit(req.user)} node(s) already")
+    elif blocked is not None:
         try:
             records = ctx.state.allocate(a["owner"], a["count"], node_pool, req.id, ctx.batch.now,
                                          ctx.leases.until(ctx.batch.now, a["lease_seconds"]),
-                                         req.user)
+                                         req.user, wants, blocked)
             return compat.nodes_reply(records)
         except errors.NotEnoughNodes:
             if not a["wait"]:
                 raise
+    elif not a["wait"]:
+        raise errors.NotEnoughNodes(f"Not enough available nodes found: earlier requests are "
+                                    f"waiting for pool {node_pool}")
     return ctx.waiters.enqueue(ctx.batch, req.id, node_pool, a["count"], a["owner"],
                                ctx.reply_to, ctx.correlation_id, a["wait_seconds"],
-                               a["lease_seconds"], req.user)
+                               a["lease_seconds"], req.user, wants, a["priority"])
 
 
 def release(ctx: Context, req: Request) -> dict:
@@ -152,6 +160,18 @@ def workers(ctx: Context, req: Request) -> dict:
             "waiting": len(ctx.waiters), "nodes": len(ctx.state.nodes)}
 
 
+def maintenance(ctx: Context, req: Request) -> dict:
+    a = req.args
+    node = pool.set_maintenance(ctx.batch.session, a["node"], a["mode"] == "on", a["reason"])
+    return {**OK, "node": node.name, "state": node.state.value,
+            "maintenance_reason": node.maintenance_reason}
+
+
+def remove(ctx: Context, req: Request) -> dict:
+    node = pool.remove_node(ctx.batch.session, req.args["node"], req.args["force"], ctx.batch.now)
+    return {**OK, "removed": node.name}
+
+
 def delete_db(ctx: Context, req: Request) -> dict:
     ctx.waiters.cancel_all(ctx.batch, "delete_db emptied the pool")
     return {**OK, "removed": pool.delete_db(ctx.batch.session, now=ctx.batch.now)}
@@ -209,6 +229,8 @@ HANDLERS: dict[str, Handler] = {
     "waiting": waiting,
     "delete_db": delete_db,
     "cancel": cancel,
+    "maintenance": maintenance,
+    "remove": remove,
     "workers": workers,
     "history": history,
     "export": export,

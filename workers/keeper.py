@@ -117,6 +117,7 @@ class PoolKeeper:
                 batch.write_stored()
         if taking is not None:
             self.epoch = taking
+            self.last_heartbeat = 0.0  # say at the next tick that this worker is active now
             log.info("event=active worker=%s epoch=%d waiting=%d",
                      self.worker_id, taking, len(self.waiters))
         return batch
