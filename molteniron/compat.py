@@ -122,12 +122,22 @@ def records_text(columns: tuple[tuple[str, int], ...], records: list[dict],
                       table_type)
 
 
+def _state_cell(record: dict) -> str:
+    """The state, with why a node is (or, once released, will be) in maintenance."""
+    reason = record.get("maintenance_reason")
+    if not reason:
+        return record["state"]
+    if record["state"] == "maintenance":
+        return f"maintenance ({reason})"
+    return f"{record['state']} (maintenance at release: {reason})"
+
+
 def _row(record: dict, baremetal: bool, now: datetime) -> list:
     held_for = ""
     if record.get("allocated_at"):
         held_for = str(now - datetime.fromisoformat(record["allocated_at"]))[:12]
     head = [record["id"], record["name"], record["ipmi_ip"]]
-    tail = [record["state"], record["owner"] or "", held_for, record["node_pool"],
+    tail = [_state_cell(record), record["owner"] or "", held_for, record["node_pool"],
             record.get("lease_expires_at") or ""]
     if baremetal:
         return head + [record[k] for k in HARDWARE_FIELDS] + tail

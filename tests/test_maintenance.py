@@ -38,8 +38,11 @@ def test_maintenance_of_an_allocated_node_begins_at_its_release(running):
     assert on.returncode == 0 and on.json["state"] == "allocated", on
     assert nodes(running) == [("node-1", "allocated", "job", "disk errors")]
 
+    table = running.cli("-o", "result", "status", "-t", "csv").stdout
+    assert "allocated (maintenance at release: disk errors)" in table
     running.cli("release", "job")
     assert nodes(running) == [("node-1", "maintenance", None, "disk errors")]
+    assert "maintenance (disk errors)" in running.cli("-o", "result", "status", "-t", "csv").stdout
     # The waiter can never get a node now: it is told at once, not at its deadline.
     told = waiter.result(timeout=30)
     assert told.returncode == 1 and told.json["error"] == "PoolTooSmall", told
