@@ -14,7 +14,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from molteniron import errors
-from molteniron.compat import HARDWARE_FIELDS
+from molteniron.compat import HARDWARE_FIELDS, SECRET_FIELDS
 from molteniron.models import Allocation, EndReason, Node, NodeIP, ProcessedRequest, State
 
 DEFAULT_POOL = "default"
@@ -158,7 +158,7 @@ def field_value(node: Node, field: str) -> Any:
 def set_field(session: Session, node_id: Any, key: str, value: Any,
               type_name: str = "string") -> Node:
     """Set one field of one node, converted to the field's type."""
-    converted = _convert(value, type_name)
+    converted = _convert(value, type_name, shown=key not in SECRET_FIELDS)
     if key in ("status", "state"):
         node = _node(session, node_id)
         _change_state(node, converted)
@@ -363,14 +363,16 @@ def _non_negative(field: str, value: Any) -> int:
     return number
 
 
-def _convert(value: Any, type_name: str) -> Any:
+def _convert(value: Any, type_name: str, shown: bool = True) -> Any:
+    """shown=False: a secret's value, never echoed in an error (replies are stored)."""
     if type_name == "string":
         return str(value)
     if type_name == "int":
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise errors.BadRequest(f"value {value!r} is not an int") from None
+            raise errors.BadRequest(f"value {value!r} is not an int" if shown
+                                    else "the value is not an int") from None
     raise errors.BadRequest(f"Python type of {type_name} is not supported! (use string or int)")
 
 

@@ -570,3 +570,10 @@ def test_set_field_too_long_cpu_arch_is_400(session):
     session.commit()
     with pytest.raises(errors.BadRequest):
         pool.set_field(session, node.id, "cpu_arch", "a" * 256)
+
+
+def test_set_field_never_echoes_a_password_in_its_error(session):
+    node = add(session, "n1")
+    with pytest.raises(errors.BadRequest) as info:
+        pool.set_field(session, node.id, "ipmi_password", "hunter2-secret", "int")
+    assert "hunter2" not in info.value.message
