@@ -24,6 +24,7 @@ setup(
         "console_scripts": [
             "molteniron = clients.cli:main",
             "molteniron-worker = workers.main:main",
+            "molteniron-cleaner = clients.cleaner:main",
         ],
     },
 )

@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("delete_db", help="remove every node from the pool")
 
+    p = sub.add_parser("clean", help="send a ready or maintenance node to be cleaned again "
+                                     "(needs cleaning_command on the worker)")
+    p.add_argument("node", help="node name or id")
+
     p = sub.add_parser("history", help="who held which node, from when to when, how it ended "
                                        "(newest first)")
     p.add_argument("--owner", metavar="OWNER", help="only allocations of OWNER")
@@ -251,6 +255,7 @@ def run_command(client, args, config) -> dict:
         "cancel": lambda: client.cancel(args.request_id),
         "workers": client.workers,
         "delete_db": client.delete_db,
+        "clean": lambda: client.call("clean", {"node": args.node}),
     }
     return calls[command]()
 

@@ -123,7 +123,11 @@ def records_text(columns: tuple[tuple[str, int], ...], records: list[dict],
 
 
 def _state_cell(record: dict) -> str:
-    """The state, with why a node is (or, once released, will be) in maintenance."""
+    """The state, with why a node is (or, once released, will be) in maintenance,
+    or which cleaner is cleaning it."""
+    if record["state"] == "dirty" and record.get("clean_claimed_by") is not None:
+        return (f"dirty (cleaning by {record['clean_claimed_by']} until "
+                f"{record['clean_claimed_until']})")
     reason = record.get("maintenance_reason")
     if not reason:
         return record["state"]

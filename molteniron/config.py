@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
@@ -43,6 +44,13 @@ class Config:
     # The most nodes each broker user may hold at once, e.g. {ci-team-a: 10}; "*" for
     # everyone else. None: no quotas.
     quotas: dict | None = None
+    # Run by molteniron-cleaner on every released node before it is ready again, with
+    # the node's fields in MOLTENIRON_* environment variables (no shell). None: released
+    # nodes go straight back to ready. Set in the worker's config, it makes them dirty.
+    cleaning_command: str | None = None
+    # Seconds a cleaning may take: the cleaner kills the command after this, and the
+    # worker lets another cleaner claim a node whose cleaner has not reported by then.
+    cleaning_timeout: float = 1800.0
 
 
 # Environment variable -> key; secrets can live here instead of in the file.
@@ -56,7 +64,7 @@ ENV_PASSWORDS = {
     "MOLTENIRON_AMQP_PASSWORD": "amqp_url",
 }
 _POSITIVE = {"allocate_wait", "request_timeout", "reply_retention", "history_retention",
-             "priority_aging",
+             "priority_aging", "cleaning_timeout",
              "lease_seconds", "max_lease_seconds", "prefetch", "tick_interval"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
@@ -132,6 +140,8 @@ def _validated(values: dict, source: str) -> Config:
             clean[key] = _quotas(value, source)
         elif key == "secret_key_file":
             clean[key] = None if value is None else _coerce(key, value, "str", source)
+        elif key == "cleaning_command":
+            clean[key] = _command(value, source)
         else:
             clean[key] = _coerce(key, value, known[key].type, source)
     config = Config(**clean)
@@ -151,6 +161,20 @@ def _quotas(value, source: str) -> dict | None:
         raise ConfigError(f"{source}: quotas must map broker user names (or \"*\") to a "
                           "whole number of nodes, e.g. {ci-team-a: 10, \"*\": 4}")
     return dict(value)
+
+
+def _command(value, source: str) -> str | None:
+    """A command line split like a shell would split it (but never run by one)."""
+    if value is None:
+        return None
+    command = _coerce("cleaning_command", value, "str", source)
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: cleaning_command cannot be split into words: {exc}") from None
+    if not words:
+        raise ConfigError(f"{source}: cleaning_command must name a program")
+    return command
 
 
 def _user_names(key: str, value, source: str) -> tuple[str, ...] | None:

@@ -70,6 +70,10 @@ class Node(Base):
     tags: Mapped[Optional[list[str]]] = mapped_column(JSON, default=list)  # for constraints
     # Why it is in maintenance; set while it is allocated: maintenance begins at release.
     maintenance_reason: Mapped[Optional[str]] = mapped_column(String(255), default=None)
+    # A dirty node being cleaned: the claim token ("cleaner#random") and when the claim
+    # lapses, so another cleaner may take it over if this one died (molteniron/cleaning.py).
+    clean_claim: Mapped[Optional[str]] = mapped_column(String(255), default=None)
+    clean_claimed_until: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
 
     ips: Mapped[list["NodeIP"]] = relationship(
         back_populates="node", order_by="NodeIP.position",

@@ -280,6 +280,11 @@ def node_record(node: Node) -> dict:
         "lease_expires_at": field_value(node, "lease_expires_at"),
         "node_pool": node.node_pool, "extra": dict(node.extra or {}),
         "tags": list(node.tags or []), "maintenance_reason": node.maintenance_reason,
+        # Cleaning (molteniron/cleaning.py): the claim token is "cleaner#random".
+        "clean_claim": node.clean_claim,
+        "clean_claimed_by": node.clean_claim.rpartition("#")[0] if node.clean_claim else None,
+        "clean_claimed_until": (node.clean_claimed_until.isoformat(timespec="seconds")
+                                if node.clean_claimed_until else None),
     }
 
 

@@ -122,6 +122,13 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     # Every node as an inventory entry (molteniron/inventory.py); import: {"nodes": [entry...]}.
     Operation("export", (Arg("show_secrets", bool, False, False),), mutates=False),
     Operation("import", (Arg("inventory", dict),)),
+    # Cleaning (molteniron/cleaning.py), for molteniron-cleaner: claim a dirty node (its
+    # fields, IPMI password included, and a claim token), report on it; clean: re-queue one.
+    Operation("clean_claim", (Arg("cleaner", _S, False),)),
+    # Never expires: a report sent while no worker runs takes effect when one comes.
+    Operation("clean_done", (Arg("node_id", _I), Arg("claim", _S, min_value=1), Arg("ok", bool),
+                             Arg("detail", _S, False, max_length=4096)), expires=False),
+    Operation("clean", (Arg("node", _S, min_value=1),)),
 )}
 
 

@@ -21,7 +21,8 @@ from molteniron import errors
 from molteniron.protocol import Request
 
 ADMIN_ONLY = frozenset({"add_baremetal", "add_keyvalue_pairs", "add_json_blob", "set_field",
-                        "delete_db", "maintenance", "remove", "import"})
+                        "delete_db", "maintenance", "remove", "import",
+                        "clean_claim", "clean_done", "clean"})
 OWNER_OPS = frozenset({"allocate", "release", "renew", "get_field"})
 
 

@@ -20,7 +20,9 @@ from molteniron import compat, errors, inventory, pool
 from molteniron.history import allocation_history
 from molteniron.models import EndReason, WorkerHeartbeat
 from molteniron.protocol import OPERATIONS, Request, parse_time
+from workers import cleaning
 from workers.batch import Batch
+from workers.cleaning import CleaningPolicy
 from workers.constraints import Constraints
 from workers.leases import LeasePolicy
 from workers.state import PoolState
@@ -36,6 +38,7 @@ class Context:
     leases: LeasePolicy
     reply_to: str | None
     correlation_id: str | None
+    cleaning: CleaningPolicy = CleaningPolicy()
 
 
 Handler = Callable[[Context, Request], dict]
@@ -235,5 +238,8 @@ HANDLERS: dict[str, Handler] = {
     "history": history,
     "export": export,
     "import": import_,
+    "clean_claim": cleaning.clean_claim,
+    "clean_done": cleaning.clean_done,
+    "clean": cleaning.clean,
 }
 assert set(HANDLERS) == {name for name, op in OPERATIONS.items() if not op.internal}

@@ -22,6 +22,7 @@ from molteniron.config import Config
 from molteniron.models import EndReason, Node, WorkerMeta
 from workers.authz import Authorizer
 from workers.batch import Batch, load_stored_replies, placeholders
+from workers.cleaning import CleaningPolicy, replayed_claim
 from workers.dispatch import HANDLERS, IN_MEMORY, Context
 from workers.grants import UNDO
 from workers.leases import LeasePolicy
@@ -47,7 +48,9 @@ class PoolKeeper:
         event.listen(self.sessions, "do_orm_execute", _notice_bulk_node_changes)
         self.leases = LeasePolicy(config.lease_seconds, config.max_lease_seconds)
         self.authz = Authorizer(config.admins)
-        self.state = PoolState()
+        self.cleaning = CleaningPolicy(config.cleaning_command is not None,
+                                       config.cleaning_timeout)
+        self.state = PoolState(clean_released=self.cleaning.enabled)
         self.waiters = Waiters(self.leases, config.priority_aging, Quotas(config.quotas))
         self.epoch: int | None = None   # None while standing by
         self.reload_needed = False       # in-memory state may differ from the database
@@ -168,6 +171,8 @@ class PoolKeeper:
         held = self.state.granted.get(request.id)
         if request.op == "allocate" and stored.get("status") == 200 and held:
             return compat.nodes_reply([self.state.nodes[i] for i in sorted(held)])
+        if request.op == "clean_claim" and stored.get("claim"):
+            return replayed_claim(self.state, stored)
         return stored
 
     def _holder_of_owner(self, owner: str) -> str | None:
@@ -186,7 +191,7 @@ class PoolKeeper:
         except errors.MoltenIronError as exc:
             return exc.to_reply()
         context = Context(batch, self.state, self.waiters, self.leases, properties.reply_to,
-                          properties.correlation_id)
+                          properties.correlation_id, self.cleaning)
         handler = HANDLERS[request.op]
         if request.op in IN_MEMORY:  # these check before they change: no savepoint needed
             try:

@@ -27,7 +27,10 @@ from workers.constraints import ANY, Constraints
 
 
 class PoolState:
-    def __init__(self) -> None:
+    def __init__(self, clean_released: bool = False) -> None:
+        # True when a cleaning_command is configured: released nodes are dirty, not
+        # ready, until a cleaner says they are clean (workers/cleaning.py).
+        self.clean_released = clean_released
         self.nodes: dict[int, dict] = {}
         self.ready: dict[str, set[int]] = defaultdict(set)
         self._ready_heap: dict[str, list[int]] = defaultdict(list)  # may hold stale ids
@@ -148,7 +151,7 @@ class PoolState:
         return self.nodes[next(iter(held))]["holder_user"] if held else None
 
     def release_owner(self, owner: str, reason: EndReason, now: datetime) -> list[dict]:
-        """Every node of owner back to ready; OwnerNotFound if it holds none."""
+        """Every node of owner back (ready, or dirty); OwnerNotFound if it holds none."""
         held = self.owned.get(owner)
         if not held:
             raise errors.OwnerNotFound(f"No nodes are owned by {owner}")
@@ -197,13 +200,16 @@ class PoolState:
             self._lease_writes.pop(node_id, None)
             self.held_by_user[record["holder_user"]] -= 1
             self.quota_freed.add(record["holder_user"])
-            # Maintenance asked for while it was allocated begins now.
-            after = State.MAINTENANCE if record["maintenance_reason"] else State.READY
+            # Maintenance asked for while it was allocated begins now. A dirty node
+            # still counts in capacity: waiters wait for its cleaning.
+            after = (State.MAINTENANCE if record["maintenance_reason"]
+                     else State.DIRTY if self.clean_released else State.READY)
             record.update(state=after.value, owner=None, allocated_at=None,
-                          lease_expires_at=None, holder_user=None)
+                          lease_expires_at=None, holder_user=None, clean_claim=None,
+                          clean_claimed_by=None, clean_claimed_until=None)
             if after == State.READY:
                 self._make_ready(node_id)
-            else:
+            elif after == State.MAINTENANCE:
                 self.capacity_of[record["node_pool"]] -= 1
                 self.shrunk.add(record["node_pool"])
             self._node_writes[node_id] = (after, None, None)
@@ -239,11 +245,12 @@ class PoolState:
         if rows:
             sql("INSERT INTO allocations (node_id, node_name, owner, user, request_id, "
                 "started_at, ended_at, end_reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", rows)
-        for after in (State.READY, State.MAINTENANCE):
+        for after in (State.READY, State.DIRTY, State.MAINTENANCE):
             freed = [i for i, (state, _, _) in self._node_writes.items() if state == after]
             if freed:
                 sql(f"UPDATE nodes SET state = '{after.value}', owner = NULL, "
-                    f"holder_user = NULL, allocated_at = NULL, lease_expires_at = NULL "
+                    f"holder_user = NULL, allocated_at = NULL, lease_expires_at = NULL, "
+                    f"clean_claim = NULL, clean_claimed_until = NULL "
                     f"WHERE id IN ({placeholders(freed)})", tuple(freed))
         taken = [(i, owner, self.nodes[i]["holder_user"], at, self.leases[i])
                  for i, (state, owner, at) in self._node_writes.items()

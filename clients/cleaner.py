@@ -1,0 +1,166 @@
+"""`molteniron-cleaner`: cleans dirty nodes with the configured cleaning_command.
+
+Loops: claims a dirty node from the worker (clean_claim, admins only), runs
+cleaning_command with the node's fields in MOLTENIRON_* environment variables
+(split with shlex, never run by a shell, so no value is interpreted), at most
+cleaning_timeout seconds (then its whole process group is killed), and reports
+back (clean_done): exit 0 -> ready, anything else -> maintenance with the exit
+code and the last line of stderr. Several cleaners may run; a cleaner that
+dies leaves a claim that lapses after the worker's cleaning_timeout.
+
+stdout: one JSON line per node (what was done); stderr: for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from molteniron import errors
+from molteniron.config import load_config
+
+log = logging.getLogger("molteniron.cleaner")
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 4
+# What the command gets: environment variable -> field of the node's blob or record.
+NODE_ENV = {
+    "MOLTENIRON_NODE_NAME": "name", "MOLTENIRON_IPMI_IP": "ipmi_ip",
+    "MOLTENIRON_IPMI_USER": "ipmi_user", "MOLTENIRON_IPMI_PASSWORD": "ipmi_password",
+    "MOLTENIRON_PORT_HWADDR": "port_hwaddr", "MOLTENIRON_CPU_ARCH": "cpu_arch",
+    "MOLTENIRON_CPUS": "cpus", "MOLTENIRON_RAM_MB": "ram_mb", "MOLTENIRON_DISK_GB": "disk_gb",
+    "MOLTENIRON_NODE_POOL": "node_pool", "MOLTENIRON_ALLOCATION_POOL": "allocation_pool",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="molteniron-cleaner",
+        description="Clean dirty nodes of the MoltenIron pool with cleaning_command.")
+    parser.add_argument("-c", "--conf-dir", metavar="DIR", help="read DIR/conf.yaml")
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    parser.add_argument("--once", action="store_true",
+                        help="clean at most one node, then exit (tests, cron)")
+    parser.add_argument("--poll", type=float, default=5.0, metavar="SECONDS",
+                        help="how long to wait when no node is dirty (default 5)")
+    parser.add_argument("--name", default=f"{socket.gethostname()}:{os.getpid()}",
+                        help="this cleaner's name, shown by status (default HOST:PID)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.conf_dir)
+    except errors.ConfigError as exc:
+        print(f"molteniron-cleaner: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not config.cleaning_command:
+        print("molteniron-cleaner: no cleaning_command in the configuration", file=sys.stderr)
+        return EXIT_USAGE
+    from clients.client import MoltenIronClient  # pika only once the arguments are good
+    client = MoltenIronClient(config.amqp_url, config.request_timeout)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            try:
+                outcome = clean_one(client, args.name, config.cleaning_command,
+                                    config.cleaning_timeout)
+            except errors.ServiceUnavailable as exc:
+                if args.once:
+                    return _fail(exc, EXIT_UNAVAILABLE)
+                log.warning("event=unavailable message=%r", exc.message)
+                outcome = None
+            except errors.MoltenIronError as exc:
+                return _fail(exc, EXIT_REFUSED)
+            if outcome is not None:
+                print(json.dumps(outcome), flush=True)
+            if args.once:
+                if outcome is None:
+                    print(json.dumps({"status": 200, "cleaned": None}), flush=True)
+                return EXIT_OK
+            if outcome is None:
+                time.sleep(args.poll)
+    except (errors.Interrupted, KeyboardInterrupt):
+        print("molteniron-cleaner: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        client.close()
+
+
+def clean_one(client, cleaner: str, command: str, timeout: float) -> dict | None:
+    """Claim a dirty node, clean it, report; what was done (None: nothing was dirty)."""
+    claimed = client.call("clean_claim", {"cleaner": cleaner})
+    if not claimed.get("claim"):
+        return None
+    node = next(iter(claimed["nodes"].values()))
+    log.info("event=claimed node=%s until=%s", node["name"], claimed["claimed_until"])
+    started = time.monotonic()
+    ok, detail = run_command(command, node_environment(node), timeout)
+    reply = client.call("clean_done", {"node_id": node["id"], "claim": claimed["claim"],
+                                       "ok": ok, "detail": detail})
+    log.info("event=cleaned node=%s ok=%s state=%s seconds=%.1f detail=%r", node["name"], ok,
+             reply["state"], time.monotonic() - started, detail)
+    return {"status": 200, "cleaned": node["name"], "ok": ok, "state": reply["state"],
+            "maintenance_reason": reply.get("maintenance_reason")}
+
+
+def node_environment(node: dict) -> dict[str, str]:
+    """The MOLTENIRON_* variables of a claimed node (the original's node shape)."""
+    fields = {**json.loads(node["blob"]), **node}
+    return {var: str(fields.get(key, "")) for var, key in NODE_ENV.items()}
+
+
+def run_command(command: str, node_env: dict[str, str], timeout: float) -> tuple[bool, str | None]:
+    """Run the command (no shell) at most timeout seconds: (clean?, why not)."""
+    try:
+        process = subprocess.Popen(
+            shlex.split(command), env={**os.environ, **node_env}, stdin=subprocess.DEVNULL,
+            stdout=sys.stderr, stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as exc:
+        return False, f"cannot run cleaning_command: {exc}"
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        return False, f"timed out after {timeout:g}s"
+    except BaseException:  # interrupted: the command must not go on cleaning unwatched
+        _kill_group(process)
+        raise
+    if process.returncode == 0:
+        return True, None
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    last = f": {lines[-1].strip()}" if lines else ""
+    return False, f"exit code {process.returncode}{last}"
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # its own session: the children go too
+    except ProcessLookupError:
+        pass
+    process.communicate()
+
+
+def _interrupt(signum, frame):
+    raise errors.Interrupted()
+
+
+def _fail(exc: errors.MoltenIronError, code: int) -> int:
+    print(json.dumps({k: v for k, v in (exc.reply or exc.to_reply()).items()
+                      if k not in ("v", "id")}))
+    print(f"molteniron-cleaner: {exc.message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

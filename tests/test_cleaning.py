@@ -1,0 +1,237 @@
+"""Cleaning: released nodes are dirty until molteniron-cleaner has run cleaning_command on them.
+
+End to end: the CLI, the real worker (its config names the command) and real
+`python -m clients.cleaner --once` processes with the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from molteniron import errors
+from tests.stack import ROOT, node_args, wait_until
+
+
+def config(tmp_path: Path, command: str, timeout: float = 30) -> dict:
+    """A worker/cleaner config with this cleaning_command: the env that points at it."""
+    path = tmp_path / "cleaning.yaml"
+    path.write_text(json.dumps({"cleaning_command": command, "cleaning_timeout": timeout}))
+    return {"MOLTENIRON_CONFIG": str(path)}
+
+
+def script(tmp_path: Path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def cleaner(stack, env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "clients.cleaner", *args],
+                            env={**stack.env, **env}, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def clean_once(stack, env: dict) -> tuple[int, dict, str]:
+    done = cleaner(stack, env, "--once")
+    stdout, stderr = done.communicate(timeout=60)
+    return done.returncode, json.loads(stdout.strip().splitlines()[-1]), stderr
+
+
+def nodes(stack):
+    return stack.sql("SELECT name, state, maintenance_reason FROM nodes ORDER BY id")
+
+
+@pytest.fixture
+def cleaning(stack, tmp_path):
+    """A stack whose worker cleans released nodes with ./clean.sh (which records its env)."""
+    seen = tmp_path / "seen.env"
+    command = script(tmp_path, "clean.sh", f'env > "{seen}"\n')
+    env = config(tmp_path, f"{command} --full")
+    stack.start_worker(env=env)
+    stack.cleaning_env, stack.seen = env, seen
+    return stack
+
+
+def test_a_released_node_is_dirty_and_a_waiter_waits_for_its_cleaning(cleaning, tmp_path):
+    stack = cleaning
+    pwned = tmp_path / "pwned"
+    password = f"p$(touch {pwned})w'\"; `touch {pwned}`"
+    stack.cli("add_baremetal", "node-1", "10.0.0.1", "admin", password,
+              "10.1.0.1,10.1.0.2", "aa:bb:cc:dd:ee:01", "x86_64", "8", "16384", "200")
+    assert stack.cli("allocate", "job-1", "1").returncode == 0
+    waiter = stack.cli_start("allocate", "job-2", "1", "--wait", "60")
+    wait_until(lambda: stack.sql("SELECT owner FROM waiting_requests") == [("job-2",)], 15,
+               "job-2 to wait")
+
+    assert stack.cli("release", "job-1").returncode == 0
+    assert nodes(stack) == [("node-1", "dirty", None)]
+    # Dirty counts in the pool's size: the waiter is not told the pool is too small.
+    assert stack.sql("SELECT owner FROM waiting_requests") == [("job-2",)]
+    assert stack.cli("status", "--state", "dirty", "-t", "json").json["result"][0]["name"] == "node-1"
+
+    code, outcome, stderr = clean_once(stack, stack.cleaning_env)
+    assert code == 0, stderr
+    assert outcome == {"status": 200, "cleaned": "node-1", "ok": True, "state": "ready",
+                       "maintenance_reason": None}
+    served = waiter.result(timeout=30)
+    assert served.returncode == 0 and "node_1" in served.json["nodes"], served
+
+    env = dict(line.split("=", 1) for line in stack.seen.read_text().splitlines() if "=" in line)
+    assert env["MOLTENIRON_NODE_NAME"] == "node-1"
+    assert env["MOLTENIRON_IPMI_PASSWORD"] == password  # as given: never run by a shell
+    assert not pwned.exists()
+    assert env["MOLTENIRON_ALLOCATION_POOL"] == "10.1.0.1,10.1.0.2"
+    assert (env["MOLTENIRON_CPU_ARCH"], env["MOLTENIRON_CPUS"], env["MOLTENIRON_RAM_MB"],
+            env["MOLTENIRON_DISK_GB"]) == ("x86_64", "8", "16384", "200")
+    assert (env["MOLTENIRON_IPMI_IP"], env["MOLTENIRON_IPMI_USER"], env["MOLTENIRON_NODE_POOL"],
+            env["MOLTENIRON_PORT_HWADDR"]) == ("10.0.0.1", "admin", "default", "aa:bb:cc:dd:ee:01")
+    # The claim's reply carried the password; neither the log nor its stored copy does.
+    assert "touch" not in stack.worker_log()
+    assert all("touch" not in reply for reply, in stack.sql("SELECT reply FROM processed_requests"))
+
+
+def test_nothing_dirty_nothing_done(cleaning):
+    cleaning.cli("add_baremetal", *node_args(1))
+    code, outcome, _ = clean_once(cleaning, cleaning.cleaning_env)
+    assert (code, outcome) == (0, {"status": 200, "cleaned": None})
+    assert not cleaning.seen.exists()
+
+
+def test_a_failing_command_puts_the_node_in_maintenance_with_why(stack, tmp_path):
+    command = script(tmp_path, "fail.sh", 'echo "checking BMC" >&2\necho "BMC unreachable" >&2\n'
+                                          "exit 3\n")
+    env = config(tmp_path, command)
+    stack.start_worker(env=env)
+    stack.cli("add_baremetal", *node_args(1))
+    stack.cli("allocate", "job", "1")
+    stack.cli("release", "job")
+
+    code, outcome, _ = clean_once(stack, env)
+    assert code == 0 and outcome["state"] == "maintenance", outcome
+    assert nodes(stack) == [("node-1", "maintenance",
+                             "cleaning failed: exit code 3: BMC unreachable")]
+    # Out of service: the pool is too small for one node now.
+    refused = stack.cli("allocate", "job", "1", "--no-wait")
+    assert refused.json["error"] == "PoolTooSmall", refused
+
+
+def test_a_command_past_cleaning_timeout_is_killed(stack, tmp_path):
+    command = script(tmp_path, "slow.sh", "sleep 30\n")
+    env = config(tmp_path, command, timeout=2)
+    stack.start_worker(env=env)
+    stack.cli("add_baremetal", *node_args(1))
+    stack.cli("allocate", "job", "1")
+    stack.cli("release", "job")
+
+    code, outcome, _ = clean_once(stack, env)
+    assert code == 0 and outcome["state"] == "maintenance", outcome
+    assert nodes(stack) == [("node-1", "maintenance", "cleaning failed: timed out after 2s")]
+    sleeping = subprocess.run(["pgrep", "-f", command], capture_output=True, text=True)
+    assert sleeping.stdout == "", "the timed-out command was left running"
+
+
+def test_a_cleaner_killed_mid_clean_leaves_a_claim_that_lapses(stack, tmp_path):
+    started, pidfile = tmp_path / "started", tmp_path / "pid"
+    # The first run hangs (its cleaner is killed meanwhile); any later run is clean.
+    command = script(tmp_path, "hang-once.sh",
+                     f'if [ -e "{started}" ]; then exit 0; fi\n'
+                     f'echo $$ > "{pidfile}"; touch "{started}"; exec sleep 60\n')
+    env = config(tmp_path, command, timeout=2)
+    stack.start_worker(env=env)
+    stack.cli("add_baremetal", *node_args(1))
+    stack.cli("allocate", "job", "1")
+    stack.cli("release", "job")
+
+    first = cleaner(stack, env, "--once", "--name", "first")
+    try:
+        wait_until(pidfile.exists, 20, "the first cleaner's command to start")
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+        token = stack.sql("SELECT clean_claim FROM nodes")[0][0]
+        assert token.startswith("first#")
+        status = stack.cli("status", "-t", "json").json["result"][0]
+        assert (status["state"], status["clean_claimed_by"]) == ("dirty", "first")
+        assert "dirty (cleaning by first until" in stack.cli(
+            "-o", "result", "status", "-t", "csv").stdout
+
+        # Another cleaner takes the node over once the claim has lapsed (2 s), not before.
+        def cleaned_by_another():
+            code, outcome, stderr = clean_once(stack, env)
+            assert code == 0, stderr
+            return outcome["cleaned"] == "node-1" and outcome
+        assert wait_until(cleaned_by_another, 20, "another cleaner to clean node-1",
+                          interval=0.2)["state"] == "ready"
+        assert nodes(stack) == [("node-1", "ready", None)]
+
+        # The dead cleaner's token is stale: its report is refused and changes nothing.
+        with stack.client() as client, pytest.raises(errors.Conflict, match="stale"):
+            client.call("clean_done", {"node_id": 1, "claim": token, "ok": False,
+                                       "detail": "late"})
+        assert nodes(stack) == [("node-1", "ready", None)]
+    finally:
+        first.kill()
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_clean_requeues_a_ready_or_maintenance_node_by_hand(cleaning):
+    stack = cleaning
+    stack.cli("add_baremetal", *node_args(1))
+    stack.cli("add_baremetal", *node_args(2))
+    stack.cli("maintenance", "node-2", "on", "--reason", "replaced a disk")
+
+    assert stack.cli("clean", "node-1").json == {"status": 200, "node": "node-1",
+                                                 "state": "dirty"}
+    assert stack.cli("clean", "2").json["state"] == "dirty"
+    assert nodes(stack) == [("node-1", "dirty", None), ("node-2", "dirty", None)]
+    # Dirty is not ready: nothing to allocate until they are clean.
+    assert stack.cli("allocate", "job", "1", "--no-wait").json["error"] == "NotEnoughNodes"
+
+    assert clean_once(stack, stack.cleaning_env)[1]["cleaned"] == "node-1"
+    assert clean_once(stack, stack.cleaning_env)[1]["cleaned"] == "node-2"
+    assert nodes(stack) == [("node-1", "ready", None), ("node-2", "ready", None)]
+
+    stack.cli("allocate", "job", "1")
+    refused = stack.cli("clean", "node-1")
+    assert refused.returncode == 1 and refused.json["status"] == 409, refused
+    assert stack.cli("clean", "node-9").json["status"] == 404
+
+
+def test_without_a_cleaning_command_nodes_go_straight_to_ready_and_clean_is_refused(running):
+    running.cli("add_baremetal", *node_args(1))
+    running.cli("allocate", "job", "1")
+    running.cli("release", "job")
+    assert nodes(running) == [("node-1", "ready", None)]
+    refused = running.cli("clean", "node-1")
+    assert refused.returncode == 1 and refused.json["status"] == 409, refused
+    assert "no cleaning_command" in refused.stderr
+    assert nodes(running) == [("node-1", "ready", None)]
+
+
+def test_only_admins_may_claim_nodes_to_clean(stack, users, tmp_path):
+    env = config(tmp_path, script(tmp_path, "clean.sh", "exit 0\n"))
+    stack.start_worker(env={**env, "MOLTENIRON_ADMINS": users["admin"]["name"]})
+    admin, alice = users["admin"]["env"], users["alice"]["env"]
+    stack.cli("add_baremetal", *node_args(1), env=admin)
+    stack.cli("clean", "node-1", env=admin)
+
+    code, outcome, stderr = clean_once(stack, {**env, **alice})
+    assert code == 1 and outcome["status"] == 403, (outcome, stderr)
+    assert stack.sql("SELECT state, clean_claim FROM nodes") == [("dirty", None)]
+    refused = stack.cli("clean", "node-1", env=alice)
+    assert refused.json["status"] == 403, refused
+
+    code, outcome, _ = clean_once(stack, {**env, **admin})
+    assert (code, outcome["state"]) == (0, "ready")

@@ -1,0 +1,65 @@
+"""The worker's side of cleaning: clean_claim, clean_done and clean (rules: molteniron/cleaning.py).
+
+They change nodes through the ORM, so the changes reach PoolState by the session
+event and a node cleaned back to ready serves its pool's waiters in the same
+batch. Releases make nodes dirty in PoolState itself (clean_released).
+The cleaning command never runs here: molteniron-cleaner (clients/cleaner.py) runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from molteniron import cleaning, compat, pool
+from molteniron.protocol import Request
+
+if TYPE_CHECKING:
+    from workers.dispatch import Context
+    from workers.state import PoolState
+
+
+@dataclass(frozen=True)
+class CleaningPolicy:
+    """From the worker's config: whether released nodes are cleaned, and how long a claim lasts."""
+    enabled: bool = False
+    claim_seconds: float = 1800.0
+
+
+def clean_claim(ctx: Context, req: Request) -> dict:
+    """A dirty node for the cleaner, with its fields (IPMI password included) and a claim token."""
+    cleaner = req.args["cleaner"] or req.user or "cleaner"
+    node = cleaning.claim_dirty(ctx.batch.session, cleaner, ctx.batch.now,
+                                ctx.cleaning.claim_seconds)
+    if node is None:
+        return {"status": 200, "claim": None, "nodes": {}}
+    record = pool.node_record(node)
+    # The original's node shape: a stored copy of this reply loses the password by itself.
+    return {**compat.nodes_reply([record]), "claim": node.clean_claim,
+            "claimed_until": record["clean_claimed_until"]}
+
+
+def clean_done(ctx: Context, req: Request) -> dict:
+    a = req.args
+    node = cleaning.finish(ctx.batch.session, a["node_id"], a["claim"], a["ok"], a["detail"])
+    return {"status": 200, "node": node.name, "state": node.state.value,
+            "maintenance_reason": node.maintenance_reason}
+
+
+def clean(ctx: Context, req: Request) -> dict:
+    """Put a ready or maintenance node back in the cleaning queue by hand."""
+    if not ctx.cleaning.enabled:
+        raise cleaning.cleaning_refused()
+    node = cleaning.requeue(ctx.batch.session, req.args["node"])
+    return {"status": 200, "node": node.name, "state": node.state.value}
+
+
+def replayed_claim(state: PoolState, stored: dict) -> dict:
+    """A redelivered clean_claim: the stored reply holds no password, so render the claim
+    again from the pool while it is still live (else: nothing to clean)."""
+    for shown in (stored.get("nodes") or {}).values():
+        record = state.nodes.get(shown["id"])
+        if record is not None and cleaning.live_claim(record, stored["claim"]):
+            return {**compat.nodes_reply([record]), "claim": stored["claim"],
+                    "claimed_until": record["clean_claimed_until"]}
+    return {"status": 200, "claim": None, "nodes": {}}
