@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO is a line per socket step
     if not config.cleaning_command:
         print("molteniron-cleaner: no cleaning_command in the configuration", file=sys.stderr)
         return EXIT_USAGE
