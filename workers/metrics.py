@@ -1,0 +1,296 @@
+"""Prometheus metrics of a worker, served at config `metrics_address` (off when unset).
+
+The worker is single-threaded and the HTTP server runs in a thread of its own,
+so a scrape never walks the worker's live dicts: after a batch (at most every
+SNAPSHOT_EVERY seconds, and at the next tick if one was skipped) the worker
+publishes a `Snapshot` of node and waiter counts, replaced in one assignment,
+and the collector reads that. Counters and histograms are observed on the hot
+path through label children bound once; what a transaction counts (requests,
+lease expiries, grants undone) is tallied with its batch and added only once
+that batch committed, so a batch retried while the database is down counts once.
+With metrics_address unset nothing listens and the hooks return at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timezone
+
+from pika.exceptions import ChannelClosed
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from molteniron import protocol
+from molteniron.models import State
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_EVERY = 0.5      # seconds: the most often a busy worker counts its pool for scrapes
+QUEUE_DEPTH_EVERY = 5.0   # seconds between passive queue declares (one broker round trip each)
+NODE_STATES = tuple(s.value for s in State)
+
+# A registry of our own: nothing else a library registers globally ends up on /metrics.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter("molteniron_requests", "Requests handled by the active worker, by "
+                   "operation and reply status (counted once their transaction committed).",
+                   ["op", "status"], registry=REGISTRY)
+REQUEST_SECONDS = Histogram(
+    "molteniron_request_seconds", "Time the worker spent handling one request inside its "
+    "batch (the `ms=` of the worker's log), by operation.", ["op"], registry=REGISTRY,
+    buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1.0))
+WAIT_SECONDS = Histogram(
+    "molteniron_wait_seconds", "Time waiting allocates waited, from enqueue to being "
+    "granted their nodes.", registry=REGISTRY,
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400))
+BATCH_SIZE = Histogram(
+    "molteniron_batch_requests", "Client requests committed together in one transaction "
+    "(ticks not counted).", registry=REGISTRY,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+DEAD_LETTERED = Counter(
+    "molteniron_dead_lettered", "Requests rejected to the dead-letter queue, by reason: "
+    "malformed (undecodable, no reply_to) or refused (the database refused it alone).",
+    ["reason"], registry=REGISTRY)
+LEASE_EXPIRIES = Counter("molteniron_lease_expiries", "Nodes taken back because their "
+                         "lease ended.", registry=REGISTRY)
+GRANTS_UNDONE = Counter("molteniron_grants_undone", "Grants undone because their client "
+                        "was gone before the reply reached it.", registry=REGISTRY)
+# Defined now so dashboards and alerts can name it; incremented once node cleaning lands.
+CLEANING = Counter("molteniron_cleaning_outcomes", "Nodes that finished cleaning, by where "
+                   "they went: ready or maintenance.", ["outcome"], registry=REGISTRY)
+
+_DEAD = {reason: DEAD_LETTERED.labels(reason) for reason in ("malformed", "refused")}
+for _outcome in ("ready", "maintenance"):
+    CLEANING.labels(_outcome)
+# Label children by operation, then status, bound at first use (no series for ops never seen).
+_BOUND: dict[str, dict[int, tuple]] = {op: {} for op in protocol.OPERATIONS}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a scrape reports of the pool: built by the worker, read by the HTTP thread."""
+    nodes: dict[tuple[str, str], int] = field(default_factory=dict)  # (pool, state) -> n
+    waiters: dict[str, tuple[int, float]] = field(default_factory=dict)  # pool -> (n, oldest)
+
+
+def snapshot(state, waiters) -> Snapshot:
+    """Count the pool's nodes by pool and state, and its waiters by pool (O(nodes + waiters))."""
+    nodes: dict[tuple[str, str], int] = {}
+    for node_pool in state.capacity_of:  # every state of a known pool, zeros included
+        for node_state in NODE_STATES:
+            nodes[(node_pool, node_state)] = 0
+    for record in state.nodes.values():
+        key = (record["node_pool"], record["state"])
+        nodes[key] = nodes.get(key, 0) + 1
+    queued = {}
+    for node_pool, queue in waiters.by_pool.items():
+        oldest = min(w.enqueued_at for w in queue.values())
+        queued[node_pool] = (len(queue), oldest.replace(tzinfo=timezone.utc).timestamp())
+    return Snapshot(nodes, queued)
+
+
+class _Tally:
+    """What one batch counted, added to the metrics only when it committed."""
+    __slots__ = ("batch", "requests", "expired", "undone")
+
+    def __init__(self, batch=None) -> None:
+        self.batch = batch
+        self.requests: list[tuple] = []  # (counter child, histogram child, seconds)
+        self.expired = 0
+        self.undone = 0
+
+
+class _Exporter:
+    """The published snapshot, the role source, and the worker-side bookkeeping."""
+
+    def __init__(self) -> None:
+        self.serving = False
+        self.keeper = None           # read at scrape: role and epoch (plain attribute reads)
+        self.latest = Snapshot()     # replaced whole, never changed in place
+        self.snapshot_at = 0.0
+        self.snapshot_epoch = None
+        self.stale = False           # a batch changed the pool since the last snapshot
+        self.queues: dict[str, int] = {}
+        self.queue_channel = None
+        self.queues_at = 0.0
+        self.enqueued: dict[str, float] = {}  # waiting request id -> unix time it began
+        self.waits_epoch = None
+        self.tally = _Tally()
+
+    # --- the collector (HTTP thread) ------------------------------------------
+
+    def collect(self):
+        keeper = self.keeper
+        epoch = keeper.epoch if keeper is not None else None
+        role = GaugeMetricFamily("molteniron_worker_role", "1 for this worker's role: "
+                                 "active (serving the pool) or standby.", labels=["role"])
+        role.add_metric(["active"], 1 if epoch is not None else 0)
+        role.add_metric(["standby"], 0 if epoch is not None else 1)
+        yield role
+        queues = GaugeMetricFamily("molteniron_queue_messages", "Messages ready in "
+                                   "MoltenIron's queues (polled every few seconds).",
+                                   labels=["queue"])
+        for name, depth in self.queues.copy().items():
+            queues.add_metric([name], depth)
+        yield queues
+        if epoch is None:
+            return  # a standby's memory is not the pool: only the active worker counts it
+        yield GaugeMetricFamily("molteniron_epoch", "The active worker's epoch (it grows at "
+                                "every takeover).", value=epoch)
+        latest = self.latest
+        nodes = GaugeMetricFamily("molteniron_nodes", "Nodes by pool and state.",
+                                  labels=["pool", "state"])
+        for (node_pool, node_state), count in latest.nodes.items():
+            nodes.add_metric([node_pool, node_state], count)
+        yield nodes
+        waiting = GaugeMetricFamily("molteniron_waiters", "Allocates waiting for nodes, "
+                                    "by pool.", labels=["pool"])
+        oldest = GaugeMetricFamily("molteniron_oldest_waiter_age_seconds", "How long the "
+                                   "longest-waiting allocate of each pool has waited.",
+                                   labels=["pool"])
+        now = time.time()
+        for node_pool, (count, since) in latest.waiters.items():
+            waiting.add_metric([node_pool], count)
+            oldest.add_metric([node_pool], max(0.0, now - since))
+        yield waiting
+        yield oldest
+
+    # --- bookkeeping (the worker's thread) ------------------------------------
+
+    def tally_for(self, batch) -> _Tally:
+        if self.tally.batch is not batch:  # a new transaction (or a retry of one)
+            self.tally = _Tally(batch)
+        return self.tally
+
+    def batch_done(self, keeper, requests, batch) -> None:
+        tally = self.tally
+        if tally.batch is batch:
+            for counted, latency, seconds in tally.requests:
+                counted.inc()
+                latency.observe(seconds)
+            if tally.expired:
+                LEASE_EXPIRIES.inc(tally.expired)
+            if tally.undone:
+                GRANTS_UNDONE.inc(tally.undone)
+            self.tally = _Tally()
+        clients = sum(1 for _, _, request in requests if request.op != "tick")
+        if clients:
+            BATCH_SIZE.observe(clients)
+        self._observe_waits(keeper, batch)
+        self.stale = True
+        if self.serving and (batch.clock - self.snapshot_at >= SNAPSHOT_EVERY
+                             or keeper.epoch != self.snapshot_epoch):
+            self.publish(keeper)
+
+    def _observe_waits(self, keeper, batch) -> None:
+        """Waiting allocates that began or ended in this batch (from its outbox)."""
+        enqueued = self.enqueued
+        if keeper.epoch != self.waits_epoch:  # taken over: waiters came from the rows
+            self.waits_epoch = keeper.epoch
+            enqueued.clear()
+            for request_id, waiter in keeper.waiters.by_request.items():
+                enqueued[request_id] = waiter.enqueued_at.replace(tzinfo=timezone.utc).timestamp()
+        for out in batch.outbox:
+            if out.reply.get("status") == protocol.QUEUED:
+                if out.request_id not in enqueued:
+                    waiter = keeper.waiters.by_request.get(out.request_id)
+                    if waiter is not None:
+                        enqueued[out.request_id] = waiter.enqueued_at.replace(
+                            tzinfo=timezone.utc).timestamp()
+                continue
+            began = enqueued.pop(out.request_id, None)
+            if began is not None and out.grant:
+                WAIT_SECONDS.observe(max(0.0, batch.clock - began))
+
+    def publish(self, keeper) -> None:
+        self.latest = snapshot(keeper.state, keeper.waiters)
+        self.snapshot_at = time.time()
+        self.snapshot_epoch = keeper.epoch
+        self.stale = False
+        if len(self.enqueued) > 2 * len(keeper.waiters) + 64:  # ids whose reply never came
+            self.enqueued = {r: t for r, t in self.enqueued.items()
+                             if r in keeper.waiters.by_request}
+
+    def on_tick(self, keeper, connection) -> None:
+        if not self.serving:
+            return
+        if self.stale and keeper.epoch is not None:
+            self.publish(keeper)
+        if time.monotonic() - self.queues_at >= QUEUE_DEPTH_EVERY:
+            self.queues_at = time.monotonic()
+            self._poll_queues(connection)
+
+    def _poll_queues(self, connection) -> None:
+        """Passive declares on a channel of its own, so a 404 cannot close the consumer's."""
+        channel = self.queue_channel
+        if channel is None or not channel.is_open or channel.connection is not connection:
+            channel = self.queue_channel = connection.channel()
+        try:
+            for name in (protocol.REQUEST_QUEUE, protocol.DEAD_LETTER_QUEUE):
+                ok = channel.queue_declare(name, passive=True)
+                self.queues = {**self.queues, name: ok.method.message_count}
+        except ChannelClosed as exc:  # not declared (yet): try again next time
+            log.warning("event=queue_depth_unavailable error=%r", exc)
+            self.queue_channel = None
+
+
+_EXPORTER = _Exporter()
+REGISTRY.register(_EXPORTER)
+
+
+def start(address: str | None, keeper) -> bool:
+    """Serve /metrics at host:port in a thread (nothing when address is None); True if serving."""
+    _EXPORTER.keeper = keeper
+    if not address:
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        start_http_server(int(port), host.strip("[]"), registry=REGISTRY)
+    except OSError as exc:  # the pool matters more than its metrics: serve it anyway
+        log.error("event=metrics_unavailable address=%s error=%r", address, exc.strerror)
+        return False
+    _EXPORTER.serving = True
+    log.info("event=metrics_serving address=%s", address)
+    return True
+
+
+# --- the hooks: one call each from worker.py / keeper.py ------------------------
+
+def request_handled(batch, op: str, status: int, seconds: float) -> None:
+    """One request of a batch was handled (added when the batch commits)."""
+    if not _EXPORTER.serving:
+        return
+    bound = _BOUND[op].get(status)
+    if bound is None:
+        bound = _BOUND[op][status] = (REQUESTS.labels(op, str(status)), REQUEST_SECONDS.labels(op))
+    _EXPORTER.tally_for(batch).requests.append((*bound, seconds))
+
+
+def lease_expired(batch, nodes: int) -> None:
+    if not _EXPORTER.serving:
+        return
+    _EXPORTER.tally_for(batch).expired += nodes
+
+
+def grant_undone(batch) -> None:
+    if not _EXPORTER.serving:
+        return
+    _EXPORTER.tally_for(batch).undone += 1
+
+
+def batch_committed(keeper, requests, batch) -> None:
+    if not _EXPORTER.serving:
+        return
+    _EXPORTER.batch_done(keeper, requests, batch)
+
+
+def dead_lettered(reason: str) -> None:
+    """reason: malformed | refused."""
+    _DEAD[reason].inc()
+
+
+def on_tick(keeper, connection) -> None:
+    """In the worker's tick path: a snapshot skipped by a busy batch, the queue depths."""
+    _EXPORTER.on_tick(keeper, connection)
