@@ -16,6 +16,7 @@ setup(
         "pika>=1.3,<2",
         "alembic>=1.12",
         "cryptography>=41",  # Fernet: IPMI passwords at rest (secret_key_file)
+        "prometheus_client>=0.17",  # metrics_address: workers/metrics.py
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],

@@ -44,6 +44,9 @@ class Config:
     # The most nodes each broker user may hold at once, e.g. {ci-team-a: 10}; "*" for
     # everyone else. None: no quotas.
     quotas: dict | None = None
+    # host:port where the worker serves Prometheus metrics (workers/metrics.py), e.g.
+    # 127.0.0.1:9464 or [::]:9464. None or empty: no metrics endpoint.
+    metrics_address: str | None = None
     # Run by molteniron-cleaner on every released node before it is ready again, with
     # the node's fields in MOLTENIRON_* environment variables (no shell). None: released
     # nodes go straight back to ready. Set in the worker's config, it makes them dirty.
@@ -138,6 +141,8 @@ def _validated(values: dict, source: str) -> Config:
             clean[key] = _user_names(key, value, source)
         elif key == "quotas":
             clean[key] = _quotas(value, source)
+        elif key == "metrics_address":
+            clean[key] = _address(key, value, source)
         elif key == "secret_key_file":
             clean[key] = None if value is None else _coerce(key, value, "str", source)
         elif key == "cleaning_command":
@@ -175,6 +180,17 @@ def _command(value, source: str) -> str | None:
     if not words:
         raise ConfigError(f"{source}: cleaning_command must name a program")
     return command
+
+
+def _address(key: str, value, source: str) -> str | None:
+    """host:port (IPv6 hosts in brackets); None or empty: off."""
+    if value is None or value == "":
+        return None
+    host, _, port = str(value).rpartition(":")
+    if not isinstance(value, str) or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{source}: {key} must be host:port, e.g. 127.0.0.1:9464, "
+                          f"got {value!r}")
+    return value
 
 
 def _user_names(key: str, value, source: str) -> tuple[str, ...] | None:

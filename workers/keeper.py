@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from molteniron import compat, db, errors, pool, protocol
 from molteniron.config import Config
 from molteniron.models import EndReason, Node, WorkerMeta
+from workers import metrics
 from workers.authz import Authorizer
 from workers.batch import Batch, load_stored_replies, placeholders
 from workers.cleaning import CleaningPolicy, replayed_claim
@@ -161,9 +162,11 @@ class PoolKeeper:
         if (outcome == "handled" and protocol.OPERATIONS[request.op].mutates
                 and reply["status"] != protocol.QUEUED):
             batch.store(request.id, request.op, reply)
+        seconds = time.perf_counter() - started
+        metrics.request_handled(batch, request.op, reply["status"], seconds)
         log.info("op=%s id=%s user=%s owner=%s status=%s outcome=%s ms=%.2f", request.op,
                  request.id, request.user or "-", request.args.get("owner") or "-",
-                 reply["status"], outcome, (time.perf_counter() - started) * 1000)
+                 reply["status"], outcome, seconds * 1000)
         return reply, outcome
 
     def _replayed(self, request: protocol.Request, stored: dict) -> dict:
@@ -293,6 +296,7 @@ class PoolKeeper:
                 batch.store(request_id, "allocate", errors.RequestCancelled(
                     "its client went away before the reply reached it").to_reply())
                 batch.touched_pools.update(r["node_pool"] for r in released)
+                metrics.grant_undone(batch)
             log.info("event=client_gone id=%s undone=allocation nodes=%d",
                      request_id, len(released))
         batch.session.connection().exec_driver_sql(
@@ -315,6 +319,7 @@ class PoolKeeper:
         for owner, records in self.state.expire(batch.now).items():
             batch.touched_pools.update(r["node_pool"] for r in records)
             log.info("event=lease_expired owner=%s nodes=%d", owner, len(records))
+            metrics.lease_expired(batch, len(records))
         self._serve_waiters(batch)  # before probing: a head served now needs no reminder
         self.waiters.probe_blocking_heads(batch, self.state)
         if time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY:

@@ -23,7 +23,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from molteniron import db, errors, protocol
 from molteniron.config import Config
-from workers import topology
+from workers import metrics, topology
 from workers.batch import Batch
 from workers.grants import Grant, GrantTracker
 from workers.keeper import PoolKeeper
@@ -72,6 +72,7 @@ class Worker:
         """Serve until SIGTERM/SIGINT; reconnect to the broker when it goes away."""
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        metrics.start(self.config.metrics_address, self.keeper)
         if not self.keeper.authz.enabled:
             log.warning("event=authorization_off worker=%s detail=%r", self.worker_id,
                         "config admins is not set: every broker user may do everything, "
@@ -159,6 +160,7 @@ class Worker:
             if now >= next_tick:
                 self._publish_tick()
                 self._send_grants()  # those nacked, or found in the outbox
+                metrics.on_tick(self.keeper, self.connection)
                 next_tick = now + self.config.tick_interval
             if self.keeper.epoch is None and self.keeper.heartbeat_due():
                 self.keeper.standby_heartbeat()
@@ -243,6 +245,7 @@ class Worker:
         if batch.adopted_grants is not None:
             self.grants.adopt(batch.adopted_grants)
         self.grants.withdraw(batch.withdrawn_grants)
+        metrics.batch_committed(self.keeper, requests, batch)
         for out in batch.outbox:
             body = protocol.reply_body(out.request_id, out.reply)
             if out.grant and out.request_id not in batch.withdrawn_grants:
@@ -267,6 +270,7 @@ class Worker:
             # Its client is told, and the message is kept for people to look at.
             log.error("event=dead_lettered op=%s id=%s reason=%r", request.op, request.id,
                       exc.detail)
+            metrics.dead_lettered("refused")
             if properties.reply_to:
                 self._queue_reply(properties.reply_to, properties.correlation_id,
                                   protocol.reply_body(request.id, {
@@ -313,11 +317,13 @@ class Worker:
             else:
                 self.channel.basic_reject(method.delivery_tag, requeue=False)
                 outcome = "dead_lettered"
+                metrics.dead_lettered("malformed")
             log.warning("event=bad_request outcome=%s bytes=%d error=%r",
                         outcome, len(body), exc.message[:200])
             return None
         except Exception:  # a message must never stop the worker: keep it for people
             log.exception("event=undecodable_request outcome=dead_lettered bytes=%d", len(body))
+            metrics.dead_lettered("malformed")
             self.channel.basic_reject(method.delivery_tag, requeue=False)
             return None
 
