@@ -22,7 +22,7 @@ import pika
 import pytest
 from pika.exceptions import ChannelClosedByBroker
 
-from molteniron import protocol
+from molteniron import errors, protocol
 from workers import topology
 from tests.stack import ROOT, TEST_AMQP_URL, node_args, wait_until
 
@@ -81,7 +81,9 @@ def test_the_definitions_hold_three_users_and_no_secrets():
         "molteniron-worker", "molteniron-ci", "molteniron-admin"}
     # An empty hash: nobody logs in until `rabbitmqctl change_password`.
     assert all(u["password_hash"] == "" and "password" not in u for u in DEFINITIONS["users"])
-    assert permissions_of("molteniron-admin") == permissions_of("molteniron-ci")
+    # An admin has a CI user's rights, and may read the dead-letter queue (dead-letters).
+    admin, ci = permissions_of("molteniron-admin"), permissions_of("molteniron-ci")
+    assert admin[:2] == ci[:2] and admin[2] != ci[2]
 
 
 def test_the_definitions_declare_what_the_worker_declares():
@@ -188,15 +190,29 @@ def _client_does_its_broker_work(user: BrokerUser, client_queue: str) -> None:
         connection.close()
 
 
+def _admin_does_its_broker_work(user: BrokerUser, client_queue: str) -> None:
+    """A CI user's work, and `molteniron dead-letters`: list, requeue, purge."""
+    from clients.dead_letters import DeadLetterQueue
+    _client_does_its_broker_work(user, client_queue)
+    try:  # fresh_topology put a dead letter there
+        with DeadLetterQueue(user.url) as dead:
+            (letter,), _ = dead.show(1)
+            dead.requeue(letter.id)
+            dead.purge()
+    except errors.Forbidden as exc:  # the broker's refusal, as the caller expects it
+        raise ChannelClosedByBroker(403, exc.message) from None
+
+
 def test_the_definitions_grant_exactly_these_names():
     assert [allowed(p) for p in permissions_of("molteniron-worker")] == [
         ["molteniron", "molteniron.dead", "molteniron.requests", "molteniron.dead-letters"],
         ["molteniron", "molteniron.dead", "molteniron.requests", "molteniron.dead-letters",
          "amq.default"],
         ["molteniron", "molteniron.dead", "molteniron.requests"]]
-    for role in ("molteniron-ci", "molteniron-admin"):
-        assert [allowed(p) for p in permissions_of(role)] == [
-            ["amq.gen-Xyz"], ["molteniron"], ["amq.gen-Xyz"]]
+    assert [allowed(p) for p in permissions_of("molteniron-ci")] == [
+        ["amq.gen-Xyz"], ["molteniron"], ["amq.gen-Xyz"]]
+    assert [allowed(p) for p in permissions_of("molteniron-admin")] == [
+        ["amq.gen-Xyz"], ["molteniron"], ["molteniron.dead-letters", "amq.gen-Xyz"]]
 
 
 def test_every_right_in_the_definitions_is_needed(stack, broker_users):
@@ -214,9 +230,12 @@ def test_every_right_in_the_definitions_is_needed(stack, broker_users):
             channel.exchange_delete(exchange)
         if role != "molteniron-worker":
             topology.declare(channel)
+        if role == "molteniron-admin":  # one to list, requeue and purge
+            channel.basic_publish(protocol.DEAD_LETTER_EXCHANGE, "", b"{}")
 
     work = {"molteniron-worker": _worker_does_its_broker_work,
-            "molteniron-ci": _client_does_its_broker_work}
+            "molteniron-ci": _client_does_its_broker_work,
+            "molteniron-admin": _admin_does_its_broker_work}
     checked = []
     for role, does_its_work in work.items():
         user = broker_users(role)
@@ -234,7 +253,7 @@ def test_every_right_in_the_definitions_is_needed(stack, broker_users):
                 assert refused.value.reply_code == 403, (role, kind, name)
                 checked.append((role, ("configure", "write", "read")[kind], name))
     connection.close()
-    assert len(checked) == 4 + 5 + 3 + 3, checked
+    assert len(checked) == 4 + 5 + 3 + 3 + 4, checked
 
 
 def test_a_forged_user_id_is_refused_by_the_broker_and_never_reaches_the_worker(

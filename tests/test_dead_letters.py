@@ -1,0 +1,174 @@
+"""`molteniron dead-letters`: list what landed in the dead-letter queue and why, requeue, purge."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pika
+import pytest
+
+from clients.dead_letters import NEEDS_ADMIN
+from molteniron import protocol
+from tests.stack import node_args, wait_until
+from tests.test_bad_input import RawPublisher, valid
+from tests.test_broker_identity import broker_users  # noqa: F401 (a fixture)
+from workers import topology
+
+NODE_FIELDS = ("name", "ipmi_ip", "ipmi_user", "ipmi_password", "allocation_pool",
+               "port_hwaddr", "cpu_arch", "cpus", "ram_mb", "disk_gb", "node_pool")
+
+
+def add_baremetal(i: int, password: str | None = None) -> dict:
+    fields = dict(zip(NODE_FIELDS, node_args(i)))
+    fields.update(cpus=8, ram_mb=16384, disk_gb=200)
+    if password:
+        fields["ipmi_password"] = password
+    return valid("add_baremetal", fields)
+
+
+@pytest.fixture
+def raw(stack):
+    """A publisher on a stack with the queues declared and NO worker consuming them."""
+    connection, channel = stack.channel()
+    topology.declare(channel)
+    connection.close()
+    publisher = RawPublisher(stack.amqp_url)
+    yield publisher
+    publisher.close()
+
+
+def expire(stack, raw, *requests: dict | bytes) -> list[str]:
+    """Publish requests with a 1 ms TTL while no worker consumes: they die `expired`."""
+    before = stack.dead_letters()
+    for request in requests:
+        body = request if isinstance(request, bytes) else json.dumps(request).encode()
+        raw.publish(body, expiration="1", delivery_mode=2,
+                    user_id=pika.URLParameters(stack.amqp_url).credentials.username)
+    wait_until(lambda: stack.dead_letters() == before + len(requests), 15, "the dead letters")
+    return [r["id"] for r in requests if isinstance(r, dict)]
+
+
+def listed(stack, *args: str) -> list[dict]:
+    done = stack.cli("dead-letters", *args)
+    assert done.returncode == 0, done
+    return done.json["dead_letters"]
+
+
+def test_a_malformed_message_without_reply_to_is_listed_as_rejected(running):
+    raw = RawPublisher(running.amqp_url)
+    raw.publish(b"garbage without a reply address", reply=False)
+    wait_until(lambda: running.dead_letters() == 1, 15, "the dead letter")
+    raw.close()
+    (letter,) = listed(running)
+    assert letter["reason"] == "rejected"
+    assert letter["detail"].startswith("malformed: request body is not JSON")
+    assert letter["queue"] == protocol.REQUEST_QUEUE
+    assert letter["id"].startswith("sha256:") and letter["op"] is None
+    assert letter["body"] == "garbage without a reply address"
+    assert letter["died_at"] and letter["malformed"] is True
+    assert running.dead_letters() == 1
+
+
+def test_an_allocate_that_expired_unconsumed_is_listed_as_expired_with_its_op(stack, raw):
+    (request_id,) = expire(stack, raw, valid("allocate", {"owner": "job-1", "count": 1}))
+    done = stack.cli("dead-letters")
+    assert done.returncode == 0, done
+    assert done.json["total"] == 1
+    (letter,) = done.json["dead_letters"]
+    assert (letter["id"], letter["op"], letter["reason"], letter["queue"]) == (
+        request_id, "allocate", "expired", protocol.REQUEST_QUEUE)
+    assert letter["malformed"] is False and letter["user"] == "guest"
+
+
+def test_show_leaves_the_queue_exactly_as_it_was(stack, raw):
+    ids = expire(stack, raw, *(valid("release", {"owner": f"job-{i}"}) for i in range(6)))
+    assert [row["id"] for row in listed(stack)] == ids  # oldest first
+    assert [row["id"] for row in listed(stack, "--show", "3")] == ids[:3]
+    for table in ("human", "csv"):
+        done = stack.cli("dead-letters", "-t", table)
+        assert done.returncode == 0 and all(i in done.stdout for i in ids), done
+    assert stack.cli("dead-letters", "-t", "json").json["result"][0]["id"] == ids[0]
+    assert stack.dead_letters() == 6
+    assert [row["id"] for row in listed(stack)] == ids
+    # What the broker hands out next, in order, is what was dead-lettered.
+    connection, channel = stack.channel()
+    bodies = [json.loads(channel.basic_get(protocol.DEAD_LETTER_QUEUE, auto_ack=True)[2])["id"]
+              for _ in ids]
+    connection.close()
+    assert bodies == ids
+
+
+def test_requeue_of_an_expired_request_makes_the_worker_handle_it(stack, raw):
+    ids = expire(stack, raw, add_baremetal(1), add_baremetal(2), add_baremetal(3))
+    stack.start_worker()
+    done = stack.cli("dead-letters", "--requeue", ids[1])
+    assert done.returncode == 0, done
+    assert done.json["requeued"]["id"] == ids[1] and done.json["left"] == 2
+    assert "warning" not in done.stderr
+    wait_until(lambda: stack.sql("SELECT name FROM nodes") == [("node-2",)], 15,
+               "the worker to add node-2")
+    assert [row["id"] for row in listed(stack)] == [ids[0], ids[2]]
+    assert stack.dead_letters() == 2
+
+
+def test_a_malformed_message_may_be_requeued_and_comes_back(running):
+    raw = RawPublisher(running.amqp_url)
+    raw.publish(b"not a request", reply=False, message_id="broken-1")
+    wait_until(lambda: running.dead_letters() == 1, 15, "the dead letter")
+    done = running.cli("dead-letters", "--requeue", "broken-1")
+    assert done.returncode == 0, done
+    assert "will land here again" in done.stderr
+    wait_until(lambda: [r["id"] for r in listed(running)] == ["broken-1"], 15,
+               "it to be dead-lettered again")
+    raw.close()
+
+
+def test_requeue_of_an_unknown_id_changes_nothing(stack, raw):
+    ids = expire(stack, raw, add_baremetal(1), add_baremetal(2))
+    done = stack.cli("dead-letters", "--requeue", str(uuid.uuid4()))
+    assert done.returncode == 1 and "no dead letter has id" in done.stderr, done
+    assert [row["id"] for row in listed(stack)] == ids
+
+
+def test_purge_empties_the_dead_letter_queue(stack, raw):
+    expire(stack, raw, add_baremetal(1), add_baremetal(2))
+    done = stack.cli("dead-letters", "--purge")
+    assert done.returncode == 0, done
+    assert done.json == {"status": 200, "purged": 2}
+    assert "purged 2 dead letter(s)" in done.stderr
+    assert stack.dead_letters() == 0
+    assert listed(stack) == []
+
+
+def test_an_ipmi_password_in_a_dead_letter_is_never_printed(stack, raw):
+    secrets = ["pw-baremetal-4711", "pw-kv-4712", "pw-blob-4713", "pw-field-4714",
+               "pw-broken-4715"]
+    ids = expire(
+        stack, raw, add_baremetal(1, secrets[0]),
+        valid("add_keyvalue_pairs", {"name": "n", "ipmi_ip": "10.0.0.9", "allocation_pool": "x",
+                                     "pairs": ["ipmi_user=u", f"ipmi_password={secrets[1]}"]}),
+        valid("add_json_blob", {"name": "n", "ipmi_ip": "10.0.0.9", "allocation_pool": "x",
+                                "blob": json.dumps({"ipmi_password": secrets[2]})}),
+        valid("set_field", {"id": 1, "key": "ipmi_password", "value": secrets[3]}),
+        b'{"op": "add_baremetal", "args": {"ipmi_password": "' + secrets[4].encode() + b'", ')
+    outputs = [stack.cli("dead-letters", *args) for args in
+               ((), ("-t", "human"), ("-t", "csv"), ("-t", "json"))]
+    outputs.append(stack.cli("dead-letters", "--requeue", ids[0]))
+    for done in outputs:
+        assert done.returncode == 0, done
+        assert not any(s in done.stdout + done.stderr for s in secrets), done
+    assert all("********" in row["body"] for row in outputs[0].json["dead_letters"])
+
+
+def test_a_ci_user_is_refused_with_a_clear_message(stack, raw, broker_users):  # noqa: F811
+    expire(stack, raw, add_baremetal(1))
+    ci, admin = broker_users("molteniron-ci"), broker_users("molteniron-admin")
+    for args in ((), ("--purge",), ("--requeue", "any")):
+        done = stack.cli("dead-letters", *args, env=ci.env)
+        assert done.returncode == 1, done
+        assert NEEDS_ADMIN in done.stderr and "Traceback" not in done.stderr, done
+    assert stack.dead_letters() == 1
+    # The admin user, with the definitions file's permissions, may.
+    done = stack.cli("dead-letters", env=admin.env)
+    assert done.returncode == 0 and done.json["total"] == 1, done
