@@ -17,7 +17,7 @@ from molteniron.config import load_config
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DEADLINE, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
 # Commands whose result is a table: printed as one when stdout is a terminal.
-TABLE_COMMANDS = ("status", "status_baremetal", "waiting", "history")
+TABLE_COMMANDS = ("status", "status_baremetal", "waiting", "history", "dead-letters")
 EPILOG = """\
 exit codes:
   0  success
@@ -145,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("delete_db", help="remove every node from the pool")
 
+    p = sub.add_parser("dead-letters", help="what landed in molteniron.dead-letters and why, "
+                                            "oldest first (admin; needs no worker)")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--show", type=_positive_int, default=20, metavar="N",
+                        help="list the oldest N, leaving the queue as it was (default 20)")
+    action.add_argument("--requeue", metavar="ID",
+                        help="republish the dead letter ID to molteniron, then remove it")
+    action.add_argument("--purge", action="store_true", help="empty the dead-letter queue")
+    _table_option(p)
+
     p = sub.add_parser("clean", help="send a ready or maintenance node to be cleaned again "
                                      "(needs cleaning_command on the worker)")
     p.add_argument("node", help="node name or id")
@@ -233,6 +243,9 @@ def run_command(client, args, config) -> dict:
             return {"status": 200, "result": records}
         return {"status": 200, "result": compat.status_text(
             records, command == "status_baremetal", args.type or "human")}
+    if command == "dead-letters":
+        from clients import dead_letters
+        return dead_letters.run(args, config)
     if command in ("waiting", "history"):
         return _rows_command(client, args)
     if command in ("export", "import"):
