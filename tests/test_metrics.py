@@ -210,3 +210,24 @@ def test_metrics_address_off_when_empty_and_kept_when_given(tmp_path):
     for value, expected in (("", None), (None, None), ("[::1]:9464", "[::1]:9464")):
         path.write_text(yaml.safe_dump({"metrics_address": value}))
         assert load_config(str(path), env={}).metrics_address == expected
+
+
+def test_cleaning_outcomes_are_counted(stack, tmp_path):
+    from tests.test_cleaning import clean_once, script
+    port = free_port()
+    failing = script(tmp_path, "fails.sh", "echo 'BMC unreachable' >&2; exit 3\n")
+    path = tmp_path / "clean-metrics.yaml"
+    path.write_text(yaml.safe_dump({"metrics_address": f"127.0.0.1:{port}",
+                                    "cleaning_command": failing, "cleaning_timeout": 30}))
+    env = {"MOLTENIRON_CONFIG": str(path)}
+    stack.start_worker(env=env)
+    stack.cli("add_baremetal", *node_args(1))
+    stack.cli("allocate", "job", "1")
+    stack.cli("release", "job")  # dirty now
+
+    code, reply, _ = clean_once(stack, env)
+
+    assert code == 0 and reply["state"] == "maintenance", reply
+    wait_until(lambda: scrape(port).get("molteniron_cleaning_outcomes_total", {}).get(
+        (("outcome", "maintenance"),)) == 1.0, 15, "the cleaning outcome to be counted")
+    assert scrape(port)["molteniron_cleaning_outcomes_total"][(("outcome", "ready"),)] == 0.0

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from molteniron import cleaning, compat, pool
 from molteniron.protocol import Request
+from workers import metrics
 
 if TYPE_CHECKING:
     from workers.dispatch import Context
@@ -42,6 +43,7 @@ def clean_claim(ctx: Context, req: Request) -> dict:
 def clean_done(ctx: Context, req: Request) -> dict:
     a = req.args
     node = cleaning.finish(ctx.batch.session, a["node_id"], a["claim"], a["ok"], a["detail"])
+    metrics.node_cleaned(ctx.batch, node.state.value)
     return {"status": 200, "node": node.name, "state": node.state.value,
             "maintenance_reason": node.maintenance_reason}
 

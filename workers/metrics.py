@@ -57,7 +57,6 @@ LEASE_EXPIRIES = Counter("molteniron_lease_expiries", "Nodes taken back because 
                          "lease ended.", registry=REGISTRY)
 GRANTS_UNDONE = Counter("molteniron_grants_undone", "Grants undone because their client "
                         "was gone before the reply reached it.", registry=REGISTRY)
-# Defined now so dashboards and alerts can name it; incremented once node cleaning lands.
 CLEANING = Counter("molteniron_cleaning_outcomes", "Nodes that finished cleaning, by where "
                    "they went: ready or maintenance.", ["outcome"], registry=REGISTRY)
 
@@ -93,13 +92,14 @@ def snapshot(state, waiters) -> Snapshot:
 
 class _Tally:
     """What one batch counted, added to the metrics only when it committed."""
-    __slots__ = ("batch", "requests", "expired", "undone")
+    __slots__ = ("batch", "requests", "expired", "undone", "cleaned")
 
     def __init__(self, batch=None) -> None:
         self.batch = batch
         self.requests: list[tuple] = []  # (counter child, histogram child, seconds)
         self.expired = 0
         self.undone = 0
+        self.cleaned: list[str] = []  # outcomes: ready | maintenance
 
 
 class _Exporter:
@@ -174,6 +174,8 @@ class _Exporter:
                 LEASE_EXPIRIES.inc(tally.expired)
             if tally.undone:
                 GRANTS_UNDONE.inc(tally.undone)
+            for outcome in tally.cleaned:
+                CLEANING.labels(outcome).inc()
             self.tally = _Tally()
         clients = sum(1 for _, _, request in requests if request.op != "tick")
         if clients:
@@ -278,6 +280,13 @@ def grant_undone(batch) -> None:
     if not _EXPORTER.serving:
         return
     _EXPORTER.tally_for(batch).undone += 1
+
+
+def node_cleaned(batch, outcome: str) -> None:
+    """outcome: ready | maintenance (counted when the batch commits)."""
+    if not _EXPORTER.serving:
+        return
+    _EXPORTER.tally_for(batch).cleaned.append(outcome)
 
 
 def batch_committed(keeper, requests, batch) -> None:
