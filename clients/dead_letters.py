@@ -39,7 +39,7 @@ COLUMNS = (("id", 36), ("op", 12), ("reason", 14), ("died_at", 19), ("queue", 19
            ("user", 8), ("detail", 30), ("body", 40))
 # A password in a body that is not JSON (or in a string inside one): key, separator, value.
 _PASSWORD_IN_TEXT = re.compile(
-    r'(ipmi_password\\*"?\s*[:=]\s*)(\\*"(?:[^"\\]|\\.)*?\\*"|[^\s,;&}\]]+)', re.IGNORECASE)
+    r'(ipmi_password\\*"?\s*[:=]\s*)(\\*"(?:[^"\\]|\\.)*?\\*"|[^\s,;&}\]"\\]+)', re.IGNORECASE)
 
 
 class DeadLetterNotFound(errors.MoltenIronError):
@@ -137,7 +137,17 @@ def _mask(value):
 
 
 def _mask_text(text: str) -> str:
-    return _PASSWORD_IN_TEXT.sub(lambda m: m.group(1) + MASK, text)
+    return _PASSWORD_IN_TEXT.sub(_masked_value, text)
+
+
+def _masked_value(match: re.Match) -> str:
+    """The key and separator, then MASK in the value's own quotes (if it had them)."""
+    key, value = match.group(1), match.group(2)
+    quote = re.match(r'\\*"', value)
+    if quote is None:
+        return key + MASK
+    closed = len(value) > len(quote.group(0)) and value.endswith('"')
+    return key + quote.group(0) + MASK + (quote.group(0) if closed else "")
 
 
 class DeadLetterQueue:
@@ -265,8 +275,8 @@ def run(args, config) -> dict:
         if args.requeue:
             letter, left = queue.requeue(args.requeue)
             if letter.malformed:
-                print(f"molteniron: warning: {letter.id} is malformed ({letter.detail}): "
-                      f"the worker will reject it and it will land here again",
+                print(f"molteniron: warning: {letter.id} is {letter.detail}; the worker "
+                      f"will reject it and it will land here again",
                       file=sys.stderr)
             print(f"molteniron: requeued {letter.id} ({letter.op or 'unknown op'}) as broker "
                   f"user {queue.login}; {left} dead letter(s) left", file=sys.stderr)
