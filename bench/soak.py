@@ -196,9 +196,11 @@ def check_clients(sandbox: Sandbox, outcomes: list[Outcome]) -> list[str]:
             problems.append(f"{outcome.client} was granted {outcome.nodes} by {request_id}, "
                             f"history says {rows}")
     for request_id, rows in history.items():
-        if request_id not in granted and any(reason != "cancelled" for _, _, reason in rows):
+        # Never seen: taken back because its client cancelled or was gone when it came.
+        if request_id not in granted and any(reason not in ("cancelled", "client_gone")
+                                             for _, _, reason in rows):
             problems.append(f"allocation {request_id} ({rows}) was never seen by its client "
-                            "but did not end as cancelled")
+                            "but did not end as cancelled or client_gone")
     return problems
 
 
