@@ -79,7 +79,37 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-class PrivateMariaDB:
+class _Private:
+    """A service of a test's own in a folder of its own: a context manager that
+    starts it, and stops it and removes the folder whatever happened."""
+
+    dir: Path
+
+    def start(self):
+        raise NotImplementedError
+
+    def _stop_service(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the service (by its own pid) and remove everything it had."""
+        try:
+            self._stop_service()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class PrivateMariaDB(_Private):
     """A mariadbd on a free port with its own datadir; root over TCP, no password."""
 
     def __init__(self):
@@ -120,7 +150,7 @@ class PrivateMariaDB:
         except pymysql.err.OperationalError:
             return False
 
-    def _stop_server(self) -> None:
+    def _stop_service(self) -> None:
         if self.process is None:
             return
         pid_file = self.dir / "pid"
@@ -131,28 +161,12 @@ class PrivateMariaDB:
 
     def restart(self) -> None:
         """SIGTERM the server, wait for it to exit, start it again on the same port and data."""
-        self._stop_server()
+        self._stop_service()
         self.start()
 
-    def stop(self) -> None:
-        """Stop the server and remove everything it had."""
-        try:
-            self._stop_server()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PrivateMariaDB:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
-class PrivateRabbitMQ:
+class PrivateRabbitMQ(_Private):
     """A RabbitMQ node (mi-test-<random>@localhost) beside the machine's, on free ports.
 
     The scripts in /usr/lib/rabbitmq/bin are called directly: the /usr/sbin wrappers
@@ -225,13 +239,13 @@ class PrivateRabbitMQ:
         """stop_app/start_app (connections drop, durable data stays); `full`: stop the
         node's process too and start it again on the same ports and data."""
         if full:
-            self._stop_node()
+            self._stop_service()
             self.start()
         else:
             self.ctl("stop_app")
             self.ctl("start_app")
 
-    def _stop_node(self) -> None:
+    def _stop_service(self) -> None:
         if self.pid is None and self.pid_file.exists():  # a start that failed half way
             self.pid = int(self.pid_file.read_text())
         if self.pid is None:
@@ -243,22 +257,6 @@ class PrivateRabbitMQ:
         end_process(self.pid)
         self.pid = None
 
-    def stop(self) -> None:
-        """Stop the node, make sure its beam process is gone, remove everything it had."""
-        try:
-            self._stop_node()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> PrivateRabbitMQ:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def shared_service_pids(ports: tuple[int, ...] = (3306, 5672)) -> dict[int, int | None]:

@@ -34,6 +34,7 @@ class PoolQueue:
     def __init__(self, aging: float):
         self.aging = aging
         self.members: dict[str, Queued] = {}
+        self.ranks: dict[str, tuple[float, int]] = {}  # computed once, at arrival
         self._heap: list[tuple[tuple[float, int], str]] = []  # may hold removed ones
         self._last: tuple[float, int] | None = None  # the largest rank added
 
@@ -45,7 +46,7 @@ class PoolQueue:
 
     def add(self, waiter: Queued) -> int:
         """Add a waiter; return its 1-based place (cheap when it goes last, the usual case)."""
-        key = rank(waiter, self.aging)
+        key = self.ranks[waiter.request_id] = rank(waiter, self.aging)
         self.members[waiter.request_id] = waiter
         heapq.heappush(self._heap, (key, waiter.request_id))
         if self._last is None or key >= self._last:
@@ -55,6 +56,7 @@ class PoolQueue:
 
     def remove(self, request_id: str) -> None:
         del self.members[request_id]
+        del self.ranks[request_id]
         if not self.members:
             self._heap.clear()
             self._last = None
@@ -67,7 +69,8 @@ class PoolQueue:
 
     def ordered(self) -> list[Queued]:
         """Every waiter in the order they will be served (a sort: not for the hot path)."""
-        return sorted(self.members.values(), key=lambda w: rank(w, self.aging))
+        ranks = self.ranks
+        return sorted(self.members.values(), key=lambda w: ranks[w.request_id])
 
     def position(self, request_id: str) -> int:
         return next(place for place, w in enumerate(self.ordered(), 1)
