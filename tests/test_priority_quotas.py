@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from tests.stack import node_args, wait_until
+from tests.test_keeper import keeper  # noqa: F401  (the fixture)
 from workers.queue import PoolQueue
 
 
@@ -94,3 +95,34 @@ def test_a_quota_makes_its_user_wait_without_keeping_nodes_from_others(stack, us
     assert over.result(timeout=30).returncode == 0
     assert stack.sql("SELECT COUNT(*) FROM nodes WHERE holder_user = "
                      f"'{users['alice']['name']}'") == [(1,)]
+
+
+def test_through_the_worker_a_stream_of_high_priority_jobs_cannot_starve_a_low_one(
+        keeper, monkeypatch):
+    """The same bound through PoolKeeper.commit and the real database, one job a
+    minute on a virtual clock: the priority-0 job is served after at most the
+    priority-10 jobs that arrived in its first 10 minutes."""
+    from workers import keeper as keeper_module
+    from workers.batch import Batch
+    from molteniron.pool import utcnow
+    from tests.test_keeper import add_node, commit, request
+
+    now = [utcnow()]
+    monkeypatch.setattr(keeper_module, "Batch",
+                        lambda session: Batch(session, now=now[0], clock=now[0].timestamp()))
+    add_node(keeper, "n1")
+    commit(keeper, request("allocate", owner="holder", count=1, node_pool="p"))
+    commit(keeper, request("allocate", owner="low", count=1, node_pool="p", wait=True))
+    served, holder = [], "holder"
+    for minute in range(1, 30):
+        now[0] += timedelta(minutes=1)
+        commit(keeper, request("allocate", owner=f"high-{minute}", count=1, node_pool="p",
+                               wait=True, priority=10))
+        batch = commit(keeper, request("release", owner=holder))
+        (granted,) = [o for o in batch.outbox if o.grant]
+        holder = granted.reply["nodes"]["node_1"]["provisioned"]
+        served.append(holder)
+        if holder == "low":
+            break
+    assert "low" in served and served.index("low") <= 10, served
+    assert all(int(s.split("-")[1]) <= 10 for s in served[:-1]), served
