@@ -50,8 +50,12 @@ def field_reply(values: list[tuple[int, object]]) -> dict:
     return {"status": 200, "result": [{"id": node_id, "field": value} for node_id, value in values]}
 
 
+# Not a password, but a capability: whoever knows a cleaner's claim token may report its node.
+HIDDEN_IN_STATUS = (*SECRET_FIELDS, "clean_claim")
+
+
 def without_secrets(record: dict) -> dict:
-    return {k: (HIDDEN if k in SECRET_FIELDS and v else v) for k, v in record.items()}
+    return {k: (HIDDEN if k in HIDDEN_IN_STATUS and v else v) for k, v in record.items()}
 
 
 def reply_without_secrets(reply: dict) -> dict:

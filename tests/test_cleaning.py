@@ -160,6 +160,7 @@ def test_a_cleaner_killed_mid_clean_leaves_a_claim_that_lapses(stack, tmp_path):
         assert token.startswith("first#")
         status = stack.cli("status", "-t", "json").json["result"][0]
         assert (status["state"], status["clean_claimed_by"]) == ("dirty", "first")
+        assert status["clean_claim"] == "********"  # the token would let anyone report the node
         assert "dirty (cleaning by first until" in stack.cli(
             "-o", "result", "status", "-t", "csv").stdout
 

@@ -237,7 +237,8 @@ def test_import_from_an_original_database(running, original_db):
         "cpus": 20, "ram_mb": 51000, "disk_gb": 500, "allocation_pool": ["10.9.1.1", "10.9.1.2"],
         "state": "ready", "owner": None, "holder_user": None, "allocated_at": None,
         "lease_expires_at": None, "node_pool": "default", "extra": {"rack": "r7"}, "tags": [],
-        "maintenance_reason": None}
+        "maintenance_reason": None, "clean_claim": None, "clean_claimed_by": None,
+        "clean_claimed_until": None}
     assert (pool["orig-2"]["state"], pool["orig-2"]["owner"]) == ("ready", None)
     assert (pool["orig-2"]["node_pool"], pool["orig-2"]["cpus"]) == ("power", 8)
     assert pool["orig-2"]["allocation_pool"] == ["10.9.2.1"]
