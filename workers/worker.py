@@ -143,7 +143,7 @@ class Worker:
                 give_up = time.monotonic() + CLOSE_CONFIRM_WAIT
                 while self.grants.in_flight and time.monotonic() < give_up:
                     self.connection.process_data_events(time_limit=0.05)
-                if self.grants.settled:
+                if self.grants.settled and self._active():
                     self._handle_batch()
             if self.connection and self.connection.is_open:
                 self.connection.close()
@@ -173,7 +173,13 @@ class Worker:
     def _urgent(self) -> bool:
         """Work that cannot wait for the next tick: requests, gone clients, grants to undo.
         (Delivered grants are written down with whatever transaction comes next.)"""
-        return bool(self.deliveries or self.returned or self.grants.needs_undo())
+        return bool(self.deliveries or (self._active() and (self.returned
+                                                            or self.grants.needs_undo())))
+
+    def _active(self) -> bool:
+        # A standby (after a reconnect, say) keeps what it learnt until it is active
+        # again: a transaction of its own would take the pool from the active worker.
+        return self.keeper.epoch is not None
 
     def _on_delivery(self, channel, method, properties, body) -> None:
         self.deliveries.append((method, properties, body))
@@ -216,8 +222,10 @@ class Worker:
             request = self._decode(method, properties, body)
             if request is not None:
                 requests.append((method, properties, request))
-        if requests or returned or self.grants.settled:
+        if requests or ((returned or self.grants.settled) and self._active()):
             self._process(requests, returned, whole_batch=True)
+        else:
+            self.returned[:0] = returned  # kept for when this worker is active
 
     def _process(self, requests, returned, whole_batch: bool) -> None:
         """Commit, then reply, then ack. A batch the database refuses is split up
