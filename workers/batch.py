@@ -78,6 +78,11 @@ class Batch:
         return self.session.connection().exec_driver_sql(
             "SELECT op FROM processed_requests WHERE request_id = %s", (request_id,)).scalar()
 
+    def _stored_copy(self, grant: Outgoing) -> dict:
+        """The grant without passwords: the copy store() made already, when there is one."""
+        stored = self.to_store.get(grant.request_id)
+        return stored[1] if stored else reply_without_secrets(grant.reply)
+
     def grants(self) -> list[Outgoing]:
         return [out for out in self.outbox if out.grant]
 
@@ -94,7 +99,7 @@ class Batch:
             sql("INSERT INTO grant_outbox (request_id, reply_to, correlation_id, reply, created_at) "
                 "VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE reply = VALUES(reply)",
                 [(g.request_id, g.reply_to, g.correlation_id,
-                  reply_body(g.request_id, reply_without_secrets(g.reply)).decode(), self.now)
+                  reply_body(g.request_id, self._stored_copy(g)).decode(), self.now)
                  for g in grants])
         if self.withdrawn_grants:
             sql(f"DELETE FROM grant_outbox WHERE request_id IN "

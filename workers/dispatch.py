@@ -70,14 +70,15 @@ def allocate(ctx: Context, req: Request) -> dict:
         raise pool.pool_too_small(node_pool, total, a["count"], wants.describe())
     quotas = ctx.waiters.quotas
     quotas.check_count(req.user, a["count"])
-    # First come, first served: a new request may take only nodes no waiter could use.
-    blocked = (ctx.waiters.blocked_nodes(ctx.state, node_pool)
-               if ctx.waiters.has_waiting(node_pool) else set())
     if not quotas.allows(req.user, a["count"], ctx.state.held_by_user[req.user]):
         if not a["wait"]:
             raise errors.NotEnoughNodes(f"user {req.user} holds its quota of "
                                         f"{quotas.limit(req.user)} node(s) already")
-    elif blocked is not None:
+        return _wait(ctx, req, node_pool, wants)
+    # First come, first served: a new request may take only nodes no waiter could use.
+    blocked = (ctx.waiters.blocked_nodes(ctx.state, node_pool)
+               if ctx.waiters.has_waiting(node_pool) else set())
+    if blocked is not None:
         try:
             records = ctx.state.allocate(a["owner"], a["count"], node_pool, req.id, ctx.batch.now,
                                          ctx.leases.until(ctx.batch.now, a["lease_seconds"]),
@@ -89,6 +90,11 @@ def allocate(ctx: Context, req: Request) -> dict:
     elif not a["wait"]:
         raise errors.NotEnoughNodes(f"Not enough available nodes found: earlier requests are "
                                     f"waiting for pool {node_pool}")
+    return _wait(ctx, req, node_pool, wants)
+
+
+def _wait(ctx: Context, req: Request, node_pool: str, wants: Constraints) -> dict:
+    a = req.args
     return ctx.waiters.enqueue(ctx.batch, req.id, node_pool, a["count"], a["owner"],
                                ctx.reply_to, ctx.correlation_id, a["wait_seconds"],
                                a["lease_seconds"], req.user, wants, a["priority"])

@@ -76,7 +76,15 @@ class GrantTracker:
         return True
 
     def on_confirm(self, tag: int, multiple: bool, ack: bool) -> None:
-        for seq in [s for s in self.in_flight if s == tag or (multiple and s < tag)]:
+        if multiple:  # in_flight is in publish order: the confirmed ones come first
+            confirmed = []
+            for seq in self.in_flight:
+                if seq > tag:
+                    break
+                confirmed.append(seq)
+        else:
+            confirmed = [tag] if tag in self.in_flight else []
+        for seq in confirmed:
             grant = self.pending[self.in_flight.pop(seq)]
             if not ack:  # the broker did not take it: send it again
                 grant.seq = None

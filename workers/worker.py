@@ -233,18 +233,17 @@ class Worker:
         # Grant outcomes ride along with whole batches only: a split must not let
         # them make a single good request look like the culprit.
         settled = self.grants.take_settled() if whole_batch else {}
+        batch = None
         try:
             batch = self._commit_with_retry(requests, returned, settled)
-        except BaseException as exc:
-            self.grants.unsettle(settled)  # written down by a later transaction
-            if not isinstance(exc, RefusedBatch):
-                raise
-            if not (requests or returned):
-                return
-            self._split_or_dead_letter(requests, returned, exc)
+        except RefusedBatch as exc:
+            if requests or returned:
+                self._split_or_dead_letter(requests, returned, exc)
             return
+        finally:
+            if batch is None:  # not written down: a later transaction does it
+                self.grants.unsettle(settled)
         if batch is None:
-            self.grants.unsettle(settled)
             return  # stopping while the database was down: the broker redelivers
         if FAULT.startswith("exit-after-commit:") and any(
                 r.op == FAULT.split(":", 1)[1] for _, _, r in requests):

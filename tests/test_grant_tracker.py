@@ -1,0 +1,35 @@
+"""What the broker's confirms and returns make of grants in flight (workers/grants.py)."""
+
+from __future__ import annotations
+
+from workers.grants import DELIVERED, FORGET, UNDO, Grant, GrantTracker
+
+
+def sent(tracker: GrantTracker, *ids: str) -> None:
+    for seq, request_id in enumerate(ids, start=len(tracker.in_flight) + 1):
+        tracker.add(Grant(request_id, f"q-{request_id}", request_id, b"{}"))
+        tracker.sent(tracker.pending[request_id], seq)
+
+
+def test_a_multiple_confirm_settles_every_copy_up_to_its_tag_and_no_later_one():
+    tracker = GrantTracker()
+    sent(tracker, "a", "b", "c")
+    tracker.on_return("b")
+    tracker.on_confirm(2, multiple=True, ack=True)
+    assert tracker.take_settled() == {"a": DELIVERED, "b": UNDO}
+    assert list(tracker.in_flight.values()) == ["c"]
+    tracker.on_confirm(3, multiple=False, ack=True)
+    assert tracker.take_settled() == {"c": DELIVERED}
+
+
+def test_a_nack_sends_again_and_a_copy_sent_again_that_bounces_is_left_to_the_lease():
+    tracker = GrantTracker()
+    sent(tracker, "a")
+    tracker.on_confirm(1, multiple=False, ack=False)
+    assert [g.request_id for g in tracker.to_send()] == ["a"]
+    tracker.sent(tracker.pending["a"], 2)
+    tracker.connection_lost()  # the copy may have reached the client
+    tracker.sent(tracker.pending["a"], 1)
+    tracker.on_return("a")
+    tracker.on_confirm(1, multiple=False, ack=True)
+    assert tracker.take_settled() == {"a": FORGET}
