@@ -13,6 +13,12 @@ A request of an op that expires (OPERATIONS[op].expires) carries a message
 TTL equal to the client's timeout: once the client stops waiting, no worker
 can take it any more. Release and cancel never expire: sent while no worker
 runs, they take effect when one comes.
+
+amqp_url may name several brokers of a cluster (comma-separated): they are
+tried in order, and on a lost connection the next one first. A request whose
+publish was nacked, or whose connection was lost before its reply came, is
+sent again, with the same id, over a new connection until its deadline: the
+worker applies an id once and answers a copy from what it stored.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ import pika
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
 from molteniron import errors, protocol
+from molteniron.config import url_list
 
 GRACE = 5.0  # seconds past a deadline to wait for the worker's own answer
 RECONNECT_FOR = 30.0  # seconds an allocate cut off from the broker keeps trying to cancel
 CANCEL_TIMEOUT = 10.0  # longest wait for a worker to confirm a cancel
+RESEND_PAUSE = 0.2  # seconds between copies while a cluster elects a new queue leader
 
 
 class MoltenIronClient:
@@ -43,29 +51,57 @@ class MoltenIronClient:
         # the credentials, e.g. an EXTERNAL login by certificate).
         self.user_id: str | None = None
         self.replies: dict[str, list[dict]] = {}
+        # Requests awaiting a reply, kept to send again after a lost connection:
+        # id -> (request, seconds its copies live in the queue or None).
+        self.sent: dict[str, tuple[protocol.Request, float | None]] = {}
+        self.broker = 0  # index in url_list(amqp_url) of the broker to try first
         self.interrupted = False  # set by a signal handler before it raises errors.Interrupted
 
     # --- connection ------------------------------------------------------------
 
     def connect(self) -> "MoltenIronClient":
+        """Connect to the first broker that answers, from self.broker on, and open the
+        reply queue; ServiceUnavailable naming each broker's failure if none does."""
         if self.connection is not None and self.connection.is_open:
             return self
-        params = _parameters(self.amqp_url)
+        urls = url_list(self.amqp_url)
+        if not urls:
+            raise errors.ConfigError("amqp_url names no broker")
+        failures = []
+        for step in range(len(urls)):
+            index = (self.broker + step) % len(urls)
+            params = _parameters(urls[index])
+            try:
+                self._open(params)
+            except (AMQPError, OSError) as exc:
+                self.connection = None
+                failures.append(f"{_safe(params)}: {_why(exc)}")
+                continue
+            self.broker = index
+            return self
+        raise self._lost("cannot reach RabbitMQ at " + "; ".join(failures)) from None
+
+    def _open(self, params: pika.URLParameters) -> None:
         params.connection_attempts = 1
         params.socket_timeout = min(self.timeout, 10.0)
         params.blocked_connection_timeout = self.timeout
         self.user_id = getattr(params.credentials, "username", None)
+        self.connection = pika.BlockingConnection(params)
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+        declared = self.channel.queue_declare("", exclusive=True, auto_delete=True)
+        self.reply_queue = declared.method.queue
+        self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
+
+    def _drop(self) -> None:
+        """Forget a connection that failed; the next connect tries the next broker first."""
         try:
-            self.connection = pika.BlockingConnection(params)
-            self.channel = self.connection.channel()
-            self.channel.confirm_delivery()
-            declared = self.channel.queue_declare("", exclusive=True, auto_delete=True)
-            self.reply_queue = declared.method.queue
-            self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
-        except (AMQPError, OSError) as exc:
-            self.connection = None
-            raise self._lost(f"cannot reach RabbitMQ at {_safe(params)}: {_why(exc)}") from None
-        return self
+            if self.connection is not None and self.connection.is_open:
+                self.connection.close()
+        except (AMQPError, OSError):
+            pass
+        self.connection = None
+        self.broker += 1
 
     def close(self) -> None:
         try:
@@ -83,29 +119,46 @@ class MoltenIronClient:
 
     # --- the RPC -----------------------------------------------------------------
 
-    def send(self, request: protocol.Request, expires_in: float | None) -> None:
+    def send(self, request: protocol.Request, expires_in: float | None,
+             until: float | None = None) -> None:
         """Publish a request (persistent, confirmed); its reply is collected by `wait`.
 
         expires_in: seconds after which the broker drops it unseen (None: never).
+        A nack or a lost connection sends it again, on the next broker, until
+        `until` (unix time; default: the client's timeout from now).
         """
-        self.connect()
-        self.replies[request.id] = []
+        until = time.time() + self.timeout if until is None else until
+        self.replies.setdefault(request.id, [])
+        self.sent[request.id] = (request, expires_in)
+        while True:
+            try:
+                self.connect()
+                self._publish(request, expires_in)
+                return
+            except UnroutableError:
+                raise errors.ServiceUnavailable(
+                    "the request queue does not exist on this broker/vhost: no MoltenIron "
+                    "worker has ever started here (start molteniron-worker)") from None
+            except NackError:
+                failure = "the broker refused the request (nack)"
+            except errors.ServiceUnavailable as exc:
+                failure = exc.message
+            except (AMQPError, OSError) as exc:
+                self._drop()
+                failure = f"lost RabbitMQ while sending: {_why(exc)}"
+            if self.interrupted:
+                raise errors.Interrupted()
+            if time.time() + RESEND_PAUSE >= until:
+                raise errors.ServiceUnavailable(failure)
+            time.sleep(RESEND_PAUSE)
+
+    def _publish(self, request: protocol.Request, expires_in: float | None) -> None:
         expiration = None if expires_in is None else str(max(1, int(expires_in * 1000)))
         properties = pika.BasicProperties(
             reply_to=self.reply_queue, correlation_id=request.id, delivery_mode=2,
             content_type="application/json", expiration=expiration, user_id=self.user_id)
-        try:
-            self.channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY,
-                                       request.to_body(), properties, mandatory=True)
-        except UnroutableError:
-            raise errors.ServiceUnavailable(
-                "the request queue does not exist on this broker/vhost: no MoltenIron worker "
-                "has ever started here (start molteniron-worker)") from None
-        except NackError:
-            raise errors.ServiceUnavailable("the broker refused the request (nack)") from None
-        except (AMQPError, OSError) as exc:
-            self.connection = None
-            raise self._lost(f"lost RabbitMQ while sending: {_why(exc)}") from None
+        self.channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY,
+                                   request.to_body(), properties, mandatory=True)
 
     def wait(self, request_id: str, until: float,
              on_progress: Callable[[dict | None], None] | None = None,
@@ -131,12 +184,30 @@ class MoltenIronClient:
                 remaining = until - time.time()
                 if remaining <= 0:
                     return None
-                self.connection.process_data_events(time_limit=min(remaining, 1.0))
+                try:
+                    self.connection.process_data_events(time_limit=min(remaining, 1.0))
+                except (AMQPError, OSError) as exc:
+                    self._resend_after_loss(request_id, until, exc)
                 if on_progress and not inbox:
                     on_progress(None)
-        except (AMQPError, OSError) as exc:
-            self.connection = None
-            raise self._lost(f"lost RabbitMQ while waiting: {_why(exc)}") from None
+        finally:
+            if request_id not in self.replies:
+                self.sent.pop(request_id, None)
+
+    def _resend_after_loss(self, request_id: str, until: float, exc: BaseException) -> None:
+        """The connection died while a reply was awaited: its reply queue went with it.
+        Send the same request again on another broker, so its answer comes to the new one."""
+        self._drop()
+        if self.interrupted:
+            raise errors.Interrupted()
+        entry = self.sent.get(request_id)
+        if entry is None:
+            raise self._lost(f"lost RabbitMQ while waiting: {_why(exc)}")
+        request, expires_in = entry
+        # An expiring copy lives as long as a worker is given to answer: no less than the
+        # first one did, even when little of the wait is left.
+        self.send(request, None if expires_in is None else self.timeout,
+                  until=max(until, time.time() + RESEND_PAUSE))
 
     def _lost(self, message: str) -> Exception:
         # A signal handler that raises inside pika's socket I/O comes out as a lost
@@ -154,7 +225,7 @@ class MoltenIronClient:
         timeout = timeout or self.timeout
         request = protocol.new_request(op, args)
         expires = protocol.OPERATIONS[op].expires
-        self.send(request, timeout if expires else None)
+        self.send(request, timeout if expires else None, until=time.time() + timeout)
         reply = self.wait(request.id, time.time() + timeout)
         if reply is None:
             if not expires:

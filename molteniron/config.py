@@ -22,6 +22,8 @@ SYSTEM_CONFIG = Path("/etc/molteniron/conf.yaml")
 
 @dataclass(frozen=True)
 class Config:
+    # db_url and amqp_url may name several servers (a YAML list, or comma-separated):
+    # they are kept comma-joined and tried in order (url_list splits them).
     db_url: str = "mysql+pymysql://root@127.0.0.1:3306/molteniron"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     allocate_wait: float = 3600.0    # seconds an allocate waits for nodes by default
@@ -95,8 +97,16 @@ def load_config(path: str | None = None, conf_dir: str | None = None,
     config = _validated(values, str(source or "defaults"))
     for var, key in ENV_PASSWORDS.items():
         if env.get(var):
-            config = dataclasses.replace(config, **{key: with_password(getattr(config, key), env[var])})
+            urls = [with_password(url, env[var]) for url in url_list(getattr(config, key))]
+            config = dataclasses.replace(config, **{key: ",".join(urls)})
     return config
+
+
+def url_list(value: str) -> list[str]:
+    """The URLs of a db_url or amqp_url, in the order they are tried.
+
+    A comma inside a URL (in a password, say) must be written %2C."""
+    return [url.strip() for url in value.split(",") if url.strip()]
 
 
 def with_password(url: str, password: str) -> str:
@@ -147,6 +157,8 @@ def _validated(values: dict, source: str) -> Config:
             clean[key] = None if value is None else _coerce(key, value, "str", source)
         elif key == "cleaning_command":
             clean[key] = _command(value, source)
+        elif key in ("db_url", "amqp_url"):
+            clean[key] = _urls(key, value, source)
         else:
             clean[key] = _coerce(key, value, known[key].type, source)
     config = Config(**clean)
@@ -154,6 +166,18 @@ def _validated(values: dict, source: str) -> Config:
         raise ConfigError(f"{source}: lease_seconds ({config.lease_seconds}) must not be longer "
                           f"than max_lease_seconds ({config.max_lease_seconds})")
     return config
+
+
+def _urls(key: str, value, source: str) -> str:
+    """One URL, a YAML list of them, or a comma-separated string: kept comma-joined."""
+    items = url_list(value) if isinstance(value, str) else value
+    if (not isinstance(items, list) or not items
+            or not all(isinstance(url, str) and url.strip() for url in items)):
+        raise ConfigError(f"{source}: {key} must be a URL or a list of URLs "
+                          f"(tried in order; write a comma inside a URL as %2C)")
+    if any("," in url for url in items):
+        raise ConfigError(f"{source}: a URL in {key} holds a comma: write it as %2C")
+    return ",".join(url.strip() for url in items)
 
 
 def _quotas(value, source: str) -> dict | None:

@@ -38,6 +38,33 @@ def lock_conflict(exc: BaseException) -> bool:
     return bool(getattr(orig, "args", None)) and orig.args[0] in LOCK_CONFLICTS
 
 
+# The server the connection is on cannot serve it: it died (2003 cannot connect,
+# 2006 gone away, 2013 lost during a query, 2055 lost with a system error, 1053
+# shutting down, 1927 connection killed), or it is a Galera node outside the primary
+# component (1047 "WSREP has not yet prepared node", 1180 on a commit in flight).
+# With several db_url servers, the worker moves to the next one.
+NODE_UNUSABLE = frozenset({1047, 1053, 1180, 1927, 2003, 2006, 2013, 2055})
+
+
+def node_unusable(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    return bool(getattr(orig, "args", None)) and orig.args[0] in NODE_UNUSABLE
+
+
+def causal_reads(dbapi_connection, connection_record) -> None:
+    """On a Galera node, make reads wait until the node has applied every transaction
+    committed anywhere before them (wsrep_sync_wait=1): after a failover, what the worker
+    reads must include what it committed on the node that died. Elsewhere a no-op
+    (MariaDB without Galera), or refused and ignored (a server without the variable)."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SET SESSION wsrep_sync_wait = 1")
+    except Exception:  # noqa: BLE001 - any driver's "unknown variable": nothing to do
+        pass
+    finally:
+        cursor.close()
+
+
 def create_database(db_url: str) -> None:
     """CREATE DATABASE if the URL's database does not exist (needs the right to)."""
     url = make_url(db_url)
@@ -65,4 +92,5 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
-__all__ = ["make_engine", "create_database", "migrate", "lock_conflict", "OperationalError"]
+__all__ = ["make_engine", "create_database", "migrate", "lock_conflict", "node_unusable",
+           "causal_reads", "OperationalError"]

@@ -163,7 +163,8 @@ def test_lease_keys_default_and_the_default_lease_may_not_pass_the_cap(tmp_path)
     ("lease_seconds", "0"), ("max_lease_seconds", "1.5"), ("history_retention", "-1"),
     ("prefetch", "lots"), ("prefetch", "true"), ("prefetch", 2.5), ("prefetch", "[1, 2]"),
     ("allocate_wait", "soon"), ("request_timeout", "{a: 1}"), ("tick_interval", "null"),
-    ("db_url", "5"), ("db_url", "''"), ("amqp_url", "[amqp://x]"), ("prefetch", "0"),
+    ("db_url", "5"), ("db_url", "''"), ("db_url", "', ,'"), ("amqp_url", "[]"),
+        ("amqp_url", "[5]"), ("prefetch", "0"),
     ("allocate_wait", "-1"), ("reply_retention", "0.0"),
 ])
 def test_wrong_type_or_value_names_the_key(tmp_path, key, value):
@@ -218,4 +219,29 @@ def test_log_level_accepted_in_any_case(tmp_path, level, expected):
 def test_log_level_validated(tmp_path, level):
     path = write(tmp_path / "c.yaml", f"log_level: {level}\n")
     with pytest.raises(ConfigError, match="log_level"):
+        load_config(str(path), env={})
+
+
+def test_several_servers_as_a_yaml_list_or_comma_separated_are_kept_in_order(tmp_path):
+    path = write(tmp_path / "c.yaml", "amqp_url:\n  - amqp://w@mq1/vh\n  - amqp://w@mq2/vh\n"
+                                      "db_url: mysql+pymysql://w@db1/p, mysql+pymysql://w@db2/p\n")
+    cfg = load_config(str(path), env={})
+    assert config_module.url_list(cfg.amqp_url) == ["amqp://w@mq1/vh", "amqp://w@mq2/vh"]
+    assert config_module.url_list(cfg.db_url) == ["mysql+pymysql://w@db1/p",
+                                                  "mysql+pymysql://w@db2/p"]
+    env = {"MOLTENIRON_AMQP_URL": "amqp://e@mq3/vh,amqp://e@mq4/vh"}
+    assert config_module.url_list(load_config(str(path), env=env).amqp_url) == [
+        "amqp://e@mq3/vh", "amqp://e@mq4/vh"]
+
+
+def test_a_password_override_applies_to_every_server(tmp_path):
+    path = write(tmp_path / "c.yaml", "db_url: [mysql+pymysql://w@db1/p, mysql+pymysql://w@db2/p]\n")
+    cfg = load_config(str(path), env={"MOLTENIRON_DB_PASSWORD": "a,b"})
+    urls = [make_url(url) for url in config_module.url_list(cfg.db_url)]
+    assert [(u.host, u.password) for u in urls] == [("db1", "a,b"), ("db2", "a,b")]
+
+
+def test_a_comma_inside_a_listed_url_is_refused_with_the_way_out(tmp_path):
+    path = write(tmp_path / "c.yaml", "amqp_url: ['amqp://w:p,q@mq1/vh']\n")
+    with pytest.raises(ConfigError, match="%2C"):
         load_config(str(path), env={})

@@ -33,3 +33,16 @@ def test_a_nack_sends_again_and_a_copy_sent_again_that_bounces_is_left_to_the_le
     tracker.on_return("a")
     tracker.on_confirm(1, multiple=False, ack=True)
     assert tracker.take_settled() == {"a": FORGET}
+
+
+def test_a_grant_answered_again_to_a_moved_client_is_not_undone_by_the_first_copy_bounce():
+    # The client lost its broker, sent its allocate again from a new reply queue and
+    # got the grant there; the first copy's queue died with the broker node.
+    tracker = GrantTracker()
+    sent(tracker, "in-flight", "settled")
+    tracker.on_return("settled")
+    tracker.on_confirm(2, multiple=False, ack=True)  # bounced and settled: undo, not yet written
+    tracker.regranted(["in-flight", "settled"])
+    tracker.on_return("in-flight")
+    tracker.on_confirm(1, multiple=False, ack=True)
+    assert tracker.take_settled() == {"in-flight": FORGET, "settled": FORGET}

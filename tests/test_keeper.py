@@ -317,3 +317,52 @@ def test_bad_allocate_arguments_are_400_before_any_rule_runs(owner, count):
     with pytest.raises(errors.BadRequest) as info:
         protocol.new_request("allocate", {"owner": owner, "count": count})
     assert info.value.status == 400
+
+
+# --- a client that moved to another broker of a cluster sends its request again ----------
+
+def commit_from(keeper, req, reply_to):
+    """One batch holding a copy of req sent from another reply queue."""
+    return keeper.commit([(None, Properties(reply_to, req.id), req)], [], None)
+
+
+def test_an_undone_grant_is_served_again_to_a_copy_from_another_reply_queue(keeper):
+    node = add_node(keeper, "n1")
+    first, reply = allocate(keeper, "first", 1)
+    assert reply["status"] == 200
+    commit(keeper, settled={first.id: "undo"})  # its reply queue died with a broker node
+    assert owners(keeper) == {node: None}
+    # The copy to the dead queue, redelivered, stays refused ...
+    (out,) = commit(keeper, first).outbox
+    assert out.reply["error"] == "RequestCancelled" and owners(keeper) == {node: None}
+    # ... the copy the client sent again from its new queue gets the node.
+    (out,) = commit_from(keeper, first, "new-queue").outbox
+    assert (out.reply_to, out.grant, out.reply["status"]) == ("new-queue", True, 200)
+    assert owners(keeper) == {node: "first"}
+    assert sql(keeper, "SELECT reply_to FROM grant_outbox") == [("new-queue",)]
+
+
+def test_a_waiting_allocate_sent_again_from_another_queue_is_served_there(keeper):
+    node = add_node(keeper, "n1")
+    allocate(keeper, "holder", 1)
+    waiter = wait_for(keeper, "waiter", 1)
+    (out,) = commit_from(keeper, waiter, "new-queue").outbox
+    assert (out.reply_to, out.reply["status"]) == ("new-queue", protocol.QUEUED)
+    assert sql(keeper, "SELECT reply_to FROM waiting_requests") == [("new-queue",)]
+    # The interim reply bouncing from the old queue no longer drops it.
+    commit(keeper, returned=[(reply_to_of(waiter), {"id": waiter.id, "status": protocol.QUEUED})])
+    assert waiting(keeper) == ["waiter"]
+    batch = commit(keeper, request("release", owner="holder"))
+    (grant,) = [out for out in batch.outbox if out.request_id == waiter.id]
+    assert (grant.reply_to, grant.grant) == ("new-queue", True)
+    assert owners(keeper) == {node: "waiter"}
+
+
+def test_a_grant_sent_again_to_another_queue_is_marked_regranted(keeper):
+    add_node(keeper, "n1")
+    first, _ = allocate(keeper, "first", 1)
+    batch = commit_from(keeper, first, "new-queue")
+    (out,) = batch.outbox
+    (node,) = out.reply["nodes"].values()
+    assert out.reply_to == "new-queue" and '"ipmi_password": "p"' in node["blob"]  # in full
+    assert batch.regranted == {first.id}

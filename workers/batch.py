@@ -36,6 +36,9 @@ class Batch:
     touched_pools: set[str] = field(default_factory=set)  # their waiters may be servable
     touched_nodes: set[int] = field(default_factory=set)  # changed through the ORM (keeper)
     withdrawn_grants: set[str] = field(default_factory=set)  # not to be sent (again)
+    # Grants still held whose request came again (its client moved to another broker):
+    # the replayed copy reached a live client, so an earlier copy's bounce undoes nothing.
+    regranted: set[str] = field(default_factory=set)
     reload_pool: bool = False  # a bulk statement changed nodes: reload them all
     adopted_grants: list[tuple] | None = None  # the outbox as found at takeover
 

@@ -60,6 +60,16 @@ class GrantTracker:
             if grant is not None and grant.seq is not None:
                 self.in_flight.pop(grant.seq, None)
 
+    def regranted(self, request_ids) -> None:
+        """A copy of these requests came again and was answered with the grant: a live
+        client got it, so an earlier copy's bounce must not undo it (the lease decides)."""
+        for request_id in request_ids:
+            grant = self.pending.get(request_id)
+            if grant is not None:
+                grant.maybe_routed = True
+            if self.settled.get(request_id) == UNDO:
+                self.settled[request_id] = FORGET
+
     def to_send(self) -> list[Grant]:
         return [g for g in self.pending.values() if g.seq is None]
 

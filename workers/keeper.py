@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from molteniron import compat, db, errors, pool, protocol
-from molteniron.config import Config
+from molteniron.config import Config, url_list
 from molteniron.models import EndReason, Node, WorkerMeta
 from workers import metrics
 from workers.authz import Authorizer
@@ -42,7 +42,9 @@ class PoolKeeper:
     def __init__(self, config: Config, worker_id: str):
         self.config = config
         self.worker_id = worker_id
-        self.engine = db.make_engine(config.db_url, pre_ping=False)
+        self.databases = url_list(config.db_url)  # Galera nodes, say: tried in order
+        self.database = 0  # index of the one in use
+        self.engine = self._engine()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Nodes changed through the ORM reach memory by themselves (no handler has to say so).
         event.listen(self.sessions, "after_flush", _collect_changed_nodes)
@@ -65,10 +67,32 @@ class PoolKeeper:
     def heartbeat_due(self) -> bool:
         return time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY
 
+    def _engine(self):
+        engine = db.make_engine(self.databases[self.database], pre_ping=False)
+        event.listen(engine, "connect", db.causal_reads)
+        return engine
+
+    def use_next_database(self, why: BaseException) -> bool:
+        """The server in use cannot serve (db.node_unusable): move to the next of
+        db_url's servers. False when there is no other one to move to."""
+        if len(self.databases) < 2:
+            return False
+        self.engine.dispose()
+        self.database = (self.database + 1) % len(self.databases)
+        self.engine = self._engine()
+        self.sessions.configure(bind=self.engine)
+        self.reload_needed = True  # what the other server holds is the truth now
+        log.warning("event=database_switched worker=%s to=%s reason=%r", self.worker_id,
+                    self.engine.url.render_as_string(hide_password=True),
+                    str(why).splitlines()[0][:200])
+        return True
+
     def database_answers(self) -> bool:
+        """The server serves this worker's tables. A Galera node outside the primary
+        component answers SELECT 1 but refuses any read of a table (1047)."""
         try:
             with self.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
+                conn.exec_driver_sql("SELECT epoch FROM worker_meta WHERE id = 1")
             return True
         except SQLAlchemyError:
             return False
@@ -152,9 +176,20 @@ class PoolKeeper:
                     stored: dict[str, dict]) -> tuple[dict, str]:
         started = time.perf_counter()
         previous = batch.stored_reply(request.id, stored)
+        if (previous is not None and previous.get("client_gone")
+                and previous["client_gone"] != properties.reply_to):
+            # Undone because its reply bounced from that queue. A copy with another reply
+            # queue was sent again by a client that moved to another broker and listens
+            # there: serve it afresh. (A redelivered copy to the dead queue stays refused.)
+            previous = None
+            batch.withdrawn_grants.discard(request.id)
         if previous is not None:
             reply, outcome = self._replayed(request, previous), "replayed"
-        elif request.id in self.waiters.by_request:  # redelivered while it waits
+            if request.id in self.state.granted:
+                batch.regranted.add(request.id)
+        elif request.id in self.waiters.by_request:  # redelivered, or sent again, while it waits
+            self.waiters.redirect(batch, request.id, properties.reply_to,
+                                  properties.correlation_id)
             reply, outcome = self.waiters.queued_reply(request.id), "still_waiting"
         else:
             reply, outcome = self._dispatch(batch, request, properties), "handled"
@@ -216,7 +251,7 @@ class PoolKeeper:
         except errors.MoltenIronError as exc:
             failure = exc.to_reply()
         except DBAPIError as exc:
-            if exc.connection_invalidated or db.lock_conflict(exc):
+            if exc.connection_invalidated or db.lock_conflict(exc) or db.node_unusable(exc):
                 raise  # not this request's fault: the whole batch is retried
             log.exception("event=internal_error op=%s id=%s", request.op, request.id)
             failure = {"status": 500, "error": "InternalError",
@@ -272,7 +307,7 @@ class PoolKeeper:
         request_id = reply["id"]
         waiter = self.waiters.by_request.get(request_id)
         if reply.get("status") == protocol.QUEUED and waiter and waiter.reply_to == reply_to:
-            self.waiters.cancel(batch, request_id, "its client went away")
+            self.waiters.cancel(batch, request_id, "its client went away", gone_from=reply_to)
             log.info("event=client_gone id=%s undone=waiting", request_id)
             self._serve_waiters(batch)
 
@@ -288,13 +323,16 @@ class PoolKeeper:
         """Grants the broker confirmed or returned: out of the outbox; undone if returned."""
         if not settled:
             return
-        for request_id, outcome in settled.items():
-            if outcome != UNDO:
-                continue
+        undone = [request_id for request_id, outcome in settled.items() if outcome == UNDO]
+        bounced_from = dict(batch.session.connection().exec_driver_sql(
+            f"SELECT request_id, reply_to FROM grant_outbox WHERE request_id IN "
+            f"({placeholders(undone)})", tuple(undone)).all()) if undone else {}
+        for request_id in undone:
             released = self.state.release_request(request_id, EndReason.CLIENT_GONE, batch.now)
             if released:
-                batch.store(request_id, "allocate", errors.RequestCancelled(
-                    "its client went away before the reply reached it").to_reply())
+                batch.store(request_id, "allocate", client_gone_reply(
+                    "its client went away before the reply reached it",
+                    bounced_from.get(request_id)))
                 batch.touched_pools.update(r["node_pool"] for r in released)
                 metrics.grant_undone(batch)
             log.info("event=client_gone id=%s undone=allocation nodes=%d",
@@ -313,6 +351,8 @@ class PoolKeeper:
         except SQLAlchemyError as exc:
             log.warning("event=heartbeat_failed worker=%s error=%r", self.worker_id,
                         str(exc).splitlines()[0][:200])
+            if db.node_unusable(exc):
+                self.use_next_database(exc)
 
     def _on_tick(self, batch: Batch) -> None:
         self.waiters.expire(batch)
@@ -335,6 +375,13 @@ class PoolKeeper:
                 PRUNE_CHUNK)
             if replies or history:
                 log.info("event=pruned stored_replies=%d allocations=%d", replies, history)
+
+
+def client_gone_reply(why: str, reply_to: str | None) -> dict:
+    """The stored reply of an allocate undone because its reply bounced from reply_to.
+    Not final: a copy of the request sent again with another reply queue is served
+    (see _handle_one)."""
+    return {**errors.RequestCancelled(why).to_reply(), "client_gone": reply_to or "?"}
 
 
 def _is_grant(op: str, reply: dict) -> bool:

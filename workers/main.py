@@ -9,7 +9,7 @@ import sys
 from sqlalchemy.exc import SQLAlchemyError
 
 from molteniron import db, secrets
-from molteniron.config import load_config
+from molteniron.config import load_config, url_list
 from molteniron.errors import ConfigError, NotActiveWorker
 
 EXIT_CONFIG, EXIT_DATABASE, EXIT_FENCED = 2, 4, 5
@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if not args.no_migrate:
         try:
-            db.create_database(config.db_url)
-            engine = db.make_engine(config.db_url)
-            db.migrate(engine)
-            engine.dispose()
+            _on_first_answering(config.db_url, _create_and_migrate)
         except db.OperationalError as exc:
             print(f"molteniron-worker: cannot reach the database at {_safe(config.db_url)}: "
                   f"{exc.orig}", file=sys.stderr)
@@ -118,13 +115,38 @@ def _configure_secrets(config, rotating: bool) -> None:
     log.info("event=secrets_encrypted keys=%d", len(keys))
 
 
-def _rotate_secrets(config) -> int:
-    engine = db.make_engine(config.db_url)
+def _on_first_answering(db_urls: str, action):
+    """action(url) on the first of db_url's servers that answers; the last failure if none."""
+    urls = url_list(db_urls)
+    for url in urls[:-1]:
+        try:
+            return action(url)
+        except db.OperationalError as exc:
+            if not db.node_unusable(exc):
+                raise
+            logging.getLogger(__name__).warning("event=database_unreachable url=%s error=%r",
+                                                _safe(url), str(exc.orig)[:200])
+    return action(urls[-1])
+
+
+def _create_and_migrate(url: str) -> None:
+    db.create_database(url)
+    engine = db.make_engine(url)
     try:
-        with engine.begin() as conn:
-            return secrets.rotate_stored(conn)
+        db.migrate(engine)
     finally:
         engine.dispose()
+
+
+def _rotate_secrets(config) -> int:
+    def rotate(url: str) -> int:
+        engine = db.make_engine(url)
+        try:
+            with engine.begin() as conn:
+                return secrets.rotate_stored(conn)
+        finally:
+            engine.dispose()
+    return _on_first_answering(config.db_url, rotate)
 
 
 def _check_stored_secrets(config) -> None:
@@ -133,23 +155,31 @@ def _check_stored_secrets(config) -> None:
     Otherwise every batch would fail once the worker loads the pool. A database
     that is down (or not migrated) now is the worker's to handle, not a reason to stop.
     """
-    engine = db.make_engine(config.db_url)
+    def unreadable(url: str) -> str | None:
+        engine = db.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return secrets.unreadable_stored(conn)
+        finally:
+            engine.dispose()
     try:
-        with engine.connect() as conn:
-            problem = secrets.unreadable_stored(conn)
+        problem = _on_first_answering(config.db_url, unreadable)
     except SQLAlchemyError as exc:
         logging.getLogger(__name__).warning("event=secrets_unchecked reason=%r",
                                             str(exc).splitlines()[0][:200])
         return
-    finally:
-        engine.dispose()
     if problem:
         raise ConfigError(problem)
 
 
-def _safe(url: str) -> str:
+def _safe(urls: str) -> str:
+    """db_url's servers without their passwords."""
     from sqlalchemy import make_url
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return ", ".join(make_url(url).render_as_string(hide_password=True)
+                         for url in url_list(urls))
+    except Exception:  # noqa: BLE001 - a malformed URL: never echo it, it may hold a password
+        return "db_url"
 
 
 if __name__ == "__main__":

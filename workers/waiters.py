@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from molteniron import compat, errors, pool
@@ -213,11 +213,29 @@ class Waiters:
                 probed += 1
         return probed
 
-    def cancel(self, batch: Batch, request_id: str, why: str) -> Waiter:
-        """Remove one waiter; its client gets a cancelled reply (if it still listens)."""
+    def cancel(self, batch: Batch, request_id: str, why: str,
+               gone_from: str | None = None) -> Waiter:
+        """Remove one waiter; its client gets a cancelled reply (if it still listens).
+
+        gone_from: the reply queue its reply bounced from. The stored reply says so,
+        and a copy of the request sent again with another reply queue (by a client
+        that moved to another broker) is served."""
         waiter = self.by_request[request_id]
-        self._finish(batch, waiter, errors.RequestCancelled(why).to_reply())
+        reply = errors.RequestCancelled(why).to_reply()
+        self._finish(batch, waiter, {**reply, "client_gone": gone_from} if gone_from else reply)
         return waiter
+
+    def redirect(self, batch: Batch, request_id: str, reply_to: str | None,
+                 correlation_id: str | None) -> None:
+        """A copy of a waiting allocate came with another reply queue: its client lost its
+        broker and listens there now, so that is where the nodes go."""
+        waiter = self.by_request[request_id]
+        if not reply_to or reply_to == waiter.reply_to:
+            return
+        waiter.reply_to, waiter.correlation_id = reply_to, correlation_id
+        batch.session.execute(update(WaitingRequest).where(WaitingRequest.id == waiter.row_id)
+                              .values(reply_to=reply_to, correlation_id=correlation_id))
+        self.changes += 1
 
     def holder_of(self, owner: str) -> str | None:
         """The broker user of the owner's waiting allocates (None: it waits for nothing)."""

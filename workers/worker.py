@@ -22,7 +22,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from molteniron import db, errors, protocol
-from molteniron.config import Config
+from molteniron.config import Config, url_list
 from workers import metrics, topology
 from workers.batch import Batch
 from workers.grants import Grant, GrantTracker
@@ -39,6 +39,9 @@ FAILURES_BEFORE_PROBE = 3
 # Fault injection for the crash tests: "exit-after-commit:OP" makes the worker die
 # right after committing a batch that holds OP, before it replies or acks.
 FAULT = os.environ.get("MOLTENIRON_FAULT", "")
+# First pause before reconnecting, doubled up to 5 s: short, because a cluster
+# elects a new queue leader in well under a second.
+RECONNECT_PAUSE = 0.2
 CLOSE_CONFIRM_WAIT = 5.0  # seconds a stopping worker waits to learn where its grants went
 
 
@@ -64,7 +67,9 @@ class Worker:
         self.channel = None
         self.reply_channel = None
         self.reply_seq = 0  # publish sequence number on reply_channel (confirm mode)
-        self.login = pika.URLParameters(config.amqp_url).credentials.username
+        self.brokers = url_list(config.amqp_url)  # a cluster's nodes, tried in order
+        self.broker = 0  # the one to try first: after a loss, the next one
+        self.login = pika.URLParameters(self.brokers[0]).credentials.username
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -77,11 +82,11 @@ class Worker:
             log.warning("event=authorization_off worker=%s detail=%r", self.worker_id,
                         "config admins is not set: every broker user may do everything, "
                         "delete_db included")
-        pause = 0.5
+        pause = RECONNECT_PAUSE
         while not self.stopping:
             try:
                 self._connect()
-                pause = 0.5
+                pause = RECONNECT_PAUSE
                 self._serve()
             except (AMQPConnectionError, AMQPChannelError, AMQPError, OSError) as exc:
                 if self.stopping:
@@ -99,10 +104,7 @@ class Worker:
         self.stopping = True
 
     def _connect(self) -> None:
-        params = pika.URLParameters(self.config.amqp_url)
-        params.heartbeat = 30
-        params.client_properties = {"connection_name": f"molteniron-worker {self.worker_id}"}
-        self.connection = pika.BlockingConnection(params)
+        self.connection = self._open_connection()
         self.channel = self.connection.channel()
         topology.declare(self.channel)
         self.channel.basic_qos(prefetch_count=self.config.prefetch)
@@ -118,6 +120,29 @@ class Worker:
         self.keeper.stand_by()
         log.info("event=consuming worker=%s queue=%s", self.worker_id, protocol.REQUEST_QUEUE)
 
+    def _open_connection(self) -> pika.BlockingConnection:
+        """A connection to the first broker that answers, from self.broker on."""
+        failure = None
+        for step in range(len(self.brokers)):
+            index = (self.broker + step) % len(self.brokers)
+            params = pika.URLParameters(self.brokers[index])
+            params.heartbeat = 30
+            params.connection_attempts = 1
+            params.client_properties = {"connection_name": f"molteniron-worker {self.worker_id}"}
+            try:
+                connection = pika.BlockingConnection(params)
+            except (AMQPError, OSError) as exc:
+                failure = exc
+                log.warning("event=broker_unreachable worker=%s broker=%s:%s error=%r",
+                            self.worker_id, params.host, params.port, exc)
+                continue
+            self.broker = index
+            if len(self.brokers) > 1:
+                log.info("event=broker_connected worker=%s broker=%s:%s", self.worker_id,
+                         params.host, params.port)
+            return connection
+        raise failure
+
     def _forget_connection(self) -> None:
         # Deliveries of a lost channel cannot be acked; the broker redelivers them.
         # What came back before the loss still holds: the interim replies' clients
@@ -131,6 +156,7 @@ class Worker:
         except AMQPError:
             pass
         self.connection = self.channel = self.reply_channel = None
+        self.broker += 1  # the one that failed is tried last
 
     def _close(self) -> None:
         try:
@@ -252,6 +278,7 @@ class Worker:
         if batch.adopted_grants is not None:
             self.grants.adopt(batch.adopted_grants)
         self.grants.withdraw(batch.withdrawn_grants)
+        self.grants.regranted(batch.regranted)
         metrics.batch_committed(self.keeper, requests, batch)
         for out in batch.outbox:
             body = protocol.reply_body(out.request_id, out.reply)
@@ -342,8 +369,11 @@ class Worker:
             except errors.NotActiveWorker:
                 raise
             except TRANSIENT as exc:
-                # The database is down or restarting: keep the deliveries, retry.
+                # The database is down or restarting: keep the deliveries, retry (on
+                # the next of db_url's servers if this one cannot serve).
                 self.keeper.reload_needed = True
+                if db.node_unusable(exc):
+                    self.keeper.use_next_database(exc)
                 contended = db.lock_conflict(exc)
                 if not contended:
                     failures += 1
