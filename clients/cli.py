@@ -30,7 +30,9 @@ exit codes:
   130 interrupted (Ctrl-C/SIGTERM); a waiting allocate is cancelled first
 
 configuration: --config FILE, -c DIR (DIR/conf.yaml), $MOLTENIRON_CONFIG or
-/etc/molteniron/conf.yaml; $MOLTENIRON_AMQP_URL overrides amqp_url.
+/etc/molteniron/conf.yaml; $MOLTENIRON_AMQP_URL overrides amqp_url. amqp_url may
+list a cluster's brokers (comma-separated): a request in flight when its broker
+dies is sent again to the next one.
 """
 
 

@@ -26,6 +26,7 @@ import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError, UnroutableError
 
 from molteniron import errors, protocol
+from molteniron.config import url_list
 
 MASK = "********"
 BODY_CHARS = 200  # how much of each body is shown
@@ -155,15 +156,26 @@ class DeadLetterQueue:
 
     def __init__(self, amqp_url: str, timeout: float = 30.0):
         from clients.client import _parameters
-        self.params = _parameters(amqp_url)
-        self.params.connection_attempts = 1
-        self.params.socket_timeout = min(timeout, 10.0)
+        self.brokers = [_parameters(url) for url in url_list(amqp_url)]
+        for params in self.brokers:
+            params.connection_attempts = 1
+            params.socket_timeout = min(timeout, 10.0)
+        self.params = self.brokers[0]
         self.login = getattr(self.params.credentials, "username", None)
         self.connection = None
 
     def __enter__(self) -> "DeadLetterQueue":
-        with _broker_errors(self.params):
-            self.connection = pika.BlockingConnection(self.params)
+        """Connect to the first of amqp_url's brokers that answers."""
+        for params in self.brokers:
+            self.params = params
+            try:
+                self.connection = pika.BlockingConnection(params)
+                return self
+            except (AMQPError, OSError) as exc:
+                if isinstance(exc, pika.exceptions.ProbableAccessDeniedError) \
+                        or params is self.brokers[-1]:
+                    with _broker_errors(params):
+                        raise
         return self
 
     def __exit__(self, *exc) -> None:
