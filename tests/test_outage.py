@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -82,43 +80,6 @@ def test_post_hook_passes_with_a_warning_when_the_release_stays_queued(stack, tm
 
     stack.start_worker()
     wait_until(lambda: owners(stack) == {"node-1": None}, 15, "the queued release to free the node")
-
-
-def test_post_hook_releases_and_counts_no_nodes_as_done(running, tmp_path):
-    running.cli("add_baremetal", *node_args(1))
-    running.cli("allocate", "job", "1")
-    released = run_hook(running, tmp_path, "post_hook.sh")
-    assert released.returncode == 0, released
-    assert owners(running) == {"node-1": None}
-
-    again = run_hook(running, tmp_path, "post_hook.sh")  # the pre-hook never got nodes
-    assert again.returncode == 0, again
-
-
-def test_post_hook_fails_when_the_release_is_refused(running, tmp_path):
-    result = run_hook(running, tmp_path, "post_hook.sh", MOLTENIRON_OWNER="x" * 300)
-    assert result.returncode == 2, result  # an owner name longer than any column
-
-
-def test_pre_hook_writes_the_nodes_file_readable_only_by_its_user(running, tmp_path):
-    running.cli("add_baremetal", *node_args(1))
-    nodes_file = tmp_path / "molteniron-nodes.json"
-    nodes_file.write_text("left over from an earlier build\n")
-    nodes_file.chmod(0o644)
-
-    result = run_hook(running, tmp_path, "pre_hook.sh", "1")
-    assert result.returncode == 0, result
-    assert stat.S_IMODE(nodes_file.stat().st_mode) == 0o600
-    assert "secret-1" in nodes_file.read_text()  # the IPMI password
-    assert owners(running) == {"node-1": "job"}
-
-
-def test_pre_hook_says_when_each_lease_ends(running, tmp_path):
-    """Needs the worker to put lease_expires_at in the allocate reply's nodes."""
-    running.cli("add_baremetal", *node_args(1))
-    result = run_hook(running, tmp_path, "pre_hook.sh", "1")
-    assert result.returncode == 0, result
-    assert re.search(r"node-1 is leased to job until \d{4}-\d\d-\d\dT\d\d:\d\d", result.stderr), result
 
 
 def _ignore_sigint() -> None:

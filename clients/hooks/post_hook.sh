@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # Jenkins post-build step (run it always, also on failure/abort): give the nodes back.
-# While RabbitMQ or the worker does not answer (exit 4) it tries again, for up to
-# MOLTENIRON_RELEASE_RETRY seconds (default 300). A release that is still queued then
-# takes effect when a worker comes: that is a warning, not a failed build.
+#   post_hook.sh        owner: $MOLTENIRON_OWNER, else Jenkins' $BUILD_TAG, as pre_hook.sh
+# Safe to run twice, and after a pre-hook that got nothing: an owner that holds no nodes
+# ("No nodes are owned", 404) is success. The release also cancels the owner's waiting
+# allocates. While RabbitMQ or the worker does not answer (exit 4) it tries again, for
+# up to MOLTENIRON_RELEASE_RETRY seconds (default 300). A release that is still queued
+# then takes effect when a worker comes: that is a warning and exit 0, not a failed
+# build. Anything else fails: 1 refused (e.g. 403, another broker user's owner), 2 usage
+# or configuration, 4 the broker stayed unreachable.
 set -uo pipefail
 owner=${MOLTENIRON_OWNER:-${BUILD_TAG:?set MOLTENIRON_OWNER or run under Jenkins}}
+if ! command -v molteniron > /dev/null; then
+  echo "molteniron: the molteniron command is not on PATH" >&2
+  exit 2
+fi
 retry_for=${MOLTENIRON_RELEASE_RETRY:-300}
 pause=10
 give_up_at=$((SECONDS + retry_for))
