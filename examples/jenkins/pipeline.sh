@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A CI job as one shell script: nodes from MoltenIron, the job's own step, nodes back.
+#   pipeline.sh JOB_COMMAND [ARG...]
+# e.g. MOLTENIRON_COUNT=2 pipeline.sh ./run-devstack.sh
+#
+# The job step runs in $WORKSPACE (else the current directory) and finds there what
+# pre_hook.sh wrote: molteniron-nodes.json, hardware_info and localrc (mode 600). The
+# release runs on every way out: the job step's success or failure, a pre-hook that got
+# no nodes, Ctrl-C, SIGTERM (a CI system aborting the build). Only SIGKILL skips it; the
+# lease gives the nodes back then.
+#
+# MOLTENIRON_HOOKS   folder of pre_hook.sh and post_hook.sh (default: this checkout's
+#                    clients/hooks)
+# MOLTENIRON_OWNER   owner of the nodes (default: $BUILD_TAG, else host-pid-time)
+# MOLTENIRON_COUNT, MOLTENIRON_POOL   how many nodes, of which pool (default 1, default)
+# and what the hooks read: MOLTENIRON_WAIT, MOLTENIRON_LEASE, MOLTENIRON_RELEASE_RETRY,
+# MOLTENIRON_AMQP_URL, MOLTENIRON_AMQP_PASSWORD, MOLTENIRON_CONFIG.
+# Exit code: the job step's; else the pre-hook's (3: no nodes in time); else the
+# post-hook's (a release that fails makes a passing job fail).
+set -euo pipefail
+[ $# -gt 0 ] || { echo "usage: $0 JOB_COMMAND [ARG...]" >&2; exit 2; }
+hooks=${MOLTENIRON_HOOKS:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../clients/hooks" && pwd)}
+export MOLTENIRON_OWNER=${MOLTENIRON_OWNER:-${BUILD_TAG:-$(hostname)-$$-$(date +%s)}}
+export WORKSPACE=${WORKSPACE:-$PWD}
+
+release() {
+  local status=$?
+  trap - EXIT INT TERM
+  bash "$hooks/post_hook.sh" || { local failed=$?; [ "$status" -ne 0 ] || status=$failed; }
+  exit "$status"
+}
+trap release EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+bash "$hooks/pre_hook.sh" "${MOLTENIRON_COUNT:-1}" "${MOLTENIRON_POOL:-default}"
+cd "$WORKSPACE"
+"$@"
