@@ -1,7 +1,8 @@
 """The Jenkins hooks and the examples that wire them, run as a CI job runs them.
 
 pre_hook.sh writes the nodes' facts into the workspace, post_hook.sh gives the
-nodes back on every way out; examples/jenkins/ shows three ways to wire them.
+nodes back on every way out; examples/jenkins/ shows three ways to wire them;
+docs/migrating.md's way in for an original database of the first releases.
 The outage behaviour of post_hook.sh (no worker) is in test_outage.py.
 """
 
@@ -15,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -299,3 +301,59 @@ def test_the_shell_pipeline_releases_nothing_it_did_not_get(running, tmp_path):
     assert process.returncode == 3
     assert not (tmp_path / "ran").exists()
     assert held(running) == {"node-1": "other-job"}
+
+
+# --- docs/migrating.md: an original database of the first releases ---------------
+
+def test_the_documented_view_imports_an_original_database_without_a_blob_column(running):
+    """The first releases kept hardware fields in columns: the guide's view makes them importable."""
+    from sqlalchemy import create_engine, make_url, text
+
+    from tests.conftest import TEST_DB_URL
+    guide = (ROOT / "docs" / "migrating.md").read_text()
+    (view_sql,) = re.findall(r"<<'SQL'\n(.*?)\nSQL\n", guide, re.S)
+    suffix = uuid.uuid4().hex[:8]
+    old, blob = f"molteniron_old_{suffix}", f"molteniron_blob_{suffix}"
+    server = create_engine(make_url(TEST_DB_URL).set(database=""))
+    try:
+        with server.begin() as conn:
+            conn.execute(text(f"CREATE DATABASE `{old}`"))
+            conn.execute(text(
+                f"CREATE TABLE `{old}`.Nodes (id INT AUTO_INCREMENT PRIMARY KEY, name VARCHAR(50), "
+                "ipmi_ip VARCHAR(50), ipmi_user VARCHAR(50), ipmi_password VARCHAR(50), "
+                "port_hwaddr VARCHAR(50), cpu_arch VARCHAR(50), cpus INT, ram_mb INT, disk_gb INT, "
+                "status VARCHAR(20), provisioned VARCHAR(50), timestamp TIMESTAMP NULL)"))
+            conn.execute(text(f"CREATE TABLE `{old}`.IPs (id INT AUTO_INCREMENT PRIMARY KEY, "
+                              "node_id INT, ip VARCHAR(50))"))
+            conn.execute(text(
+                f"INSERT INTO `{old}`.Nodes VALUES (7, 'old-1', '10.228.0.41', 'ADMIN', 'pw-41', "
+                "'52:54:00:00:00:41', 'ppc64el', 16, 32000, 300, 'dirty', 'old-job', NOW())"))
+            conn.execute(text(f"INSERT INTO `{old}`.IPs (node_id, ip) VALUES (7, '10.228.1.41'), "
+                              "(7, '10.228.1.42')"))
+            for statement in view_sql.replace("MoltenIronOld", old).replace(
+                    "MoltenIronBlob", blob).split(";"):
+                if statement.strip():
+                    conn.execute(text(statement))
+
+        def url(database: str) -> str:
+            return make_url(TEST_DB_URL).set(database=database).render_as_string(
+                hide_password=False)
+
+        refused = running.cli("import", "--from-original", url(old))
+        assert refused.returncode == 2 and "Unknown column 'blob'" in refused.stderr, refused
+        imported = running.cli("import", "--from-original", url(blob))
+        assert imported.returncode == 0, imported
+        (node,) = running.cli("status", "-t", "json", "--show-secrets").json["result"]
+        assert {k: node[k] for k in ("name", "ipmi_ip", "ipmi_user", "ipmi_password", "port_hwaddr",
+                                     "cpu_arch", "cpus", "ram_mb", "disk_gb", "allocation_pool",
+                                     "node_pool", "state", "owner")} == {
+            "name": "old-1", "ipmi_ip": "10.228.0.41", "ipmi_user": "ADMIN",
+            "ipmi_password": "pw-41", "port_hwaddr": "52:54:00:00:00:41", "cpu_arch": "ppc64el",
+            "cpus": 16, "ram_mb": 32000, "disk_gb": 300,
+            "allocation_pool": ["10.228.1.41", "10.228.1.42"], "node_pool": "default",
+            "state": "ready", "owner": None}
+    finally:
+        with server.begin() as conn:
+            for database in (blob, old):
+                conn.execute(text(f"DROP DATABASE IF EXISTS `{database}`"))
+        server.dispose()
