@@ -30,8 +30,9 @@ if ! cli=$(command -v molteniron); then
   echo "molteniron: the molteniron command is not on PATH" >&2
   exit 2
 fi
-# The CLI's own python has the json module for sure; plain python3 otherwise.
-python="$(dirname "$cli")/python3"
+# The CLI's own python (through a link such as /usr/local/bin/molteniron into its venv);
+# plain python3 otherwise: only the json module is needed.
+python="$(dirname "$(readlink -f "$cli")")/python3"
 [ -x "$python" ] || python=python3
 
 umask 077
