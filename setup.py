@@ -19,7 +19,8 @@ setup(
         "prometheus_client>=0.17",  # metrics_address: workers/metrics.py
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # testcontainers: MOLTENIRON_TEST_SERVICES=containers (tests/services.py), imported only then
+        "test": ["pytest>=7", "hypothesis>=6", "testcontainers[mysql,rabbitmq]>=4.15,<5"],
     },
     entry_points={
         "console_scripts": [

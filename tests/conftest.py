@@ -1,9 +1,15 @@
-"""Fixtures: a real MariaDB database (and, in tests/stack.py, RabbitMQ + worker) per test run."""
+"""Fixtures: a real MariaDB database (and, in tests/stack.py, RabbitMQ + worker) per test run.
+
+Where the services come from (the local ones, or Docker containers when
+MOLTENIRON_TEST_SERVICES=containers) is tests/services.py's choice, made once
+when the session starts.
+"""
 
 from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import make_url, text
@@ -11,37 +17,63 @@ from sqlalchemy.orm import Session
 
 from molteniron import db
 from molteniron.models import Base
+from tests import services
 
 pytest_plugins = ["tests.stack"]
 
 
+TEST_DB_URL = services.current().db_url  # the containers' URL once they are started
+HOW_TO_START_DB = services.current().db_help
 
-TEST_DB_URL = os.environ.get("MOLTENIRON_TEST_DB_URL", "mysql+pymysql://root@127.0.0.1:3306/")
-HOW_TO_START_DB = (
-    "MoltenIron's tests need a real MariaDB/MySQL at MOLTENIRON_TEST_DB_URL "
-    f"(now {TEST_DB_URL!r}). Start the local one with: mkdir -p /run/mysqld && "
-    "chown mysql:mysql /run/mysqld && start-stop-daemon --start --oknodo --background "
-    "--chuid mysql --exec /usr/sbin/mariadbd   (or point MOLTENIRON_TEST_DB_URL elsewhere)"
-)
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """Choose the services before test modules are collected (they import TEST_DB_URL)."""
+    global TEST_DB_URL, HOW_TO_START_DB
+    try:
+        chosen = services.choose(os.environ)
+    except services.ServicesUnavailable as exc:
+        raise pytest.UsageError(str(exc)) from None
+    services.use(chosen)
+    if chosen.kind == services.CONTAINERS:
+        from tests import stack
+        TEST_DB_URL, HOW_TO_START_DB = chosen.db_url, chosen.db_help
+        stack.TEST_AMQP_URL, stack.HOW_TO_START_BROKER = chosen.amqp_url, chosen.broker_help
+        # Whatever reads these later (subprocesses, modules imported by tests) sees the containers.
+        os.environ["MOLTENIRON_TEST_DB_URL"] = chosen.db_url
+        os.environ["MOLTENIRON_TEST_AMQP_URL"] = chosen.amqp_url
+
+
+def pytest_sessionfinish(session):
+    services.current().stop()
+
+
+@contextmanager
+def fresh_database(chosen: services.Services):
+    """A database of its own on the chosen server, migrated to the newest schema; dropped afterwards."""
+    name = f"molteniron_test_{uuid.uuid4().hex[:10]}"
+    url = make_url(chosen.db_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        db.create_database(url)
+    except db.OperationalError as exc:
+        pytest.fail(f"{chosen.db_help}\n(connecting said: {exc.orig})", pytrace=False)
+    engine = db.make_engine(url)
+    db.migrate(engine)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        engine = db.make_engine(make_url(url).set(database="").render_as_string(hide_password=False))
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        engine.dispose()
 
 
 @pytest.fixture(scope="session")
 def database_url():
     """A fresh database for this test run, migrated to the newest schema; dropped afterwards."""
-    name = f"molteniron_test_{uuid.uuid4().hex[:10]}"
-    url = make_url(TEST_DB_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        db.create_database(url)
-    except db.OperationalError as exc:
-        pytest.fail(f"{HOW_TO_START_DB}\n(connecting said: {exc.orig})", pytrace=False)
-    engine = db.make_engine(url)
-    db.migrate(engine)
-    engine.dispose()
-    yield url
-    engine = db.make_engine(make_url(url).set(database="").render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-    engine.dispose()
+    with fresh_database(services.current()) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

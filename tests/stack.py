@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -22,14 +22,11 @@ import pytest
 from bench.env import stop_processes
 from clients.client import MoltenIronClient
 from molteniron import protocol
+from tests import services
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_AMQP_URL = os.environ.get("MOLTENIRON_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-HOW_TO_START_BROKER = (
-    "MoltenIron's tests need a real RabbitMQ at MOLTENIRON_TEST_AMQP_URL "
-    f"(now {TEST_AMQP_URL!r}) and rabbitmqctl on PATH to make a vhost per test run. "
-    "Start the local one with: rabbitmq-server -detached"
-)
+TEST_AMQP_URL = services.current().amqp_url  # the container's URL once it is started
+HOW_TO_START_BROKER = services.current().broker_help
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -44,29 +41,39 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-def _rabbitmqctl(*args: str) -> None:
-    if shutil.which("rabbitmqctl") is None:
-        pytest.fail(HOW_TO_START_BROKER, pytrace=False)
-    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        pytest.fail(f"{HOW_TO_START_BROKER}\n(rabbitmqctl {' '.join(args)} said: "
-                    f"{done.stderr.strip() or done.stdout.strip()})", pytrace=False)
+def _rabbitmqctl(*args: str, on: services.Services | None = None) -> str:
+    """rabbitmqctl on the test run's broker (local, or inside its container); fails the test if refused."""
+    chosen = on or services.current()
+    try:
+        return chosen.rabbitmqctl(*args)
+    except services.BrokerAdminError as exc:
+        pytest.fail(f"{chosen.broker_help}\n({exc})", pytrace=False)
+
+
+@contextmanager
+def fresh_vhost(chosen: services.Services):
+    """A vhost of its own on the chosen broker, for its login; deleted afterwards."""
+    params = pika.URLParameters(chosen.amqp_url)
+    try:
+        pika.BlockingConnection(params).close()
+    except Exception as exc:  # any failure to connect means the same thing here
+        pytest.fail(f"{chosen.broker_help}\n(connecting said: {exc!r})", pytrace=False)
+    vhost = f"molteniron_test_{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", vhost, on=chosen)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, params.credentials.username, ".*", ".*", ".*",
+                     on=chosen)
+        base = chosen.amqp_url.rsplit("/", 1)[0]
+        yield f"{base}/{quote(vhost, safe='')}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost, on=chosen)
 
 
 @pytest.fixture(scope="session")
 def amqp_url():
     """A vhost of its own for this test run, on the real broker."""
-    params = pika.URLParameters(TEST_AMQP_URL)
-    try:
-        pika.BlockingConnection(params).close()
-    except Exception as exc:  # any failure to connect means the same thing here
-        pytest.fail(f"{HOW_TO_START_BROKER}\n(connecting said: {exc!r})", pytrace=False)
-    vhost = f"molteniron_test_{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, params.credentials.username, ".*", ".*", ".*")
-    base = TEST_AMQP_URL.rsplit("/", 1)[0]
-    yield f"{base}/{quote(vhost, safe='')}"
-    _rabbitmqctl("delete_vhost", vhost)
+    with fresh_vhost(services.current()) as url:
+        yield url
 
 
 class CliResult:
