@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Installs MoltenIron as a service on Debian 12 (or any systemd Linux with python3-venv):
+#   deploy/install.sh [--root DIR] [--python PY] [SOURCE] [-- PIP_OPTION...]
+# SOURCE: a source tree, a wheel, or anything pip takes (default: the tree this
+# script is in). PIP_OPTIONs go to pip, e.g. `-- --no-index --find-links /srv/wheels`.
+#
+# What goes where (README "Deploying"):
+#   /opt/molteniron                 a venv holding MoltenIron and its dependencies
+#                                   (Debian's system pip is blocked: PEP 668)
+#   /usr/local/bin/molteniron, molteniron-worker, molteniron-cleaner   links into it
+#   /etc/molteniron/conf.yaml       root:molteniron 640, written once: the kit's users,
+#                                   vhost and database on 127.0.0.1; edit it
+#   /etc/molteniron/conf.yaml.example   every key with its default (replaced each time)
+#   /etc/molteniron/environment     root:molteniron 640, the worker's secrets:
+#                                   MOLTENIRON_DB_PASSWORD, MOLTENIRON_AMQP_PASSWORD
+#   /etc/molteniron/cleaner.environment  root:molteniron 640, the cleaner's broker login
+#                                   (molteniron-admin): MOLTENIRON_AMQP_URL, _PASSWORD
+#   /etc/molteniron/secret.keys     molteniron:molteniron 600, the Fernet key that
+#                                   encrypts IPMI passwords in the database
+#   /etc/systemd/system/molteniron-worker.service, molteniron-cleaner.service
+# and the system user molteniron (no login shell, no home).
+#
+# Idempotent: run it again to upgrade. The venv is upgraded in place and the units
+# replaced (local changes belong in `systemctl edit` drop-ins); conf.yaml, the
+# environment files and secret.keys are never touched once they exist. Passwords are
+# generated on the first run: give the broker and database users the same ones
+# (README "Deploying"), or put yours in the files.
+#
+# --root DIR: install under DIR instead of / (a trial run; the tests). No user is
+# made and nothing is chowned; the venv is made in place, so its scripts, the links
+# and the paths in conf.yaml point into DIR. Only a run as root without --root
+# creates the user, sets owners and reloads systemd.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=""
+python=python3
+source=""
+pip_options=()
+usage() { echo "usage: $0 [--root DIR] [--python PY] [SOURCE] [-- PIP_OPTION...]" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) [ $# -ge 2 ] || usage; root=$(realpath -m "$2"); shift 2 ;;
+    --python) [ $# -ge 2 ] || usage; python=$2; shift 2 ;;
+    --) shift; pip_options=("$@"); break ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    -*) usage ;;
+    *) [ -z "$source" ] || usage; source=$1; shift ;;
+  esac
+done
+if [ -z "$source" ]; then
+  [ -f "$here/../setup.py" ] || { echo "install.sh: give SOURCE (a tree or a wheel)" >&2; usage; }
+  source=$(cd "$here/.." && pwd)
+fi
+[ -e "$source" ] && source=$(realpath "$source")  # else a requirement such as molteniron==2.0
+for file in conf.yaml.example molteniron-worker.service molteniron-cleaner.service; do
+  [ -f "$here/$file" ] || { echo "install.sh: $here/$file is missing" >&2; exit 2; }
+done
+
+real=false
+if [ -z "$root" ]; then
+  [ "$(id -u)" -eq 0 ] || { echo "install.sh: run as root (or --root DIR for a trial)" >&2; exit 2; }
+  real=true
+fi
+venv=$root/opt/molteniron
+etc=$root/etc/molteniron
+bin=$root/usr/local/bin
+units=$root/etc/systemd/system
+say() { echo "install.sh: $*" >&2; }
+
+# A file written only when absent (never overwrites an operator's edits or secrets).
+write_once() {  # PATH MODE OWNER:GROUP, content on stdin
+  local path=$1 mode=$2 owner=$3
+  if [ -e "$path" ]; then
+    cat >/dev/null
+    say "kept $path"
+    return
+  fi
+  (umask 077; cat >"$path.new")
+  chmod "$mode" "$path.new"
+  if $real; then chown "$owner" "$path.new"; fi
+  mv "$path.new" "$path"
+  say "wrote $path"
+}
+
+if $real && ! getent passwd molteniron >/dev/null; then
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "MoltenIron worker" molteniron
+  say "created system user molteniron"
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+    say "$python cannot make a venv: apt-get install python3-venv"; exit 2
+  fi
+  mkdir -p "$(dirname "$venv")"
+  "$python" -m venv "$venv"
+  say "made the venv $venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade "${pip_options[@]}" "$source"
+say "installed $("$venv/bin/pip" show molteniron 2>/dev/null | sed -n 's/^Version: //p') into $venv"
+
+mkdir -p "$bin"
+for command in molteniron molteniron-worker molteniron-cleaner; do
+  ln -sfn "$venv/bin/$command" "$bin/$command"
+done
+
+mkdir -p "$etc"
+chmod 750 "$etc"
+if $real; then chown root:molteniron "$etc"; fi
+install -m 644 "$here/conf.yaml.example" "$etc/conf.yaml.example"
+new_secret() { "$venv/bin/python" -I -c 'import secrets; print(secrets.token_hex(24))'; }
+
+write_once "$etc/conf.yaml" 640 root:molteniron <<EOF
+# Written by deploy/install.sh; every key with its default and what it does:
+# $etc/conf.yaml.example. The passwords are not here: the worker reads them from
+# $etc/environment, the cleaner from $etc/cleaner.environment.
+# These are the users, vhost and database of deploy/rabbitmq-definitions.json and
+# deploy/create-database.sql; point the URLs at your broker and database.
+db_url: mysql+pymysql://molteniron@127.0.0.1:3306/molteniron
+amqp_url: amqp://molteniron-worker@127.0.0.1:5672/molteniron
+admins: [molteniron-admin]
+secret_key_file: $etc/secret.keys
+# cleaning_command: /usr/local/bin/check-node --power-off   (then enable molteniron-cleaner)
+EOF
+
+write_once "$etc/environment" 640 root:molteniron <<EOF
+# The worker's secrets (EnvironmentFile= of molteniron-worker.service).
+# Generated by install.sh: give the users these passwords (README "Deploying").
+# MariaDB user molteniron:
+MOLTENIRON_DB_PASSWORD=$(new_secret)
+# RabbitMQ user molteniron-worker:
+MOLTENIRON_AMQP_PASSWORD=$(new_secret)
+EOF
+
+write_once "$etc/cleaner.environment" 640 root:molteniron <<EOF
+# The cleaner's broker login (EnvironmentFile= of molteniron-cleaner.service): an
+# admin, since a claim carries the node's IPMI password. It replaces amqp_url of
+# conf.yaml: name the same broker.
+MOLTENIRON_AMQP_URL=amqp://molteniron-admin@127.0.0.1:5672/molteniron
+# RabbitMQ user molteniron-admin (generated by install.sh):
+MOLTENIRON_AMQP_PASSWORD=$(new_secret)
+EOF
+
+# A Fernet key: 32 random bytes, urlsafe base64 (what molteniron-worker
+# --generate-secret-key prints). Back it up with the database: without it the
+# stored IPMI passwords cannot be read.
+write_once "$etc/secret.keys" 600 molteniron:molteniron < <(
+  "$venv/bin/python" -I -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())')
+
+mkdir -p "$units"
+for unit in molteniron-worker.service molteniron-cleaner.service; do
+  install -m 644 "$here/$unit" "$units/$unit"
+done
+if $real && [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+fi
+
+cat >&2 <<EOF
+install.sh: done. Next (README "Deploying"): load deploy/rabbitmq-definitions.json and
+  deploy/create-database.sql, give the users the passwords of $etc/environment and
+  $etc/cleaner.environment, then: systemctl enable --now molteniron-worker
+EOF
