@@ -129,6 +129,65 @@ def mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
 
 
+REAL_INSTALL = r"""
+set -euo pipefail
+mount --bind "$WORK/etc" /etc
+mount --bind "$WORK/opt" /opt
+mount --bind "$WORK/bin" /usr/local/bin
+# Never let a failed mount send the install to the real /etc.
+[ -e /etc/.molteniron-test-copy ] && [ -e /opt/.molteniron-test-copy ]
+bash "$INSTALL" "$SOURCE" -- --no-deps --no-index
+getent passwd molteniron
+stat -c '%n %U:%G %a' /etc/molteniron /etc/molteniron/* /opt/molteniron
+/usr/local/bin/molteniron --help >/dev/null
+"""
+
+
+def test_install_as_root_makes_the_user_and_sets_owners(installed, tmp_path):
+    """The run for real (no --root), in a private mount namespace over copies of /etc and
+    /opt, so the machine's own are never touched."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "true"],
+            capture_output=True).returncode != 0:
+        pytest.skip("no private mount namespace here (unshare -m): a real install would "
+                    "touch this machine's /etc")
+    shutil.copytree("/etc", tmp_path / "etc", symlinks=True)
+    (tmp_path / "opt").mkdir()
+    (tmp_path / "bin").mkdir()
+    for copy in ("etc", "opt"):
+        (tmp_path / copy / ".molteniron-test-copy").touch()
+    # The venv install.sh made under the temporary root, reused: given the requirement
+    # `molteniron` with --no-index, its pip finds it installed and fetches nothing.
+    shutil.copytree(installed / "opt" / "molteniron", tmp_path / "opt" / "molteniron",
+                    symlinks=True)
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "bash", "-c", REAL_INSTALL],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "WORK": str(tmp_path),
+             "INSTALL": str(DEPLOY / "install.sh"), "SOURCE": "molteniron"},
+        capture_output=True, text=True, timeout=300, cwd=tmp_path / "bin")
+    assert done.returncode == 0, done.stderr[-3000:]
+    user = done.stdout.splitlines()[0].split(":")
+    assert user[0] == "molteniron" and int(user[2]) < 1000  # a system user
+    assert user[5:] == ["/nonexistent", "/usr/sbin/nologin"]
+    owners = {path: f"{owner} {bits}" for path, owner, bits in
+              (line.split(" ") for line in done.stdout.splitlines()[1:])}
+    assert owners == {
+        "/etc/molteniron": "root:molteniron 750",
+        "/etc/molteniron/conf.yaml": "root:molteniron 640",
+        "/etc/molteniron/conf.yaml.example": "root:root 644",
+        "/etc/molteniron/environment": "root:molteniron 640",
+        "/etc/molteniron/cleaner.environment": "root:molteniron 640",
+        "/etc/molteniron/secret.keys": "molteniron:molteniron 600",
+        "/opt/molteniron": "root:root 755",
+    }, done.stdout
+    # What the units name, where the install put it.
+    assert "secret_key_file: /etc/molteniron/secret.keys" in (
+        tmp_path / "etc" / "molteniron" / "conf.yaml").read_text()
+    for unit in UNITS:
+        assert (tmp_path / "etc" / "systemd" / "system" / unit).read_text() == (
+            DEPLOY / unit).read_text()
+
+
 # --- the units --------------------------------------------------------------------
 
 
