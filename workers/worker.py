@@ -372,14 +372,15 @@ class Worker:
                 # The database is down or restarting: keep the deliveries, retry (on
                 # the next of db_url's servers if this one cannot serve).
                 self.keeper.reload_needed = True
-                if db.node_unusable(exc):
-                    self.keeper.use_next_database(exc)
                 contended = db.lock_conflict(exc)
                 if not contended:
                     failures += 1
+                # The probe asks the server that failed, before moving away from it.
                 if failures >= FAILURES_BEFORE_PROBE and self.keeper.database_answers():
                     # It answers, yet refuses this batch: the batch is the problem.
                     raise RefusedBatch(f"{type(exc.orig).__name__}: {str(exc.orig)[:300]}") from exc
+                if db.node_unusable(exc):
+                    self.keeper.use_next_database(exc)
                 log.warning("event=%s worker=%s error=%r retry_in=%.1fs",
                             "db_lock_conflict" if contended else "db_unavailable",
                             self.worker_id, str(exc).splitlines()[0][:200], pause)
