@@ -2,12 +2,14 @@
 machine's MariaDB is never touched): its db_url names the three nodes, and it keeps
 serving CI jobs when the node it writes to dies, is cut off, or loses quorum, or when a
 commit's acknowledgement is lost. Every request is applied exactly once and no CLI call
-fails. The longest pause is written to bench/results/galera-failover.json.
+fails. The longest pause is printed; with MOLTENIRON_RECORD_RESULTS=1 it is also written
+to bench/results/galera-failover.json.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -291,7 +293,8 @@ def test_killing_the_node_the_worker_writes_to_loses_no_request_and_fails_no_cal
               "jobs": 8, "calls": len(calls),
               "calls_after_kill": sum(c.started > killed_at for c in calls),
               **figures, "machine": machine()}
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    if os.environ.get("MOLTENIRON_RECORD_RESULTS"):  # a run recorded for README, not every run
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     with capsys.disabled():
         print(f"\ngalera failover, kill -9 of the writer: {json.dumps(figures)}")
 
