@@ -105,6 +105,14 @@ for command in molteniron molteniron-worker molteniron-cleaner; do
   ln -sfn "$venv/bin/$command" "$bin/$command"
 done
 
+# The Jenkins hooks (examples/jenkins use them from here: MOLTENIRON_HOOKS).
+if [ -d "$here/../clients/hooks" ]; then
+  install -d -m 755 "$venv/hooks"
+  install -m 755 "$here/../clients/hooks/pre_hook.sh" "$here/../clients/hooks/post_hook.sh" \
+    "$venv/hooks/"
+  say "installed the Jenkins hooks into $venv/hooks"
+fi
+
 mkdir -p "$etc"
 chmod 750 "$etc"
 if $real; then chown root:molteniron "$etc"; fi

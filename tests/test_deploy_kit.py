@@ -92,6 +92,10 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
                             "import clients.cli, workers.main; print(workers.main.__file__)"],
                            capture_output=True, text=True, timeout=60, cwd="/")
     assert Path(where.stdout.strip()).is_relative_to(venv), where
+    # The Jenkins examples run the hooks from MOLTENIRON_HOOKS=/opt/molteniron/hooks.
+    for hook in ("pre_hook.sh", "post_hook.sh"):
+        assert (venv / "hooks" / hook).read_bytes() == (ROOT / "clients" / "hooks" / hook).read_bytes()
+        assert mode(venv / "hooks" / hook) == 0o755
 
     assert mode(etc) == 0o750
     for name in ("conf.yaml", "environment", "cleaner.environment"):
