@@ -20,7 +20,8 @@ setup(
     ],
     extras_require={
         # testcontainers: MOLTENIRON_TEST_SERVICES=containers (tests/services.py), imported only then
-        "test": ["pytest>=7", "hypothesis>=6", "testcontainers[mysql,rabbitmq]>=4.15,<5"],
+        "test": ["pytest>=7", "hypothesis>=6", "testcontainers[mysql,rabbitmq]>=4.15,<5",
+                 "jenkins-job-builder>=6"],  # renders examples/jenkins/jjb-job.yaml in a test
     },
     entry_points={
         "console_scripts": [
