@@ -173,17 +173,21 @@ class PrivateRabbitMQ(_Private):
     switch to the rabbitmq user and the system node's cookie, env file and log.
     """
 
-    def __init__(self):
-        self.dir = Path(tempfile.mkdtemp(prefix="mi-rabbitmq-"))
-        self.node = f"mi-test-{secrets.token_hex(4)}@localhost"
+    def __init__(self, name: str | None = None, directory: Path | None = None,
+                 cookie: str | None = None):
+        """name: the node's name before @localhost; directory: its folder (made if
+        missing); cookie: its Erlang cookie (the nodes of one cluster share theirs)."""
+        self.dir = Path(tempfile.mkdtemp(prefix="mi-rabbitmq-")) if directory is None else directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.node = f"{name or 'mi-test-' + secrets.token_hex(4)}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
         self.pid_file = self.dir / "pid"
         home = self.dir / "home"
         home.mkdir()
-        cookie = home / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16).upper())
-        cookie.chmod(0o400)  # Erlang refuses a cookie others can read
+        cookie_file = home / ".erlang.cookie"
+        cookie_file.write_text(cookie or secrets.token_hex(16).upper())
+        cookie_file.chmod(0o400)  # Erlang refuses a cookie others can read
         (self.dir / "rabbitmq-env.conf").touch()  # empty: the system one sets NODENAME
         (self.dir / "conf.d").mkdir()
         (self.dir / "enabled_plugins").write_text("[].\n")
