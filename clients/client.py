@@ -140,6 +140,9 @@ class MoltenIronClient:
                     "the request queue does not exist on this broker/vhost: no MoltenIron "
                     "worker has ever started here (start molteniron-worker)") from None
             except NackError:
+                # While a cluster elects the queue's new leader, a channel that got a nack
+                # keeps getting them (RabbitMQ 3.10); a new connection gets through.
+                self._drop()
                 failure = "the broker refused the request (nack)"
             except errors.ServiceUnavailable as exc:
                 failure = exc.message

@@ -17,7 +17,8 @@ import time
 import uuid
 
 import pika
-from pika.exceptions import AMQPChannelError, AMQPConnectionError, AMQPError
+from pika.exceptions import (AMQPChannelError, AMQPConnectionError, AMQPError,
+                              ChannelClosedByBroker)
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -106,7 +107,8 @@ class Worker:
     def _connect(self) -> None:
         self.connection = self._open_connection()
         self.channel = self.connection.channel()
-        topology.declare(self.channel)
+        topology.declare_requests(self.channel)
+        self._declare_dead_letters()
         self.channel.basic_qos(prefetch_count=self.config.prefetch)
         # pika's private _impl (pika<2, bounded in setup.py): the blocking wrapper would
         # wait for each confirm, and it delays returns until after the confirm they
@@ -119,6 +121,20 @@ class Worker:
             protocol.REQUEST_QUEUE, self._on_delivery, auto_ack=False)
         self.keeper.stand_by()
         log.info("event=consuming worker=%s queue=%s", self.worker_id, protocol.REQUEST_QUEUE)
+
+    def _declare_dead_letters(self) -> None:
+        """On a channel of its own: the dead-letter queue's node may be the one that died
+        (a classic queue lives on one node), and serving must not wait for it to return."""
+        channel = self.connection.channel()
+        try:
+            topology.declare_dead_letters(channel)
+            channel.close()
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            log.warning("event=dead_letter_queue_unavailable worker=%s detail=%r", self.worker_id,
+                        f"{exc.reply_text}: until its node is back, what would be dead-lettered "
+                        "is dropped")
 
     def _open_connection(self) -> pika.BlockingConnection:
         """A connection to the first broker that answers, from self.broker on."""
