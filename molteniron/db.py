@@ -65,6 +65,20 @@ def causal_reads(dbapi_connection, connection_record) -> None:
         cursor.close()
 
 
+SERVER_STATUS_IN_TRANS = 1  # MySQL protocol: the server says a transaction is open
+
+
+def rollback_if_in_transaction(dbapi_connection, connection_record, reset_state) -> None:
+    """A pool reset (with pool_reset_on_return=None) that sends ROLLBACK only when the
+    server said a transaction is still open. After a commit it is not: SQLAlchemy's own
+    reset would cost a round trip per worker batch. A driver that does not tell
+    (no server_status) always gets the ROLLBACK."""
+    if reset_state.terminate_only:
+        return
+    if getattr(dbapi_connection, "server_status", SERVER_STATUS_IN_TRANS) & SERVER_STATUS_IN_TRANS:
+        dbapi_connection.rollback()
+
+
 def create_database(db_url: str) -> None:
     """CREATE DATABASE if the URL's database does not exist (needs the right to)."""
     url = make_url(db_url)
@@ -93,4 +107,4 @@ def migrate(engine: Engine) -> None:
 
 
 __all__ = ["make_engine", "create_database", "migrate", "lock_conflict", "node_unusable",
-           "causal_reads", "OperationalError"]
+           "causal_reads", "rollback_if_in_transaction", "OperationalError"]

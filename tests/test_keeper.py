@@ -366,3 +366,20 @@ def test_a_grant_sent_again_to_another_queue_is_marked_regranted(keeper):
     (node,) = out.reply["nodes"].values()
     assert out.reply_to == "new-queue" and '"ipmi_password": "p"' in node["blob"]  # in full
     assert batch.regranted == {first.id}
+
+
+def test_a_batch_costs_no_rollback_round_trip_and_an_open_read_is_still_rolled_back(
+        keeper, monkeypatch):
+    import pymysql.connections
+    rollbacks = []
+    real_rollback = pymysql.connections.Connection.rollback
+    monkeypatch.setattr(pymysql.connections.Connection, "rollback",
+                        lambda conn: rollbacks.append(conn) or real_rollback(conn))
+    add_node(keeper, "n1")  # reads the node's id through keeper.engine: one rollback
+    rollbacks.clear()
+    allocate(keeper, "a", 1)
+    commit(keeper, request("release", owner="a"))
+    assert rollbacks == []  # committed batches: the pool has nothing to roll back
+    with keeper.engine.connect() as conn:
+        conn.exec_driver_sql("SELECT COUNT(*) FROM nodes")  # a read opens a transaction
+    assert len(rollbacks) == 1  # not left open for the next batch to read through

@@ -68,7 +68,9 @@ class PoolKeeper:
         return time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY
 
     def _engine(self):
-        engine = db.make_engine(self.databases[self.database], pre_ping=False)
+        engine = db.make_engine(self.databases[self.database], pre_ping=False,
+                                pool_reset_on_return=None)
+        event.listen(engine.pool, "reset", db.rollback_if_in_transaction)
         event.listen(engine, "connect", db.causal_reads)
         return engine
 
@@ -91,7 +93,7 @@ class PoolKeeper:
         """The server serves this worker's tables. A Galera node outside the primary
         component answers SELECT 1 but refuses any read of a table (1047)."""
         try:
-            with self.engine.connect() as conn:
+            with self.engine.begin() as conn:
                 conn.exec_driver_sql("SELECT epoch FROM worker_meta WHERE id = 1")
             return True
         except SQLAlchemyError:
