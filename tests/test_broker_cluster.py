@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
-import time
 import uuid
 from datetime import datetime, timezone
 
@@ -25,13 +23,12 @@ from bench.soak import check_database
 from molteniron import protocol
 from tests.conftest import empty_tables
 from tests.stack import ROOT, Stack, node_args, wait_until
-# The checks of a failover run are the Galera tests' own: one copy of each rule.
-from tests.test_galera_cluster import Call, failed_calls, history_problems, nothing_owned, pauses
+from tests.failover import (Jobs, failed_calls, history_problems, nothing_owned, pauses,
+                            run_jobs_through)
 
 POOL = "brokers"
 JOBS = 9  # three start on each node: a third of the CLI calls first try the node that dies
 RESULTS = ROOT / "bench" / "results" / "broker-cluster-failover.json"
-CALL_TIMEOUT = 300  # a hung CLI call is a failure, not a hung test
 
 
 @pytest.fixture(scope="module")
@@ -99,55 +96,6 @@ def brokers(cluster, vhost, database_url, engine, tmp_path, request):
             print(f"--- worker {i} log ---\n{stack.worker_log(i)[-8000:]}")
 
 
-# --- CI jobs looping allocate/release through the real CLI ---------------------------
-
-class Jobs:
-    """`count` jobs, each looping `allocate JOB 1 POOL` / `release JOB` until stopped;
-    job i's amqp_url starts at node i % 3."""
-
-    def __init__(self, stack: ClusterStack, count: int):
-        self.stack = stack
-        self.calls: list[Call] = []
-        self.stopping = threading.Event()
-        self.owners = [f"broker-job-{i}" for i in range(count)]
-        self.threads = [threading.Thread(target=self._loop, args=(owner, stack.amqp_env(i)),
-                                         daemon=True)
-                        for i, owner in enumerate(self.owners)]
-        for thread in self.threads:
-            thread.start()
-
-    def _loop(self, owner: str, env: dict) -> None:
-        while not self.stopping.is_set():
-            for op, args in (("allocate", (owner, "1", POOL)), ("release", (owner,))):
-                started = time.time()
-                try:
-                    done = self.stack.cli(op, *args, timeout=CALL_TIMEOUT, env=env)
-                    returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
-                except subprocess.TimeoutExpired:
-                    returncode, stdout, stderr = None, "", f"no answer in {CALL_TIMEOUT}s"
-                self.calls.append(Call(owner, op, started, time.time(), returncode, stdout, stderr))
-
-    def releases_since(self, moment: float) -> dict[str, int]:
-        """Per job: releases completed by calls started after `moment`."""
-        done = {owner: 0 for owner in self.owners}
-        for call in list(self.calls):
-            if call.op == "release" and call.started > moment:
-                done[call.job] += 1
-        return done
-
-    def wait_for_cycles(self, cycles: int, since: float, timeout: float, what: str) -> None:
-        wait_until(lambda: min(self.releases_since(since).values()) >= cycles, timeout,
-                   f"{what}: every job through {cycles} allocate/release cycles "
-                   f"(so far {self.releases_since(since)})", interval=0.2)
-
-    def stop(self) -> list[Call]:
-        """Let every job finish its cycle (so it holds nothing), then return all calls."""
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=2 * CALL_TIMEOUT + 10)
-        return sorted(self.calls, key=lambda c: c.started)
-
-
 # --- the tests --------------------------------------------------------------------------
 
 def test_the_cluster_forms_and_a_survivor_leads_a_quorum_queue_after_a_kill(cluster, vhost):
@@ -194,14 +142,9 @@ def test_killing_the_leader_of_the_request_queue_loses_no_request_and_fails_no_c
     assert victim == 0
     assert brokers.worker_log(0).count("event=consuming") == 1
 
-    load = Jobs(brokers, JOBS)
-    try:
-        load.wait_for_cycles(1, 0, 120, "before the kill")
-        killed_at = time.time()
-        cluster.kill(victim)
-        load.wait_for_cycles(2, time.time(), 180, "after the kill")
-    finally:
-        calls = load.stop()
+    # Job i tries node i % 3 first: a third of the CLI calls start on the node that dies.
+    jobs = Jobs(brokers, JOBS, "broker", POOL, env_of=brokers.amqp_env)
+    calls, killed_at = run_jobs_through(brokers, jobs, lambda: cluster.kill(victim))
 
     figures = pauses(calls, killed_at)
     failed = [c for c in calls if c.returncode != 0]

@@ -138,15 +138,21 @@ def _create_and_migrate(url: str) -> None:
         engine.dispose()
 
 
-def _rotate_secrets(config) -> int:
-    def rotate(url: str) -> int:
+def _on_connection(db_urls: str, use, write: bool = False):
+    """use(connection) on the first of db_url's servers that answers; write: in a
+    transaction that commits."""
+    def run(url: str):
         engine = db.make_engine(url)
         try:
-            with engine.begin() as conn:
-                return secrets.rotate_stored(conn)
+            with engine.begin() if write else engine.connect() as conn:
+                return use(conn)
         finally:
             engine.dispose()
-    return _on_first_answering(config.db_url, rotate)
+    return _on_first_answering(db_urls, run)
+
+
+def _rotate_secrets(config) -> int:
+    return _on_connection(config.db_url, secrets.rotate_stored, write=True)
 
 
 def _check_stored_secrets(config) -> None:
@@ -155,15 +161,8 @@ def _check_stored_secrets(config) -> None:
     Otherwise every batch would fail once the worker loads the pool. A database
     that is down (or not migrated) now is the worker's to handle, not a reason to stop.
     """
-    def unreadable(url: str) -> str | None:
-        engine = db.make_engine(url)
-        try:
-            with engine.connect() as conn:
-                return secrets.unreadable_stored(conn)
-        finally:
-            engine.dispose()
     try:
-        problem = _on_first_answering(config.db_url, unreadable)
+        problem = _on_connection(config.db_url, secrets.unreadable_stored)
     except SQLAlchemyError as exc:
         logging.getLogger(__name__).warning("event=secrets_unchecked reason=%r",
                                             str(exc).splitlines()[0][:200])
