@@ -119,6 +119,26 @@ def load_stored_replies(session: Session, request_ids: list[str]) -> dict[str, d
     return {rid: json.loads(reply) for rid, reply in rows}
 
 
+def fenced_stored_replies(session: Session, request_ids: list[str]) -> tuple[int, dict[str, dict]]:
+    """(the pool's epoch, the replies already stored for these ids), in one round trip.
+
+    The epoch row is locked until the transaction ends (FOR UPDATE), so a worker taking
+    over waits for this batch, and this batch sees a takeover committed before it."""
+    query = "(SELECT NULL, epoch FROM worker_meta WHERE id = 1 FOR UPDATE)"
+    if request_ids:
+        query += (f" UNION ALL (SELECT request_id, reply FROM processed_requests "
+                  f"WHERE request_id IN ({placeholders(request_ids)}))")
+    epoch, stored = None, {}
+    for request_id, value in session.connection().exec_driver_sql(query, tuple(request_ids)):
+        if request_id is None:
+            epoch = int(value)
+        else:
+            stored[request_id] = json.loads(value)
+    if epoch is None:
+        raise LookupError("worker_meta has no row 1: the schema was not migrated")
+    return epoch, stored
+
+
 def placeholders(values) -> str:
     """%s, %s, ... for a driver-SQL IN list of these values."""
     return ", ".join(["%s"] * len(values))

@@ -22,7 +22,7 @@ from molteniron.config import Config, url_list
 from molteniron.models import EndReason, Node, WorkerMeta
 from workers import metrics
 from workers.authz import Authorizer
-from workers.batch import Batch, load_stored_replies, placeholders
+from workers.batch import Batch, fenced_stored_replies, load_stored_replies, placeholders
 from workers.cleaning import CleaningPolicy, replayed_claim
 from workers.dispatch import HANDLERS, IN_MEMORY, Context
 from workers.grants import UNDO
@@ -120,12 +120,11 @@ class PoolKeeper:
             self._mark_returned(undo)
         with self.sessions() as session:
             with session.begin():
-                taking = self._fence(session)
+                taking, stored = self._fence(session, [r.id for _, _, r in requests])
                 batch = Batch(session)
                 session.info["batch"] = batch
                 if taking is not None:
                     batch.adopted_grants = self._adopt_grants(batch)
-                stored = load_stored_replies(session, [r.id for _, _, r in requests])
                 self._settle_grants(batch, settled)
                 for reply_to, reply in returned:
                     self._undo_returned(batch, reply_to, reply)
@@ -152,15 +151,17 @@ class PoolKeeper:
                      self.worker_id, taking, len(self.waiters))
         return batch
 
-    def _fence(self, session: Session) -> int | None:
-        """Check the epoch is ours; on the first batch after standing by, take a new one."""
-        epoch = session.connection().exec_driver_sql(
-            "SELECT epoch FROM worker_meta WHERE id = 1 FOR UPDATE").scalar_one()
+    def _fence(self, session: Session, request_ids: list[str]) -> tuple[int | None, dict]:
+        """Check the epoch is ours; on the first batch after standing by, take a new one.
+        Returns (the epoch taken or None, the replies stored for request_ids): one round
+        trip for both while this worker is active."""
         if self.epoch is None:
+            epoch, _ = fenced_stored_replies(session, [])
             session.execute(update(WorkerMeta).where(WorkerMeta.id == 1).values(
                 epoch=epoch + 1, holder=self.worker_id, taken_at=pool.utcnow()))
             self._load(session)
-            return epoch + 1
+            return epoch + 1, load_stored_replies(session, request_ids)
+        epoch, stored = fenced_stored_replies(session, request_ids)
         if epoch != self.epoch:
             log.error("event=fenced worker=%s my_epoch=%d db_epoch=%d",
                       self.worker_id, self.epoch, epoch)
@@ -168,7 +169,7 @@ class PoolKeeper:
         if self.reload_needed:
             self._load(session)
             self.reload_needed = False
-        return None
+        return None, stored
 
     def _load(self, session: Session) -> None:
         self.state.load(session)
@@ -316,7 +317,7 @@ class PoolKeeper:
     def _mark_returned(self, request_ids: list[str]) -> None:
         """Write down, before undoing anything, that these grants never reached anyone."""
         with self.sessions() as session, session.begin():
-            self._fence(session)
+            self._fence(session, [])
             session.connection().exec_driver_sql(
                 f"UPDATE grant_outbox SET returned = 1 WHERE request_id IN "
                 f"({placeholders(request_ids)})", tuple(request_ids))
