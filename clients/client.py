@@ -28,7 +28,7 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-import pika
+from clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
 from molteniron import errors, protocol

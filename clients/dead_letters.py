@@ -22,7 +22,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-import pika
+from clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
 from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError, UnroutableError
 
 from molteniron import errors, protocol

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from tests.stack import NODE, node_args
+from tests.stack import NODE, ROOT, node_args
 
 
 def test_original_sequence_prints_the_original_json(running):
@@ -155,3 +157,13 @@ def test_a_bad_amqp_url_is_a_clear_error(stack):
     result = stack.cli("status")
     assert result.returncode == 2
     assert "amqp_url" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_cli_client_loads_pika_without_asyncio_and_asyncio_still_works_after():
+    # About 20 ms of every `molteniron allocate` (clients/amqp.py).
+    done = subprocess.run([sys.executable, "-c",
+                           "import sys, clients.client; print('asyncio' in sys.modules);"
+                           "import pika.adapters.asyncio_connection as a;"
+                           "print(a.AsyncioConnection.__name__)"],
+                          capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.split() == ["False", "AsyncioConnection"]
