@@ -12,9 +12,25 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+import pytest
+
 from tests.stack import Stack, wait_until
 
 CALL_TIMEOUT = 300  # a hung CLI call is a failure, not a hung test
+
+
+def running(cluster, what: str):
+    """A module fixture's body: the private cluster started, stopped afterwards; one that
+    cannot start fails the tests (never skips them), saying what could not start."""
+    try:
+        cluster.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        cluster.stop()
+        pytest.fail(f"{what} could not start: {exc}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import uuid
 from datetime import datetime, timezone
 
@@ -24,7 +23,7 @@ from molteniron import protocol
 from tests.conftest import empty_tables
 from tests.stack import ROOT, Stack, node_args, wait_until
 from tests.failover import (Jobs, failed_calls, history_problems, nothing_owned, pauses,
-                            run_jobs_through)
+                            run_jobs_through, running)
 
 POOL = "brokers"
 JOBS = 9  # three start on each node: a third of the CLI calls first try the node that dies
@@ -33,17 +32,8 @@ RESULTS = ROOT / "bench" / "results" / "broker-cluster-failover.json"
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = PrivateRabbitCluster(size=3)
-    try:
-        cluster.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        cluster.stop()
-        pytest.fail(f"a private 3-node RabbitMQ cluster (scripts in /usr/lib/rabbitmq/bin) could "
-                    f"not start beside the machine's broker: {exc}", pytrace=False)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running(PrivateRabbitCluster(size=3), "a private 3-node RabbitMQ cluster "
+                       "(scripts in /usr/lib/rabbitmq/bin) beside the machine's broker")
 
 
 @pytest.fixture

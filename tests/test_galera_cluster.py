@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,7 @@ from bench.galera_cluster import PrivateGaleraCluster
 from bench.soak import check_database
 from molteniron import db
 from tests.failover import (failed_calls, history_problems, nothing_owned, pauses,
-                            run_jobs_through)
+                            run_jobs_through, running)
 from tests.stack import ROOT, Stack, node_args, wait_until
 
 POOL = "galera"
@@ -32,17 +31,8 @@ RESULTS = ROOT / "bench" / "results" / "galera-failover.json"
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = PrivateGaleraCluster(size=3)
-    try:
-        cluster.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        cluster.stop()
-        pytest.fail(f"a private 3-node Galera cluster (galera-4, rsync, mariadbd) could not "
-                    f"start beside the machine's MariaDB: {exc}", pytrace=False)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running(PrivateGaleraCluster(size=3), "a private 3-node Galera cluster "
+                       "(galera-4, rsync, mariadbd) beside the machine's MariaDB")
 
 
 class GaleraStack(Stack):
