@@ -14,9 +14,17 @@ from typing import Callable
 
 import pytest
 
-from tests.stack import Stack, wait_until
+from tests.stack import Stack, node_args, wait_until
 
 CALL_TIMEOUT = 300  # a hung CLI call is a failure, not a hung test
+
+
+def add_nodes(stack: Stack, count: int, pool: str) -> set[str]:
+    """node-1 .. node-COUNT in pool, through the CLI; their names."""
+    for i in range(1, count + 1):
+        done = stack.cli("add_baremetal", *node_args(i, pool))
+        assert done.returncode == 0, done
+    return {f"node-{i}" for i in range(1, count + 1)}
 
 
 def running(cluster, what: str):

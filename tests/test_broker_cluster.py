@@ -21,9 +21,9 @@ from bench.rabbit_cluster import PrivateRabbitCluster
 from bench.soak import check_database
 from molteniron import protocol
 from tests.conftest import empty_tables
-from tests.stack import ROOT, Stack, node_args, wait_until
-from tests.failover import (Jobs, failed_calls, history_problems, nothing_owned, pauses,
-                            run_jobs_through, running)
+from tests.failover import (Jobs, add_nodes, failed_calls, history_problems, nothing_owned,
+                            pauses, run_jobs_through, running)
+from tests.stack import ROOT, Stack, wait_until
 
 POOL = "brokers"
 JOBS = 9  # three start on each node: a third of the CLI calls first try the node that dies
@@ -68,10 +68,7 @@ class ClusterStack(Stack):
         return connection, connection.channel()
 
     def add_nodes(self, count: int) -> set[str]:
-        for i in range(1, count + 1):
-            done = self.cli("add_baremetal", *node_args(i, POOL))
-            assert done.returncode == 0, done
-        return {f"node-{i}" for i in range(1, count + 1)}
+        return add_nodes(self, count, POOL)
 
 
 @pytest.fixture

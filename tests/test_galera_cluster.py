@@ -21,9 +21,9 @@ from bench.env import machine
 from bench.galera_cluster import PrivateGaleraCluster
 from bench.soak import check_database
 from molteniron import db
-from tests.failover import (failed_calls, history_problems, nothing_owned, pauses,
+from tests.failover import (add_nodes, failed_calls, history_problems, nothing_owned, pauses,
                             run_jobs_through, running)
-from tests.stack import ROOT, Stack, node_args, wait_until
+from tests.stack import ROOT, Stack, wait_until
 
 POOL = "galera"
 RESULTS = ROOT / "bench" / "results" / "galera-failover.json"
@@ -64,10 +64,7 @@ class GaleraStack(Stack):
         return wait_until(single, 60, "the worker's connections on exactly one node")[0]
 
     def add_nodes(self, count: int) -> set[str]:
-        for i in range(1, count + 1):
-            done = self.cli("add_baremetal", *node_args(i, POOL))
-            assert done.returncode == 0, done
-        return {f"node-{i}" for i in range(1, count + 1)}
+        return add_nodes(self, count, POOL)
 
 
 @pytest.fixture
