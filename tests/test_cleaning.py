@@ -46,6 +46,14 @@ def clean_once(stack, env: dict) -> tuple[int, dict, str]:
     return done.returncode, json.loads(stdout.strip().splitlines()[-1]), stderr
 
 
+def dirty_node(stack, env: dict) -> None:
+    """A worker with env's cleaning_command, and node-1 released by a job: dirty."""
+    stack.start_worker(env=env)
+    stack.cli("add_baremetal", *node_args(1))
+    stack.cli("allocate", "job", "1")
+    stack.cli("release", "job")
+
+
 def nodes(stack):
     return stack.sql("SELECT name, state, maintenance_reason FROM nodes ORDER BY id")
 
@@ -110,10 +118,7 @@ def test_a_failing_command_puts_the_node_in_maintenance_with_why(stack, tmp_path
     command = script(tmp_path, "fail.sh", 'echo "checking BMC" >&2\necho "BMC unreachable" >&2\n'
                                           "exit 3\n")
     env = config(tmp_path, command)
-    stack.start_worker(env=env)
-    stack.cli("add_baremetal", *node_args(1))
-    stack.cli("allocate", "job", "1")
-    stack.cli("release", "job")
+    dirty_node(stack, env)
 
     code, outcome, _ = clean_once(stack, env)
     assert code == 0 and outcome["state"] == "maintenance", outcome
@@ -127,10 +132,7 @@ def test_a_failing_command_puts_the_node_in_maintenance_with_why(stack, tmp_path
 def test_a_command_past_cleaning_timeout_is_killed(stack, tmp_path):
     command = script(tmp_path, "slow.sh", "sleep 30\n")
     env = config(tmp_path, command, timeout=2)
-    stack.start_worker(env=env)
-    stack.cli("add_baremetal", *node_args(1))
-    stack.cli("allocate", "job", "1")
-    stack.cli("release", "job")
+    dirty_node(stack, env)
 
     code, outcome, _ = clean_once(stack, env)
     assert code == 0 and outcome["state"] == "maintenance", outcome
@@ -146,10 +148,7 @@ def test_a_cleaner_killed_mid_clean_leaves_a_claim_that_lapses(stack, tmp_path):
                      f'if [ -e "{started}" ]; then exit 0; fi\n'
                      f'echo $$ > "{pidfile}"; touch "{started}"; exec sleep 60\n')
     env = config(tmp_path, command, timeout=2)
-    stack.start_worker(env=env)
-    stack.cli("add_baremetal", *node_args(1))
-    stack.cli("allocate", "job", "1")
-    stack.cli("release", "job")
+    dirty_node(stack, env)
 
     first = cleaner(stack, env, "--once", "--name", "first")
     try:
