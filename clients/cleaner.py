@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from molteniron import errors
+from molteniron import errors, protocol
 from molteniron.config import load_config
 
 log = logging.getLogger("molteniron.cleaner")
@@ -157,8 +157,7 @@ def _interrupt(signum, frame):
 
 
 def _fail(exc: errors.MoltenIronError, code: int) -> int:
-    print(json.dumps({k: v for k, v in (exc.reply or exc.to_reply()).items()
-                      if k not in ("v", "id")}))
+    print(json.dumps(protocol.without_envelope(exc.reply or exc.to_reply())))
     print(f"molteniron-cleaner: {exc.message}", file=sys.stderr)
     return code
 

@@ -366,7 +366,7 @@ class _Progress:
 
 def _fail(exc: errors.MoltenIronError, args) -> int:
     reply = exc.reply or exc.to_reply()
-    print(json.dumps(_without_envelope(reply)))
+    print(json.dumps(protocol.without_envelope(reply)))
     print(f"molteniron: {exc.message}", file=sys.stderr)
     if exc.reply is None and isinstance(exc, (errors.BadRequest, errors.ConfigError)):
         return EXIT_USAGE  # refused here, before anything was sent
@@ -380,16 +380,12 @@ def _fail(exc: errors.MoltenIronError, args) -> int:
 
 
 def _print(reply: dict, output: str) -> None:
-    reply = _without_envelope(reply)
+    reply = protocol.without_envelope(reply)
     if output == "result" and "result" in reply:
         result = reply["result"]
         print(result if isinstance(result, str) else json.dumps(result))
     else:
         print(json.dumps(reply))
-
-
-def _without_envelope(reply: dict) -> dict:
-    return {k: v for k, v in reply.items() if k not in ("v", "id")}
 
 
 ALLOCATE_OPTIONS = ("arch", "min_cpus", "min_ram_mb", "min_disk_gb", "tags", "priority")

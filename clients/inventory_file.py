@@ -14,12 +14,11 @@ from typing import Any
 import yaml
 
 from molteniron import errors
+from molteniron.compat import HARDWARE_FIELDS
 
 HEADER = ("# MoltenIron inventory: `molteniron import FILE` adds or updates these nodes by name.\n"
           "# ipmi_password ******** keeps the stored password; state applies only ready or\n"
           "# maintenance, and only to nodes that are not allocated.\n")
-HARDWARE_KEYS = ("ipmi_user", "ipmi_password", "port_hwaddr", "cpu_arch", "cpus", "ram_mb",
-                 "disk_gb")
 
 
 # --- YAML ----------------------------------------------------------------------
@@ -140,10 +139,10 @@ def from_original(nodes: list[dict], ips: list[tuple]) -> tuple[dict, list[str]]
             raise errors.BadRequest(f"--from-original: Nodes id {row['id']} ({row['name']}): "
                                     "blob is not a JSON object")
         entry = {"name": row["name"], "ipmi_ip": row["ipmi_ip"],
-                 **{key: blob[key] for key in HARDWARE_KEYS if key in blob},
+                 **{key: blob[key] for key in HARDWARE_FIELDS if key in blob},
                  "allocation_pool": pools.get(row["id"], []),
                  "node_pool": row["node_pool"] or "default",
-                 "extra": {k: v for k, v in blob.items() if k not in HARDWARE_KEYS},
+                 "extra": {k: v for k, v in blob.items() if k not in HARDWARE_FIELDS},
                  "state": "ready"}
         entry.setdefault("ipmi_password", "")
         entries.append(entry)

@@ -272,6 +272,11 @@ def reply_body(request_id: str | None, reply: dict) -> bytes:
     return json.dumps({**reply, "v": VERSION, "id": request_id}).encode()
 
 
+def without_envelope(reply: dict) -> dict:
+    """A reply as the CLI prints it: without what reply_body added."""
+    return {k: v for k, v in reply.items() if k not in ("v", "id")}
+
+
 def _is_uuid(text: str) -> bool:
     """Only the canonical form: the id is a key, so '{...}' or 'urn:uuid:...' would be another."""
     try:
