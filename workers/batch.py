@@ -109,16 +109,6 @@ class Batch:
                 f"({placeholders(self.withdrawn_grants)})", tuple(self.withdrawn_grants))
 
 
-def load_stored_replies(session: Session, request_ids: list[str]) -> dict[str, dict]:
-    """Replies already stored for any of these ids (one query for a whole batch)."""
-    if not request_ids:
-        return {}
-    rows = session.connection().exec_driver_sql(
-        f"SELECT request_id, reply FROM processed_requests WHERE request_id IN "
-        f"({placeholders(request_ids)})", tuple(request_ids))
-    return {rid: json.loads(reply) for rid, reply in rows}
-
-
 def fenced_stored_replies(session: Session, request_ids: list[str]) -> tuple[int, dict[str, dict]]:
     """(the pool's epoch, the replies already stored for these ids), in one round trip.
 

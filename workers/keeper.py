@@ -22,14 +22,14 @@ from molteniron.config import Config, url_list
 from molteniron.models import EndReason, Node, WorkerMeta
 from workers import metrics
 from workers.authz import Authorizer
-from workers.batch import Batch, fenced_stored_replies, load_stored_replies, placeholders
+from workers.batch import Batch, fenced_stored_replies, placeholders
 from workers.cleaning import CleaningPolicy, replayed_claim
 from workers.dispatch import HANDLERS, IN_MEMORY, Context
 from workers.grants import UNDO
 from workers.leases import LeasePolicy
 from workers.quotas import Quotas
 from workers.state import PoolState
-from workers.waiters import Waiters
+from workers.waiters import Waiters, client_gone_reply
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,13 @@ class PoolKeeper:
     def _fence(self, session: Session, request_ids: list[str]) -> tuple[int | None, dict]:
         """Check the epoch is ours; on the first batch after standing by, take a new one.
         Returns (the epoch taken or None, the replies stored for request_ids): one round
-        trip for both while this worker is active."""
+        trip for both."""
+        epoch, stored = fenced_stored_replies(session, request_ids)
         if self.epoch is None:
-            epoch, _ = fenced_stored_replies(session, [])
             session.execute(update(WorkerMeta).where(WorkerMeta.id == 1).values(
                 epoch=epoch + 1, holder=self.worker_id, taken_at=pool.utcnow()))
             self._load(session)
-            return epoch + 1, load_stored_replies(session, request_ids)
-        epoch, stored = fenced_stored_replies(session, request_ids)
+            return epoch + 1, stored
         if epoch != self.epoch:
             log.error("event=fenced worker=%s my_epoch=%d db_epoch=%d",
                       self.worker_id, self.epoch, epoch)
@@ -378,13 +377,6 @@ class PoolKeeper:
                 PRUNE_CHUNK)
             if replies or history:
                 log.info("event=pruned stored_replies=%d allocations=%d", replies, history)
-
-
-def client_gone_reply(why: str, reply_to: str | None) -> dict:
-    """The stored reply of an allocate undone because its reply bounced from reply_to.
-    Not final: a copy of the request sent again with another reply queue is served
-    (see _handle_one)."""
-    return {**errors.RequestCancelled(why).to_reply(), "client_gone": reply_to or "?"}
 
 
 def _is_grant(op: str, reply: dict) -> bool:

@@ -221,8 +221,8 @@ class Waiters:
         and a copy of the request sent again with another reply queue (by a client
         that moved to another broker) is served."""
         waiter = self.by_request[request_id]
-        reply = errors.RequestCancelled(why).to_reply()
-        self._finish(batch, waiter, {**reply, "client_gone": gone_from} if gone_from else reply)
+        self._finish(batch, waiter, client_gone_reply(why, gone_from) if gone_from
+                     else errors.RequestCancelled(why).to_reply())
         return waiter
 
     def redirect(self, batch: Batch, request_id: str, reply_to: str | None,
@@ -301,6 +301,13 @@ class Waiters:
 
 
 OVER_QUOTA = "over_quota"
+
+
+def client_gone_reply(why: str, reply_to: str | None) -> dict:
+    """The stored reply of an allocate undone because its reply bounced from reply_to.
+    Not final: a copy of the request sent again with another reply queue is served
+    (PoolKeeper._handle_one)."""
+    return {**errors.RequestCancelled(why).to_reply(), "client_gone": reply_to or "?"}
 
 
 def _timed_out(waiter: Waiter) -> dict:
