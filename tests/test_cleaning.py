@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.private import process_gone
 from molteniron import errors
 from tests.stack import ROOT, node_args, wait_until
 
@@ -130,15 +131,17 @@ def test_a_failing_command_puts_the_node_in_maintenance_with_why(stack, tmp_path
 
 
 def test_a_command_past_cleaning_timeout_is_killed(stack, tmp_path):
-    command = script(tmp_path, "slow.sh", "sleep 30\n")
+    child = tmp_path / "child.pid"
+    # The shell runs sleep as a child of its own: killing only the shell would leave it.
+    command = script(tmp_path, "slow.sh", f'sleep 30 & echo $! > "{child}"; wait\n')
     env = config(tmp_path, command, timeout=2)
     dirty_node(stack, env)
 
     code, outcome, _ = clean_once(stack, env)
     assert code == 0 and outcome["state"] == "maintenance", outcome
     assert nodes(stack) == [("node-1", "maintenance", "cleaning failed: timed out after 2s")]
-    sleeping = subprocess.run(["pgrep", "-f", command], capture_output=True, text=True)
-    assert sleeping.stdout == "", "the timed-out command was left running"
+    wait_until(lambda: process_gone(int(child.read_text())), 5,
+               "the timed-out command's child to be killed with it")
 
 
 def test_a_cleaner_killed_mid_clean_leaves_a_claim_that_lapses(stack, tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -13,18 +13,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import pika
 import pytest
 
+from bench.private import free_port
 from molteniron import protocol
 from molteniron.config import load_config
 from molteniron.errors import ConfigError
 from tests.stack import node_args, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def metrics_config(tmp_path: Path, name: str, port: int | None) -> dict:
@@ -79,6 +74,7 @@ def test_node_and_waiter_gauges_match_the_cli(stack, tmp_path):
                                                  (("role", "standby"),): 0}
     assert samples["molteniron_epoch"][()] >= 1
 
+    before_wait = time.monotonic()
     waiter = stack.cli_start("allocate", "job-2", "1", "--wait", "60")
     wait_until(lambda: stack.cli("waiting").json["waiting"], 15, "job-2 to wait")
 
@@ -88,7 +84,8 @@ def test_node_and_waiter_gauges_match_the_cli(stack, tmp_path):
     samples = wait_until(waiters_gauge, 15, "the waiters gauge")
     rows = stack.cli("waiting").json["waiting"]
     assert samples["molteniron_waiters"] == {(("pool", "default"),): len(rows)}
-    assert samples["molteniron_oldest_waiter_age_seconds"][(("pool", "default"),)] >= 0
+    age = samples["molteniron_oldest_waiter_age_seconds"][(("pool", "default"),)]
+    assert 0 <= age <= time.monotonic() - before_wait + 1
 
     assert stack.cli("release", "job-1").returncode == 0
     assert waiter.result().returncode == 0  # node-1 went to job-2

@@ -87,8 +87,11 @@ def test_a_quota_makes_its_user_wait_without_keeping_nodes_from_others(stack, us
     too_big = stack.cli("allocate", "a-3", "2", env=alice)
     assert too_big.returncode == 1 and too_big.json["status"] == 409, too_big
     assert "quota" in too_big.json["message"]
-    stack.cli("release", "b-1", env=bob)
-    assert over.process.poll() is None  # nodes are free, but alice is at her quota
+    assert stack.cli("release", "b-1", env=bob).returncode == 0
+    # Nodes are free, but alice is at her quota: committed before the release answered.
+    assert waiting_owners(stack) == ["a-2"]
+    assert stack.sql("SELECT owner FROM allocations WHERE ended_at IS NULL") == [("a-1",)]
+    assert over.process.poll() is None
 
     stack.cli("release", "a-1", env=alice)
 
