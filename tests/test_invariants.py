@@ -30,7 +30,6 @@ from molteniron.models import Base, Node
 from tests.conftest import empty_tables
 from workers import keeper as keeper_module
 from workers.batch import Batch
-from workers.state import PoolState
 
 SEED = 20240517
 BATCHES = 400
@@ -212,11 +211,9 @@ def commit(keeper, requests, returned, settled):
     return keeper.commit(items, list(returned), dict(settled))
 
 
-REAL_FLUSH = PoolState.flush
-
-
-def flush_then_fail(self, session, now):
-    REAL_FLUSH(self, session, now)
+def writes_then_fail(self):
+    """Batch.commit broken after its writes reached the database, before the COMMIT."""
+    self.send_writes()
     raise InjectedFailure("the transaction broke after the pool's writes")
 
 
@@ -380,7 +377,7 @@ def test_random_batches_keep_memory_and_database_consistent(
             try:
                 with monkeypatch.context() as patch:
                     if failure == "flush":
-                        patch.setattr(PoolState, "flush", flush_then_fail)
+                        patch.setattr(Batch, "commit", writes_then_fail)
                     batch = commit(active, requests, returned, settled)
             except (InjectedFailure, DBAPIError) as exc:
                 assert failure is not None, f"step {step}: {exc!r}"

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from molteniron import db
 from molteniron.compat import reply_without_secrets
 from molteniron.pool import utcnow
 from molteniron.protocol import reply_body
@@ -41,16 +42,35 @@ class Batch:
     regranted: set[str] = field(default_factory=set)
     reload_pool: bool = False  # a bulk statement changed nodes: reload them all
     adopted_grants: list[tuple] | None = None  # the outbox as found at takeover
+    writes: list[tuple[str, tuple | None]] = field(default_factory=list)  # not sent yet
 
     def mark(self) -> tuple:
         """What rollback_to needs to undo one request's additions."""
         return (len(self.outbox), dict(self.to_store), set(self.touched_pools),
-                set(self.touched_nodes), set(self.withdrawn_grants))
+                set(self.touched_nodes), set(self.withdrawn_grants), len(self.writes))
 
     def rollback_to(self, mark: tuple) -> None:
         (outbox_len, self.to_store, self.touched_pools, self.touched_nodes,
-         self.withdrawn_grants) = mark
+         self.withdrawn_grants, writes_len) = mark
         del self.outbox[outbox_len:]
+        del self.writes[writes_len:]
+
+    def write(self, statement: str, params: tuple | None = None) -> None:
+        """A driver-SQL write of this transaction, sent later with the others: all of them
+        in one round trip, with the COMMIT (commit) or before the ORM reads (send_writes)."""
+        self.writes.append((statement, params))
+
+    def send_writes(self) -> None:
+        """Send the writes so far: what the ORM reads next must include them."""
+        if self.writes:
+            writes, self.writes = self.writes, []
+            db.run_statements(self.session.connection(), writes)
+
+    def commit(self) -> None:
+        """The writes left and the COMMIT, in one round trip (db.run_statements)."""
+        self.session.flush()  # nothing the ORM holds may come after the COMMIT
+        writes, self.writes = self.writes, []
+        db.run_statements(self.session.connection(), writes, commit=True)
 
     def reply(self, reply_to: str | None, correlation_id: str | None,
               request_id: str | None, reply: dict, mandatory: bool = True,
@@ -91,22 +111,23 @@ class Batch:
 
     def write_stored(self) -> None:
         """Write this batch's stored replies and grants, a statement each (driver SQL: hot path)."""
-        sql = self.session.connection().exec_driver_sql
         if self.to_store:
-            sql("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
-                "VALUES (%s, %s, %s, %s) ON DUPLICATE KEY UPDATE "
-                "reply = VALUES(reply), processed_at = VALUES(processed_at)",
-                [(rid, op, json.dumps(reply), self.now) for rid, (op, reply) in self.to_store.items()])
+            rows, params = values([(rid, op, json.dumps(reply), self.now)
+                                   for rid, (op, reply) in self.to_store.items()])
+            self.write("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
+                       f"VALUES {rows} ON DUPLICATE KEY UPDATE "
+                       "reply = VALUES(reply), processed_at = VALUES(processed_at)", params)
         grants = self.grants()
         if grants:
-            sql("INSERT INTO grant_outbox (request_id, reply_to, correlation_id, reply, created_at) "
-                "VALUES (%s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE reply = VALUES(reply)",
-                [(g.request_id, g.reply_to, g.correlation_id,
-                  reply_body(g.request_id, self._stored_copy(g)).decode(), self.now)
-                 for g in grants])
+            rows, params = values([(g.request_id, g.reply_to, g.correlation_id,
+                                    reply_body(g.request_id, self._stored_copy(g)).decode(),
+                                    self.now) for g in grants])
+            self.write("INSERT INTO grant_outbox (request_id, reply_to, correlation_id, reply, "
+                       f"created_at) VALUES {rows} ON DUPLICATE KEY UPDATE reply = VALUES(reply)",
+                       params)
         if self.withdrawn_grants:
-            sql(f"DELETE FROM grant_outbox WHERE request_id IN "
-                f"({placeholders(self.withdrawn_grants)})", tuple(self.withdrawn_grants))
+            self.write(f"DELETE FROM grant_outbox WHERE request_id IN "
+                       f"({placeholders(self.withdrawn_grants)})", tuple(self.withdrawn_grants))
 
 
 def fenced_stored_replies(session: Session, request_ids: list[str]) -> tuple[int, dict[str, dict]]:
@@ -132,3 +153,9 @@ def fenced_stored_replies(session: Session, request_ids: list[str]) -> tuple[int
 def placeholders(values) -> str:
     """%s, %s, ... for a driver-SQL IN list of these values."""
     return ", ".join(["%s"] * len(values))
+
+
+def values(rows: list[tuple]) -> tuple[str, tuple]:
+    """(%s, %s), (%s, %s) ... and the flat parameters: rows for one INSERT's VALUES."""
+    one = f"({placeholders(rows[0])})"
+    return ", ".join([one] * len(rows)), tuple(v for row in rows for v in row)

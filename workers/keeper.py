@@ -69,7 +69,7 @@ class PoolKeeper:
 
     def _engine(self):
         engine = db.make_engine(self.databases[self.database], pre_ping=False,
-                                pool_reset_on_return=None)
+                                joined_statements=True, pool_reset_on_return=None)
         event.listen(engine.pool, "reset", db.rollback_if_in_transaction)
         event.listen(engine, "connect", db.causal_reads)
         return engine
@@ -142,8 +142,9 @@ class PoolKeeper:
                 if ticked:
                     self._on_tick(batch)
                 self._serve_waiters(batch)
-                self.state.flush(session, batch.now)
+                self.state.flush(session, batch.now, batch.write)
                 batch.write_stored()
+                batch.commit()  # its writes and the COMMIT: one round trip
         if taking is not None:
             self.epoch = taking
             self.last_heartbeat = 0.0  # say at the next tick that this worker is active now
@@ -238,13 +239,16 @@ class PoolKeeper:
                 return handler(context, request)
             except errors.MoltenIronError as exc:
                 return exc.to_reply()
-        self.state.flush(batch.session, batch.now)  # the ORM must see this batch's changes
+        # The ORM must see this batch's changes.
+        self.state.flush(batch.session, batch.now, batch.write)
+        batch.send_writes()
         mark = batch.mark()
         changes = self.waiters.changes
         savepoint = batch.session.begin_nested()
         memory_touched = False  # handlers check before changing; the refresh changes memory
         try:
             reply = handler(context, request)
+            batch.send_writes()
             batch.session.flush()  # so that _collect_changed_nodes sees every change
             memory_touched = True
             self._absorb_orm_changes(batch)
@@ -339,9 +343,8 @@ class PoolKeeper:
                 metrics.grant_undone(batch)
             log.info("event=client_gone id=%s undone=allocation nodes=%d",
                      request_id, len(released))
-        batch.session.connection().exec_driver_sql(
-            f"DELETE FROM grant_outbox WHERE request_id IN ({placeholders(settled)})",
-            tuple(settled))
+        batch.write(f"DELETE FROM grant_outbox WHERE request_id IN ({placeholders(settled)})",
+                    tuple(settled))
         self._serve_waiters(batch)
 
     def standby_heartbeat(self) -> None:

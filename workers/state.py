@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from molteniron import errors, pool
 from molteniron.models import EndReason, Node, State
-from workers.batch import placeholders
+from workers.batch import placeholders, values
 from workers.constraints import ANY, Constraints
 
 
@@ -223,15 +223,17 @@ class PoolState:
 
     # --- writing ----------------------------------------------------------------
 
-    def flush(self, session: Session, now: datetime) -> None:
+    def flush(self, session: Session, now: datetime, write=None) -> None:
         """Write what changed since the last flush: a few statements for any number of changes.
 
         Plain driver SQL: this runs once per batch on the hot path, where building
-        SQLAlchemy statements cost more than the database round trips.
+        SQLAlchemy statements cost more than the database round trips. write(sql,
+        params) runs each statement (the worker's Batch.write defers them to its
+        COMMIT); by default they run at once.
         """
         if not (self._node_writes or self._to_close or self._lease_writes):
             return
-        sql = session.connection().exec_driver_sql
+        sql = write or session.connection().exec_driver_sql
         for reason, node_ids in self._to_close.items():
             if node_ids:
                 sql(f"UPDATE allocations SET ended_at = %s, end_reason = %s "
@@ -243,8 +245,9 @@ class PoolState:
                 # must show its holders in order (ids break the tie of equal times).
                 for r in [*self._closed_in_batch, *self._opened.values()]]
         if rows:
+            rows_sql, params = values(rows)
             sql("INSERT INTO allocations (node_id, node_name, owner, user, request_id, "
-                "started_at, ended_at, end_reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", rows)
+                f"started_at, ended_at, end_reason) VALUES {rows_sql}", params)
         for after in (State.READY, State.DIRTY, State.MAINTENANCE):
             freed = [i for i, (state, _, _) in self._node_writes.items() if state == after]
             if freed:

@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from molteniron import compat, errors, pool
@@ -233,8 +233,8 @@ class Waiters:
         if not reply_to or reply_to == waiter.reply_to:
             return
         waiter.reply_to, waiter.correlation_id = reply_to, correlation_id
-        batch.session.execute(update(WaitingRequest).where(WaitingRequest.id == waiter.row_id)
-                              .values(reply_to=reply_to, correlation_id=correlation_id))
+        batch.write("UPDATE waiting_requests SET reply_to = %s, correlation_id = %s "
+                    "WHERE id = %s", (reply_to, correlation_id, waiter.row_id))
         self.changes += 1
 
     def holder_of(self, owner: str) -> str | None:
@@ -264,7 +264,7 @@ class Waiters:
                 for place, w in enumerate(queue.ordered(), 1)]
 
     def _finish(self, batch: Batch, waiter: Waiter, reply: dict, grant: bool = False) -> None:
-        batch.session.execute(delete(WaitingRequest).where(WaitingRequest.id == waiter.row_id))
+        batch.write("DELETE FROM waiting_requests WHERE id = %s", (waiter.row_id,))
         batch.store(waiter.request_id, "allocate", reply)
         batch.reply(waiter.reply_to, waiter.correlation_id, waiter.request_id, reply, grant=grant)
         queue = self.by_pool[waiter.node_pool]
