@@ -383,3 +383,40 @@ def test_a_batch_costs_no_rollback_round_trip_and_an_open_read_is_still_rolled_b
     with keeper.engine.connect() as conn:
         conn.exec_driver_sql("SELECT COUNT(*) FROM nodes")  # a read opens a transaction
     assert len(rollbacks) == 1  # not left open for the next batch to read through
+
+
+# --- quotas: a user's release serves that user's waiters in every pool -----------------
+
+def test_a_release_under_quota_serves_the_users_waiters_in_each_pool(engine, database_url):
+    """alice may hold one node. She waits in pools a and b while holding a node of a third
+    pool; each release of hers must serve her next waiter, whichever pool it is in."""
+    empty_tables(engine)
+    keeper = PoolKeeper(Config(db_url=database_url, quotas={"alice": 1}), "worker-test")
+    try:
+        for name, node_pool in (("h1", "h"), ("a1", "a"), ("b1", "b")):
+            add_node(keeper, name, node_pool)
+
+        def as_alice(op, **args):
+            req = request(op, **args)
+            req.user = "alice"
+            return req, commit(keeper, req)
+
+        as_alice("allocate", owner="held", count=1, node_pool="h")
+        waiters = {}
+        for node_pool in ("a", "b"):
+            req, batch = as_alice("allocate", owner=f"in-{node_pool}", count=1,
+                                  node_pool=node_pool, wait=True)
+            assert only_reply(batch, req).reply["status"] == protocol.QUEUED
+            waiters[node_pool] = req
+
+        _, batch = as_alice("release", owner="held")
+        (first,) = [req for req in waiters.values() if replies(batch, req)]
+        assert_granted(batch, first, 1)
+        (second,) = [req for req in waiters.values() if req is not first]
+        assert not replies(batch, second), "over her quota: only one may be served"
+
+        _, batch = as_alice("release", owner=first.args["owner"])
+        assert_granted(batch, second, 1)
+        assert waiting(keeper) == []
+    finally:
+        keeper.close()

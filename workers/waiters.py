@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -58,7 +58,8 @@ class Waiters:
         self.by_pool: dict[str, PoolQueue] = {}  # each pool's waiters, in serving order
         self.by_request: dict[str, Waiter] = {}
         self.by_owner: dict[str, set[str]] = defaultdict(set)
-        self.by_user: dict[str | None, set[str]] = defaultdict(set)  # quotas: who to serve again
+        # Quotas: where a user who gave nodes back has waiters (user -> pool -> how many).
+        self.by_user: dict[str | None, Counter[str]] = defaultdict(Counter)
         self._deadlines: list[tuple[float, str]] = []  # may hold stale entries
         self.changes = 0  # bumped on every change, so a rolled-back savepoint can tell
 
@@ -244,7 +245,7 @@ class Waiters:
 
     def pools_of_user(self, user: str | None) -> set[str]:
         """The pools where a user has waiting allocates."""
-        return {self.by_request[r].node_pool for r in self.by_user.get(user, ())}
+        return set(self.by_user.get(user, ()))
 
     def cancel_owner(self, batch: Batch, owner: str) -> int:
         mine = sorted(self.by_owner.get(owner, ()))
@@ -277,9 +278,11 @@ class Waiters:
         if not owned:
             del self.by_owner[waiter.owner]
         mine = self.by_user[waiter.user]
-        mine.discard(waiter.request_id)
-        if not mine:
-            del self.by_user[waiter.user]
+        mine[waiter.node_pool] -= 1
+        if not mine[waiter.node_pool]:
+            del mine[waiter.node_pool]
+            if not mine:
+                del self.by_user[waiter.user]
         # Whoever waited behind it may fit now (or learn that the pool is too small).
         batch.touched_pools.add(waiter.node_pool)
         self.changes += 1
@@ -293,7 +296,7 @@ class Waiters:
         place = queue.add(waiter)
         self.by_request[waiter.request_id] = waiter
         self.by_owner[waiter.owner].add(waiter.request_id)
-        self.by_user[waiter.user].add(waiter.request_id)
+        self.by_user[waiter.user][waiter.node_pool] += 1
         if waiter.deadline is not None:
             heapq.heappush(self._deadlines, (waiter.deadline, waiter.request_id))
         self.changes += 1
