@@ -9,6 +9,11 @@ cannot tell whether its transaction happened. Here it happens on purpose and exa
     ...                                            # ...is committed, then the line goes dead
     assert cutter.cut_commits == 1
 
+The COMMIT may come alone or as the last of several statements sent in one query (the
+worker joins a batch's writes and its COMMIT: molteniron/db.py run_statements). The
+proxy waits for the server's answer to the COMMIT itself, the last of the query's
+results, and loses that answer with everything before it that was not forwarded yet.
+
 After the cut the proxy behaves like a server that died: every proxied connection is
 closed and new ones are refused. Only the classic protocol without TLS or compression
 is read (what PyMySQL speaks unless told otherwise); the proxy never changes a byte.
@@ -21,6 +26,7 @@ import threading
 
 COM_QUERY = 0x03
 OK_PACKET, ERR_PACKET = 0x00, 0xFF
+SERVER_MORE_RESULTS_EXISTS = 0x0008  # in an OK packet's status: another result follows
 
 
 class CommitAckCutter:
@@ -123,25 +129,48 @@ class _Line:
         if not payload or payload[0] != COM_QUERY:
             return
         sql = payload[1:]
-        word = sql.strip().upper()
-        if word in (b"COMMIT", b"ROLLBACK"):
-            if word == b"COMMIT" and self.in_matching_transaction and self.cutter._take_cut():
+        last = sql.rsplit(b";", 1)[-1].strip().upper()  # the last of joined statements
+        if self.cutter._matches(sql):
+            self.in_matching_transaction = True
+        if last in (b"COMMIT", b"ROLLBACK"):
+            if last == b"COMMIT" and self.in_matching_transaction and self.cutter._take_cut():
                 self.lose_next_reply.set()
             self.in_matching_transaction = False
-        elif self.cutter._matches(sql):
-            self.in_matching_transaction = True
 
     def server_to_client(self) -> None:
+        held = b""  # the answers to the COMMIT's query, never forwarded
         try:
             while data := self.server.recv(65536):
-                if self.lose_next_reply.is_set():
-                    # The server answered the COMMIT (data[4] is its OK or error byte).
-                    self.cutter._cut(data[4] if len(data) > 4 else -1)
+                if not self.lose_next_reply.is_set():
+                    self.client.sendall(data)
+                    continue
+                held += data
+                final = _final_answer(held)
+                if final is not None:  # the server answered the COMMIT: it is done
+                    self.cutter._cut(final)
                     return
-                self.client.sendall(data)
         except OSError:
             pass
         _close(self.client)
+
+
+def _final_answer(data: bytes) -> int | None:
+    """The first byte of the last answer to a query of statements without result sets
+    (an OK without SERVER_MORE_RESULTS_EXISTS, or an error), once all of it arrived."""
+    while len(data) >= 4:
+        size = int.from_bytes(data[:3], "little")
+        if len(data) < 4 + size:
+            return None
+        payload, data = data[4:4 + size], data[4 + size:]
+        if payload[0] == ERR_PACKET:
+            return ERR_PACKET
+        at = 1
+        for _ in range(2):  # affected rows, last insert id: length-encoded integers
+            at += {0xFC: 3, 0xFD: 4, 0xFE: 9}.get(payload[at], 1)
+        status = int.from_bytes(payload[at:at + 2], "little")
+        if not status & SERVER_MORE_RESULTS_EXISTS:
+            return payload[0]
+    return None
 
 
 def _close(sock: socket.socket) -> None:

@@ -90,3 +90,28 @@ def test_without_joined_statements_each_runs_on_its_own(engine):
     with engine.begin() as conn:
         db.run_statements(conn, [row("a", '{"p": "50%"}'), row("b")], commit=True)
     assert stored(engine) == {"a": '{"p": "50%"}', "b": "{}"}
+
+
+def test_a_lost_commit_acknowledgement_is_a_lost_connection_not_a_failure(database_url, engine):
+    """The server committed the joined trip but its answer never arrived: the caller gets
+    the lost-connection error the worker retries on (then finds its stored replies)."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from bench.commit_ack_cutter import CommitAckCutter
+    from molteniron.db import node_unusable
+
+    empty_tables(engine)
+    url = make_url(database_url)
+    with CommitAckCutter(url.port or 3306, url.host or "127.0.0.1") as cutter:
+        cut = db.make_engine(url.set(host="127.0.0.1", port=cutter.port)
+                             .render_as_string(hide_password=False),
+                             pre_ping=False, joined_statements=True)
+        cutter.arm(b"'lost-ack'")
+        with pytest.raises(OperationalError) as lost:
+            with cut.begin() as conn:
+                db.run_statements(conn, [row("lost-ack"), row("with-it")], commit=True)
+        cut.dispose()
+    assert node_unusable(lost.value), lost.value
+    assert (cutter.cut_commits, cutter.cut_replies) == (1, [0])  # it lost an OK
+    assert set(stored(engine)) == {"lost-ack", "with-it"}
