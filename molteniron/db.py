@@ -32,6 +32,7 @@ def make_engine(db_url: str, pre_ping: bool = True, joined_statements: bool = Fa
     engine = create_engine(url, pool_pre_ping=pre_ping, pool_recycle=3600,
                            hide_parameters=True, **kwargs)
     if joined:
+        event.listen(engine, "connect", _say_joined)
         event.listen(engine, "do_execute", _read_every_result)
         event.listen(engine, "before_cursor_execute", _forget_commit)
         engine.dialect.do_commit = _commit_unless_sent(engine.dialect.do_commit)
@@ -48,6 +49,7 @@ def make_engine(db_url: str, pre_ping: bool = True, joined_statements: bool = Fa
 CLIENT_FOUND_ROWS = 1 << 1  # what SQLAlchemy's MySQL dialects always ask for
 CLIENT_MULTI_STATEMENTS = 1 << 16
 TRIP_BYTES = 1_000_000  # joined statements per trip: well under max_allowed_packet (16 MB)
+_JOINED = "molteniron_joined"
 _EVERY_RESULT = "molteniron_every_result"
 _COMMIT_SENT = "molteniron_commit_sent"
 
@@ -60,12 +62,11 @@ def run_statements(connection: Connection, statements: list[tuple[str, tuple | N
 
     On an engine without joined statements, the statements run one by one and the
     COMMIT is left to the caller's transaction."""
-    dbapi = connection.connection.dbapi_connection
-    if not getattr(dbapi, "client_flag", 0) & CLIENT_MULTI_STATEMENTS:
+    if not connection.info.get(_JOINED):
         for statement, params in statements:
             connection.exec_driver_sql(statement, params)
         return
-    cursor = dbapi.cursor()
+    cursor = connection.connection.dbapi_connection.cursor()
     try:
         texts = [cursor.mogrify(statement, params) for statement, params in statements]
     finally:
@@ -83,6 +84,10 @@ def run_statements(connection: Connection, statements: list[tuple[str, tuple | N
         connection.exec_driver_sql(";\n".join(trip), execution_options={_EVERY_RESULT: True})
     if commit:
         connection.info[_COMMIT_SENT] = True
+
+
+def _say_joined(dbapi_connection, connection_record) -> None:
+    connection_record.info[_JOINED] = True
 
 
 def _read_every_result(cursor, statement, parameters, context) -> bool:
