@@ -65,8 +65,8 @@ class Clock:
         self.now += timedelta(seconds=seconds)
         self.unix += seconds
 
-    def batch(self, session) -> Batch:
-        return Batch(session, now=self.now, clock=self.unix)
+    def batch(self, connection, make_session) -> Batch:
+        return Batch(connection, make_session, now=self.now, clock=self.unix)
 
 
 @pytest.fixture

@@ -224,7 +224,7 @@ def test_a_lease_ending_on_tick_serves_a_waiter_in_the_same_batch(
     # The next batch runs a minute later (no sleeping: the batch is told the time).
     later, clock = pool.utcnow() + timedelta(seconds=61), time.time() + 61
     monkeypatch.setattr(keeper_module, "Batch",
-                        lambda session: Batch(session, now=later, clock=clock))
+                        lambda *unit: Batch(*unit, now=later, clock=clock))
     batch = commit(keeper, request("tick"))
     assert_granted(batch, small, 1)
     assert sql(keeper, "SELECT owner, end_reason FROM allocations ORDER BY id") == [

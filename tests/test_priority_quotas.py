@@ -112,7 +112,7 @@ def test_through_the_worker_a_stream_of_high_priority_jobs_cannot_starve_a_low_o
 
     now = [utcnow()]
     monkeypatch.setattr(keeper_module, "Batch",
-                        lambda session: Batch(session, now=now[0], clock=now[0].timestamp()))
+                        lambda *unit: Batch(*unit, now=now[0], clock=now[0].timestamp()))
     add_node(keeper, "n1")
     commit(keeper, request("allocate", owner="holder", count=1, node_pool="p"))
     commit(keeper, request("allocate", owner="low", count=1, node_pool="p", wait=True))

@@ -1,4 +1,4 @@
-"""One unit of work: the session of one transaction, the replies it will send, the
+"""One unit of work: the connection of one transaction, the replies it will send, the
 replies it stores for redeliveries. Nothing leaves a Batch before its commit."""
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Callable
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from molteniron import db
@@ -29,7 +31,8 @@ class Outgoing:
 
 @dataclass
 class Batch:
-    session: Session
+    connection: Connection  # in its transaction: driver SQL for the hot path
+    make_session: Callable[..., Session] | None = None  # the keeper's sessionmaker
     now: datetime = field(default_factory=utcnow)
     clock: float = field(default_factory=time.time)
     outbox: list[Outgoing] = field(default_factory=list)
@@ -43,6 +46,23 @@ class Batch:
     reload_pool: bool = False  # a bulk statement changed nodes: reload them all
     adopted_grants: list[tuple] | None = None  # the outbox as found at takeover
     writes: list[tuple[str, tuple | None]] = field(default_factory=list)  # not sent yet
+    orm_session: Session | None = None  # made by the first use of .session
+
+    @property
+    def session(self) -> Session:
+        """An ORM session in this batch's transaction, made at its first use. Allocate,
+        release and the other hot operations never need one: a Session's bookkeeping
+        cost more per batch than the database round trips they make."""
+        if self.orm_session is None:
+            self.orm_session = self.make_session(bind=self.connection)
+            self.orm_session.info["batch"] = self
+        return self.orm_session
+
+    def close_session(self) -> None:
+        """The session goes; the transaction is the connection's (joined, never ended by it)."""
+        if self.orm_session is not None:
+            self.orm_session.close()
+            self.orm_session = None
 
     def mark(self) -> tuple:
         """What rollback_to needs to undo one request's additions."""
@@ -64,13 +84,14 @@ class Batch:
         """Send the writes so far: what the ORM reads next must include them."""
         if self.writes:
             writes, self.writes = self.writes, []
-            db.run_statements(self.session.connection(), writes)
+            db.run_statements(self.connection, writes)
 
     def commit(self) -> None:
         """The writes left and the COMMIT, in one round trip (db.run_statements)."""
-        self.session.flush()  # nothing the ORM holds may come after the COMMIT
+        if self.orm_session is not None:
+            self.orm_session.flush()  # nothing the ORM holds may come after the COMMIT
         writes, self.writes = self.writes, []
-        db.run_statements(self.session.connection(), writes, commit=True)
+        db.run_statements(self.connection, writes, commit=True)
 
     def reply(self, reply_to: str | None, correlation_id: str | None,
               request_id: str | None, reply: dict, mandatory: bool = True,
@@ -98,7 +119,7 @@ class Batch:
         """The operation whose reply is stored under request_id (this batch's or earlier)."""
         if request_id in self.to_store:
             return self.to_store[request_id][0]
-        return self.session.connection().exec_driver_sql(
+        return self.connection.exec_driver_sql(
             "SELECT op FROM processed_requests WHERE request_id = %s", (request_id,)).scalar()
 
     def _stored_copy(self, grant: Outgoing) -> dict:
@@ -130,7 +151,8 @@ class Batch:
                        f"({placeholders(self.withdrawn_grants)})", tuple(self.withdrawn_grants))
 
 
-def fenced_stored_replies(session: Session, request_ids: list[str]) -> tuple[int, dict[str, dict]]:
+def fenced_stored_replies(connection: Connection,
+                          request_ids: list[str]) -> tuple[int, dict[str, dict]]:
     """(the pool's epoch, the replies already stored for these ids), in one round trip.
 
     The epoch row is locked until the transaction ends (FOR UPDATE), so a worker taking
@@ -140,7 +162,7 @@ def fenced_stored_replies(session: Session, request_ids: list[str]) -> tuple[int
         query += (f" UNION ALL (SELECT request_id, reply FROM processed_requests "
                   f"WHERE request_id IN ({placeholders(request_ids)}))")
     epoch, stored = None, {}
-    for request_id, value in session.connection().exec_driver_sql(query, tuple(request_ids)):
+    for request_id, value in connection.exec_driver_sql(query, tuple(request_ids)):
         if request_id is None:
             epoch = int(value)
         else:

@@ -13,13 +13,13 @@ import logging
 import time
 from datetime import timedelta
 
-from sqlalchemy import event, update
+from sqlalchemy import Connection, event
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from molteniron import compat, db, errors, pool, protocol
 from molteniron.config import Config, url_list
-from molteniron.models import EndReason, Node, WorkerMeta
+from molteniron.models import EndReason, Node
 from workers import metrics
 from workers.authz import Authorizer
 from workers.batch import Batch, fenced_stored_replies, placeholders
@@ -101,8 +101,8 @@ class PoolKeeper:
 
     def close(self) -> None:
         try:
-            with self.sessions() as session, session.begin():
-                session.connection().exec_driver_sql(
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(
                     "DELETE FROM worker_heartbeats WHERE worker_id = %s", (self.worker_id,))
         except SQLAlchemyError:
             pass  # the row ages out: `workers` shows only recent heartbeats
@@ -118,11 +118,10 @@ class PoolKeeper:
         undo = [rid for rid, outcome in settled.items() if outcome == UNDO]
         if undo and self.epoch is not None:
             self._mark_returned(undo)
-        with self.sessions() as session:
-            with session.begin():
-                taking, stored = self._fence(session, [r.id for _, _, r in requests])
-                batch = Batch(session)
-                session.info["batch"] = batch
+        with self.engine.connect() as conn, conn.begin():
+            batch = Batch(conn, self.sessions)
+            try:
+                taking, stored = self._fence(batch, [r.id for _, _, r in requests])
                 if taking is not None:
                     batch.adopted_grants = self._adopt_grants(batch)
                 self._settle_grants(batch, settled)
@@ -142,9 +141,11 @@ class PoolKeeper:
                 if ticked:
                     self._on_tick(batch)
                 self._serve_waiters(batch)
-                self.state.flush(session, batch.now, batch.write)
+                self.state.flush(batch.orm_session, batch.now, batch.write)
                 batch.write_stored()
                 batch.commit()  # its writes and the COMMIT: one round trip
+            finally:
+                batch.close_session()
         if taking is not None:
             self.epoch = taking
             self.last_heartbeat = 0.0  # say at the next tick that this worker is active now
@@ -152,22 +153,23 @@ class PoolKeeper:
                      self.worker_id, taking, len(self.waiters))
         return batch
 
-    def _fence(self, session: Session, request_ids: list[str]) -> tuple[int | None, dict]:
+    def _fence(self, batch: Batch, request_ids: list[str]) -> tuple[int | None, dict]:
         """Check the epoch is ours; on the first batch after standing by, take a new one.
         Returns (the epoch taken or None, the replies stored for request_ids): one round
         trip for both."""
-        epoch, stored = fenced_stored_replies(session, request_ids)
+        epoch, stored = fenced_stored_replies(batch.connection, request_ids)
         if self.epoch is None:
-            session.execute(update(WorkerMeta).where(WorkerMeta.id == 1).values(
-                epoch=epoch + 1, holder=self.worker_id, taken_at=pool.utcnow()))
-            self._load(session)
+            batch.connection.exec_driver_sql(
+                "UPDATE worker_meta SET epoch = %s, holder = %s, taken_at = %s WHERE id = 1",
+                (epoch + 1, self.worker_id, pool.utcnow()))
+            self._load(batch.session)
             return epoch + 1, stored
         if epoch != self.epoch:
             log.error("event=fenced worker=%s my_epoch=%d db_epoch=%d",
                       self.worker_id, self.epoch, epoch)
             raise errors.NotActiveWorker(f"worker epoch {self.epoch} superseded by {epoch}")
         if self.reload_needed:
-            self._load(session)
+            self._load(batch.session)
             self.reload_needed = False
         return None, stored
 
@@ -240,7 +242,7 @@ class PoolKeeper:
             except errors.MoltenIronError as exc:
                 return exc.to_reply()
         # The ORM must see this batch's changes.
-        self.state.flush(batch.session, batch.now, batch.write)
+        self.state.flush(batch.orm_session, batch.now, batch.write)
         batch.send_writes()
         mark = batch.mark()
         changes = self.waiters.changes
@@ -275,7 +277,7 @@ class PoolKeeper:
         """The outbox as found at takeover, each grant rendered again from the pool (the
         row holds no password); a grant whose nodes went back meanwhile is dropped."""
         adopted = []
-        for request_id, reply_to, correlation_id, returned in load_grant_outbox(batch.session):
+        for request_id, reply_to, correlation_id, returned in load_grant_outbox(batch.connection):
             held = self.state.granted.get(request_id)
             if not held:
                 batch.withdraw_grant(request_id)
@@ -319,18 +321,22 @@ class PoolKeeper:
 
     def _mark_returned(self, request_ids: list[str]) -> None:
         """Write down, before undoing anything, that these grants never reached anyone."""
-        with self.sessions() as session, session.begin():
-            self._fence(session, [])
-            session.connection().exec_driver_sql(
-                f"UPDATE grant_outbox SET returned = 1 WHERE request_id IN "
-                f"({placeholders(request_ids)})", tuple(request_ids))
+        with self.engine.connect() as conn, conn.begin():
+            batch = Batch(conn, self.sessions)
+            try:
+                self._fence(batch, [])
+                conn.exec_driver_sql(
+                    f"UPDATE grant_outbox SET returned = 1 WHERE request_id IN "
+                    f"({placeholders(request_ids)})", tuple(request_ids))
+            finally:
+                batch.close_session()
 
     def _settle_grants(self, batch: Batch, settled: dict[str, str]) -> None:
         """Grants the broker confirmed or returned: out of the outbox; undone if returned."""
         if not settled:
             return
         undone = [request_id for request_id, outcome in settled.items() if outcome == UNDO]
-        bounced_from = dict(batch.session.connection().exec_driver_sql(
+        bounced_from = dict(batch.connection.exec_driver_sql(
             f"SELECT request_id, reply_to FROM grant_outbox WHERE request_id IN "
             f"({placeholders(undone)})", tuple(undone)).all()) if undone else {}
         for request_id in undone:
@@ -351,8 +357,8 @@ class PoolKeeper:
         """A standby gets no deliveries, so it says it is alive on its own."""
         self.last_heartbeat = time.monotonic()
         try:
-            with self.sessions() as session, session.begin():
-                write_heartbeat(session, self.worker_id, "standby")
+            with self.engine.begin() as conn:
+                write_heartbeat(conn, self.worker_id, "standby")
         except SQLAlchemyError as exc:
             log.warning("event=heartbeat_failed worker=%s error=%r", self.worker_id,
                         str(exc).splitlines()[0][:200])
@@ -369,7 +375,7 @@ class PoolKeeper:
         self.waiters.probe_blocking_heads(batch, self.state)
         if time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY:
             self.last_heartbeat = time.monotonic()
-            write_heartbeat(batch.session, self.worker_id, "active")
+            write_heartbeat(batch.connection, self.worker_id, "active")
         if batch.clock - self.last_prune >= PRUNE_EVERY:
             self.last_prune = batch.clock
             replies = pool.prune_processed(
@@ -386,10 +392,10 @@ def _is_grant(op: str, reply: dict) -> bool:
     return op == "allocate" and reply.get("status") == 200
 
 
-def load_grant_outbox(session: Session) -> list[tuple]:
+def load_grant_outbox(connection: Connection) -> list[tuple]:
     """Grants committed but not known to have reached their client (oldest first)."""
     return [(rid, reply_to, corr, bool(returned)) for rid, reply_to, corr, returned
-            in session.connection().exec_driver_sql(
+            in connection.exec_driver_sql(
                 "SELECT request_id, reply_to, correlation_id, returned FROM grant_outbox "
                 "ORDER BY created_at")]
 
@@ -410,8 +416,8 @@ def _notice_bulk_node_changes(orm_execute_state) -> None:
         batch.reload_pool = True
 
 
-def write_heartbeat(session: Session, worker_id: str, role: str) -> None:
-    session.connection().exec_driver_sql(
+def write_heartbeat(connection: Connection, worker_id: str, role: str) -> None:
+    connection.exec_driver_sql(
         "INSERT INTO worker_heartbeats (worker_id, role, seen_at) VALUES (%s, %s, %s) "
         "ON DUPLICATE KEY UPDATE role = VALUES(role), seen_at = VALUES(seen_at)",
         (worker_id, role, pool.utcnow()))

@@ -223,13 +223,14 @@ class PoolState:
 
     # --- writing ----------------------------------------------------------------
 
-    def flush(self, session: Session, now: datetime, write=None) -> None:
+    def flush(self, session: Session | None, now: datetime, write=None) -> None:
         """Write what changed since the last flush: a few statements for any number of changes.
 
         Plain driver SQL: this runs once per batch on the hot path, where building
         SQLAlchemy statements cost more than the database round trips. write(sql,
         params) runs each statement (the worker's Batch.write defers them to its
-        COMMIT); by default they run at once.
+        COMMIT); by default they run at once on the session's connection. The ORM
+        objects the session holds are expired: the statements changed their rows.
         """
         if not (self._node_writes or self._to_close or self._lease_writes):
             return
@@ -262,7 +263,7 @@ class PoolState:
             # One UPDATE for every node taken: CASE picks each node's values.
             cases = " ".join("WHEN %s THEN %s" for _ in taken)
             columns = ("owner", "holder_user", "allocated_at", "lease_expires_at")
-            sql(f"UPDATE nodes SET state = 'allocated', "
+            sql("UPDATE nodes SET state = 'allocated', "
                 + ", ".join(f"{c} = CASE id {cases} END" for c in columns)
                 + f" WHERE id IN ({placeholders(taken)})",
                 (*[v for k in range(1, 5) for row in taken for v in (row[0], row[k])],
@@ -273,7 +274,8 @@ class PoolState:
             sql(f"UPDATE nodes SET lease_expires_at = CASE id {cases} END "
                 f"WHERE id IN ({placeholders(renewed)})",
                 (*[v for pair in renewed for v in pair], *[i for i, _ in renewed]))
-        session.expire_all()  # ORM objects loaded earlier in the batch are now stale
+        if session is not None:
+            session.expire_all()  # ORM objects loaded earlier in the batch are now stale
         self._reset_pending()
 
     def _reset_pending(self) -> None:
