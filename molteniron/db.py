@@ -26,8 +26,9 @@ def make_engine(db_url: str, pre_ping: bool = True, joined_statements: bool = Fa
         raise ConfigError(f"db_url is not a database URL: {exc}") from None
     joined = joined_statements and url.get_driver_name() == "pymysql"
     if joined:
-        kwargs["connect_args"] = {**kwargs.get("connect_args", {}),
-                                  "client_flag": CLIENT_FOUND_ROWS | CLIENT_MULTI_STATEMENTS}
+        connect_args = kwargs.get("connect_args", {})
+        kwargs["connect_args"] = {**connect_args, "client_flag": connect_args.get("client_flag", 0)
+                                  | CLIENT_FOUND_ROWS | CLIENT_MULTI_STATEMENTS}
     # hide_parameters: a failed statement's error must not carry an IPMI password into a log.
     engine = create_engine(url, pool_pre_ping=pre_ping, pool_recycle=3600,
                            hide_parameters=True, **kwargs)
@@ -35,6 +36,7 @@ def make_engine(db_url: str, pre_ping: bool = True, joined_statements: bool = Fa
         event.listen(engine, "connect", _say_joined)
         event.listen(engine, "do_execute", _read_every_result)
         event.listen(engine, "before_cursor_execute", _forget_commit)
+        event.listen(engine, "handle_error", _hide_joined_values)
         engine.dialect.do_commit = _commit_unless_sent(engine.dialect.do_commit)
     return engine
 
@@ -62,6 +64,8 @@ def run_statements(connection: Connection, statements: list[tuple[str, tuple | N
 
     On an engine without joined statements, the statements run one by one and the
     COMMIT is left to the caller's transaction."""
+    if commit and connection.in_nested_transaction():
+        raise RuntimeError("run_statements would COMMIT with a savepoint open")
     if not connection.info.get(_JOINED):
         for statement, params in statements:
             connection.exec_driver_sql(statement, params)
@@ -71,19 +75,34 @@ def run_statements(connection: Connection, statements: list[tuple[str, tuple | N
         texts = [cursor.mogrify(statement, params) for statement, params in statements]
     finally:
         cursor.close()
+    skeletons = [statement for statement, _ in statements]  # what an error may show
     if commit:
         texts.append("COMMIT")
-    trip, size = [], 0
-    for sql in texts:
-        if trip and size + len(sql) > TRIP_BYTES:
-            connection.exec_driver_sql(";\n".join(trip), execution_options={_EVERY_RESULT: True})
-            trip, size = [], 0
-        trip.append(sql)
+        skeletons.append("COMMIT")
+    start, size = 0, 0
+    for end, sql in enumerate(texts):
+        if end > start and size + len(sql) > TRIP_BYTES:
+            _send_trip(connection, texts[start:end], skeletons[start:end])
+            start, size = end, 0
         size += len(sql) + 2
-    if trip:
-        connection.exec_driver_sql(";\n".join(trip), execution_options={_EVERY_RESULT: True})
+    _send_trip(connection, texts[start:], skeletons[start:])
     if commit:
         connection.info[_COMMIT_SENT] = True
+
+
+def _send_trip(connection: Connection, texts: list[str], skeletons: list[str]) -> None:
+    if texts:
+        connection.exec_driver_sql(";\n".join(texts),
+                                   execution_options={_EVERY_RESULT: ";\n".join(skeletons)})
+
+
+def _hide_joined_values(context) -> None:
+    """An error's message shows the joined statements without their values, as for any
+    other statement (hide_parameters): they hold other clients' ids and replies."""
+    execution = context.execution_context
+    skeleton = execution is not None and execution.execution_options.get(_EVERY_RESULT)
+    if skeleton and context.sqlalchemy_exception is not None:
+        context.sqlalchemy_exception.statement = skeleton
 
 
 def _say_joined(dbapi_connection, connection_record) -> None:

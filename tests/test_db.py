@@ -58,10 +58,13 @@ def test_one_commit_per_transaction(joined, engine):
 def test_a_failing_statement_raises_and_nothing_is_written(joined, engine):
     """The second statement fails: its error must surface (not be swallowed when the
     cursor closes), and the first statement's row must not be committed."""
-    with pytest.raises(IntegrityError, match="Duplicate"):
+    with pytest.raises(IntegrityError, match="Duplicate") as failed:
         with joined.begin() as conn:
-            db.run_statements(conn, [row("a"), row("a"), row("b")], commit=True)
+            db.run_statements(conn, [row("a", "secret-a"), row("a"), row("b")], commit=True)
     assert stored(engine) == {}
+    # Its message names the statements, not their values (hide_parameters).
+    assert "INSERT INTO processed_requests" in str(failed.value)
+    assert "secret-a" not in str(failed.value)
 
 
 def test_statements_split_into_several_trips_stay_one_transaction(joined, engine, monkeypatch):

@@ -358,6 +358,26 @@ def test_a_waiting_allocate_sent_again_from_another_queue_is_served_there(keeper
     assert owners(keeper) == {node: "waiter"}
 
 
+def test_a_waiter_whose_client_moved_waits_again_when_the_bounce_and_the_copy_meet(keeper):
+    """In one batch: the interim reply bounced from the old queue (the waiter is dropped)
+    and the copy from the new queue arrives (it waits afresh). The dropped row's delete
+    must reach the database before the new row's insert (same request id)."""
+    node = add_node(keeper, "n1")
+    allocate(keeper, "holder", 1)
+    waiter = wait_for(keeper, "waiter", 1)
+    batch = keeper.commit([(None, Properties("new-queue", waiter.id), waiter)],
+                          [(reply_to_of(waiter), {"id": waiter.id, "status": protocol.QUEUED})],
+                          None)
+    assert [(out.reply_to, out.reply["status"]) for out in batch.outbox
+            if out.reply_to == "new-queue"] == [("new-queue", protocol.QUEUED)]
+    assert sql(keeper, "SELECT request_id, reply_to FROM waiting_requests") == [
+        (waiter.id, "new-queue")]
+    batch = commit(keeper, request("release", owner="holder"))
+    (grant,) = [out for out in batch.outbox if out.request_id == waiter.id]
+    assert (grant.reply_to, grant.grant) == ("new-queue", True)
+    assert owners(keeper) == {node: "waiter"}
+
+
 def test_a_grant_sent_again_to_another_queue_is_marked_regranted(keeper):
     add_node(keeper, "n1")
     first, _ = allocate(keeper, "first", 1)
@@ -420,3 +440,27 @@ def test_a_release_under_quota_serves_the_users_waiters_in_each_pool(engine, dat
         assert waiting(keeper) == []
     finally:
         keeper.close()
+
+
+# --- a deadlock inside an operation's savepoint --------------------------------------
+
+def test_a_deadlock_in_an_operations_savepoint_surfaces_as_a_lock_conflict(keeper, monkeypatch):
+    """InnoDB rolls a deadlocked transaction back, savepoints included: closing the batch's
+    session then fails (1305, no such savepoint). The worker must still see the deadlock,
+    which it retries, and not that failure, which after three it would blame on the batch."""
+    import pymysql
+    from sqlalchemy.exc import OperationalError
+
+    from molteniron import db
+    from workers import dispatch
+
+    def deadlocked(ctx, req):
+        ctx.batch.session.connection().exec_driver_sql("ROLLBACK")  # what InnoDB did
+        raise OperationalError("UPDATE nodes ...", None,
+                               pymysql.err.OperationalError(1213, "Deadlock found"))
+
+    add_node(keeper, "n1")
+    monkeypatch.setitem(dispatch.HANDLERS, "get_field", deadlocked)
+    with pytest.raises(OperationalError) as failed:
+        commit(keeper, request("get_field", owner="x", field="name"))
+    assert db.lock_conflict(failed.value), failed.value

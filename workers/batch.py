@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Callable
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from molteniron import db
@@ -58,11 +59,19 @@ class Batch:
             self.orm_session.info["batch"] = self
         return self.orm_session
 
-    def close_session(self) -> None:
-        """The session goes; the transaction is the connection's (joined, never ended by it)."""
-        if self.orm_session is not None:
-            self.orm_session.close()
-            self.orm_session = None
+    def close_session(self, failed: bool = False) -> None:
+        """The session goes; the transaction is the connection's (joined, never ended by it).
+
+        failed: the batch is failing. Closing may then fail too (a savepoint the server
+        already dropped with a deadlock: 1305), and must not hide why the batch failed."""
+        session, self.orm_session = self.orm_session, None
+        if session is None:
+            return
+        try:
+            session.close()
+        except SQLAlchemyError:
+            if not failed:
+                raise
 
     def mark(self) -> tuple:
         """What rollback_to needs to undo one request's additions."""
@@ -75,7 +84,7 @@ class Batch:
         del self.outbox[outbox_len:]
         del self.writes[writes_len:]
 
-    def write(self, statement: str, params: tuple | None = None) -> None:
+    def write(self, statement: str, params: tuple) -> None:
         """A driver-SQL write of this transaction, sent later with the others: all of them
         in one round trip, with the COMMIT (commit) or before the ORM reads (send_writes)."""
         self.writes.append((statement, params))

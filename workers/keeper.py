@@ -47,6 +47,7 @@ class PoolKeeper:
         self.engine = self._engine()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Nodes changed through the ORM reach memory by themselves (no handler has to say so).
+        event.listen(self.sessions, "before_flush", _send_writes_first)
         event.listen(self.sessions, "after_flush", _collect_changed_nodes)
         event.listen(self.sessions, "do_orm_execute", _notice_bulk_node_changes)
         self.leases = LeasePolicy(config.lease_seconds, config.max_lease_seconds)
@@ -144,8 +145,10 @@ class PoolKeeper:
                 self.state.flush(batch.orm_session, batch.now, batch.write)
                 batch.write_stored()
                 batch.commit()  # its writes and the COMMIT: one round trip
-            finally:
-                batch.close_session()
+            except BaseException:
+                batch.close_session(failed=True)
+                raise
+            batch.close_session()
         if taking is not None:
             self.epoch = taking
             self.last_heartbeat = 0.0  # say at the next tick that this worker is active now
@@ -328,8 +331,10 @@ class PoolKeeper:
                 conn.exec_driver_sql(
                     f"UPDATE grant_outbox SET returned = 1 WHERE request_id IN "
                     f"({placeholders(request_ids)})", tuple(request_ids))
-            finally:
-                batch.close_session()
+            except BaseException:
+                batch.close_session(failed=True)
+                raise
+            batch.close_session()
 
     def _settle_grants(self, batch: Batch, settled: dict[str, str]) -> None:
         """Grants the broker confirmed or returned: out of the outbox; undone if returned."""
@@ -398,6 +403,14 @@ def load_grant_outbox(connection: Connection) -> list[tuple]:
             in connection.exec_driver_sql(
                 "SELECT request_id, reply_to, correlation_id, returned FROM grant_outbox "
                 "ORDER BY created_at")]
+
+
+def _send_writes_first(session: Session, flush_context, instances) -> None:
+    """The batch's deferred writes go before anything the ORM writes: a waiter dropped
+    earlier in the batch (its DELETE deferred) may be enqueued again under the same id."""
+    batch = session.info.get("batch")
+    if batch is not None:
+        batch.send_writes()
 
 
 def _collect_changed_nodes(session: Session, flush_context) -> None:
