@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Iterator
 
 from sqlalchemy import Connection, event
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -119,42 +121,49 @@ class PoolKeeper:
         undo = [rid for rid, outcome in settled.items() if outcome == UNDO]
         if undo and self.epoch is not None:
             self._mark_returned(undo)
-        with self.engine.connect() as conn, conn.begin():
-            batch = Batch(conn, self.sessions)
-            try:
-                taking, stored = self._fence(batch, [r.id for _, _, r in requests])
-                if taking is not None:
-                    batch.adopted_grants = self._adopt_grants(batch)
-                self._settle_grants(batch, settled)
-                for reply_to, reply in returned:
-                    self._undo_returned(batch, reply_to, reply)
-                ticked = False
-                for _, properties, request in requests:
-                    if request.op == "tick":
-                        ticked = True
-                        continue
-                    reply, outcome = self._handle_one(batch, request, properties, stored)
-                    # A replayed grant may have reached its client the first time: if
-                    # this copy comes back, that says nothing about the client.
-                    batch.reply(properties.reply_to, properties.correlation_id, request.id, reply,
-                                mandatory=outcome != "replayed",
-                                grant=outcome == "handled" and _is_grant(request.op, reply))
-                if ticked:
-                    self._on_tick(batch)
-                self._serve_waiters(batch)
-                self.state.flush(batch.orm_session, batch.now, batch.write)
-                batch.write_stored()
-                batch.commit()  # its writes and the COMMIT: one round trip
-            except BaseException:
-                batch.close_session(failed=True)
-                raise
-            batch.close_session()
+        with self._transaction() as batch:
+            taking, stored = self._fence(batch, [r.id for _, _, r in requests])
+            if taking is not None:
+                batch.adopted_grants = self._adopt_grants(batch)
+            self._settle_grants(batch, settled)
+            for reply_to, reply in returned:
+                self._undo_returned(batch, reply_to, reply)
+            ticked = False
+            for _, properties, request in requests:
+                if request.op == "tick":
+                    ticked = True
+                    continue
+                reply, outcome = self._handle_one(batch, request, properties, stored)
+                # A replayed grant may have reached its client the first time: if
+                # this copy comes back, that says nothing about the client.
+                batch.reply(properties.reply_to, properties.correlation_id, request.id, reply,
+                            mandatory=outcome != "replayed",
+                            grant=outcome == "handled" and _is_grant(request.op, reply))
+            if ticked:
+                self._on_tick(batch)
+            self._serve_waiters(batch)
+            self.state.flush(batch.orm_session, batch.now, batch.write)
+            batch.write_stored()
+            batch.commit()  # its writes and the COMMIT: one round trip
         if taking is not None:
             self.epoch = taking
             self.last_heartbeat = 0.0  # say at the next tick that this worker is active now
             log.info("event=active worker=%s epoch=%d waiting=%d",
                      self.worker_id, taking, len(self.waiters))
         return batch
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Batch]:
+        """A transaction on a connection of its own, as a Batch. An ORM session one of its
+        operations made is closed before the transaction ends; on a failure, quietly."""
+        with self.engine.connect() as conn, conn.begin():
+            batch = Batch(conn, self.sessions)
+            try:
+                yield batch
+            except BaseException:
+                batch.close_session(failed=True)
+                raise
+            batch.close_session()
 
     def _fence(self, batch: Batch, request_ids: list[str]) -> tuple[int | None, dict]:
         """Check the epoch is ours; on the first batch after standing by, take a new one.
@@ -324,17 +333,11 @@ class PoolKeeper:
 
     def _mark_returned(self, request_ids: list[str]) -> None:
         """Write down, before undoing anything, that these grants never reached anyone."""
-        with self.engine.connect() as conn, conn.begin():
-            batch = Batch(conn, self.sessions)
-            try:
-                self._fence(batch, [])
-                conn.exec_driver_sql(
-                    f"UPDATE grant_outbox SET returned = 1 WHERE request_id IN "
-                    f"({placeholders(request_ids)})", tuple(request_ids))
-            except BaseException:
-                batch.close_session(failed=True)
-                raise
-            batch.close_session()
+        with self._transaction() as batch:
+            self._fence(batch, [])
+            batch.connection.exec_driver_sql(
+                f"UPDATE grant_outbox SET returned = 1 WHERE request_id IN "
+                f"({placeholders(request_ids)})", tuple(request_ids))
 
     def _settle_grants(self, batch: Batch, settled: dict[str, str]) -> None:
         """Grants the broker confirmed or returned: out of the outbox; undone if returned."""
