@@ -8,21 +8,17 @@ table and writes bench/results/<date>-<host>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from datetime import date
-from pathlib import Path
 
-from bench.env import ROOT, Sandbox, add_nodes, machine
+from bench.env import ROOT, Sandbox, add_nodes, machine, save_results
 from bench.limits import db_commit_rate
 from bench.load import run_cycles
 from bench.waiting import run_single_waiter, run_waiting
 
-RESULTS = ROOT / "bench" / "results"
 ORIGINAL = {"cycles_1": 7.2, "cycles_20": 4.5, "p99_20_ms": 19_500}  # the HTTP original, 2 cores
 
 
@@ -85,9 +81,7 @@ def worker_memory(nodes: int, waiters: int) -> dict:
                 ids.append(request.id)
             while sandbox.sql("SELECT COUNT(*) FROM waiting_requests")[0][0] < waiters:
                 client.connection.process_data_events(time_limit=0.1)
-        status = Path(f"/proc/{sandbox.workers[0].pid}/status").read_text()
-        rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
-        return {"nodes": nodes, "waiters": waiters, "rss_mb": round(rss_kb / 1024, 1)}
+        return {"nodes": nodes, "waiters": waiters, "rss_mb": sandbox.worker_rss_mb()}
     finally:
         sandbox.close()
 
@@ -133,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(render(run))
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"{date.today().isoformat()}-{run['machine']['host']}{'-quick' if args.quick else ''}.json"
-        path.write_text(json.dumps(run, indent=2) + "\n")
+        path = save_results(run, f"{run['machine']['host']}{'-quick' if args.quick else ''}")
         print(f"\nwritten: {path.relative_to(ROOT)}")
     return 0
 

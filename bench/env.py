@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
 import time
 import uuid
+from datetime import date
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
@@ -31,6 +33,11 @@ def rabbitmqctl(*args: str) -> str:
 default_rabbitmqctl = rabbitmqctl  # Sandbox's parameter of the same name shadows it
 
 
+def vhost_url(amqp_url: str, vhost: str) -> str:
+    """amqp_url with its vhost replaced by `vhost` (quoted: "/" is %2F)."""
+    return f"{amqp_url.rsplit('/', 1)[0]}/{quote(vhost, safe='')}"
+
+
 class Sandbox:
     """A vhost + database made for one run and removed by close().
 
@@ -47,7 +54,7 @@ class Sandbox:
         self.rabbitmqctl("add_vhost", self.name)
         user = make_url_user(amqp_url)
         self.rabbitmqctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
-        self.amqp_url = f"{amqp_url.rsplit('/', 1)[0]}/{quote(self.name, safe='')}"
+        self.amqp_url = vhost_url(amqp_url, self.name)
         self.db_url = make_url(db_url or DB_URL).set(database=self.name).render_as_string(
             hide_password=False)
         try:
@@ -91,6 +98,12 @@ class Sandbox:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the worker did not answer within %ss" % timeout)
                 time.sleep(0.1)
+
+    def worker_rss_mb(self, index: int = 0) -> float:
+        """Resident memory of worker `index`, in MB."""
+        status = Path(f"/proc/{self.workers[index].pid}/status").read_text()
+        kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+        return round(kb / 1024, 1)
 
     def stop_workers(self) -> None:
         stop_processes(self.workers)
@@ -142,6 +155,17 @@ def add_nodes(sandbox: Sandbox, count: int, node_pool: str = "default", prefix: 
         conn.execute(text("INSERT INTO node_ips (node_id, position, ip) "
                           "SELECT id, 0, CONCAT('192.168.0.', id % 250) FROM nodes "
                           "WHERE id NOT IN (SELECT node_id FROM node_ips)"))
+
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def save_results(run: dict, name: str) -> Path:
+    """Write a run to bench/results/<today>-<name>.json; return its path."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{date.today().isoformat()}-{name}.json"
+    path.write_text(json.dumps(run, indent=2) + "\n")
+    return path
 
 
 def machine() -> dict:

@@ -1,6 +1,6 @@
 """A large pool with a long queue: per-request work must not grow with either.
 
-    python -m bench.large [--nodes 100000] [--waiters 10000] [--quick]
+    python -m bench.large [--nodes 100000] [--waiters 10000] [--quick] [--no-save]
 
 One sandbox holds `nodes` ready nodes in pool `default` and one node in pool
 `queue`, held, with `waiters` allocates waiting on them. Measured there:
@@ -8,6 +8,7 @@ the worker's takeover (loading everything), allocate+release cycles at 20
 clients in the large pool, `waiting` and `status` (whole and filtered),
 release -> the head waiter's reply, the worker's RSS, and how fast stored
 replies are pruned against the rate they are written at the bench's top speed.
+Prints the figures as JSON and writes bench/results/<date>-large.json.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import statistics
 import sys
 import time
 
-from bench.env import Sandbox, add_nodes
+from bench.env import ROOT, Sandbox, add_nodes, machine, save_results
 from bench.load import percentiles, run_cycles
 from bench.waiting import StampingClient
 from clients.client import MoltenIronClient
@@ -81,12 +82,6 @@ def prune_rate(sandbox: Sandbox, rows: int, seconds: float) -> dict:
             "rows_per_s": round((rows - left) / elapsed, 0)}
 
 
-def rss_mb(sandbox: Sandbox) -> float:
-    status = open(f"/proc/{sandbox.workers[0].pid}/status").read()
-    return round(int(next(line.split()[1] for line in status.splitlines()
-                          if line.startswith("VmRSS"))) / 1024, 1)
-
-
 def run(nodes: int, waiters: int, seconds: float, rounds: int) -> dict:
     sandbox = Sandbox("large")
     try:
@@ -109,7 +104,7 @@ def run(nodes: int, waiters: int, seconds: float, rounds: int) -> dict:
             result["status_filtered"] = timed(
                 lambda: admin.call("status", {"state": "allocated", "owner": "holder-queue"}))
             result["release_to_reply"] = release_to_reply(admin, waiter, ids, rounds)
-            result["worker_rss_mb"] = rss_mb(sandbox)
+            result["worker_rss_mb"] = sandbox.worker_rss_mb()
         result["prune"] = prune_rate(sandbox, 50_000, 30)
         return result
     finally:
@@ -122,11 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=100_000)
     parser.add_argument("--waiters", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="10,000 nodes, 1,000 waiters")
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results")
     args = parser.parse_args(argv)
     if args.quick:
         args.nodes, args.waiters = 10_000, 1_000
-    result = run(args.nodes, args.waiters, 2.0 if args.quick else 10.0, 50 if args.quick else 200)
+    result = {"machine": machine(),
+              **run(args.nodes, args.waiters, 2.0 if args.quick else 10.0,
+                    50 if args.quick else 200)}
     print(json.dumps(result, indent=2))
+    if not args.no_save:
+        path = save_results(result, f"large{'-quick' if args.quick else ''}")
+        print(f"written: {path.relative_to(ROOT)}")
     return 0
 
 

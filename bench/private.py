@@ -249,9 +249,27 @@ class PrivateRabbitMQ(_Private):
             self.ctl("stop_app")
             self.ctl("start_app")
 
-    def _stop_service(self) -> None:
+    def kill(self) -> None:
+        """kill -9 the node's Erlang VM (what a crash does); start() brings it back on the
+        same ports and data."""
+        self._adopt_pid()
+        if self.pid is None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        pid = self.pid
+        wait_for(lambda: process_gone(pid), 10, f"rabbitmq node {self.node} to die")
+        self.pid_file.unlink(missing_ok=True)  # so stopping it later does not look for it
+        self.pid = None
+
+    def _adopt_pid(self) -> None:
         if self.pid is None and self.pid_file.exists():  # a start that failed half way
             self.pid = int(self.pid_file.read_text())
+
+    def _stop_service(self) -> None:
+        self._adopt_pid()
         if self.pid is None:
             return
         try:

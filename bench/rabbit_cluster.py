@@ -7,7 +7,7 @@ cookie of their own, joined to the first with stop_app/join_cluster/start_app, a
 killed or stopped by its own pid, never touching the shared node.
 
     with PrivateRabbitCluster() as cluster:
-        amqp_url = cluster.url                  # the 3 nodes' URLs, comma-joined
+        amqp_url = cluster.url_for("/")         # the 3 nodes' URLs, comma-joined
         cluster.kill(cluster.leader("molteniron.requests"))
 
 Node names are mi1-<random>..mi3-<random>@localhost: two clusters (two test runs on one
@@ -21,15 +21,13 @@ all three takes about 4 s. A quorum queue had a new leader 0.6 s after kill -9 o
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import quote
 
-from bench.private import PrivateRabbitMQ, _Private, process_gone, wait_for
+from bench.env import vhost_url
+from bench.private import PrivateRabbitMQ, _Private, wait_for
 
 JOIN_TIMEOUT = 120.0  # seconds a restarted member may take to be running in the cluster again
 
@@ -51,20 +49,14 @@ class PrivateRabbitCluster(_Private):
         """The nodes' Erlang names (mi1-...@localhost, ...), in index order."""
         return [node.node for node in self.nodes]
 
-    @property
-    def urls(self) -> list[str]:
-        """One amqp:// URL per node, vhost "/"."""
-        return [node.url for node in self.nodes]
-
-    @property
-    def url(self) -> str:
-        """Every node's URL, comma-joined: an amqp_url with failover."""
-        return ",".join(self.urls)
-
     def urls_for(self, vhost: str, order: list[int] | None = None) -> list[str]:
         """The nodes' URLs for `vhost`, in `order` (node indexes; default: all, in index order)."""
         order = range(len(self.nodes)) if order is None else order
-        return [self.nodes[i].url.rsplit("/", 1)[0] + "/" + quote(vhost, safe="") for i in order]
+        return [vhost_url(self.nodes[i].url, vhost) for i in order]
+
+    def url_for(self, vhost: str, order: list[int] | None = None) -> str:
+        """Those URLs comma-joined: an amqp_url with failover."""
+        return ",".join(self.urls_for(vhost, order))
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -123,16 +115,8 @@ class PrivateRabbitCluster(_Private):
         raise LookupError(f"no leader known for queue {queue!r} in vhost {vhost!r}: {listed}")
 
     def kill(self, index: int) -> None:
-        """kill -9 node `index` (its Erlang VM, by the pid in its pid file)."""
-        node = self.nodes[index]
-        pid = node.pid if node.pid is not None else int(node.pid_file.read_text())
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        wait_for(lambda: process_gone(pid), 10, f"rabbitmq node {node.node} to die")
-        node.pid_file.unlink(missing_ok=True)  # so stopping the cluster does not look for it
-        node.pid = None
+        """kill -9 node `index`."""
+        self.nodes[index].kill()
         self.killed.add(index)
 
     def revive(self, index: int) -> None:
@@ -144,5 +128,6 @@ class PrivateRabbitCluster(_Private):
     def heal(self) -> None:
         """Every node running in the cluster again, whatever was killed before."""
         for index in sorted(self.killed):
-            self.revive(index)
+            self.nodes[index].start()
+        self.killed.clear()
         self.wait_running()

@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote
 import pika
 import pytest
 
-from bench.env import stop_processes
+from bench.env import stop_processes, vhost_url
 from clients.client import MoltenIronClient
 from molteniron import protocol
 from tests import services
@@ -63,8 +63,7 @@ def fresh_vhost(chosen: services.Services):
     try:
         _rabbitmqctl("set_permissions", "-p", vhost, params.credentials.username, ".*", ".*", ".*",
                      on=chosen)
-        base = chosen.amqp_url.rsplit("/", 1)[0]
-        yield f"{base}/{quote(vhost, safe='')}"
+        yield vhost_url(chosen.amqp_url, vhost)
     finally:
         _rabbitmqctl("delete_vhost", vhost, on=chosen)
 

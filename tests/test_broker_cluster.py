@@ -52,7 +52,7 @@ class ClusterStack(Stack):
 
     def __init__(self, cluster: PrivateRabbitCluster, vhost: str, database_url: str, engine,
                  logdir):
-        super().__init__(",".join(cluster.urls_for(vhost)), database_url, engine, logdir)
+        super().__init__(cluster.url_for(vhost), database_url, engine, logdir)
         self.cluster = cluster
         self.vhost = vhost
 
@@ -60,7 +60,7 @@ class ClusterStack(Stack):
         """The environment of a process that tries the nodes from node `first` on."""
         size = len(self.cluster.nodes)
         order = [(first + step) % size for step in range(size)]
-        return {"MOLTENIRON_AMQP_URL": ",".join(self.cluster.urls_for(self.vhost, order))}
+        return {"MOLTENIRON_AMQP_URL": self.cluster.url_for(self.vhost, order)}
 
     def channel(self):
         url = self.cluster.urls_for(self.vhost, self.cluster.alive())[0]
