@@ -409,8 +409,8 @@ def load_grant_outbox(connection: Connection) -> list[tuple]:
 
 
 def _send_writes_first(session: Session, flush_context, instances) -> None:
-    """The batch's deferred writes go before anything the ORM writes: a waiter dropped
-    earlier in the batch (its DELETE deferred) may be enqueued again under the same id."""
+    """The batch's deferred writes go before anything the ORM writes, in the order the
+    batch decided them (a row it deleted may be written again by the ORM)."""
     batch = session.info.get("batch")
     if batch is not None:
         batch.send_writes()

@@ -11,6 +11,7 @@ at once: nodes never sit ready while a waiter they fit waits.
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -95,14 +96,18 @@ class Waiters:
                 user: str | None = None, wants: Constraints = ANY, priority: int = 0) -> dict:
         """Make the allocate a waiting row; return the interim reply."""
         deadline = None if wait_seconds is None else batch.clock + wait_seconds
-        row = WaitingRequest(request_id=request_id, node_pool=node_pool, count=count, owner=owner,
-                             user=user, reply_to=reply_to, correlation_id=correlation_id,
-                             enqueued_at=batch.now, deadline=deadline,
-                             lease_seconds=lease_seconds, constraints=wants.to_row(),
-                             priority=priority)
-        batch.session.add(row)
-        batch.session.flush()
-        place = self._remember(Waiter(row.id, request_id, node_pool, count, owner, reply_to,
+        constraints = wants.to_row()
+        # Its autoincrement id is its place in line, so the INSERT runs now; what the batch
+        # deferred goes first (a waiter dropped earlier in it may have had this request id).
+        batch.send_writes()
+        row_id = batch.connection.exec_driver_sql(
+            "INSERT INTO waiting_requests (request_id, node_pool, count, owner, user, reply_to, "
+            "correlation_id, enqueued_at, deadline, lease_seconds, constraints, priority) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (request_id, node_pool, count, owner, user, reply_to, correlation_id, batch.now,
+             deadline, lease_seconds, None if constraints is None else json.dumps(constraints),
+             priority)).lastrowid
+        place = self._remember(Waiter(row_id, request_id, node_pool, count, owner, reply_to,
                                       correlation_id, deadline, batch.now, lease_seconds, user,
                                       wants, priority))
         if place == 1 and len(self.by_pool[node_pool]) > 1:
