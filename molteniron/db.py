@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pymysql.constants import CLIENT
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import ArgumentError, OperationalError
 
@@ -25,15 +26,11 @@ def make_engine(db_url: str, pre_ping: bool = True, joined_statements: bool = Fa
     except ArgumentError as exc:
         raise ConfigError(f"db_url is not a database URL: {exc}") from None
     joined = joined_statements and url.get_driver_name() == "pymysql"
-    if joined:
-        connect_args = kwargs.get("connect_args", {})
-        kwargs["connect_args"] = {**connect_args, "client_flag": connect_args.get("client_flag", 0)
-                                  | CLIENT_FOUND_ROWS | CLIENT_MULTI_STATEMENTS}
     # hide_parameters: a failed statement's error must not carry an IPMI password into a log.
     engine = create_engine(url, pool_pre_ping=pre_ping, pool_recycle=3600,
                            hide_parameters=True, **kwargs)
     if joined:
-        event.listen(engine, "connect", _say_joined)
+        event.listen(engine, "do_connect", _connect_joined)
         event.listen(engine, "do_execute", _read_every_result)
         event.listen(engine, "before_cursor_execute", _forget_commit)
         event.listen(engine, "handle_error", _hide_joined_values)
@@ -48,8 +45,6 @@ def make_engine(db_url: str, pre_ping: bool = True, joined_statements: bool = Fa
 # cost one. Every value still goes through the driver's own escaping (mogrify), the
 # same that execute() applies: nothing is formatted into the SQL by hand.
 
-CLIENT_FOUND_ROWS = 1 << 1  # what SQLAlchemy's MySQL dialects always ask for
-CLIENT_MULTI_STATEMENTS = 1 << 16
 TRIP_BYTES = 1_000_000  # joined statements per trip: well under max_allowed_packet (16 MB)
 _JOINED = "molteniron_joined"
 _EVERY_RESULT = "molteniron_every_result"
@@ -75,10 +70,9 @@ def run_statements(connection: Connection, statements: list[tuple[str, tuple | N
         texts = [cursor.mogrify(statement, params) for statement, params in statements]
     finally:
         cursor.close()
-    skeletons = [statement for statement, _ in statements]  # what an error may show
+    skeletons = (*(statement for statement, _ in statements), *(["COMMIT"] if commit else []))
     if commit:
         texts.append("COMMIT")
-        skeletons.append("COMMIT")
     start, size = 0, 0
     for end, sql in enumerate(texts):
         if end > start and size + len(sql) > TRIP_BYTES:
@@ -90,10 +84,9 @@ def run_statements(connection: Connection, statements: list[tuple[str, tuple | N
         connection.info[_COMMIT_SENT] = True
 
 
-def _send_trip(connection: Connection, texts: list[str], skeletons: list[str]) -> None:
-    if texts:
-        connection.exec_driver_sql(";\n".join(texts),
-                                   execution_options={_EVERY_RESULT: ";\n".join(skeletons)})
+def _send_trip(connection: Connection, texts: list[str], skeletons: tuple[str, ...]) -> None:
+    if texts:  # the skeletons (statements without values) are joined only for an error
+        connection.exec_driver_sql(";\n".join(texts), execution_options={_EVERY_RESULT: skeletons})
 
 
 def _hide_joined_values(context) -> None:
@@ -102,10 +95,12 @@ def _hide_joined_values(context) -> None:
     execution = context.execution_context
     skeleton = execution is not None and execution.execution_options.get(_EVERY_RESULT)
     if skeleton and context.sqlalchemy_exception is not None:
-        context.sqlalchemy_exception.statement = skeleton
+        context.sqlalchemy_exception.statement = ";\n".join(skeleton)
 
 
-def _say_joined(dbapi_connection, connection_record) -> None:
+def _connect_joined(dialect, connection_record, cargs, cparams) -> None:
+    """Connect with CLIENT_MULTI_STATEMENTS added to the flags the dialect asks for."""
+    cparams["client_flag"] = cparams.get("client_flag", 0) | CLIENT.MULTI_STATEMENTS
     connection_record.info[_JOINED] = True
 
 

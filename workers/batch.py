@@ -33,7 +33,7 @@ class Outgoing:
 @dataclass
 class Batch:
     connection: Connection  # in its transaction: driver SQL for the hot path
-    make_session: Callable[..., Session] | None = None  # the keeper's sessionmaker
+    make_session: Callable[..., Session]  # the keeper's sessionmaker
     now: datetime = field(default_factory=utcnow)
     clock: float = field(default_factory=time.time)
     outbox: list[Outgoing] = field(default_factory=list)
