@@ -50,9 +50,10 @@ def clean_once(stack, env: dict) -> tuple[int, dict, str]:
 def dirty_node(stack, env: dict) -> None:
     """A worker with env's cleaning_command, and node-1 released by a job: dirty."""
     stack.start_worker(env=env)
-    stack.cli("add_baremetal", *node_args(1))
-    stack.cli("allocate", "job", "1")
-    stack.cli("release", "job")
+    for args in (("add_baremetal", *node_args(1)), ("allocate", "job", "1"), ("release", "job")):
+        done = stack.cli(*args)
+        assert done.returncode == 0, done
+    assert nodes(stack) == [("node-1", "dirty", None)]
 
 
 def nodes(stack):

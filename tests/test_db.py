@@ -4,6 +4,7 @@ safe than sending them one by one."""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
 from molteniron import db, pool
@@ -19,6 +20,15 @@ def joined(database_url, engine):
     joined = db.make_engine(database_url, pre_ping=False, joined_statements=True)
     yield joined
     joined.dispose()
+
+
+@pytest.fixture
+def trips(joined):
+    """Every query the joined engine sends to the server, in order."""
+    sent: list[str] = []
+    event.listen(joined, "before_cursor_execute", lambda conn, cursor, statement, *rest:
+                 sent.append(statement))
+    return sent
 
 
 def stored(engine) -> dict[str, str]:
@@ -44,12 +54,15 @@ def test_values_reach_the_database_exactly_as_sent(joined, engine):
     assert stored(engine) == {f"r{i}": text for i, text in enumerate(awkward)}
 
 
-def test_one_commit_per_transaction(joined, engine):
+def test_one_commit_per_transaction_in_the_same_trip_as_the_writes(joined, engine, trips):
     with joined.connect() as conn:
         before = commits_sent(conn)
         conn.rollback()
+        trips.clear()
         with conn.begin():
             db.run_statements(conn, [row("a"), row("b")], commit=True)
+        (trip,) = trips  # SQLAlchemy sent no COMMIT of its own
+        assert trip.count("INSERT INTO processed_requests") == 2 and trip.endswith(";\nCOMMIT")
         assert commits_sent(conn) - before == 1
         conn.rollback()
     assert set(stored(engine)) == {"a", "b"}
@@ -67,16 +80,21 @@ def test_a_failing_statement_raises_and_nothing_is_written(joined, engine):
     assert "secret-a" not in str(failed.value)
 
 
-def test_statements_split_into_several_trips_stay_one_transaction(joined, engine, monkeypatch):
-    monkeypatch.setattr(db, "TRIP_BYTES", 200)  # about one statement per trip
+def test_statements_split_into_several_trips_stay_one_transaction(joined, engine, monkeypatch,
+                                                                   trips):
+    monkeypatch.setattr(db, "TRIP_BYTES", 200)  # one statement per trip
     big = "x" * 150
+    trips.clear()
     with joined.begin() as conn:
         db.run_statements(conn, [row(f"r{i}", big) for i in range(5)], commit=True)
+    assert len(trips) == 6 and trips[-1] == "COMMIT", trips  # 5 INSERTs, then the COMMIT
     assert set(stored(engine)) == {f"r{i}" for i in range(5)}
     empty_tables(engine)
+    trips.clear()
     with pytest.raises(IntegrityError):
         with joined.begin() as conn:
             db.run_statements(conn, [row("a", big), row("b", big), row("a", big)], commit=True)
+    assert len(trips) == 3 and "COMMIT" not in trips, trips  # the third INSERT failed
     assert stored(engine) == {}, "an earlier trip's rows were committed without the rest"
 
 

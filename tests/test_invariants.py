@@ -213,6 +213,8 @@ def commit(keeper, requests, returned, settled):
 
 def writes_then_fail(self):
     """Batch.commit broken after its writes reached the database, before the COMMIT."""
+    if self.orm_session is not None:
+        self.orm_session.flush()
     self.send_writes()
     raise InjectedFailure("the transaction broke after the pool's writes")
 

@@ -30,10 +30,15 @@ class Properties:
     correlation_id: str | None
 
 
+def make_keeper(engine, database_url, **config) -> PoolKeeper:
+    """A keeper on empty tables (close it afterwards)."""
+    empty_tables(engine)
+    return PoolKeeper(Config(db_url=database_url, **config), "worker-test")
+
+
 @pytest.fixture
 def keeper(engine, database_url):
-    empty_tables(engine)
-    keeper = PoolKeeper(Config(db_url=database_url), "worker-test")
+    keeper = make_keeper(engine, database_url)
     yield keeper
     keeper.close()
 
@@ -261,6 +266,7 @@ def test_a_waiter_behind_the_head_the_pool_can_no_longer_serve_gets_409_at_once(
     # Like a new allocate of 3 would be, the waiter is told now, not when it reaches the head.
     answers = [(out.reply["status"], out.reply.get("error")) for out in replies(batch, everything)]
     assert answers == [(409, "PoolTooSmall")]
+    assert not replies(batch, head) and waiting(keeper) == ["head"]  # 2 still possible
     assert waiting(keeper) == ["head"]
 
 
@@ -321,9 +327,9 @@ def test_bad_allocate_arguments_are_400_before_any_rule_runs(owner, count):
 
 # --- a client that moved to another broker of a cluster sends its request again ----------
 
-def commit_from(keeper, req, reply_to):
+def commit_from(keeper, req, reply_to, returned=()):
     """One batch holding a copy of req sent from another reply queue."""
-    return keeper.commit([(None, Properties(reply_to, req.id), req)], [], None)
+    return keeper.commit([(None, Properties(reply_to, req.id), req)], list(returned), None)
 
 
 def test_an_undone_grant_is_served_again_to_a_copy_from_another_reply_queue(keeper):
@@ -365,11 +371,12 @@ def test_a_waiter_whose_client_moved_waits_again_when_the_bounce_and_the_copy_me
     node = add_node(keeper, "n1")
     allocate(keeper, "holder", 1)
     waiter = wait_for(keeper, "waiter", 1)
-    batch = keeper.commit([(None, Properties("new-queue", waiter.id), waiter)],
-                          [(reply_to_of(waiter), {"id": waiter.id, "status": protocol.QUEUED})],
-                          None)
-    assert [(out.reply_to, out.reply["status"]) for out in batch.outbox
-            if out.reply_to == "new-queue"] == [("new-queue", protocol.QUEUED)]
+    batch = commit_from(keeper, waiter, "new-queue", returned=[
+        (reply_to_of(waiter), {"id": waiter.id, "status": protocol.QUEUED})])
+    # The old queue is told the waiter was dropped (nobody listens there); the new one
+    # that the copy waits.
+    assert [(out.reply_to, out.reply["status"]) for out in batch.outbox] == [
+        (reply_to_of(waiter), 409), ("new-queue", protocol.QUEUED)]
     assert sql(keeper, "SELECT request_id, reply_to FROM waiting_requests") == [
         (waiter.id, "new-queue")]
     batch = commit(keeper, request("release", owner="holder"))
@@ -410,8 +417,7 @@ def test_a_batch_costs_no_rollback_round_trip_and_an_open_read_is_still_rolled_b
 def test_a_release_under_quota_serves_the_users_waiters_in_each_pool(engine, database_url):
     """alice may hold one node. She waits in pools a and b while holding a node of a third
     pool; each release of hers must serve her next waiter, whichever pool it is in."""
-    empty_tables(engine)
-    keeper = PoolKeeper(Config(db_url=database_url, quotas={"alice": 1}), "worker-test")
+    keeper = make_keeper(engine, database_url, quotas={"alice": 1})
     try:
         for name, node_pool in (("h1", "h"), ("a1", "a"), ("b1", "b")):
             add_node(keeper, name, node_pool)
@@ -434,6 +440,7 @@ def test_a_release_under_quota_serves_the_users_waiters_in_each_pool(engine, dat
         assert_granted(batch, first, 1)
         (second,) = [req for req in waiters.values() if req is not first]
         assert not replies(batch, second), "over her quota: only one may be served"
+        assert waiting(keeper) == [second.args["owner"]]
 
         _, batch = as_alice("release", owner=first.args["owner"])
         assert_granted(batch, second, 1)
