@@ -128,12 +128,13 @@ class MoltenIronClient:
         `until` (unix time; default: the client's timeout from now).
         """
         until = time.time() + self.timeout if until is None else until
+        copy = request.id in self.sent  # sent before: it may have been answered
         self.replies.setdefault(request.id, [])
         self.sent[request.id] = (request, expires_in)
         while True:
             try:
                 self.connect()
-                self._publish(request, expires_in)
+                self._publish(request, expires_in, copy)
                 return
             except UnroutableError:
                 raise errors.ServiceUnavailable(
@@ -153,13 +154,16 @@ class MoltenIronClient:
                 raise errors.Interrupted()
             if time.time() + RESEND_PAUSE >= until:
                 raise errors.ServiceUnavailable(failure)
+            copy = True  # the failed publish may have reached the queue all the same
             time.sleep(RESEND_PAUSE)
 
-    def _publish(self, request: protocol.Request, expires_in: float | None) -> None:
+    def _publish(self, request: protocol.Request, expires_in: float | None,
+                 copy: bool = False) -> None:
         expiration = None if expires_in is None else str(max(1, int(expires_in * 1000)))
         properties = pika.BasicProperties(
             reply_to=self.reply_queue, correlation_id=request.id, delivery_mode=2,
-            content_type="application/json", expiration=expiration, user_id=self.user_id)
+            content_type="application/json", expiration=expiration, user_id=self.user_id,
+            headers={protocol.COPY_HEADER: True} if copy else None)
         self.channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY,
                                    request.to_body(), properties, mandatory=True)
 

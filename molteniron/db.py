@@ -153,16 +153,41 @@ def node_unusable(exc: BaseException) -> bool:
     return bool(getattr(orig, "args", None)) and orig.args[0] in NODE_UNUSABLE
 
 
+_GALERA = "molteniron_galera"
+
+
 def causal_reads(dbapi_connection, connection_record) -> None:
     """On a Galera node, make reads wait until the node has applied every transaction
     committed anywhere before them (wsrep_sync_wait=1): after a failover, what the worker
     reads must include what it committed on the node that died. Elsewhere a no-op
-    (MariaDB without Galera), or refused and ignored (a server without the variable)."""
+    (MariaDB without Galera), or refused and ignored (a server without the variable).
+    Notes whether the connection is on a Galera node (on_galera)."""
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("SET SESSION wsrep_sync_wait = 1")
+        cursor.execute("SELECT @@wsrep_on")
+        connection_record.info[_GALERA] = bool(cursor.fetchone()[0])
     except Exception:  # noqa: BLE001 - any driver's "unknown variable": nothing to do
         pass
+    finally:
+        cursor.close()
+
+
+def on_galera(connection: Connection) -> bool:
+    """The connection is on a Galera node (known once causal_reads ran at its connect).
+    Galera's wsrep_sync_wait=1 makes reads causal, not writes."""
+    return bool(connection.info.get(_GALERA))
+
+
+def strict_writes(dbapi_connection, connection_record) -> None:
+    """A value that does not fit its column fails the statement (STRICT_ALL_TABLES),
+    whatever the server's own sql_mode. Without it MariaDB writes a NULL into a NOT NULL
+    column as 0 with a warning, and the worker's fence (Batch.fence_in_trip), which fails
+    by writing NULL, would instead set the epoch to 0."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SET SESSION sql_mode = "
+                       "CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES')")
     finally:
         cursor.close()
 
@@ -209,4 +234,5 @@ def migrate(engine: Engine) -> None:
 
 
 __all__ = ["make_engine", "create_database", "migrate", "lock_conflict", "node_unusable",
-           "causal_reads", "rollback_if_in_transaction", "run_statements", "OperationalError"]
+           "causal_reads", "on_galera", "strict_writes", "rollback_if_in_transaction",
+           "run_statements", "OperationalError"]

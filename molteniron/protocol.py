@@ -40,6 +40,10 @@ REQUEST_QUEUE_ARGUMENTS = {
 # The dead-letter queue is for people to inspect; cap it so it cannot fill the disk.
 DEAD_LETTER_QUEUE_ARGUMENTS = {"x-max-length": 100_000, "x-queue-type": "classic"}
 MAX_BODY_BYTES = 1_000_000
+# AMQP header of a request a client sends again (same id) after a nack or a lost
+# connection: it may have been answered already, so the worker reads the replies it
+# stored before handling it. (Unmarked, it is caught too, at a higher cost.)
+COPY_HEADER = "molteniron-copy"
 
 # --- statuses beyond the original's ------------------------------------------
 QUEUED = 202      # interim reply: the allocate waits; more replies follow

@@ -79,6 +79,24 @@ def test_a_fenced_worker_stops_writing_and_the_request_is_not_lost(stack):
     assert stack.sql("SELECT name FROM nodes") == [("node-1",)]
 
 
+def test_a_fenced_worker_writes_no_allocation_though_it_checks_in_its_commit(running):
+    """An allocate is fenced in its write trip (no read first): the fence still holds."""
+    running.cli("add_baremetal", *node_args(1))
+    with running.engine.begin() as conn:
+        conn.execute(text("UPDATE worker_meta SET epoch = epoch + 100, holder = 'usurper'"))
+    with running.client() as client:
+        request = protocol.new_request("allocate", {"owner": "job-1", "count": 1,
+                                                    "wait": False})
+        client.send(request, expires_in=60)
+        assert running.workers[0].wait(timeout=15) == 5
+        assert "event=fence_tripped" in running.worker_log()
+        assert running.sql("SELECT COUNT(*) FROM nodes WHERE owner IS NOT NULL") == [(0,)]
+        running.start_worker(ready=False)
+        reply = client.wait(request.id, time.time() + 30)
+    assert reply["status"] == 200, reply
+    assert running.sql("SELECT owner FROM nodes") == [("job-1",)]
+
+
 def test_worker_rides_out_lost_database_connections(running):
     running.cli("add_baremetal", *node_args(1))
     with running.engine.begin() as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from sqlalchemy import text
@@ -122,6 +123,28 @@ def test_a_lock_held_by_someone_else_is_waited_out_not_dead_lettered(stack, data
     assert stack.sql("SELECT name FROM nodes") == [("node-1",)]
     assert stack.dead_letters() == 0
     assert stack.workers[0].poll() is None
+
+
+def test_a_request_its_client_sends_again_is_marked_as_a_copy(running):
+    """The worker reads the stored replies before handling a marked copy: it may have
+    been answered, its reply lost with the connection (tests/test_fence_in_trip.py)."""
+    running.stop_workers()
+    with running.client() as client:
+        release = protocol.new_request("release", {"owner": "job-1"})
+        client.send(release, expires_in=None)
+        client.send(release, expires_in=None)  # as after a lost connection, before its reply
+    connection, channel = running.channel()
+    try:
+        seen = []
+        for method, properties, body in channel.consume(protocol.REQUEST_QUEUE,
+                                                        inactivity_timeout=10):
+            assert method is not None, f"only {len(seen)} of 2 requests reached the queue"
+            seen.append((json.loads(body)["id"], properties.headers))
+            if len(seen) == 2:
+                break
+    finally:
+        connection.close()
+    assert seen == [(release.id, None), (release.id, {protocol.COPY_HEADER: True})]
 
 
 def test_cancel_of_a_request_that_was_not_an_allocate_keeps_its_reply(running):

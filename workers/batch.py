@@ -89,6 +89,22 @@ class Batch:
         in one round trip, with the COMMIT (commit) or before the ORM reads (send_writes)."""
         self.writes.append((statement, params))
 
+    def fence_in_trip(self, epoch: int, request_ids: list[str]) -> None:
+        """The fence as this batch's first write, sent with the others (no read first):
+        it fails (fence_tripped) unless worker_meta still holds `epoch` and none of
+        request_ids has a stored reply, and a failed statement stops its trip before the
+        COMMIT. Like fenced_stored_replies it locks the epoch row until the transaction
+        ends: a worker taking over waits for this batch. Needs strict writes
+        (db.strict_writes): the failure is a NULL written to a NOT NULL column."""
+        if self.writes:
+            raise RuntimeError("the fence must be the batch's first write")
+        unanswered = ""
+        if request_ids:
+            unanswered = (" AND NOT EXISTS (SELECT 1 FROM processed_requests WHERE request_id "
+                          f"IN ({placeholders(request_ids)}))")
+        self.write(f"UPDATE worker_meta SET epoch = IF(epoch = %s{unanswered}, epoch, NULL) "
+                   "WHERE id = 1", (epoch, *request_ids))
+
     def send_writes(self) -> None:
         """Send the writes so far: what the ORM reads next must include them."""
         if self.writes:
@@ -179,6 +195,13 @@ def fenced_stored_replies(connection: Connection,
     if epoch is None:
         raise LookupError("worker_meta has no row 1: the schema was not migrated")
     return epoch, stored
+
+
+def fence_tripped(exc: BaseException) -> bool:
+    """The error of Batch.fence_in_trip: another epoch, or a request answered before
+    (1048: Column 'epoch' cannot be null)."""
+    args = getattr(getattr(exc, "orig", None), "args", ())
+    return len(args) >= 2 and args[0] == 1048 and "'epoch'" in str(args[1])
 
 
 def placeholders(values) -> str:

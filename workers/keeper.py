@@ -24,7 +24,7 @@ from molteniron.config import Config, url_list
 from molteniron.models import EndReason, Node
 from workers import metrics
 from workers.authz import Authorizer
-from workers.batch import Batch, fenced_stored_replies, placeholders
+from workers.batch import Batch, fence_tripped, fenced_stored_replies, placeholders
 from workers.cleaning import CleaningPolicy, replayed_claim
 from workers.dispatch import HANDLERS, IN_MEMORY, Context
 from workers.grants import UNDO
@@ -75,6 +75,7 @@ class PoolKeeper:
                                 joined_statements=True, pool_reset_on_return=None)
         event.listen(engine.pool, "reset", db.rollback_if_in_transaction)
         event.listen(engine, "connect", db.causal_reads)
+        event.listen(engine, "connect", db.strict_writes)
         return engine
 
     def use_next_database(self, why: BaseException) -> bool:
@@ -121,8 +122,36 @@ class PoolKeeper:
         undo = [rid for rid, outcome in settled.items() if outcome == UNDO]
         if undo and self.epoch is not None:
             self._mark_returned(undo)
+        if self._may_fence_in_trip(requests, returned):
+            try:
+                return self._commit(requests, returned, settled, fence_in_trip=True)
+            except DBAPIError as exc:
+                if not fence_tripped(exc):
+                    raise
+            # Memory took the batch for new: it goes back to what the database holds,
+            # and the batch runs again, fenced by a read that says why it tripped.
+            self.reload_needed = True
+            log.info("event=fence_tripped worker=%s requests=%d", self.worker_id, len(requests))
+        return self._commit(requests, returned, settled, fence_in_trip=False)
+
+    def _may_fence_in_trip(self, requests, returned) -> bool:
+        """The batch may skip the fence's read and check it in its write trip: the worker
+        holds the pool with a memory that matches the database, every operation works on
+        that memory, and no request may have been answered before (redelivered by the
+        broker, or a copy its client sent again). Should one have been, the fence trips."""
+        return (self.epoch is not None and not self.reload_needed and not returned
+                and all(request.op in IN_MEMORY and not _maybe_answered(method, properties)
+                        for method, properties, request in requests))
+
+    def _commit(self, requests, returned, settled: dict[str, str],
+                fence_in_trip: bool) -> Batch:
         with self._transaction() as batch:
-            taking, stored = self._fence(batch, [r.id for _, _, r in requests])
+            request_ids = [r.id for _, _, r in requests]
+            if fence_in_trip and not db.on_galera(batch.connection):
+                batch.fence_in_trip(self.epoch, request_ids)
+                taking, stored = None, {}
+            else:
+                taking, stored = self._fence(batch, request_ids)
             if taking is not None:
                 batch.adopted_grants = self._adopt_grants(batch)
             self._settle_grants(batch, settled)
@@ -394,6 +423,12 @@ class PoolKeeper:
                 PRUNE_CHUNK)
             if replies or history:
                 log.info("event=pruned stored_replies=%d allocations=%d", replies, history)
+
+
+def _maybe_answered(method, properties) -> bool:
+    """Redelivered by the broker, or sent again by its client (protocol.COPY_HEADER)."""
+    headers = getattr(properties, "headers", None) or {}
+    return bool(getattr(method, "redelivered", False) or headers.get(protocol.COPY_HEADER))
 
 
 def _is_grant(op: str, reply: dict) -> bool:

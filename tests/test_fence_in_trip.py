@@ -1,0 +1,156 @@
+"""The fence checked in the write trip: a batch of allocates, releases, renewals and
+cancels reads nothing before its writes.
+
+Its first write fails unless the epoch is still the worker's and none of its requests
+was answered before; then memory is reloaded and the batch runs again the careful way
+(the fence read, the stored replies). Each test drives the keeper as the worker does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import create_engine, event, text
+
+from molteniron import db, errors, protocol
+from tests.test_keeper import (add_node, allocate, commit, keeper, owners,  # noqa: F401
+                               reply_to_of, request, sql)
+from workers.batch import Batch, fence_tripped
+
+
+@dataclass
+class CopyProperties:
+    """A delivery's properties with the header a client puts on a request it sends again."""
+    reply_to: str
+    correlation_id: str
+    headers: dict
+
+
+def statements_sent(keeper, run) -> list[str]:
+    """What the keeper sends to the database while run() runs, a query per round trip."""
+    sent = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        sent.append(statement)
+
+    event.listen(keeper.engine, "before_cursor_execute", record)
+    try:
+        run()
+    finally:
+        event.remove(keeper.engine, "before_cursor_execute", record)
+    return sent
+
+
+@pytest.fixture
+def active(keeper):
+    """A keeper that holds the pool (its first batch took the epoch), with one node."""
+    node = add_node(keeper, "n1")
+    return SimpleNamespace(keeper=keeper, node=node)
+
+
+def test_an_allocate_and_a_release_each_make_one_round_trip(active):
+    keeper = active.keeper
+    req = request("allocate", owner="job", count=1, node_pool="p")
+    sent = statements_sent(keeper, lambda: commit(keeper, req))
+    assert len(sent) == 1, sent
+    assert sent[0].startswith("UPDATE worker_meta SET epoch = IF(") and sent[0].endswith("COMMIT")
+    assert owners(keeper) == {active.node: "job"}
+    sent = statements_sent(keeper, lambda: commit(keeper, request("release", owner="job")))
+    assert len(sent) == 1, sent
+    assert owners(keeper) == {active.node: None}
+
+
+def test_a_worker_fenced_off_writes_nothing_though_it_read_nothing_first(active, caplog):
+    keeper = active.keeper
+    sql(keeper, "SELECT 1")
+    with keeper.engine.begin() as conn:  # another worker took over meanwhile
+        conn.exec_driver_sql("UPDATE worker_meta SET epoch = epoch + 1")
+    stored_before = sql(keeper, "SELECT request_id FROM processed_requests ORDER BY 1")
+    with caplog.at_level(logging.INFO, logger="workers.keeper"):
+        with pytest.raises(errors.NotActiveWorker):
+            commit(keeper, request("allocate", owner="job", count=1, node_pool="p"))
+    assert "event=fence_tripped" in caplog.text and "event=fenced" in caplog.text
+    assert owners(keeper) == {active.node: None}
+    assert sql(keeper, "SELECT request_id FROM processed_requests ORDER BY 1") == stored_before
+
+
+def test_a_request_answered_before_and_sent_again_unmarked_gets_its_stored_reply(
+        active, caplog):
+    keeper = active.keeper
+    first, reply = allocate(keeper, "first", 1)
+    assert reply["status"] == 200
+    commit(keeper, request("release", owner="first"))
+    # An old client sends the same allocate again, in a batch with a new one.
+    second = request("allocate", owner="second", count=1, node_pool="p")
+    with caplog.at_level(logging.INFO, logger="workers.keeper"):
+        batch = commit(keeper, first, second)
+    assert "event=fence_tripped" in caplog.text
+    replies = {out.request_id: out for out in batch.outbox}
+    assert replies[first.id].mandatory is False  # a replay: its bounce would undo nothing
+    assert replies[first.id].reply["status"] == 200 and not replies[first.id].grant
+    assert replies[second.id].grant and replies[second.id].reply["status"] == 200
+    assert owners(keeper) == {active.node: "second"}  # the released node went once
+
+
+def test_a_copy_its_client_marked_is_checked_before_it_is_handled(active, caplog):
+    keeper = active.keeper
+    first, _ = allocate(keeper, "first", 1)
+    commit(keeper, request("release", owner="first"))
+    copy = CopyProperties(reply_to_of(first), first.id, {protocol.COPY_HEADER: True})
+    loads = []
+    keeper.state.load = lambda session, load=keeper.state.load: loads.append(1) or load(session)
+    with caplog.at_level(logging.INFO, logger="workers.keeper"):
+        batch = keeper.commit([(None, copy, first)], [], None)
+    (out,) = batch.outbox
+    assert out.reply["status"] == 200 and not out.grant and out.mandatory is False
+    assert owners(keeper) == {active.node: None}
+    assert "event=fence_tripped" not in caplog.text and loads == []  # no reload needed
+
+
+def test_a_redelivered_request_is_checked_before_it_is_handled(active, caplog):
+    keeper = active.keeper
+    first, _ = allocate(keeper, "first", 1)
+    commit(keeper, request("release", owner="first"))
+    redelivered = SimpleNamespace(redelivered=True, delivery_tag=1)
+    with caplog.at_level(logging.INFO, logger="workers.keeper"):
+        batch = keeper.commit([(redelivered, SimpleNamespace(
+            reply_to=reply_to_of(first), correlation_id=first.id, headers=None), first)], [], None)
+    assert [out.grant for out in batch.outbox] == [False]
+    assert owners(keeper) == {active.node: None}
+    assert "event=fence_tripped" not in caplog.text
+
+
+def lax_engine(database_url):
+    """An engine whose sessions start with sql_mode '' (a lax server), then get strict_writes."""
+    engine = create_engine(database_url)
+
+    @event.listens_for(engine, "connect")
+    def lax(dbapi_connection, connection_record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET SESSION sql_mode = ''")
+        cursor.close()
+
+    event.listen(engine, "connect", db.strict_writes)
+    return engine
+
+
+def test_the_fence_fails_on_a_lax_server_instead_of_writing_epoch_zero(active, database_url):
+    epoch = sql(active.keeper, "SELECT epoch FROM worker_meta WHERE id = 1")[0][0]
+    engine = lax_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            assert "STRICT_ALL_TABLES" in conn.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar()
+            batch = Batch(conn, make_session=None)
+            batch.fence_in_trip(epoch + 1, [])
+            (statement, params), = batch.writes
+            with pytest.raises(Exception) as info:
+                conn.exec_driver_sql(statement, params)
+            assert fence_tripped(info.value)
+            conn.rollback()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT epoch FROM worker_meta WHERE id = 1")).scalar() == epoch
+    finally:
+        engine.dispose()
