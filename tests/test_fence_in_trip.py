@@ -29,97 +29,114 @@ class CopyProperties:
     headers: dict
 
 
-def statements_sent(keeper, run) -> list[str]:
+def statements_sent(pool_keeper, run) -> list[str]:
     """What the keeper sends to the database while run() runs, a query per round trip."""
     sent = []
 
     def record(conn, cursor, statement, parameters, context, executemany):
         sent.append(statement)
 
-    event.listen(keeper.engine, "before_cursor_execute", record)
+    event.listen(pool_keeper.engine, "before_cursor_execute", record)
     try:
         run()
     finally:
-        event.remove(keeper.engine, "before_cursor_execute", record)
+        event.remove(pool_keeper.engine, "before_cursor_execute", record)
     return sent
 
 
 @pytest.fixture
-def active(keeper):
+def active(keeper):  # noqa: F811 - the fixture imported above
     """A keeper that holds the pool (its first batch took the epoch), with one node."""
     node = add_node(keeper, "n1")
     return SimpleNamespace(keeper=keeper, node=node)
 
 
 def test_an_allocate_and_a_release_each_make_one_round_trip(active):
-    keeper = active.keeper
+    pool_keeper = active.keeper
     req = request("allocate", owner="job", count=1, node_pool="p")
-    sent = statements_sent(keeper, lambda: commit(keeper, req))
+    sent = statements_sent(pool_keeper, lambda: commit(pool_keeper, req))
     assert len(sent) == 1, sent
     assert sent[0].startswith("UPDATE worker_meta SET epoch = IF(") and sent[0].endswith("COMMIT")
-    assert owners(keeper) == {active.node: "job"}
-    sent = statements_sent(keeper, lambda: commit(keeper, request("release", owner="job")))
+    assert owners(pool_keeper) == {active.node: "job"}
+    sent = statements_sent(pool_keeper, lambda: commit(pool_keeper, request("release", owner="job")))
     assert len(sent) == 1, sent
-    assert owners(keeper) == {active.node: None}
+    assert owners(pool_keeper) == {active.node: None}
 
 
 def test_a_worker_fenced_off_writes_nothing_though_it_read_nothing_first(active, caplog):
-    keeper = active.keeper
-    sql(keeper, "SELECT 1")
-    with keeper.engine.begin() as conn:  # another worker took over meanwhile
+    pool_keeper = active.keeper
+    sql(pool_keeper, "SELECT 1")
+    with pool_keeper.engine.begin() as conn:  # another worker took over meanwhile
         conn.exec_driver_sql("UPDATE worker_meta SET epoch = epoch + 1")
-    stored_before = sql(keeper, "SELECT request_id FROM processed_requests ORDER BY 1")
+    stored_before = sql(pool_keeper, "SELECT request_id FROM processed_requests ORDER BY 1")
     with caplog.at_level(logging.INFO, logger="workers.keeper"):
         with pytest.raises(errors.NotActiveWorker):
-            commit(keeper, request("allocate", owner="job", count=1, node_pool="p"))
+            commit(pool_keeper, request("allocate", owner="job", count=1, node_pool="p"))
     assert "event=fence_tripped" in caplog.text and "event=fenced" in caplog.text
-    assert owners(keeper) == {active.node: None}
-    assert sql(keeper, "SELECT request_id FROM processed_requests ORDER BY 1") == stored_before
+    assert owners(pool_keeper) == {active.node: None}
+    assert sql(pool_keeper, "SELECT request_id FROM processed_requests ORDER BY 1") == stored_before
 
 
 def test_a_request_answered_before_and_sent_again_unmarked_gets_its_stored_reply(
         active, caplog):
-    keeper = active.keeper
-    first, reply = allocate(keeper, "first", 1)
+    pool_keeper = active.keeper
+    first, reply = allocate(pool_keeper, "first", 1)
     assert reply["status"] == 200
-    commit(keeper, request("release", owner="first"))
+    commit(pool_keeper, request("release", owner="first"))
     # An old client sends the same allocate again, in a batch with a new one.
     second = request("allocate", owner="second", count=1, node_pool="p")
     with caplog.at_level(logging.INFO, logger="workers.keeper"):
-        batch = commit(keeper, first, second)
+        batch = commit(pool_keeper, first, second)
     assert "event=fence_tripped" in caplog.text
     replies = {out.request_id: out for out in batch.outbox}
     assert replies[first.id].mandatory is False  # a replay: its bounce would undo nothing
     assert replies[first.id].reply["status"] == 200 and not replies[first.id].grant
     assert replies[second.id].grant and replies[second.id].reply["status"] == 200
-    assert owners(keeper) == {active.node: "second"}  # the released node went once
+    assert owners(pool_keeper) == {active.node: "second"}  # the released node went once
+
+
+def test_copies_sent_again_and_again_cost_one_reload_not_one_each(active, caplog):
+    pool_keeper = active.keeper
+    first, _ = allocate(pool_keeper, "first", 1)
+    commit(pool_keeper, request("release", owner="first"))
+    loads = []
+    pool_keeper.state.load = lambda session, load=pool_keeper.state.load: loads.append(1) or load(session)
+    with caplog.at_level(logging.INFO, logger="workers.keeper"):
+        for _ in range(5):
+            (out,) = commit(pool_keeper, first).outbox
+            assert out.reply["status"] == 200 and not out.grant
+    assert caplog.text.count("event=fence_tripped") == 1 and loads == [1]
+    assert owners(pool_keeper) == {active.node: None}
+    pool_keeper.careful_until = 0.0  # the careful spell is over
+    sent = statements_sent(pool_keeper, lambda: commit(pool_keeper, request("release", owner="x")))
+    assert len(sent) == 1, sent
 
 
 def test_a_copy_its_client_marked_is_checked_before_it_is_handled(active, caplog):
-    keeper = active.keeper
-    first, _ = allocate(keeper, "first", 1)
-    commit(keeper, request("release", owner="first"))
+    pool_keeper = active.keeper
+    first, _ = allocate(pool_keeper, "first", 1)
+    commit(pool_keeper, request("release", owner="first"))
     copy = CopyProperties(reply_to_of(first), first.id, {protocol.COPY_HEADER: True})
     loads = []
-    keeper.state.load = lambda session, load=keeper.state.load: loads.append(1) or load(session)
+    pool_keeper.state.load = lambda session, load=pool_keeper.state.load: loads.append(1) or load(session)
     with caplog.at_level(logging.INFO, logger="workers.keeper"):
-        batch = keeper.commit([(None, copy, first)], [], None)
+        batch = pool_keeper.commit([(None, copy, first)], [], None)
     (out,) = batch.outbox
     assert out.reply["status"] == 200 and not out.grant and out.mandatory is False
-    assert owners(keeper) == {active.node: None}
+    assert owners(pool_keeper) == {active.node: None}
     assert "event=fence_tripped" not in caplog.text and loads == []  # no reload needed
 
 
 def test_a_redelivered_request_is_checked_before_it_is_handled(active, caplog):
-    keeper = active.keeper
-    first, _ = allocate(keeper, "first", 1)
-    commit(keeper, request("release", owner="first"))
+    pool_keeper = active.keeper
+    first, _ = allocate(pool_keeper, "first", 1)
+    commit(pool_keeper, request("release", owner="first"))
     redelivered = SimpleNamespace(redelivered=True, delivery_tag=1)
     with caplog.at_level(logging.INFO, logger="workers.keeper"):
-        batch = keeper.commit([(redelivered, SimpleNamespace(
+        batch = pool_keeper.commit([(redelivered, SimpleNamespace(
             reply_to=reply_to_of(first), correlation_id=first.id, headers=None), first)], [], None)
     assert [out.grant for out in batch.outbox] == [False]
-    assert owners(keeper) == {active.node: None}
+    assert owners(pool_keeper) == {active.node: None}
     assert "event=fence_tripped" not in caplog.text
 
 

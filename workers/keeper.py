@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 PRUNE_EVERY = 5.0            # seconds between prunes of stored replies and history
 PRUNE_CHUNK = 10_000         # rows deleted per table per prune, so a prune never stalls a batch
 HEARTBEAT_EVERY = 5.0        # seconds between a worker's heartbeat rows (active and standby)
+# After the fence in a write trip tripped, batches read the fence first for this long:
+# a client that keeps sending answered requests again costs a reload of the pool at
+# most this often, not one per copy.
+CAREFUL_AFTER_TRIP = 10.0
 
 
 class PoolKeeper:
@@ -62,6 +66,7 @@ class PoolKeeper:
         self.reload_needed = False       # in-memory state may differ from the database
         self.last_prune = 0.0
         self.last_heartbeat = 0.0
+        self.careful_until = 0.0  # time.monotonic() until which batches read the fence first
 
     def stand_by(self) -> None:
         """A new consumer: the next delivery, if any, makes this worker take over."""
@@ -131,6 +136,7 @@ class PoolKeeper:
             # Memory took the batch for new: it goes back to what the database holds,
             # and the batch runs again, fenced by a read that says why it tripped.
             self.reload_needed = True
+            self.careful_until = time.monotonic() + CAREFUL_AFTER_TRIP
             log.info("event=fence_tripped worker=%s requests=%d", self.worker_id, len(requests))
         return self._commit(requests, returned, settled, fence_in_trip=False)
 
@@ -140,6 +146,7 @@ class PoolKeeper:
         that memory, and no request may have been answered before (redelivered by the
         broker, or a copy its client sent again). Should one have been, the fence trips."""
         return (self.epoch is not None and not self.reload_needed and not returned
+                and time.monotonic() >= self.careful_until
                 and all(request.op in IN_MEMORY and not _maybe_answered(method, properties)
                         for method, properties, request in requests))
 
