@@ -471,3 +471,23 @@ def test_a_deadlock_in_an_operations_savepoint_surfaces_as_a_lock_conflict(keepe
     with pytest.raises(OperationalError) as failed:
         commit(keeper, request("get_field", owner="x", field="name"))
     assert db.lock_conflict(failed.value), failed.value
+
+
+# --- the connection kept from batch to batch -----------------------------------------
+
+def test_a_batch_after_its_connection_died_runs_on_a_fresh_one_and_loses_nothing(keeper):
+    from sqlalchemy.exc import DBAPIError
+
+    node = add_node(keeper, "n1")
+    connection_id = keeper.connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+    keeper.connection.commit()
+    with keeper.engine.connect() as other:
+        other.exec_driver_sql(f"KILL CONNECTION {connection_id}")
+    held = request("allocate", owner="job", count=1, node_pool="p")
+    with pytest.raises(DBAPIError):
+        commit(keeper, held)  # as the worker does, it retries the batch after reload
+    keeper.reload_needed = True
+    assert only_reply(commit(keeper, held), held).reply["status"] == 200
+    assert owners(keeper) == {node: "job"}
+    assert keeper.connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar() != connection_id
+    keeper.connection.commit()

@@ -67,10 +67,12 @@ class PoolKeeper:
         self.last_prune = 0.0
         self.last_heartbeat = 0.0
         self.careful_until = 0.0  # time.monotonic() until which batches read the fence first
+        self.connection: Connection | None = None  # kept from batch to batch (_transaction)
 
     def stand_by(self) -> None:
         """A new consumer: the next delivery, if any, makes this worker take over."""
         self.epoch = None
+        self._drop_connection()  # a standby may idle for longer than the server keeps it
 
     def heartbeat_due(self) -> bool:
         return time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY
@@ -88,6 +90,7 @@ class PoolKeeper:
         db_url's servers. False when there is no other one to move to."""
         if len(self.databases) < 2:
             return False
+        self._drop_connection()
         self.engine.dispose()
         self.database = (self.database + 1) % len(self.databases)
         self.engine = self._engine()
@@ -115,6 +118,7 @@ class PoolKeeper:
                     "DELETE FROM worker_heartbeats WHERE worker_id = %s", (self.worker_id,))
         except SQLAlchemyError:
             pass  # the row ages out: `workers` shows only recent heartbeats
+        self._drop_connection()
         self.engine.dispose()
 
     def commit(self, requests, returned, settled: dict[str, str] | None = None) -> Batch:
@@ -137,7 +141,8 @@ class PoolKeeper:
             # and the batch runs again, fenced by a read that says why it tripped.
             self.reload_needed = True
             self.careful_until = time.monotonic() + CAREFUL_AFTER_TRIP
-            log.info("event=fence_tripped worker=%s requests=%d", self.worker_id, len(requests))
+            log.info("event=fence_tripped worker=%s requests=%d undone=all", self.worker_id,
+                     len(requests))
         return self._commit(requests, returned, settled, fence_in_trip=False)
 
     def _may_fence_in_trip(self, requests, returned) -> bool:
@@ -190,16 +195,34 @@ class PoolKeeper:
 
     @contextmanager
     def _transaction(self) -> Iterator[Batch]:
-        """A transaction on a connection of its own, as a Batch. An ORM session one of its
-        operations made is closed before the transaction ends; on a failure, quietly."""
-        with self.engine.connect() as conn, conn.begin():
-            batch = Batch(conn, self.sessions)
+        """A transaction, as a Batch, on the connection batches keep between them (a pool
+        checkout and return per batch cost about as much CPU as its statements). An ORM
+        session one of its operations made is closed before the transaction ends; on a
+        failure, quietly, and the connection goes back to the pool (a rollback, or
+        discarded if it died): the next batch takes a fresh one."""
+        if self.connection is None:
+            self.connection = self.engine.connect()
+        conn = self.connection
+        try:
+            with conn.begin():
+                batch = Batch(conn, self.sessions)
+                try:
+                    yield batch
+                except BaseException:
+                    batch.close_session(failed=True)
+                    raise
+                batch.close_session()
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    def _drop_connection(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
             try:
-                yield batch
-            except BaseException:
-                batch.close_session(failed=True)
-                raise
-            batch.close_session()
+                connection.close()
+            except SQLAlchemyError:
+                pass  # a dead connection: the pool discards it
 
     def _fence(self, batch: Batch, request_ids: list[str]) -> tuple[int | None, dict]:
         """Check the epoch is ours; on the first batch after standing by, take a new one.
