@@ -224,6 +224,8 @@ class DeadLetterQueue:
             left = held + method.message_count  # message_count: those not read yet
             headers = {k: v for k, v in (properties.headers or {}).items()
                        if k not in DEATH_HEADERS}
+            # It may have been handled before it was dead-lettered: the worker checks first.
+            headers[protocol.COPY_HEADER] = True
             # The broker refuses a user_id other than the login: the request runs as the
             # caller. The broker removed its expiration when it dead-lettered it.
             republished = pika.BasicProperties(**{

@@ -171,3 +171,37 @@ def test_the_fence_fails_on_a_lax_server_instead_of_writing_epoch_zero(active, d
             assert conn.execute(text("SELECT epoch FROM worker_meta WHERE id = 1")).scalar() == epoch
     finally:
         engine.dispose()
+
+
+def test_the_keepers_connections_write_strictly_whatever_the_server_says(active):
+    """The fence relies on it (test above); the server's own default is not enough."""
+    mode = active.keeper.connection.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar()
+    active.keeper.connection.commit()
+    assert "STRICT_ALL_TABLES" in mode.split(",")
+
+
+@pytest.mark.parametrize("why", ["memory_to_reload", "operation_through_the_orm"])
+def test_a_batch_that_may_not_skip_the_read_reads_the_fence_first(active, why):
+    pool_keeper = active.keeper
+    if why == "memory_to_reload":
+        pool_keeper.reload_needed = True
+        req = request("release", owner="job")
+    else:
+        req = request("get_field", owner="job", field="name")
+    sent = statements_sent(pool_keeper, lambda: commit(pool_keeper, req))
+    assert sent[0].startswith("(SELECT NULL, epoch FROM worker_meta WHERE id = 1 FOR UPDATE)")
+    assert not any(s.startswith("UPDATE worker_meta") for s in sent)
+
+
+def test_a_fenced_off_waiting_allocate_leaves_no_waiter(active):
+    """A queued allocate sends the batch's writes early (it needs its row's id): the
+    fence, first among them, trips there, inside the handler."""
+    pool_keeper = active.keeper
+    allocate(pool_keeper, "holder", 1)  # the only node: the next allocate must wait
+    with pool_keeper.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE worker_meta SET epoch = epoch + 1")
+    with pytest.raises(errors.NotActiveWorker):
+        commit(pool_keeper, request("allocate", owner="job", count=1, node_pool="p",
+                                    wait=True))
+    assert sql(pool_keeper, "SELECT COUNT(*) FROM waiting_requests") == [(0,)]
+    assert owners(pool_keeper) == {active.node: "holder"}
