@@ -12,7 +12,7 @@ import uuid
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import make_url, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.orm import Session
 
 from molteniron import db
@@ -90,6 +90,22 @@ def empty_tables(engine) -> None:
             if table.name != "worker_meta":
                 conn.execute(text(f"TRUNCATE TABLE `{table.name}`"))
         conn.execute(text("SET FOREIGN_KEY_CHECKS=1"))
+
+
+@contextmanager
+def statements_sent(engine):
+    """Every query the engine sends to the server while the block runs, in order: one
+    per round trip."""
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, *rest):
+        sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 @pytest.fixture

@@ -4,11 +4,10 @@ safe than sending them one by one."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 
 from molteniron import db, pool
-from tests.conftest import empty_tables
+from tests.conftest import empty_tables, statements_sent
 
 INSERT = "INSERT INTO processed_requests (request_id, op, reply, processed_at) VALUES (%s, %s, %s, %s)"
 
@@ -25,10 +24,8 @@ def joined(database_url, engine):
 @pytest.fixture
 def trips(joined):
     """Every query the joined engine sends to the server, in order."""
-    sent: list[str] = []
-    event.listen(joined, "before_cursor_execute", lambda conn, cursor, statement, *rest:
-                 sent.append(statement))
-    return sent
+    with statements_sent(joined) as sent:
+        yield sent
 
 
 def stored(engine) -> dict[str, str]:

@@ -9,39 +9,25 @@ was answered before; then memory is reloaded and the batch runs again the carefu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import create_engine, event, text
+from sqlalchemy.exc import DBAPIError
 
 from molteniron import db, errors, protocol
-from tests.test_keeper import (add_node, allocate, commit, keeper, owners,  # noqa: F401
-                               reply_to_of, request, sql)
+from tests.conftest import statements_sent
+from tests.test_keeper import (Properties, add_node, allocate, commit, keeper,  # noqa: F401
+                               owners, reply_to_of, request, sql)
 from workers.batch import Batch, fence_tripped
 
 
-@dataclass
-class CopyProperties:
-    """A delivery's properties with the header a client puts on a request it sends again."""
-    reply_to: str
-    correlation_id: str
-    headers: dict
-
-
-def statements_sent(pool_keeper, run) -> list[str]:
-    """What the keeper sends to the database while run() runs, a query per round trip."""
-    sent = []
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        sent.append(statement)
-
-    event.listen(pool_keeper.engine, "before_cursor_execute", record)
-    try:
-        run()
-    finally:
-        event.remove(pool_keeper.engine, "before_cursor_execute", record)
-    return sent
+def count_reloads(pool_keeper) -> list[int]:
+    """A list that grows by one at each reload of the keeper's memory of the pool."""
+    loads = []
+    load = pool_keeper.state.load
+    pool_keeper.state.load = lambda session: loads.append(1) or load(session)
+    return loads
 
 
 @pytest.fixture
@@ -54,24 +40,26 @@ def active(keeper):  # noqa: F811 - the fixture imported above
 def test_an_allocate_and_a_release_each_make_one_round_trip(active):
     pool_keeper = active.keeper
     req = request("allocate", owner="job", count=1, node_pool="p")
-    sent = statements_sent(pool_keeper, lambda: commit(pool_keeper, req))
+    with statements_sent(pool_keeper.engine) as sent:
+        commit(pool_keeper, req)
     assert len(sent) == 1, sent
     assert sent[0].startswith("UPDATE worker_meta SET epoch = IF(") and sent[0].endswith("COMMIT")
     assert owners(pool_keeper) == {active.node: "job"}
-    sent = statements_sent(pool_keeper, lambda: commit(pool_keeper, request("release", owner="job")))
+    with statements_sent(pool_keeper.engine) as sent:
+        commit(pool_keeper, request("release", owner="job"))
     assert len(sent) == 1, sent
     assert owners(pool_keeper) == {active.node: None}
 
 
 def test_a_worker_fenced_off_writes_nothing_though_it_read_nothing_first(active, caplog):
     pool_keeper = active.keeper
-    sql(pool_keeper, "SELECT 1")
     with pool_keeper.engine.begin() as conn:  # another worker took over meanwhile
         conn.exec_driver_sql("UPDATE worker_meta SET epoch = epoch + 1")
     stored_before = sql(pool_keeper, "SELECT request_id FROM processed_requests ORDER BY 1")
-    with caplog.at_level(logging.INFO, logger="workers.keeper"):
-        with pytest.raises(errors.NotActiveWorker):
-            commit(pool_keeper, request("allocate", owner="job", count=1, node_pool="p"))
+    with caplog.at_level(logging.INFO, logger="workers.keeper"), \
+            statements_sent(pool_keeper.engine) as sent, pytest.raises(errors.NotActiveWorker):
+        commit(pool_keeper, request("allocate", owner="job", count=1, node_pool="p"))
+    assert sent[0].startswith("UPDATE worker_meta SET epoch = IF(")  # no read before it
     assert "event=fence_tripped" in caplog.text and "event=fenced" in caplog.text
     assert owners(pool_keeper) == {active.node: None}
     assert sql(pool_keeper, "SELECT request_id FROM processed_requests ORDER BY 1") == stored_before
@@ -99,8 +87,7 @@ def test_copies_sent_again_and_again_cost_one_reload_not_one_each(active, caplog
     pool_keeper = active.keeper
     first, _ = allocate(pool_keeper, "first", 1)
     commit(pool_keeper, request("release", owner="first"))
-    loads = []
-    pool_keeper.state.load = lambda session, load=pool_keeper.state.load: loads.append(1) or load(session)
+    loads = count_reloads(pool_keeper)
     with caplog.at_level(logging.INFO, logger="workers.keeper"):
         for _ in range(5):
             (out,) = commit(pool_keeper, first).outbox
@@ -108,7 +95,8 @@ def test_copies_sent_again_and_again_cost_one_reload_not_one_each(active, caplog
     assert caplog.text.count("event=fence_tripped") == 1 and loads == [1]
     assert owners(pool_keeper) == {active.node: None}
     pool_keeper.careful_until = 0.0  # the careful spell is over
-    sent = statements_sent(pool_keeper, lambda: commit(pool_keeper, request("release", owner="x")))
+    with statements_sent(pool_keeper.engine) as sent:
+        commit(pool_keeper, request("release", owner="x"))
     assert len(sent) == 1, sent
 
 
@@ -116,9 +104,8 @@ def test_a_copy_its_client_marked_is_checked_before_it_is_handled(active, caplog
     pool_keeper = active.keeper
     first, _ = allocate(pool_keeper, "first", 1)
     commit(pool_keeper, request("release", owner="first"))
-    copy = CopyProperties(reply_to_of(first), first.id, {protocol.COPY_HEADER: True})
-    loads = []
-    pool_keeper.state.load = lambda session, load=pool_keeper.state.load: loads.append(1) or load(session)
+    copy = Properties(reply_to_of(first), first.id, headers={protocol.COPY_HEADER: True})
+    loads = count_reloads(pool_keeper)
     with caplog.at_level(logging.INFO, logger="workers.keeper"):
         batch = pool_keeper.commit([(None, copy, first)], [], None)
     (out,) = batch.outbox
@@ -133,8 +120,8 @@ def test_a_redelivered_request_is_checked_before_it_is_handled(active, caplog):
     commit(pool_keeper, request("release", owner="first"))
     redelivered = SimpleNamespace(redelivered=True, delivery_tag=1)
     with caplog.at_level(logging.INFO, logger="workers.keeper"):
-        batch = pool_keeper.commit([(redelivered, SimpleNamespace(
-            reply_to=reply_to_of(first), correlation_id=first.id, headers=None), first)], [], None)
+        batch = pool_keeper.commit(
+            [(redelivered, Properties(reply_to_of(first), first.id), first)], [], None)
     assert [out.grant for out in batch.outbox] == [False]
     assert owners(pool_keeper) == {active.node: None}
     assert "event=fence_tripped" not in caplog.text
@@ -163,7 +150,7 @@ def test_the_fence_fails_on_a_lax_server_instead_of_writing_epoch_zero(active, d
             batch = Batch(conn, make_session=None)
             batch.fence_in_trip(epoch + 1, [])
             (statement, params), = batch.writes
-            with pytest.raises(Exception) as info:
+            with pytest.raises(DBAPIError) as info:
                 conn.exec_driver_sql(statement, params)
             assert fence_tripped(info.value)
             conn.rollback()
@@ -188,7 +175,8 @@ def test_a_batch_that_may_not_skip_the_read_reads_the_fence_first(active, why):
         req = request("release", owner="job")
     else:
         req = request("get_field", owner="job", field="name")
-    sent = statements_sent(pool_keeper, lambda: commit(pool_keeper, req))
+    with statements_sent(pool_keeper.engine) as sent:
+        commit(pool_keeper, req)
     assert sent[0].startswith("(SELECT NULL, epoch FROM worker_meta WHERE id = 1 FOR UPDATE)")
     assert not any(s.startswith("UPDATE worker_meta") for s in sent)
 
@@ -213,6 +201,7 @@ def test_on_a_galera_node_a_batch_reads_the_fence_first(active):
     pool_keeper = active.keeper
     pool_keeper.connection.info[db._GALERA] = True  # what causal_reads notes on a Galera node
     assert db.on_galera(pool_keeper.connection)
-    sent = statements_sent(pool_keeper, lambda: commit(pool_keeper, request("release", owner="j")))
+    with statements_sent(pool_keeper.engine) as sent:
+        commit(pool_keeper, request("release", owner="j"))
     assert sent[0].startswith("(SELECT NULL, epoch FROM worker_meta WHERE id = 1 FOR UPDATE)")
     assert not any(s.startswith("UPDATE worker_meta") for s in sent)

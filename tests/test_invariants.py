@@ -16,7 +16,6 @@ import random
 import time
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
@@ -28,6 +27,7 @@ from molteniron import errors, pool, protocol
 from molteniron.config import Config
 from molteniron.models import Base, Node
 from tests.conftest import empty_tables
+from tests.test_keeper import Properties
 from workers import keeper as keeper_module
 from workers.batch import Batch
 
@@ -37,13 +37,6 @@ POOLS = ("p0", "p1", "p2")
 OWNERS = tuple(f"owner{i}" for i in range(8))
 DOOMED = "doomed"  # the database refuses to record an allocation for this owner
 MAX_NODES = 36
-
-
-@dataclass
-class Properties:
-    """What the keeper reads of a delivery's AMQP properties."""
-    reply_to: str | None
-    correlation_id: str | None
 
 
 class InjectedFailure(Exception):

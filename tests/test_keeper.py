@@ -28,6 +28,7 @@ class Properties:
     """What the keeper reads of a delivery's AMQP properties."""
     reply_to: str | None
     correlation_id: str | None
+    headers: dict | None = None
 
 
 def make_keeper(engine, database_url, **config) -> PoolKeeper:
