@@ -149,8 +149,12 @@ class PoolKeeper:
         """The batch may skip the fence's read and check it in its write trip: the worker
         holds the pool with a memory that matches the database, every operation works on
         that memory, and no request may have been answered before (redelivered by the
-        broker, or a copy its client sent again). Should one have been, the fence trips."""
+        broker, or a copy its client sent again). Should one have been, the fence trips.
+        Not on Galera: its wsrep_sync_wait makes reads wait for the cluster, not writes.
+        (A worker that holds the pool keeps its connection: a failure that dropped it
+        also asked for a reload.)"""
         return (self.epoch is not None and not self.reload_needed and not returned
+                and self.connection is not None and not db.on_galera(self.connection)
                 and time.monotonic() >= self.careful_until
                 and all(request.op in IN_MEMORY and not _maybe_answered(method, properties)
                         for method, properties, request in requests))
@@ -159,7 +163,7 @@ class PoolKeeper:
                 fence_in_trip: bool) -> Batch:
         with self._transaction() as batch:
             request_ids = [r.id for _, _, r in requests]
-            if fence_in_trip and not db.on_galera(batch.connection):
+            if fence_in_trip:
                 batch.fence_in_trip(self.epoch, request_ids)
                 taking, stored = None, {}
             else:
@@ -196,7 +200,7 @@ class PoolKeeper:
     @contextmanager
     def _transaction(self) -> Iterator[Batch]:
         """A transaction, as a Batch, on the connection batches keep between them (a pool
-        checkout and return per batch cost about as much CPU as its statements). An ORM
+        checkout and return were a tenth of a one-request batch's CPU). An ORM
         session one of its operations made is closed before the transaction ends; on a
         failure, quietly, and the connection goes back to the pool (a rollback, or
         discarded if it died): the next batch takes a fresh one."""
@@ -456,9 +460,10 @@ class PoolKeeper:
 
 
 def _maybe_answered(method, properties) -> bool:
-    """Redelivered by the broker, or sent again by its client (protocol.COPY_HEADER)."""
-    headers = getattr(properties, "headers", None) or {}
-    return bool(getattr(method, "redelivered", False) or headers.get(protocol.COPY_HEADER))
+    """Redelivered by the broker, or sent again by its client (protocol.COPY_HEADER).
+    method is None for a request handed over without a broker (tests, bench)."""
+    return bool((method is not None and method.redelivered)
+                or (properties.headers or {}).get(protocol.COPY_HEADER))
 
 
 def _is_grant(op: str, reply: dict) -> bool:
