@@ -7,55 +7,58 @@ Where the file comes from, first match wins: the path given (`--config`),
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shlex
-from dataclasses import dataclass, fields
-from pathlib import Path
+from collections import namedtuple
 from typing import Mapping
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from molteniron.errors import ConfigError
 
-SYSTEM_CONFIG = Path("/etc/molteniron/conf.yaml")
+SYSTEM_CONFIG = "/etc/molteniron/conf.yaml"
 
 
-@dataclass(frozen=True)
-class Config:
+# Every key and its default. Types follow the defaults; the keys whose default is
+# None have their own checks in _validated.
+DEFAULTS = {
     # db_url and amqp_url may name several servers (a YAML list, or comma-separated):
     # they are kept comma-joined and tried in order (url_list splits them).
-    db_url: str = "mysql+pymysql://root@127.0.0.1:3306/molteniron"
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    allocate_wait: float = 3600.0    # seconds an allocate waits for nodes by default
-    request_timeout: float = 30.0    # seconds the CLI waits for a worker to answer
-    reply_retention: float = 86400.0  # seconds stored replies are kept for redeliveries
-    history_retention: float = 7776000.0  # seconds ended allocations are kept (90 days)
-    lease_seconds: int = 21600       # an allocation's lease unless allocate/renew says --lease
-    max_lease_seconds: int = 604800  # the longest lease anyone may ask for (7 days)
-    prefetch: int = 128              # requests the worker drains into one transaction
-    tick_interval: float = 1.0       # seconds between a worker's timer ticks
-    log_level: str = "INFO"
+    "db_url": "mysql+pymysql://root@127.0.0.1:3306/molteniron",
+    "amqp_url": "amqp://guest:guest@127.0.0.1:5672/%2F",
+    "allocate_wait": 3600.0,         # seconds an allocate waits for nodes by default
+    "request_timeout": 30.0,         # seconds the CLI waits for a worker to answer
+    "reply_retention": 86400.0,      # seconds stored replies are kept for redeliveries
+    "history_retention": 7776000.0,  # seconds ended allocations are kept (90 days)
+    "lease_seconds": 21600,          # an allocation's lease unless allocate/renew says --lease
+    "max_lease_seconds": 604800,     # the longest lease anyone may ask for (7 days)
+    "prefetch": 128,                 # requests the worker drains into one transaction
+    "tick_interval": 1.0,            # seconds between a worker's timer ticks
+    "log_level": "INFO",
     # Broker user names allowed to manage the pool. None: authorization off (the
     # original's behaviour: everyone may do everything; the worker warns at start).
-    admins: tuple[str, ...] | None = None
+    "admins": None,
     # A file of Fernet keys, one per line, newest first: IPMI passwords are stored
     # encrypted with the first; any of them decrypts (rotation). None: plain text.
-    secret_key_file: str | None = None
+    "secret_key_file": None,
     # Effective priority a waiting allocate gains per minute, so a low one is not starved.
-    priority_aging: float = 1.0
+    "priority_aging": 1.0,
     # The most nodes each broker user may hold at once, e.g. {ci-team-a: 10}; "*" for
     # everyone else. None: no quotas.
-    quotas: dict | None = None
+    "quotas": None,
     # host:port where the worker serves Prometheus metrics (workers/metrics.py), e.g.
     # 127.0.0.1:9464 or [::]:9464. None or empty: no metrics endpoint.
-    metrics_address: str | None = None
+    "metrics_address": None,
     # Run by molteniron-cleaner on every released node before it is ready again, with
     # the node's fields in MOLTENIRON_* environment variables (no shell). None: released
     # nodes go straight back to ready. Set in the worker's config, it makes them dirty.
-    cleaning_command: str | None = None
+    "cleaning_command": None,
     # Seconds a cleaning may take: the cleaner kills the command after this, and the
     # worker lets another cleaner claim a node whose cleaner has not reported by then.
-    cleaning_timeout: float = 1800.0
+    "cleaning_timeout": 1800.0,
+}
+# A named tuple, not a dataclass: importing and applying dataclasses would cost
+# every `molteniron` command about 10 ms of its start.
+Config = namedtuple("Config", DEFAULTS, defaults=DEFAULTS.values())
 
 
 # Environment variable -> key; secrets can live here instead of in the file.
@@ -75,15 +78,15 @@ _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
 def config_path(path: str | None = None, conf_dir: str | None = None,
-                env: Mapping[str, str] = os.environ) -> Path | None:
+                env: Mapping[str, str] = os.environ) -> str | None:
     """The file to read, by the precedence in this module's docstring."""
     if path:
-        return Path(path)
+        return path
     if conf_dir:
-        return Path(conf_dir) / "conf.yaml"
+        return os.path.join(conf_dir, "conf.yaml")
     if env.get("MOLTENIRON_CONFIG"):
-        return Path(env["MOLTENIRON_CONFIG"])
-    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
+        return env["MOLTENIRON_CONFIG"]
+    return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
 
 
 def load_config(path: str | None = None, conf_dir: str | None = None,
@@ -94,11 +97,11 @@ def load_config(path: str | None = None, conf_dir: str | None = None,
     for var, key in ENV_OVERRIDES.items():
         if env.get(var):
             values[key] = env[var]
-    config = _validated(values, str(source or "defaults"))
+    config = _validated(values, source or "defaults")
     for var, key in ENV_PASSWORDS.items():
         if env.get(var):
             urls = [with_password(url, env[var]) for url in url_list(getattr(config, key))]
-            config = dataclasses.replace(config, **{key: ",".join(urls)})
+            config = config._replace(**{key: ",".join(urls)})
     return config
 
 
@@ -122,12 +125,14 @@ def with_password(url: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _read_yaml(source: Path) -> dict:
-    import yaml  # only when there is a file: keeps `molteniron` quick to start without one
+def _read_yaml(source: str) -> dict:
     try:
-        text = source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from None
+        with open(source, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ConfigError(f"cannot read configuration {source}: {why}") from None
+    import yaml  # only when there is a file: keeps `molteniron` quick to start without one
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -140,11 +145,10 @@ def _read_yaml(source: Path) -> dict:
 
 
 def _validated(values: dict, source: str) -> Config:
-    known = {f.name: f for f in fields(Config)}
     for key in values:
-        if key not in known:
+        if key not in DEFAULTS:
             raise ConfigError(f"{source}: unknown configuration key {key!r} "
-                              f"(known: {', '.join(sorted(known))})")
+                              f"(known: {', '.join(sorted(DEFAULTS))})")
     clean = {}
     for key, value in values.items():
         if key == "admins":
@@ -160,7 +164,7 @@ def _validated(values: dict, source: str) -> Config:
         elif key in ("db_url", "amqp_url"):
             clean[key] = _urls(key, value, source)
         else:
-            clean[key] = _coerce(key, value, known[key].type, source)
+            clean[key] = _coerce(key, value, type(DEFAULTS[key]).__name__, source)
     config = Config(**clean)
     if config.lease_seconds > config.max_lease_seconds:
         raise ConfigError(f"{source}: lease_seconds ({config.lease_seconds}) must not be longer "
