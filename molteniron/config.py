@@ -13,6 +13,7 @@ from collections import namedtuple
 from typing import Mapping
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from molteniron import flat_yaml
 from molteniron.errors import ConfigError
 
 SYSTEM_CONFIG = "/etc/molteniron/conf.yaml"
@@ -132,7 +133,10 @@ def _read_yaml(source: str) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         raise ConfigError(f"cannot read configuration {source}: {why}") from None
-    import yaml  # only when there is a file: keeps `molteniron` quick to start without one
+    flat = flat_yaml.parse(text)
+    if flat is not None:
+        return flat
+    import yaml  # only for a file flat_yaml does not read: keeps `molteniron` quick to start
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -1,0 +1,75 @@
+"""The flat part of YAML that configuration files are written in, read without PyYAML.
+
+Importing PyYAML costs every `molteniron` command about 13 ms of a start that should
+take under 100. A configuration file is usually a few `key: value` lines and
+comments, which this reads; anything else (quotes, block scalars, nested mappings,
+comments after a value, non-ASCII text...) makes `parse` return None, and the caller
+reads the file with PyYAML. Whatever `parse` returns, PyYAML's safe_load returns too
+(tests/test_flat_yaml.py checks it on generated documents).
+
+Read here, by PyYAML's own rules (YAML 1.1):
+- whole numbers without leading zeros or underscores (an int), and digits.digits (a float);
+- plain words starting with a letter or "/" from [A-Za-z0-9._~%+/:@=?&-], except
+  those YAML reads as something else (yes/no/on/off/true/false/null), and except a
+  word ending in ":";
+- null and ~ (None);
+- flow lists of such words (without "?") or numbers: [a, b].
+"""
+
+from __future__ import annotations
+
+import re
+
+_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*): +(.+?) *")
+_IGNORED = re.compile(r" *(#.*)?")
+_PRINTABLE_ASCII = re.compile(r"[ -~\n]*")
+_INT = re.compile(r"0|-?[1-9][0-9]*")
+_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)\.[0-9]+")
+_WORD = re.compile(r"[A-Za-z/][A-Za-z0-9._~%+/:@=?&-]*")
+_NULLS = {"~", "null", "Null", "NULL"}
+_NOT_WORDS = {"yes", "no", "on", "off", "true", "false", "null", "y", "n"}
+
+
+def parse(text: str) -> dict | None:
+    """{key: value} of a flat document, or None if the text is not one."""
+    if not _PRINTABLE_ASCII.fullmatch(text):
+        return None
+    values = {}
+    for line in text.split("\n"):
+        if _IGNORED.fullmatch(line):
+            continue
+        match = _LINE.fullmatch(line)
+        if match is None or match.group(1).lower() in _NOT_WORDS:  # a key is read like a value
+            return None
+        value = _value(match.group(2))
+        if value is None:
+            return None
+        values[match.group(1)] = value[0]
+    return values
+
+
+def _value(text: str) -> tuple | None:
+    """(the value,) of a scalar or a flow list, None if it is neither."""
+    if text.startswith("["):
+        if not text.endswith("]"):
+            return None
+        inside = text[1:-1].strip()
+        items = [_scalar(item.strip(), in_list=True) for item in inside.split(",")] if inside else []
+        if any(item is None for item in items):
+            return None
+        return ([item[0] for item in items],)
+    return _scalar(text)
+
+
+def _scalar(text: str, in_list: bool = False) -> tuple | None:
+    if in_list and "?" in text:  # inside [...], YAML ends a word at "?"
+        return None
+    if text in _NULLS:
+        return (None,)
+    if _INT.fullmatch(text):
+        return (int(text),)
+    if _FLOAT.fullmatch(text):
+        return (float(text),)
+    if _WORD.fullmatch(text) and text.lower() not in _NOT_WORDS and not text.endswith(":"):
+        return (text,)
+    return None
