@@ -245,3 +245,13 @@ def test_a_comma_inside_a_listed_url_is_refused_with_the_way_out(tmp_path):
     path = write(tmp_path / "c.yaml", "amqp_url: ['amqp://w:p,q@mq1/vh']\n")
     with pytest.raises(ConfigError, match="%2C"):
         load_config(str(path), env={})
+
+
+def test_a_file_that_cannot_be_read_is_a_config_error_naming_it(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match=f"cannot read configuration {missing}"):
+        load_config(str(missing), env={})
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("log_level: INFO # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: it is not UTF-8 text"):
+        load_config(str(latin1), env={})
