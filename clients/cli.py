@@ -6,7 +6,9 @@ stdout carries the result (the original's JSON, or a table); stderr is for peopl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -36,9 +38,36 @@ dies is sent again to the next one.
 """
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse makes a formatter for every add_argument, to check its metavar. The
+    stock one imports shutil (bz2 and lzma with it) to ask the terminal's width, about
+    3 ms of every command: this one asks the terminal directly, as shutil would."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, width=_terminal_columns() - 2)
+
+
+class _EpilogFormatter(argparse.RawDescriptionHelpFormatter, _Formatter):
+    """Keeps the line breaks of the top-level description and epilog."""
+
+
+def _terminal_columns() -> int:
+    """$COLUMNS, else the terminal's width, else 80 (shutil.get_terminal_size's rules)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="molteniron", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="molteniron", epilog=EPILOG, formatter_class=_EpilogFormatter,
         description="Check bare-metal nodes out of the MoltenIron pool and back in.")
     parser.add_argument("-c", "--conf-dir", metavar="DIR", help="read DIR/conf.yaml")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
@@ -47,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default for tables when stdout is a terminal)")
     parser.add_argument("--timeout", type=_positive, metavar="SECONDS",
                         help="how long to wait for the worker to answer (default from config, 30)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser,
+                                                               formatter_class=_Formatter))
 
     p = sub.add_parser("add_baremetal", help="add a node from its fields")
     for name in ("name", "ipmi_ip", "ipmi_user", "ipmi_password"):

@@ -167,3 +167,26 @@ def test_the_cli_client_loads_pika_without_asyncio_and_asyncio_still_works_after
                            "print(a.AsyncioConnection.__name__)"],
                           capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.split() == ["False", "AsyncioConnection"]
+
+
+def test_help_is_wrapped_to_columns():
+    for columns in ("50", "120"):
+        done = subprocess.run([sys.executable, "-m", "clients.cli", "import", "--help"],
+                              env={"COLUMNS": columns, "PATH": ""}, capture_output=True,
+                              text=True, cwd=ROOT, check=True)
+        widest = max(len(line) for line in done.stdout.splitlines())
+        assert int(columns) - 20 < widest <= int(columns), (columns, done.stdout)
+
+
+def test_a_command_leaves_out_the_modules_that_would_slow_its_start(tmp_path):
+    """About 25 ms of the 100 ms `molteniron allocate` may take (README, Performance)."""
+    conf = tmp_path / "conf.yaml"
+    conf.write_text("amqp_url: amqp://ci@mq.example:5672/molteniron\nrequest_timeout: 5\n")
+    probe = ("import sys; from clients import cli; "
+             "cli.build_parser().parse_args(['allocate', 'job', '1']); "
+             f"cli.load_config({str(conf)!r}); import clients.client; "
+             "print(sorted({'yaml', 'dataclasses', 'inspect', 'shutil', 'sqlalchemy', "
+             "'pymysql', 'asyncio'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]"
