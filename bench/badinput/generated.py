@@ -108,10 +108,13 @@ def requests(kinds: frozenset) -> st.SearchStrategy:
     return st.tuples(st.one_of(*(op_requests(op, kinds) for op in ops), made_up), deadlines(kinds))
 
 
-@dataclass
 class EnvelopeRequest(protocol.Request):
     """A request that also sends the envelope `deadline` older clients sent (any value)."""
-    deadline: Any = None
+    __slots__ = ("deadline",)
+
+    def __init__(self, id: str, op: str, args: dict, deadline: Any = None):
+        super().__init__(id, op, args)
+        self.deadline = deadline
 
     def to_body(self) -> bytes:
         return json.dumps({"v": self.v, "id": self.id, "op": self.op, "args": self.args,
