@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections import namedtuple
 from datetime import datetime, timezone
@@ -44,6 +45,8 @@ MAX_BODY_BYTES = 1_000_000
 # connection: it may have been answered already, so the worker reads the replies it
 # stored before handling it. (Unmarked, it is caught too, at a higher cost.)
 COPY_HEADER = "molteniron-copy"
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 # --- statuses beyond the original's ------------------------------------------
 QUEUED = 202      # interim reply: the allocate waits; more replies follow
@@ -280,11 +283,10 @@ def without_envelope(reply: dict) -> dict:
 
 
 def _is_uuid(text: str) -> bool:
-    """Only the canonical form: the id is a key, so '{...}' or 'urn:uuid:...' would be another."""
-    try:
-        return str(uuid.UUID(text)) == text
-    except ValueError:
-        return False
+    """Only the canonical form, str(uuid.UUID(...)): the id is a key, so '{...}',
+    'urn:uuid:...' or upper case would be another. (A regex: uuid.UUID took 1% of the
+    worker's time at 20 clients.)"""
+    return _CANONICAL_UUID.fullmatch(text) is not None
 
 
 def _encodable(value: Any) -> bool:

@@ -67,6 +67,12 @@ BAD_REQUESTS = [
     (b"[1, 2, 3]", "JSON object"),
     (json.dumps({"v": 2, "id": str(uuid.uuid4()), "op": "status"}).encode(), "field v"),
     (json.dumps({"v": 1, "id": "not-a-uuid", "op": "status"}).encode(), "field id"),
+    *[(json.dumps({"v": 1, "id": other_form, "op": "status"}).encode(), "field id")
+      for other_form in ("{12345678-1234-5678-1234-567812345678}",
+                         "urn:uuid:12345678-1234-5678-1234-567812345678",
+                         "12345678-1234-5678-1234-56781234567F",
+                         "12345678123456781234567812345678",
+                         "12345678-1234-5678-1234-567812345678\n")],
     (json.dumps(valid("launch_missiles", {})).encode(), "unknown operation"),
     (json.dumps(valid("allocate", {"owner": "x", "count": "two"})).encode(), "count"),
     (json.dumps(valid("allocate", {"owner": 7, "count": 1})).encode(), "owner"),
