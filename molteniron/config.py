@@ -87,7 +87,13 @@ def config_path(path: str | None = None, conf_dir: str | None = None,
         return os.path.join(conf_dir, "conf.yaml")
     if env.get("MOLTENIRON_CONFIG"):
         return env["MOLTENIRON_CONFIG"]
-    return SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else None
+    try:
+        os.stat(SYSTEM_CONFIG)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:  # there may be one: defaults instead would be a silent surprise
+        raise ConfigError(f"cannot read configuration {SYSTEM_CONFIG}: {exc.strerror}") from None
+    return SYSTEM_CONFIG
 
 
 def load_config(path: str | None = None, conf_dir: str | None = None,

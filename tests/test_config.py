@@ -13,7 +13,7 @@ from molteniron.errors import ConfigError
 @pytest.fixture(autouse=True)
 def no_system_config(tmp_path, monkeypatch):
     """Keep /etc/molteniron/conf.yaml (if this machine has one) out of every test."""
-    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", tmp_path / "etc-missing" / "conf.yaml")
+    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", str(tmp_path / "etc-missing" / "conf.yaml"))
 
 
 def write(path, text):
@@ -56,7 +56,7 @@ def test_env_variable_names_the_file(three_files):
 
 def test_system_config_used_when_nothing_else(tmp_path, monkeypatch, three_files):
     system = write(tmp_path / "etc" / "conf.yaml", "prefetch: 4\n")
-    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", system)
+    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", str(system))
     assert load_config(env={}).prefetch == 4
     *_, from_env = three_files
     assert load_config(env={"MOLTENIRON_CONFIG": from_env}).prefetch == 3
@@ -255,3 +255,13 @@ def test_a_file_that_cannot_be_read_is_a_config_error_naming_it(tmp_path):
     latin1.write_bytes("log_level: INFO # café\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="latin1.yaml: it is not UTF-8 text"):
         load_config(str(latin1), env={})
+
+
+def test_a_system_config_that_cannot_be_checked_is_an_error_not_the_defaults(monkeypatch):
+    """/etc/molteniron is 750 root:molteniron (deploy/install.sh): a user outside the
+    group must be told, not sent to amqp://guest@127.0.0.1. (As root, EACCES is faked.)"""
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(config_module.os, "stat", refused)
+    with pytest.raises(ConfigError, match="cannot read configuration .*: Permission denied"):
+        load_config(env={})
