@@ -4,7 +4,8 @@ Importing PyYAML costs every `molteniron` command about 13 ms of a start that sh
 take under 100. A configuration file is usually a few `key: value` lines and
 comments, which this reads; anything else (quotes, block scalars, nested mappings,
 comments after a value, non-ASCII text...) makes `parse` return None, and the caller
-reads the file with PyYAML. Whatever `parse` returns, PyYAML's safe_load returns too
+reads the file with PyYAML. Whatever `parse` returns, PyYAML's safe_load returns too,
+except that a document of only comments is {} here and None there
 (tests/test_flat_yaml.py checks it on generated documents).
 
 Read here, by PyYAML's own rules (YAML 1.1):
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*): +(.+?) *")
+_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_]{0,255}): +(.+?) *")  # YAML: keys <= 1024
 _IGNORED = re.compile(r" *(#.*)?")
 _PRINTABLE_ASCII = re.compile(r"[ -~\n]*")
 _INT = re.compile(r"0|-?[1-9][0-9]*")

@@ -169,13 +169,13 @@ def test_the_cli_client_loads_pika_without_asyncio_and_asyncio_still_works_after
     assert done.stdout.split() == ["False", "AsyncioConnection"]
 
 
-def test_help_is_wrapped_to_columns():
-    for columns in ("50", "120"):
+def test_help_is_wrapped_to_columns_else_to_80():
+    for columns in ("50", "120", None):  # None: no COLUMNS, stdout not a terminal
+        env = {"PATH": ""} if columns is None else {"COLUMNS": columns, "PATH": ""}
         done = subprocess.run([sys.executable, "-m", "clients.cli", "import", "--help"],
-                              env={"COLUMNS": columns, "PATH": ""}, capture_output=True,
-                              text=True, cwd=ROOT, check=True)
+                              env=env, capture_output=True, text=True, cwd=ROOT, check=True)
         widest = max(len(line) for line in done.stdout.splitlines())
-        assert int(columns) - 20 < widest <= int(columns), (columns, done.stdout)
+        assert int(columns or 80) - 20 < widest <= int(columns or 80), (columns, done.stdout)
 
 
 def test_a_command_leaves_out_the_modules_that_would_slow_its_start(tmp_path):

@@ -25,7 +25,8 @@ TRICKY = ["yes", "No", "ON", "off", "True", "FALSE", "y", "n", "null", "Null", "
           "a#b", "#a", "'a'", '"a"', "!!str a", "&x a", "*x", "|", ">", "%x", "@x", "`x",
           "{a: 1}", "[a]", "[a, b]", "[ ]", "[a,]", "[a?b]", "[a:]", "[a:b]", "[1, 2.5, null]",
           "amqp://guest:guest@127.0.0.1:5672/%2F", "mysql+pymysql://root@db:3306/pool",
-          "/etc/molteniron/secret.keys", "INFO", "a~", "a=b", "a?b", "a&b", "é", "a\tb"]
+          "/etc/molteniron/secret.keys", "INFO", "a~", "a=b", "a?b", "a&b", "é", "a\tb",
+          "k" * 1025]
 WORD_CHARACTERS = "abzAZ09._~%+/:@=?&-#,[]{}!*'\"|> "
 
 keys = st.sampled_from(["db_url", "amqp_url", "prefetch", "admins", "a", "_x", "k1", "yes",
@@ -73,8 +74,16 @@ def test_the_files_the_kit_writes_are_read_without_pyyaml():
     conf = conf.split("\nEOF\n")[0].replace("$etc", "/etc/molteniron")
     example = (ROOT / "deploy" / "conf.yaml.example").read_text()
     for text in (conf, example, ""):
-        assert flat_yaml.parse(text) == (yaml.safe_load(text) or {})
+        assert repr(flat_yaml.parse(text)) == repr(yaml.safe_load(text) or {})
     assert flat_yaml.parse(conf)["admins"] == ["molteniron-admin"]
+
+
+def test_flat_values_are_read_here_not_left_to_pyyaml():
+    text = ("a: amqp://ci:pw@mq:5671/v?heartbeat=30\nb: INFO\nc: 0\nd: -1.25\ne: null\n"
+            "f: [x, 2, ~]\ng: []\n  # indented comment\n\nh: /etc/molteniron/secret.keys  \n")
+    assert repr(flat_yaml.parse(text)) == repr({
+        "a": "amqp://ci:pw@mq:5671/v?heartbeat=30", "b": "INFO", "c": 0, "d": -1.25, "e": None,
+        "f": ["x", 2, None], "g": [], "h": "/etc/molteniron/secret.keys"})
 
 
 def test_loading_a_flat_configuration_does_not_import_pyyaml(tmp_path):
