@@ -13,7 +13,7 @@ from tests.test_keeper import (add_node, allocate, commit, commit_from, keeper, 
 
 def test_soak_many_clients_random_operations_keep_every_invariant():
     result = soak.run(clients=30, seconds=8, nodes=12, seed=11)
-    assert result["problems"] == []
+    assert result["problems"] == [], "\n".join(result["problems"])  # all of them in the log
     assert result["by_outcome"].get("allocate:ok", 0) > 0
     assert result["by_outcome"].get("release:ok", 0) > 0
 
@@ -21,7 +21,7 @@ def test_soak_many_clients_random_operations_keep_every_invariant():
 def test_killed_workers_and_restarted_broker_and_database_lose_nothing():
     shared = shared_service_pids()  # the restarts are of private instances (bench/private.py)
     result = faults.run(kills=3, broker_restarts=1, db_restarts=1, clients=20, nodes=10)
-    assert result["problems"] == []
+    assert result["problems"] == [], "\n".join(result["problems"])
     assert result["recovery_s"]["worker_kill"]["count"] == 3
     assert result["by_outcome"].get("allocate:ok", 0) > 0
     assert shared_service_pids() == shared
