@@ -112,6 +112,23 @@ def test_requeue_of_an_expired_request_makes_the_worker_handle_it(stack, raw):
     assert stack.dead_letters() == 2
 
 
+def test_a_requeued_request_is_marked_as_a_copy(stack, raw):
+    """It may have been answered before it was dead-lettered: the worker must read the
+    stored replies before handling it, not fence it in its write trip."""
+    ids = expire(stack, raw, add_baremetal(1))
+    done = stack.cli("dead-letters", "--requeue", ids[0])
+    assert done.returncode == 0, done
+    connection, channel = stack.channel()
+    try:
+        method, properties, body = next(channel.consume(protocol.REQUEST_QUEUE,
+                                                        inactivity_timeout=10))
+        assert method is not None, "the requeued request did not reach the request queue"
+    finally:
+        connection.close()
+    assert json.loads(body)["id"] == ids[0]
+    assert (properties.headers or {}).get(protocol.COPY_HEADER) is True
+
+
 def test_a_malformed_message_may_be_requeued_and_comes_back(running):
     raw = RawPublisher(running.amqp_url)
     raw.publish(b"not a request", reply=False, message_id="broken-1")
