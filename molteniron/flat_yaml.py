@@ -31,6 +31,9 @@ _NULLS = {"~", "null", "Null", "NULL"}
 _NOT_WORDS = {"yes", "no", "on", "off", "true", "false", "null", "y", "n"}
 
 
+_NOT_FLAT = object()  # what _value and _scalar return for text they do not read
+
+
 def parse(text: str) -> dict | None:
     """{key: value} of a flat document, or None if the text is not one."""
     if not _PRINTABLE_ASCII.fullmatch(text):
@@ -43,34 +46,32 @@ def parse(text: str) -> dict | None:
         if match is None or match.group(1).lower() in _NOT_WORDS:  # a key is read like a value
             return None
         value = _value(match.group(2))
-        if value is None:
+        if value is _NOT_FLAT:
             return None
-        values[match.group(1)] = value[0]
+        values[match.group(1)] = value
     return values
 
 
-def _value(text: str) -> tuple | None:
-    """(the value,) of a scalar or a flow list, None if it is neither."""
-    if text.startswith("["):
-        if not text.endswith("]"):
-            return None
-        inside = text[1:-1].strip()
-        items = [_scalar(item.strip(), in_list=True) for item in inside.split(",")] if inside else []
-        if any(item is None for item in items):
-            return None
-        return ([item[0] for item in items],)
-    return _scalar(text)
+def _value(text: str):
+    """A scalar or a flow list of scalars."""
+    if not text.startswith("["):
+        return _scalar(text)
+    if not text.endswith("]"):
+        return _NOT_FLAT
+    inside = text[1:-1].strip()
+    items = [_scalar(item.strip(), in_list=True) for item in inside.split(",")] if inside else []
+    return _NOT_FLAT if _NOT_FLAT in items else items
 
 
-def _scalar(text: str, in_list: bool = False) -> tuple | None:
+def _scalar(text: str, in_list: bool = False):
     if in_list and "?" in text:  # inside [...], YAML ends a word at "?"
-        return None
+        return _NOT_FLAT
     if text in _NULLS:
-        return (None,)
+        return None
     if _INT.fullmatch(text):
-        return (int(text),)
+        return int(text)
     if _FLOAT.fullmatch(text):
-        return (float(text),)
+        return float(text)
     if _WORD.fullmatch(text) and text.lower() not in _NOT_WORDS and not text.endswith(":"):
-        return (text,)
-    return None
+        return text
+    return _NOT_FLAT
