@@ -46,8 +46,6 @@ MAX_BODY_BYTES = 1_000_000
 # stored before handling it. (Unmarked, it is caught too, at a higher cost.)
 COPY_HEADER = "molteniron-copy"
 
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
 # --- statuses beyond the original's ------------------------------------------
 QUEUED = 202      # interim reply: the allocate waits; more replies follow
 TIMED_OUT = 408   # the deadline passed before the request was served
@@ -280,6 +278,9 @@ def reply_body(request_id: str | None, reply: dict) -> bytes:
 def without_envelope(reply: dict) -> dict:
     """A reply as the CLI prints it: without what reply_body added."""
     return {k: v for k, v in reply.items() if k not in ("v", "id")}
+
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _is_uuid(text: str) -> bool:
