@@ -184,9 +184,9 @@ def test_a_command_leaves_out_the_modules_that_would_slow_its_start(tmp_path):
     conf.write_text("amqp_url: amqp://ci@mq.example:5672/molteniron\nrequest_timeout: 5\n")
     probe = ("import sys; from clients import cli; "
              "cli.build_parser().parse_args(['allocate', 'job', '1']); "
-             f"cli.load_config({str(conf)!r}); import clients.client; "
-             "print(sorted({'yaml', 'dataclasses', 'inspect', 'shutil', 'sqlalchemy', "
-             "'pymysql', 'asyncio'} & set(sys.modules)))")
+             f"c = cli.load_config({str(conf)!r}); import clients.client; "
+             "print(c.request_timeout, sorted({'yaml', 'dataclasses', 'inspect', 'shutil', "
+             "'sqlalchemy', 'pymysql', 'asyncio'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           cwd=ROOT, check=True)
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.strip() == "5.0 []"  # the file was read, without PyYAML

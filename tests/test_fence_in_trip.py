@@ -174,7 +174,7 @@ def test_the_fence_fails_on_a_lax_server_instead_of_writing_epoch_zero(active, d
             assert "STRICT_ALL_TABLES" in conn.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar()
             batch = Batch(conn, make_session=None)
             batch.fence_in_trip(epoch + 1, [])
-            statement, params = batch.writes[0]  # the epoch check (the row guard follows)
+            (statement, params), = batch.writes
             with pytest.raises(DBAPIError) as info:
                 conn.exec_driver_sql(statement, params)
             assert fence_tripped(info.value)

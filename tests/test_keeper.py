@@ -487,6 +487,7 @@ def test_a_batch_after_its_connection_died_runs_on_a_fresh_one_and_loses_nothing
     held = request("allocate", owner="job", count=1, node_pool="p")
     with pytest.raises(DBAPIError):
         commit(keeper, held)  # as the worker does, it retries the batch after reload
+    assert keeper.connection is None  # let go: its state after the failure is unknown
     keeper.reload_needed = True
     assert only_reply(commit(keeper, held), held).reply["status"] == 200
     assert owners(keeper) == {node: "job"}
