@@ -38,7 +38,9 @@ def sandboxed(label: str, nodes: int, worker: str = "molteniron"):
 def cycles(label: str, clients: list[int], seconds: float, nodes: int, worker: str) -> list[dict]:
     sandbox = sandboxed(label, nodes, worker)
     try:
-        return [run_cycles(sandbox.amqp_url, c, seconds).summary() for c in clients]
+        pids = [worker.pid for worker in sandbox.workers]
+        return [run_cycles(sandbox.amqp_url, c, seconds, worker_pids=pids).summary()
+                for c in clients]
     finally:
         sandbox.close()
 
@@ -157,6 +159,18 @@ def render(run: dict) -> str:
         lines.append(f"{mine['clients']:>7} | {mine['cycles_per_s']:>9} {mine['p50_ms']:>7} "
                      f"{mine['p95_ms']:>7} {mine['p99_ms']:>7} | {echo['cycles_per_s']:>7} "
                      f"{mine['cycles_per_s'] / echo['cycles_per_s']:>6.2f} | {original}")
+    lines += ["", "CPU per cycle, ms (each party's user+system time over the window / cycles):",
+              f"{'clients':>7} {'worker':>16} | {'broker':>7} {'database':>8} {'clients':>7} "
+              f"{'other':>5} | {'total':>6} | machine idle"]
+    for mine, echo in zip(run["cycles"], run["echo"]):
+        for name, figures in (("echo", echo), ("molteniron", mine)):
+            cpu = figures.get("cpu_ms_per_cycle")
+            if cpu is None:  # a results file from before bench/cpu.py
+                continue
+            total = sum(cpu[p] for p in ("worker", "broker", "database", "clients", "other"))
+            lines.append(f"{figures['clients']:>7} {name:>10} {cpu['worker']:>5.2f} | "
+                         f"{cpu['broker']:>7.2f} {cpu['database']:>8.2f} {cpu['clients']:>7.2f} "
+                         f"{cpu['other']:>5.2f} | {total:>6.2f} | {cpu['machine_idle']:>6.0%}")
     s, w, w1 = run["scale"], run["waiting"], run["single_waiter"]
     lines += [
         "",

@@ -7,6 +7,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from bench.cpu import CpuMeter
+
 
 @dataclass
 class CycleFigures:
@@ -15,14 +17,18 @@ class CycleFigures:
     seconds: float
     latencies_ms: list[float]
     errors: int
+    cpu: CpuMeter | None = None
 
     @property
     def rate(self) -> float:
         return self.cycles / self.seconds
 
     def summary(self) -> dict:
-        return {"clients": self.clients, "cycles_per_s": round(self.rate, 1),
-                **percentiles(self.latencies_ms), "errors": self.errors}
+        summary = {"clients": self.clients, "cycles_per_s": round(self.rate, 1),
+                   **percentiles(self.latencies_ms), "errors": self.errors}
+        if self.cpu is not None:
+            summary["cpu_ms_per_cycle"] = self.cpu.per_cycle_ms(self.cycles)
+        return summary
 
 
 def percentiles(values: list[float]) -> dict:
@@ -34,8 +40,10 @@ def percentiles(values: list[float]) -> dict:
 
 
 def run_cycles(amqp_url: str, clients: int, seconds: float, warmup: float = 1.0,
-               max_processes: int = 20) -> CycleFigures:
-    """allocate(1, no wait) + release loops from `clients` connections at once."""
+               max_processes: int = 20, worker_pids: list[int] | None = None) -> CycleFigures:
+    """allocate(1, no wait) + release loops from `clients` connections at once.
+
+    worker_pids: also measure each party's CPU over the window (bench/cpu.py)."""
     ctx = mp.get_context("fork")
     processes = min(clients, max_processes)
     groups = [[f"bench-{p}-{t}" for t in range(clients) if t % processes == p]
@@ -52,6 +60,11 @@ def run_cycles(amqp_url: str, clients: int, seconds: float, warmup: float = 1.0,
     now = time.time()
     window[0], window[1] = now + warmup, now + warmup + seconds
     barrier.wait()  # window published
+    meter = None
+    if worker_pids is not None:
+        meter = CpuMeter(worker_pids, [p.pid for p in procs])
+        metering = threading.Thread(target=_measure, args=(meter, window[0], window[1]))
+        metering.start()
     latencies, errors = [], 0
     for _ in procs:
         out, errs = results.get()
@@ -59,7 +72,16 @@ def run_cycles(amqp_url: str, clients: int, seconds: float, warmup: float = 1.0,
         errors += errs
     for p in procs:
         p.join()
-    return CycleFigures(clients, len(latencies), seconds, latencies, errors)
+    if meter is not None:
+        metering.join()
+    return CycleFigures(clients, len(latencies), seconds, latencies, errors, meter)
+
+
+def _measure(meter: CpuMeter, start: float, end: float) -> None:
+    time.sleep(max(0.0, start - time.time()))
+    meter.start()
+    time.sleep(max(0.0, end - time.time()))
+    meter.stop()
 
 
 def _cycle_process_window(amqp_url, owners, barrier, window, results) -> None:
