@@ -5,7 +5,9 @@
 One sandbox holds `nodes` ready nodes in pool `default` and one node in pool
 `queue`, held, with `waiters` allocates waiting on them. Measured there:
 the worker's takeover (loading everything), allocate+release cycles at 20
-clients in the large pool, `waiting` and `status` (whole and filtered),
+clients in the large pool (in rounds taken in turn with a 100-node pool's
+worker, so that both rates come from the same minutes of the same services),
+`waiting` and `status` (whole and filtered),
 release -> the head waiter's reply, the worker's RSS, and how fast stored
 replies are pruned against the rate they are written at the bench's top speed.
 Prints the figures as JSON and writes bench/results/<date>-large.json.
@@ -26,6 +28,8 @@ from clients.client import MoltenIronClient
 from molteniron import protocol
 
 QUEUE_NODES = 1  # one node travels down the queue: each release serves the next waiter
+REFERENCE_NODES = 100  # the small pool the large pool's cycle rate is compared with
+ROUNDS = 3  # cycle rounds per pool, taken in turn: this machine's speed drifts by the minute
 
 
 def timed(call, runs: int = 5) -> dict:
@@ -82,6 +86,30 @@ def prune_rate(sandbox: Sandbox, rows: int, seconds: float) -> dict:
             "rows_per_s": round((rows - left) / elapsed, 0)}
 
 
+def cycles_beside_reference(large: Sandbox, seconds: float) -> dict:
+    """20-client cycles in the large pool and in a 100-node pool, rounds in turn; the
+    round with the median rate of each, and the ratio of the two medians."""
+    reference = Sandbox("large-ref")
+    try:
+        add_nodes(reference, REFERENCE_NODES)
+        reference.start_worker()
+        reference.wait_answering()
+        rounds: dict[str, list[dict]] = {"large": [], "reference": []}
+        for _ in range(ROUNDS):
+            for name, sandbox in (("reference", reference), ("large", large)):
+                rounds[name].append(run_cycles(sandbox.amqp_url, 20, seconds / 2).summary())
+    finally:
+        reference.close()
+    median = {name: sorted(runs, key=lambda r: r["cycles_per_s"])[len(runs) // 2]
+              for name, runs in rounds.items()}
+    return {"cycles_20": median["large"],
+            f"cycles_20_at_{REFERENCE_NODES}_nodes": median["reference"],
+            "cycles_ratio": round(median["large"]["cycles_per_s"]
+                                  / median["reference"]["cycles_per_s"], 2),
+            "cycles_rounds": {name: [r["cycles_per_s"] for r in runs]
+                              for name, runs in rounds.items()}}
+
+
 def run(nodes: int, waiters: int, seconds: float, rounds: int) -> dict:
     sandbox = Sandbox("large")
     try:
@@ -92,7 +120,7 @@ def run(nodes: int, waiters: int, seconds: float, rounds: int) -> dict:
         sandbox.wait_answering(timeout=300)
         result: dict = {"nodes": nodes, "waiters": waiters,
                         "takeover_s": round(time.perf_counter() - started, 2)}
-        result["cycles_20"] = run_cycles(sandbox.amqp_url, 20, seconds).summary()
+        result.update(cycles_beside_reference(sandbox, seconds))
         with MoltenIronClient(sandbox.amqp_url, timeout=300) as admin, \
                 StampingClient(sandbox.amqp_url, timeout=300).connect() as waiter:
             admin.allocate("holder-queue", QUEUE_NODES, node_pool="queue", wait=None)
