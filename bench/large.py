@@ -7,7 +7,8 @@ One sandbox holds `nodes` ready nodes in pool `default` and one node in pool
 the worker's takeover (loading everything), allocate+release cycles at 20
 clients in the large pool (in rounds taken in turn with a 100-node pool's
 worker, so that both rates come from the same minutes of the same services),
-`waiting` and `status` (whole and filtered),
+`waiting` and `status` (whole and filtered), one client's cycles while a
+whole-pool `status` runs,
 release -> the head waiter's reply, the worker's RSS, and how fast stored
 replies are pruned against the rate they are written at the bench's top speed.
 Prints the figures as JSON and writes bench/results/<date>-large.json.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import statistics
 import sys
 import time
@@ -53,6 +55,34 @@ def fill_queue(client: StampingClient, waiters: int) -> list[str]:
     while sum(1 for i in ids if client.replies.get(i)) < waiters:  # every 202 is back
         client.connection.process_data_events(time_limit=0.2)
     return ids
+
+
+def cycles_during(amqp_url: str, action) -> dict:
+    """allocate+release cycles of one client, in a process of its own, while `action`
+    runs: how long the worker keeps everyone else waiting while it serves `action`."""
+    ctx = mp.get_context("fork")
+    started, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    looper = ctx.Process(target=_cycle_until, args=(amqp_url, started, stop, results))
+    looper.start()
+    started.wait(60)
+    action()
+    stop.set()
+    latencies = results.get(timeout=60)
+    looper.join()
+    return {"cycles": len(latencies), **percentiles(latencies),
+            "max_ms": round(max(latencies), 2) if latencies else None}
+
+
+def _cycle_until(amqp_url: str, started, stop, results) -> None:
+    latencies = []
+    with MoltenIronClient(amqp_url, timeout=60) as client:
+        started.set()
+        while not stop.is_set():
+            begun = time.perf_counter()
+            client.call("allocate", {"owner": "during", "count": 1, "wait": False})
+            client.call("release", {"owner": "during"})
+            latencies.append((time.perf_counter() - begun) * 1000)
+    results.put(latencies)
 
 
 def release_to_reply(releaser: MoltenIronClient, waiter: StampingClient, ids: list[str],
@@ -129,6 +159,7 @@ def run(nodes: int, waiters: int, seconds: float, rounds: int) -> dict:
             result["queue_filled_s"] = round(time.perf_counter() - started, 2)
             result["waiting"] = timed(admin.waiting)
             result["status_all"] = timed(admin.status, runs=3)
+            result["cycles_during_status_all"] = cycles_during(sandbox.amqp_url, admin.status)
             result["status_filtered"] = timed(
                 lambda: admin.call("status", {"state": "allocated", "owner": "holder-queue"}))
             result["release_to_reply"] = release_to_reply(admin, waiter, ids, rounds)

@@ -101,9 +101,13 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("set_field", (
         Arg("id", _I), Arg("key", _S), Arg("value", (str, int)),
         Arg("type", _S, False, "string"))),
+    # A page: the nodes with ids above after_id, at most limit of them (None: all), and
+    # next_after_id in the reply when more may follow.
     Operation("status", (
         Arg("node_pool", _S, False), Arg("show_secrets", bool, False, False),
-        Arg("state", _S, False, choices=NODE_STATES), Arg("owner", _S, False)), mutates=False),
+        Arg("state", _S, False, choices=NODE_STATES), Arg("owner", _S, False),
+        Arg("after_id", _I, False, min_value=0), Arg("limit", _I, False, min_value=1)),
+        mutates=False),
     Operation("waiting", (Arg("node_pool", _S, False),), mutates=False),
     Operation("workers", mutates=False),
     Operation("delete_db"),

@@ -32,6 +32,7 @@ class PoolState:
         # ready, until a cleaner says they are clean (workers/cleaning.py).
         self.clean_released = clean_released
         self.nodes: dict[int, dict] = {}
+        self._sorted_ids: list[int] | None = None  # self.nodes' ids in order, made when asked
         self.ready: dict[str, set[int]] = defaultdict(set)
         self._ready_heap: dict[str, list[int]] = defaultdict(list)  # may hold stale ids
         self.owned: dict[str, set[int]] = defaultdict(set)
@@ -75,6 +76,7 @@ class PoolState:
     def clear(self) -> None:
         """Forget every node and every pending write (the pool was emptied)."""
         self.nodes.clear()
+        self._sorted_ids = None
         self.ready.clear()
         self._ready_heap.clear()
         self.owned.clear()
@@ -287,8 +289,16 @@ class PoolState:
 
     # --- indexes ----------------------------------------------------------------
 
+    def sorted_ids(self) -> list[int]:
+        """Every node's id, in order (kept until a node is added or removed)."""
+        if self._sorted_ids is None:
+            self._sorted_ids = sorted(self.nodes)
+        return self._sorted_ids
+
     def _index(self, record: dict) -> None:
         node_id = record["id"]
+        if node_id not in self.nodes:
+            self._sorted_ids = None
         self.nodes[node_id] = record
         if record["state"] == State.READY.value:
             self._make_ready(node_id)
@@ -306,6 +316,7 @@ class PoolState:
         record = self.nodes.pop(node_id, None)
         if record is None:
             return None
+        self._sorted_ids = None
         self.ready.get(record["node_pool"], set()).discard(node_id)
         if record["state"] != State.MAINTENANCE.value:
             self.capacity_of[record["node_pool"]] -= 1
