@@ -7,8 +7,8 @@ One sandbox holds `nodes` ready nodes in pool `default` and one node in pool
 the worker's takeover (loading everything), allocate+release cycles at 20
 clients in the large pool (in rounds taken in turn with a 100-node pool's
 worker, so that both rates come from the same minutes of the same services),
-`waiting` and `status` (whole and filtered), one client's cycles while a
-whole-pool `status` runs,
+`waiting`, `status` (whole and filtered) and `export`, one client's cycles
+while a whole-pool `status` or an `export` runs,
 release -> the head waiter's reply, the worker's RSS, and how fast stored
 replies are pruned against the rate they are written at the bench's top speed.
 Prints the figures as JSON and writes bench/results/<date>-large.json.
@@ -160,6 +160,8 @@ def run(nodes: int, waiters: int, seconds: float, rounds: int) -> dict:
             result["waiting"] = timed(admin.waiting)
             result["status_all"] = timed(admin.status, runs=3)
             result["cycles_during_status_all"] = cycles_during(sandbox.amqp_url, admin.status)
+            result["export"] = timed(admin.export, runs=3)
+            result["cycles_during_export"] = cycles_during(sandbox.amqp_url, admin.export)
             result["status_filtered"] = timed(
                 lambda: admin.call("status", {"state": "allocated", "owner": "holder-queue"}))
             result["release_to_reply"] = release_to_reply(admin, waiter, ids, rounds)

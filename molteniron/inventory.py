@@ -1,4 +1,5 @@
-"""The pool as an inventory: a list of plain node entries, exported and imported whole.
+"""The pool as an inventory: a list of plain node entries, exported (by the worker's
+dispatch, from memory) and imported whole.
 
 An entry holds what an operator writes down about a node (see FIELDS); the
 file format around it (YAML) and reading an original MoltenIron database
@@ -69,12 +70,6 @@ def entry_of(record: dict, show_secrets: bool) -> dict:
     if not show_secrets and entry["ipmi_password"]:
         entry["ipmi_password"] = HIDDEN
     return entry
-
-
-def export_nodes(session: Session, show_secrets: bool) -> list[dict]:
-    """Every node as an entry, by name."""
-    nodes = session.scalars(select(Node).order_by(Node.name))
-    return [entry_of(pool.node_record(node), show_secrets) for node in nodes]
 
 
 # --- checking ----------------------------------------------------------------

@@ -102,7 +102,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         Arg("id", _I), Arg("key", _S), Arg("value", (str, int)),
         Arg("type", _S, False, "string"))),
     # A page: the nodes with ids above after_id, at most limit of them (None: all), and
-    # next_after_id in the reply when more may follow.
+    # next_after_id in the reply when more may follow (export's pages too).
     Operation("status", (
         Arg("node_pool", _S, False), Arg("show_secrets", bool, False, False),
         Arg("state", _S, False, choices=NODE_STATES), Arg("owner", _S, False),
@@ -121,7 +121,8 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         Arg("owner", _S, False), Arg("node", _S, False), Arg("since", _S, False, iso_time=True),
         Arg("limit", _I, False, 100, min_value=1, max_value=10_000)), mutates=False),
     # Every node as an inventory entry (molteniron/inventory.py); import: {"nodes": [entry...]}.
-    Operation("export", (Arg("show_secrets", bool, False, False),), mutates=False),
+    Operation("export", (Arg("show_secrets", bool, False, False), Arg("after_id", _I, False, min_value=0),
+                         Arg("limit", _I, False, min_value=1)), mutates=False),  # pages: as status
     Operation("import", (Arg("inventory", dict),)),
     # Cleaning (molteniron/cleaning.py), for molteniron-cleaner: claim a dirty node (its
     # fields, IPMI password included, and a claim token), report on it; clean: re-queue one.

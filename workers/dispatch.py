@@ -137,26 +137,38 @@ def status(ctx: Context, req: Request) -> dict:
     """The matching nodes in id order, a page at a time when asked: the whole of a
     100,000-node pool in one reply held every other request back for over a second."""
     a = req.args
-    nodes = ctx.state.nodes
     if a["owner"] is not None:  # through the owner index: no walk over the whole pool
         ids = sorted(ctx.state.owned.get(a["owner"], ()))
     else:
         ids = ctx.state.sorted_ids()
-    start = 0 if a["after_id"] is None else bisect_right(ids, a["after_id"])
-    records, more = [], False
-    for position in range(start, len(ids)):
-        record = nodes[ids[position]]
+
+    def shown(record: dict) -> dict | None:
         if (a["node_pool"] in (None, record["node_pool"])
                 and a["state"] in (None, record["state"])):
             # Copies: a later request of the same batch may change the node before the
             # reply is sent.
-            records.append(dict(record) if a["show_secrets"] else compat.without_secrets(record))
-            if len(records) == a["limit"]:
+            return dict(record) if a["show_secrets"] else compat.without_secrets(record)
+        return None
+
+    return _page(ctx.state, ids, a["after_id"], a["limit"], shown)
+
+
+def _page(state: PoolState, ids: list[int], after_id: int | None, limit: int | None,
+          render: Callable[[dict], dict | None]) -> dict:
+    """The reply holding render(node) of the nodes of `ids` (in order) above after_id for
+    which it is not None, at most `limit` of them; next_after_id when more may follow."""
+    start = 0 if after_id is None else bisect_right(ids, after_id)
+    items, more = [], False
+    for position in range(start, len(ids)):
+        item = render(state.nodes[ids[position]])
+        if item is not None:
+            items.append(item)
+            if len(items) == limit:
                 more = position + 1 < len(ids)
                 break
-    reply = {**OK, "nodes": records}
+    reply = {**OK, "nodes": items}
     if more:
-        reply["next_after_id"] = records[-1]["id"]
+        reply["next_after_id"] = ids[position]
     return reply
 
 
@@ -227,8 +239,14 @@ def history(ctx: Context, req: Request) -> dict:
 
 
 def export(ctx: Context, req: Request) -> dict:
-    """Every node as an inventory entry (passwords hidden unless show_secrets)."""
-    return {**OK, "nodes": inventory.export_nodes(ctx.batch.session, req.args["show_secrets"])}
+    """Every node as an inventory entry (passwords hidden unless show_secrets), from
+    memory: by name in one reply, or a page at a time by id (the client sorts them)."""
+    a = req.args
+    reply = _page(ctx.state, ctx.state.sorted_ids(), a["after_id"], a["limit"],
+                  lambda record: inventory.entry_of(record, a["show_secrets"]))
+    if a["limit"] is None:
+        reply["nodes"].sort(key=lambda entry: entry["name"])
+    return reply
 
 
 def import_(ctx: Context, req: Request) -> dict:
@@ -237,7 +255,8 @@ def import_(ctx: Context, req: Request) -> dict:
 
 
 # Handlers that use only the in-memory state and check before they change anything.
-IN_MEMORY = frozenset({"allocate", "release", "renew", "status", "waiting", "cancel"})
+IN_MEMORY = frozenset({"allocate", "release", "renew", "status", "waiting", "cancel",
+                       "export"})
 HANDLERS: dict[str, Handler] = {
     "add_baremetal": add_baremetal,
     "add_keyvalue_pairs": add_keyvalue_pairs,
