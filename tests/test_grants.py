@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from pika.exceptions import AMQPConnectionError
 from sqlalchemy import text
 
 from molteniron import protocol
@@ -145,6 +146,67 @@ def test_a_request_its_client_sends_again_is_marked_as_a_copy(running):
     finally:
         connection.close()
     assert seen == [(release.id, None), (release.id, {protocol.COPY_HEADER: True})]
+
+
+def publish_then_lose_the_connection(client, monkeypatch) -> list[bool]:
+    """The client's first publish reaches the queue, then its connection fails before
+    the broker's confirm: the client cannot know whether the request got there."""
+    published = client._publish
+    copies = []
+
+    def publish(request, expires_in, copy=False):
+        copies.append(copy)
+        published(request, expires_in, copy)
+        if len(copies) == 1:
+            raise AMQPConnectionError("connection lost before the confirm")
+
+    monkeypatch.setattr(client, "_publish", publish)
+    return copies
+
+
+def test_a_request_sent_again_after_a_failed_publish_is_marked_as_a_copy(running, monkeypatch):
+    running.stop_workers()
+    with running.client() as client:
+        copies = publish_then_lose_the_connection(client, monkeypatch)
+        release = protocol.new_request("release", {"owner": "job-1"})
+        client.send(release, expires_in=None)
+    assert copies == [False, True]
+    connection, channel = running.channel()
+    try:
+        seen = []
+        for method, properties, body in channel.consume(protocol.REQUEST_QUEUE,
+                                                        inactivity_timeout=10):
+            assert method is not None, f"only {len(seen)} of 2 requests reached the queue"
+            seen.append((json.loads(body)["id"], properties.headers))
+            if len(seen) == 2:
+                break
+    finally:
+        connection.close()
+    assert seen == [(release.id, None), (release.id, {protocol.COPY_HEADER: True})]
+
+
+def test_an_allocate_sent_twice_after_a_failed_publish_holds_its_nodes_once(running,
+                                                                            monkeypatch):
+    """The first copy is handled after its reply queue went with the lost connection:
+    its grant bounces and is undone, or the copy from the new queue is answered with
+    it first. Either way the job holds exactly the nodes it was told of."""
+    for i in (1, 2, 3):
+        running.cli("add_baremetal", *node_args(i))
+    running.stop_workers()
+    with running.client() as client:
+        copies = publish_then_lose_the_connection(client, monkeypatch)
+        allocate = protocol.new_request("allocate", {"owner": "job", "count": 1, "wait": False})
+        client.send(allocate, expires_in=60)
+        running.start_worker()
+        reply = client.wait(allocate.id, time.time() + 30)
+    assert copies == [False, True]
+    assert reply is not None and reply["status"] == 200, reply
+    wait_until(lambda: not running.sql("SELECT COUNT(*) FROM grant_outbox")[0][0], 15,
+               "both grants to be settled")
+    held = [name for name, owner in owners(running).items() if owner == "job"]
+    assert [node["name"] for node in reply["nodes"].values()] == held
+    assert running.sql("SELECT COUNT(*) FROM allocations WHERE owner = 'job' "
+                       "AND ended_at IS NULL") == [(1,)]
 
 
 def test_cancel_of_a_request_that_was_not_an_allocate_keeps_its_reply(running):

@@ -294,7 +294,6 @@ class Worker:
         if batch.adopted_grants is not None:
             self.grants.adopt(batch.adopted_grants)
         self.grants.withdraw(batch.withdrawn_grants)
-        self.grants.regranted(batch.regranted)
         metrics.batch_committed(self.keeper, requests, batch)
         for out in batch.outbox:
             body = protocol.reply_body(out.request_id, out.reply)
@@ -302,6 +301,9 @@ class Worker:
                 self.grants.add(Grant(out.request_id, out.reply_to, out.correlation_id, body))
             else:  # a grant cancelled in the same batch is only news: nothing to undo
                 self._queue_reply(out.reply_to, out.correlation_id, body, out.mandatory)
+        # After the adds: a grant and the copy that was answered with it can share a
+        # batch, and the copy's client holds the nodes whatever the grant's fate.
+        self.grants.regranted(batch.regranted)
         self._send_grants()
         if requests:  # the ack flushes the queued replies too
             self.channel.basic_ack(requests[-1][0].delivery_tag, multiple=whole_batch)
