@@ -40,6 +40,7 @@ CANCEL_TIMEOUT = 10.0  # longest wait for a worker to confirm a cancel
 RESEND_PAUSE = 0.2  # seconds between copies while a cluster elects a new queue leader
 # Nodes per status or export reply: about 5 ms of the worker's time, and 0.5 MB, a page.
 PAGE_SIZE = 1000
+EXPORT_TRIES = 3  # listings read again when a node name showed twice
 
 
 class MoltenIronClient:
@@ -406,10 +407,17 @@ class MoltenIronClient:
 
     def export(self, show_secrets: bool = False, page_size: int = PAGE_SIZE) -> dict:
         """Every node as an inventory entry, by name; passwords "********" unless
-        show_secrets."""
-        reply = self._paged("export", {"show_secrets": show_secrets}, page_size)
-        reply["nodes"].sort(key=lambda entry: entry["name"])
-        return reply
+        show_secrets. A node renamed, or removed and added again, while the pages are
+        read could show twice under one name, and `import` would refuse the file: the
+        pages are read again then."""
+        for _ in range(EXPORT_TRIES):
+            reply = self._paged("export", {"show_secrets": show_secrets}, page_size)
+            names = [entry["name"] for entry in reply["nodes"]]
+            if len(set(names)) == len(names):
+                reply["nodes"].sort(key=lambda entry: entry["name"])
+                return reply
+        raise errors.Conflict(f"the pool's node names kept changing while it was exported "
+                              f"({EXPORT_TRIES} tries): export again when they settle")
 
     def _paged(self, op: str, args: dict, page_size: int) -> dict:
         """The reply to op with every page's nodes: the worker serves other requests
@@ -423,8 +431,8 @@ class MoltenIronClient:
             try:
                 reply = self.call(op, page)
             except errors.BadRequest as exc:
-                if after_id is None and "unknown argument(s): " in exc.message:
-                    return self.call(op, args)  # a worker older than pages
+                if _refuses_only_pages(exc):  # a worker older than pages (even mid-listing)
+                    return self.call(op, args)
                 raise
             nodes.extend(reply.pop("nodes"))
             after_id = reply.pop("next_after_id", None)
@@ -449,6 +457,13 @@ class MoltenIronClient:
             reply = {"status": 500, "message": "the worker sent a reply that is not JSON"}
         if isinstance(reply, dict):
             inbox.append(reply)
+
+
+def _refuses_only_pages(exc: errors.BadRequest) -> bool:
+    """The refusal of a worker that knows no pages: the page arguments, and nothing
+    else, are unknown to it."""
+    _, found, names = exc.message.partition("unknown argument(s): ")
+    return bool(found) and set(names.split(", ")) <= {"after_id", "limit"}
 
 
 def _checked(reply: dict) -> dict:

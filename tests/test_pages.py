@@ -66,8 +66,15 @@ def test_export_is_the_database_inventory_whole_or_in_pages(keeper):
                      pairs=["ipmi_user=u", "ipmi_password=pw", "rack=r7"], tags="gpu,fast")
     assert only_reply(commit(keeper, tagged), tagged).reply["status"] == 200
     allocate(keeper, "job", 1)
-    maintenance = request("maintenance", node="n3", mode="on", reason="disk")
-    assert only_reply(commit(keeper, maintenance), maintenance).reply["status"] == 200
+    for change in (request("maintenance", node="n3", mode="on", reason="disk"),
+                   request("set_field", id=1, key="name", value="renamed"),
+                   request("set_field", id=2, key="allocation_pool", value="10.2.0.1,10.2.0.2")):
+        assert only_reply(commit(keeper, change), change).reply["status"] == 200, change
+    (entry,) = [e for e in status(keeper, "export", show_secrets=True)["nodes"] if e["name"] == "n1"]
+    updated = request("import", inventory={"nodes": [{**entry, "cpus": 64, "tags": ["big"]}]})
+    assert only_reply(commit(keeper, updated), updated).reply["changed"] == 1
+    refused = request("set_field", id=3, key="cpus", value="many", type="int")
+    assert only_reply(commit(keeper, refused), refused).reply["status"] == 400
     with Session(keeper.engine) as session:
         in_database = [inventory.entry_of(pool.node_record(node), False)
                        for node in session.scalars(select(Node).order_by(Node.id))]
@@ -95,6 +102,18 @@ def test_nodes_added_or_removed_between_pages(keeper):
     added = add_node(keeper, "n4")
     later = status(keeper, limit=2, after_id=ids[3])
     assert [node["id"] for node in later["nodes"]] == [added]
+
+
+def test_a_page_shows_the_pool_as_it_was_at_its_place_in_the_batch(keeper):
+    """A reply goes out after its whole batch: the page must not show what a later
+    request of the same batch did to a node."""
+    add_node(keeper, "n0")
+    listing = request("status", limit=10, show_secrets=True)
+    taking = request("allocate", owner="job", count=1, node_pool="p")
+    batch = commit(keeper, listing, taking)
+    (node,) = only_reply(batch, listing).reply["nodes"]
+    assert node["state"] == "ready" and node["owner"] is None
+    assert only_reply(batch, taking).reply["status"] == 200
 
 
 def test_pages_hide_passwords_unless_asked(keeper):
@@ -131,6 +150,61 @@ def test_the_client_exports_by_name_from_pages(running):
         whole = client.call("export", {})["nodes"]
         assert [entry["name"] for entry in whole] == ["node-1", "node-2", "node-3"]
         assert client.export(page_size=1)["nodes"] == whole
+
+
+def test_a_worker_without_pages_met_mid_listing_gives_the_whole_listing_once(monkeypatch):
+    """A failover to an older worker between two pages: the client asks it for
+    everything, and does not keep the page it had."""
+    older = protocol.OPERATIONS["status"]._replace(args=tuple(
+        arg for arg in protocol.OPERATIONS["status"].args if arg.name not in ("after_id", "limit")))
+    answers = iter([
+        lambda args: {"status": 200, "nodes": [{"id": 1}], "next_after_id": 1},
+        lambda args: protocol.validate_args("status", args),
+        lambda args: (protocol.validate_args("status", args),
+                      {"status": 200, "nodes": [{"id": 1}, {"id": 2}]})[1]])
+
+    def failing_over(op, args):
+        answer = next(answers)
+        with monkeypatch.context() as patch:
+            patch.setitem(protocol.OPERATIONS, "status", older)
+            return answer(args)
+
+    client = MoltenIronClient("amqp://unused")
+    monkeypatch.setattr(client, "call", failing_over)
+    assert client.status()["nodes"] == [{"id": 1}, {"id": 2}]
+
+
+@pytest.mark.parametrize("message", ["status: unknown argument(s): bogus",
+                                     "status: unknown argument(s): bogus, limit",
+                                     "status: argument limit must be at least 1, got 0"])
+def test_other_refusals_of_a_page_are_not_taken_for_an_older_worker(monkeypatch, message):
+    asked = []
+
+    def refusing(op, args):
+        asked.append(args)
+        raise errors.BadRequest(message)
+
+    client = MoltenIronClient("amqp://unused")
+    monkeypatch.setattr(client, "call", refusing)
+    with pytest.raises(errors.BadRequest, match="argument"):
+        client.status()
+    assert len(asked) == 1
+
+
+def test_an_export_that_shows_a_name_twice_is_read_again(monkeypatch):
+    """A node renamed between two pages can show twice under one name: import would
+    refuse such a file."""
+    listings = iter([[{"name": "a"}, {"name": "b"}, {"name": "a"}],
+                     [{"name": "b"}, {"name": "a"}]])
+    client = MoltenIronClient("amqp://unused")
+    monkeypatch.setattr(client, "_paged",
+                        lambda op, args, size: {"status": 200, "nodes": next(listings)})
+    assert client.export()["nodes"] == [{"name": "a"}, {"name": "b"}]
+
+    monkeypatch.setattr(client, "_paged", lambda op, args, size: {
+        "status": 200, "nodes": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(errors.Conflict, match="kept changing"):
+        client.export()
 
 
 @pytest.mark.parametrize("op, args", [

@@ -61,6 +61,7 @@ class PoolState:
     def refresh(self, session: Session, node_ids: set[int]) -> set[str]:
         """Re-read nodes changed through the ORM; return the pools they left or joined."""
         pools = set()
+        present = node_ids & self.nodes.keys()
         for node_id in node_ids:
             old = self._unindex(node_id)
             if old is not None:
@@ -71,6 +72,8 @@ class PoolState:
                 pools.add(node.node_pool)
             for gone in node_ids - self.nodes.keys():  # removed: its allocation ended too
                 self._forget_request(gone)
+        if node_ids & self.nodes.keys() != present:  # a node was added or removed
+            self._sorted_ids = None
         return pools
 
     def clear(self) -> None:
@@ -290,15 +293,13 @@ class PoolState:
     # --- indexes ----------------------------------------------------------------
 
     def sorted_ids(self) -> list[int]:
-        """Every node's id, in order (kept until a node is added or removed)."""
+        """Every node's id, in order (kept until load or refresh adds or removes one)."""
         if self._sorted_ids is None:
             self._sorted_ids = sorted(self.nodes)
         return self._sorted_ids
 
     def _index(self, record: dict) -> None:
         node_id = record["id"]
-        if node_id not in self.nodes:
-            self._sorted_ids = None
         self.nodes[node_id] = record
         if record["state"] == State.READY.value:
             self._make_ready(node_id)
@@ -316,7 +317,6 @@ class PoolState:
         record = self.nodes.pop(node_id, None)
         if record is None:
             return None
-        self._sorted_ids = None
         self.ready.get(record["node_pool"], set()).discard(node_id)
         if record["state"] != State.MAINTENANCE.value:
             self.capacity_of[record["node_pool"]] -= 1
