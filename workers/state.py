@@ -32,6 +32,7 @@ class PoolState:
         # ready, until a cleaner says they are clean (workers/cleaning.py).
         self.clean_released = clean_released
         self.nodes: dict[int, dict] = {}
+        self.loads = 0  # how many times load() has read the whole pool
         self._sorted_ids: list[int] | None = None  # self.nodes' ids in order, made when asked
         self.ready: dict[str, set[int]] = defaultdict(set)
         self._ready_heap: dict[str, list[int]] = defaultdict(list)  # may hold stale ids
@@ -51,6 +52,7 @@ class PoolState:
     def load(self, session: Session) -> None:
         """Replace everything in memory with what the database holds."""
         self.clear()
+        self.loads += 1
         for node in session.scalars(select(Node).order_by(Node.id)):
             self._index(pool.node_record(node))
         session.expunge_all()
