@@ -126,6 +126,21 @@ def test_a_lock_held_by_someone_else_is_waited_out_not_dead_lettered(stack, data
     assert stack.workers[0].poll() is None
 
 
+def queued_ids_and_headers(stack, count: int) -> list[tuple]:
+    """The id and headers of the first `count` requests in the request queue."""
+    connection, channel = stack.channel()
+    try:
+        seen = []
+        for method, properties, body in channel.consume(protocol.REQUEST_QUEUE,
+                                                        inactivity_timeout=10):
+            assert method is not None, f"only {len(seen)} of {count} requests reached the queue"
+            seen.append((json.loads(body)["id"], properties.headers))
+            if len(seen) == count:
+                return seen
+    finally:
+        connection.close()
+
+
 def test_a_request_its_client_sends_again_is_marked_as_a_copy(running):
     """The worker reads the stored replies before handling a marked copy: it may have
     been answered, its reply lost with the connection (tests/test_fence_in_trip.py)."""
@@ -134,18 +149,8 @@ def test_a_request_its_client_sends_again_is_marked_as_a_copy(running):
         release = protocol.new_request("release", {"owner": "job-1"})
         client.send(release, expires_in=None)
         client.send(release, expires_in=None)  # as after a lost connection, before its reply
-    connection, channel = running.channel()
-    try:
-        seen = []
-        for method, properties, body in channel.consume(protocol.REQUEST_QUEUE,
-                                                        inactivity_timeout=10):
-            assert method is not None, f"only {len(seen)} of 2 requests reached the queue"
-            seen.append((json.loads(body)["id"], properties.headers))
-            if len(seen) == 2:
-                break
-    finally:
-        connection.close()
-    assert seen == [(release.id, None), (release.id, {protocol.COPY_HEADER: True})]
+    assert queued_ids_and_headers(running, 2) == [(release.id, None),
+                                                  (release.id, {protocol.COPY_HEADER: True})]
 
 
 def publish_then_lose_the_connection(client, monkeypatch) -> list[bool]:
@@ -171,18 +176,8 @@ def test_a_request_sent_again_after_a_failed_publish_is_marked_as_a_copy(running
         release = protocol.new_request("release", {"owner": "job-1"})
         client.send(release, expires_in=None)
     assert copies == [False, True]
-    connection, channel = running.channel()
-    try:
-        seen = []
-        for method, properties, body in channel.consume(protocol.REQUEST_QUEUE,
-                                                        inactivity_timeout=10):
-            assert method is not None, f"only {len(seen)} of 2 requests reached the queue"
-            seen.append((json.loads(body)["id"], properties.headers))
-            if len(seen) == 2:
-                break
-    finally:
-        connection.close()
-    assert seen == [(release.id, None), (release.id, {protocol.COPY_HEADER: True})]
+    assert queued_ids_and_headers(running, 2) == [(release.id, None),
+                                                  (release.id, {protocol.COPY_HEADER: True})]
 
 
 def test_an_allocate_sent_twice_after_a_failed_publish_holds_its_nodes_once(running,

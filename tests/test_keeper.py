@@ -349,6 +349,19 @@ def test_an_undone_grant_is_served_again_to_a_copy_from_another_reply_queue(keep
     assert sql(keeper, "SELECT reply_to FROM grant_outbox") == [("new-queue",)]
 
 
+def test_a_stale_undo_of_a_grant_another_worker_settled_undoes_nothing(keeper):
+    """This worker learnt that a copy of the grant bounced, then stood by; meanwhile
+    another worker answered a copy with the grant and settled it (the outbox row went).
+    Back in charge, this worker must not take the nodes from the client that has them."""
+    node = add_node(keeper, "n1")
+    first, reply = allocate(keeper, "first", 1)
+    assert reply["status"] == 200
+    commit(keeper, settled={first.id: "delivered"})  # the other worker's settlement
+    assert sql(keeper, "SELECT COUNT(*) FROM grant_outbox") == [(0,)]
+    commit(keeper, settled={first.id: "undo"})
+    assert owners(keeper) == {node: "first"}
+
+
 def test_a_waiting_allocate_sent_again_from_another_queue_is_served_there(keeper):
     node = add_node(keeper, "n1")
     allocate(keeper, "holder", 1)

@@ -3,6 +3,7 @@
 waiting: bench.large's cycles during an export)."""
 
 import gc
+import weakref
 
 from molteniron.config import Config
 from tests.conftest import empty_tables
@@ -15,6 +16,11 @@ def tracked(record: dict) -> bool:
     return any(o is record for o in gc.get_objects())
 
 
+class Cyclic:
+    def __init__(self):
+        self.me = self
+
+
 def test_the_pool_loaded_at_takeover_is_frozen_once_per_load(engine, database_url):
     empty_tables(engine)
     worker = Worker(Config(db_url=database_url), "heap-test")
@@ -23,8 +29,11 @@ def test_the_pool_loaded_at_takeover_is_frozen_once_per_load(engine, database_ur
         (record,) = worker.keeper.state.nodes.values()
         assert worker.keeper.state.loads == 1 and tracked(record)
 
+        cyclic = Cyclic()  # like a connection the worker drops after a reconnect
+        gone = weakref.ref(cyclic)
         worker._freeze_after_load()
         assert not tracked(record)
+        del cyclic
 
         made_since = {"made after the freeze": []}  # a list in it: tracked
         commit(worker.keeper, request("status"))  # no load: nothing more to freeze
@@ -37,6 +46,7 @@ def test_the_pool_loaded_at_takeover_is_frozen_once_per_load(engine, database_ur
         assert worker.keeper.state.loads == 2 and tracked(reloaded)
         worker._freeze_after_load()
         assert not tracked(reloaded)
+        assert gone() is None, "frozen garbage in a reference cycle is collected at the next load"
     finally:
         gc.unfreeze()  # the test process keeps collecting as before
         worker.keeper.close()

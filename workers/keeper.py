@@ -410,6 +410,9 @@ class PoolKeeper:
         bounced_from = dict(batch.connection.exec_driver_sql(
             f"SELECT request_id, reply_to FROM grant_outbox WHERE request_id IN "
             f"({placeholders(undone)})", tuple(undone)).all()) if undone else {}
+        # A grant no longer in the outbox was settled meanwhile by another worker (this
+        # one learnt of the bounce, then stood by): it may have answered a copy with it.
+        undone = [request_id for request_id in undone if request_id in bounced_from]
         for request_id in undone:
             released = self.state.release_request(request_id, EndReason.CLIENT_GONE, batch.now)
             if released:

@@ -49,11 +49,14 @@ CLOSE_CONFIRM_WAIT = 5.0  # seconds a stopping worker waits to learn where its g
 
 def freeze_heap() -> None:
     """Leave what is alive now, the pool just loaded above all, out of the garbage
-    collector's full collections from now on. A full collection walks every object
-    tracked: 400,000 of them with 100,000 nodes, 165 ms with every request waiting,
-    each time a few thousand new objects had lived long enough (an export, waiters
-    piling up). The records hold no reference cycles: dropped at the next load, they
-    are freed as before. Run after the batch's replies are out."""
+    collector's full collections until the next load. A full collection walks every
+    object tracked: 400,000 of them with 100,000 nodes, 165 ms with every request
+    waiting, each time a few thousand new objects had lived long enough (an export,
+    waiters piling up). What the last freeze kept out is let back in first: a
+    connection, engine or exception alive then, garbage now, is collected here (frozen
+    objects in a reference cycle are never freed). Run after the batch's replies are
+    out."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
@@ -279,6 +282,8 @@ class Worker:
                 requests.append((method, properties, request))
         if requests or ((returned or self.grants.settled) and self._active()):
             self._process(requests, returned, whole_batch=True)
+            if not self.stopping:
+                self._freeze_after_load()
         else:
             self.returned[:0] = returned  # kept for when this worker is active
 
@@ -292,6 +297,10 @@ class Worker:
         try:
             batch = self._commit_with_retry(requests, returned, settled)
         except RefusedBatch as exc:
+            # Back before the split: a copy answered in one of its batches with a grant
+            # must find that grant's outcome there, to keep its bounce from undoing it.
+            self.grants.unsettle(settled)
+            settled = {}
             if requests or returned:
                 self._split_or_dead_letter(requests, returned, exc)
             return
@@ -322,7 +331,6 @@ class Worker:
             self.channel.basic_ack(requests[-1][0].delivery_tag, multiple=whole_batch)
         else:
             self.connection.process_data_events(0)
-        self._freeze_after_load()
 
     def _freeze_after_load(self) -> None:
         if self.keeper.state.loads != self.frozen_loads:
