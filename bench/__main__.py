@@ -24,14 +24,19 @@ ORIGINAL = {"cycles_1": 7.2, "cycles_20": 4.5, "p99_20_ms": 19_500}  # the HTTP 
 
 
 def sandboxed(label: str, nodes: int, worker: str = "molteniron"):
+    """A sandbox with its worker answering; removed again, worker and all, if it fails."""
     sandbox = Sandbox(label)
-    if nodes:
-        add_nodes(sandbox, nodes)
-    if worker == "echo":
-        sandbox.start_worker(module="bench.echo_worker")
-    else:
-        sandbox.start_worker()
-    sandbox.wait_answering()
+    try:
+        if nodes:
+            add_nodes(sandbox, nodes)
+        if worker == "echo":
+            sandbox.start_worker(module="bench.echo_worker")
+        else:
+            sandbox.start_worker()
+        sandbox.wait_answering()
+    except BaseException:
+        sandbox.close()
+        raise
     return sandbox
 
 
