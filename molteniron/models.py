@@ -161,6 +161,9 @@ class GrantOutbox(Base):
     # A copy came back while no earlier copy could have been routed: undo it, even
     # if the worker that learnt it dies before the undo commits.
     returned: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # A copy of the request came again and was answered with this grant: a live client
+    # holds the nodes, so no worker may undo it for a bounce (the lease decides).
+    regranted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ProcessedRequest(Base):

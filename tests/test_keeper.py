@@ -362,6 +362,32 @@ def test_a_stale_undo_of_a_grant_another_worker_settled_undoes_nothing(keeper):
     assert owners(keeper) == {node: "first"}
 
 
+def test_a_grant_answered_again_to_a_copy_is_undone_by_no_worker(keeper):
+    """A copy came again from another reply queue and was answered with the grant its
+    request holds: a live client has the nodes. The bounce of an earlier copy, learnt
+    by this worker or by one that stood by meanwhile, must not take them back."""
+    node = add_node(keeper, "n1")
+    first, reply = allocate(keeper, "first", 1)
+    (out,) = commit_from(keeper, first, "new-queue").outbox
+    assert (out.reply_to, out.reply["status"]) == ("new-queue", 200)
+    assert sql(keeper, "SELECT regranted FROM grant_outbox") == [(1,)]
+    commit(keeper, settled={first.id: "undo"})
+    assert owners(keeper) == {node: "first"}
+    assert sql(keeper, "SELECT COUNT(*) FROM grant_outbox") == [(0,)]
+
+
+def test_a_grant_and_its_copy_in_one_batch_are_written_down_as_answered_again(keeper):
+    node = add_node(keeper, "n1")
+    first = request("allocate", owner="first", count=1, node_pool="p")
+    batch = keeper.commit([(None, Properties(reply_to_of(first), first.id), first),
+                           (None, Properties("new-queue", first.id), first)], [], None)
+    assert [(out.reply_to, out.reply["status"]) for out in batch.outbox] == [
+        (reply_to_of(first), 200), ("new-queue", 200)]
+    assert sql(keeper, "SELECT regranted FROM grant_outbox") == [(1,)]
+    commit(keeper, settled={first.id: "undo"})
+    assert owners(keeper) == {node: "first"}
+
+
 def test_a_waiting_allocate_sent_again_from_another_queue_is_served_there(keeper):
     node = add_node(keeper, "n1")
     allocate(keeper, "holder", 1)

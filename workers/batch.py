@@ -174,6 +174,9 @@ class Batch:
         if self.withdrawn_grants:
             self.write(f"DELETE FROM grant_outbox WHERE request_id IN "
                        f"({placeholders(self.withdrawn_grants)})", tuple(self.withdrawn_grants))
+        if self.regranted:  # after the grants' rows: one may be this batch's own
+            self.write(f"UPDATE grant_outbox SET regranted = 1 WHERE request_id IN "
+                       f"({placeholders(self.regranted)})", tuple(self.regranted))
 
 
 def fenced_stored_replies(connection: Connection,

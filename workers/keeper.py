@@ -407,12 +407,14 @@ class PoolKeeper:
         if not settled:
             return
         undone = [request_id for request_id, outcome in settled.items() if outcome == UNDO]
-        bounced_from = dict(batch.connection.exec_driver_sql(
-            f"SELECT request_id, reply_to FROM grant_outbox WHERE request_id IN "
-            f"({placeholders(undone)})", tuple(undone)).all()) if undone else {}
-        # A grant no longer in the outbox was settled meanwhile by another worker (this
-        # one learnt of the bounce, then stood by): it may have answered a copy with it.
-        undone = [request_id for request_id in undone if request_id in bounced_from]
+        rows = batch.connection.exec_driver_sql(
+            f"SELECT request_id, reply_to, regranted FROM grant_outbox WHERE request_id IN "
+            f"({placeholders(undone)})", tuple(undone)).all() if undone else []
+        bounced_from = {request_id: reply_to for request_id, reply_to, _ in rows}
+        # Undone only while it is in the outbox and no copy was answered with it: this
+        # worker may have learnt of the bounce, stood by, and meanwhile another worker
+        # settled the grant or gave it to a copy's live client.
+        undone = [request_id for request_id, _, regranted in rows if not regranted]
         for request_id in undone:
             released = self.state.release_request(request_id, EndReason.CLIENT_GONE, batch.now)
             if released:
