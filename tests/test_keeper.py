@@ -388,6 +388,19 @@ def test_a_grant_and_its_copy_in_one_batch_are_written_down_as_answered_again(ke
     assert owners(keeper) == {node: "first"}
 
 
+def test_a_takeover_adopts_no_grant_it_settles_in_the_same_batch(keeper):
+    """A worker back in charge brings outcomes it learnt before standing by: those grants
+    leave the outbox in the takeover's batch, and must not be sent again from it."""
+    add_node(keeper, "n1")
+    add_node(keeper, "n2")
+    settled, _ = allocate(keeper, "settled", 1)
+    unsettled, _ = allocate(keeper, "unsettled", 1)
+    keeper.stand_by()
+    batch = commit(keeper, settled={settled.id: "delivered"})
+    assert [grant[0] for grant in batch.adopted_grants] == [unsettled.id]
+    assert sql(keeper, "SELECT request_id FROM grant_outbox") == [(unsettled.id,)]
+
+
 def test_a_waiting_allocate_sent_again_from_another_queue_is_served_there(keeper):
     node = add_node(keeper, "n1")
     allocate(keeper, "holder", 1)

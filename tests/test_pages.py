@@ -62,15 +62,17 @@ def test_pages_give_every_matching_node_once_in_id_order(keeper):
 def test_export_is_the_database_inventory_whole_or_in_pages(keeper):
     for i in (3, 1, 2):
         add_node(keeper, f"n{i}", "q" if i == 2 else "p")
-    tagged = request("add_keyvalue_pairs", name="kv", ipmi_ip="10.0.0.9", allocation_pool="10.1.0.9",
-                     pairs=["ipmi_user=u", "ipmi_password=pw", "rack=r7"], tags="gpu,fast")
+    tagged = request("add_keyvalue_pairs", name="kv", ipmi_ip="10.0.0.9",
+                     allocation_pool="10.1.0.9", tags="gpu,fast",
+                     pairs=["ipmi_user=u", "ipmi_password=pw", "rack=r7"])
     assert only_reply(commit(keeper, tagged), tagged).reply["status"] == 200
     allocate(keeper, "job", 1)
     for change in (request("maintenance", node="n3", mode="on", reason="disk"),
                    request("set_field", id=1, key="name", value="renamed"),
                    request("set_field", id=2, key="allocation_pool", value="10.2.0.1,10.2.0.2")):
         assert only_reply(commit(keeper, change), change).reply["status"] == 200, change
-    (entry,) = [e for e in status(keeper, "export", show_secrets=True)["nodes"] if e["name"] == "n1"]
+    (entry,) = [e for e in status(keeper, "export", show_secrets=True)["nodes"]
+                if e["name"] == "n1"]
     updated = request("import", inventory={"nodes": [{**entry, "cpus": 64, "tags": ["big"]}]})
     assert only_reply(commit(keeper, updated), updated).reply["changed"] == 1
     refused = request("set_field", id=3, key="cpus", value="many", type="int")

@@ -168,8 +168,9 @@ class PoolKeeper:
                 taking, stored = None, {}
             else:
                 taking, stored = self._fence(batch, request_ids)
-            if taking is not None:
-                batch.adopted_grants = self._adopt_grants(batch)
+            if taking is not None:  # not those this batch settles: their rows go now
+                batch.adopted_grants = [grant for grant in self._adopt_grants(batch)
+                                        if grant[0] not in settled]
             self._settle_grants(batch, settled)
             for reply_to, reply in returned:
                 self._undo_returned(batch, reply_to, reply)
@@ -406,15 +407,18 @@ class PoolKeeper:
         """Grants the broker confirmed or returned: out of the outbox; undone if returned."""
         if not settled:
             return
-        undone = [request_id for request_id, outcome in settled.items() if outcome == UNDO]
+        settled_undo = [request_id for request_id, outcome in settled.items() if outcome == UNDO]
         rows = batch.connection.exec_driver_sql(
             f"SELECT request_id, reply_to, regranted FROM grant_outbox WHERE request_id IN "
-            f"({placeholders(undone)})", tuple(undone)).all() if undone else []
+            f"({placeholders(settled_undo)})", tuple(settled_undo)).all() if settled_undo else []
         bounced_from = {request_id: reply_to for request_id, reply_to, _ in rows}
         # Undone only while it is in the outbox and no copy was answered with it: this
         # worker may have learnt of the bounce, stood by, and meanwhile another worker
         # settled the grant or gave it to a copy's live client.
         undone = [request_id for request_id, _, regranted in rows if not regranted]
+        for request_id in sorted(set(settled_undo) - set(undone)):
+            log.info("event=undo_skipped id=%s reason=%s", request_id,
+                     "answered again" if request_id in bounced_from else "settled elsewhere")
         for request_id in undone:
             released = self.state.release_request(request_id, EndReason.CLIENT_GONE, batch.now)
             if released:
