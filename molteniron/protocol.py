@@ -121,8 +121,9 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         Arg("owner", _S, False), Arg("node", _S, False), Arg("since", _S, False, iso_time=True),
         Arg("limit", _I, False, 100, min_value=1, max_value=10_000)), mutates=False),
     # Every node as an inventory entry (molteniron/inventory.py); import: {"nodes": [entry...]}.
-    Operation("export", (Arg("show_secrets", bool, False, False), Arg("after_id", _I, False, min_value=0),
-                         Arg("limit", _I, False, min_value=1)), mutates=False),  # pages: as status
+    Operation("export", (Arg("show_secrets", bool, False, False),  # pages: as status
+                         Arg("after_id", _I, False, min_value=0),
+                         Arg("limit", _I, False, min_value=1)), mutates=False),
     Operation("import", (Arg("inventory", dict),)),
     # Cleaning (molteniron/cleaning.py), for molteniron-cleaner: claim a dirty node (its
     # fields, IPMI password included, and a claim token), report on it; clean: re-queue one.

@@ -293,20 +293,21 @@ class Worker:
         # Grant outcomes ride along with whole batches only: a split must not let
         # them make a single good request look like the culprit.
         settled = self.grants.take_settled() if whole_batch else {}
-        batch = None
+        batch = refused = None
         try:
             batch = self._commit_with_retry(requests, returned, settled)
         except RefusedBatch as exc:
-            # Back before the split: a copy answered in one of its batches with a grant
-            # must find that grant's outcome there, to keep its bounce from undoing it.
-            self.grants.unsettle(settled)
-            settled = {}
-            if requests or returned:
-                self._split_or_dead_letter(requests, returned, exc)
-            return
+            refused = exc
         finally:
-            if batch is None:  # not written down: a later transaction does it
+            # Not written down: a later transaction does it. Given back before a split,
+            # so that a copy answered with a grant in one of its batches finds the
+            # grant's outcome and keeps its bounce from undoing it.
+            if batch is None:
                 self.grants.unsettle(settled)
+        if refused is not None:
+            if requests or returned:
+                self._split_or_dead_letter(requests, returned, refused)
+            return
         if batch is None:
             return  # stopping while the database was down: the broker redelivers
         if FAULT.startswith("exit-after-commit:") and any(
