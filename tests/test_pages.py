@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from clients import client as client_module
 from clients.client import MoltenIronClient
 from molteniron import errors, inventory, pool, protocol
 from molteniron.models import Node
@@ -154,59 +155,37 @@ def test_the_client_exports_by_name_from_pages(running):
         assert client.export(page_size=1)["nodes"] == whole
 
 
+def older(op: str) -> protocol.Operation:
+    """op as a worker from before pages knows it."""
+    return protocol.OPERATIONS[op]._replace(args=tuple(
+        arg for arg in protocol.OPERATIONS[op].args if arg.name not in ("after_id", "limit")))
+
+
+def refused_as_an_older_worker(monkeypatch, op: str, args: dict) -> None:
+    """Raise what a worker from before pages answers to these arguments, if anything."""
+    with monkeypatch.context() as patch:
+        patch.setitem(protocol.OPERATIONS, op, older(op))
+        protocol.validate_args(op, args)
+
+
+# No worker from before pages runs here: the next two tests stand one in for the
+# client, refusing as its argument table would.
+
 def test_a_worker_without_pages_met_mid_listing_gives_the_whole_listing_once(monkeypatch):
     """A failover to an older worker between two pages: the client asks it for
     everything, and does not keep the page it had."""
-    older = protocol.OPERATIONS["status"]._replace(args=tuple(
-        arg for arg in protocol.OPERATIONS["status"].args if arg.name not in ("after_id", "limit")))
-    answers = iter([
-        lambda args: {"status": 200, "nodes": [{"id": 1}], "next_after_id": 1},
-        lambda args: protocol.validate_args("status", args),
-        lambda args: (protocol.validate_args("status", args),
-                      {"status": 200, "nodes": [{"id": 1}, {"id": 2}]})[1]])
+    pages = iter([{"status": 200, "nodes": [{"id": 1}], "next_after_id": 1}])
 
     def failing_over(op, args):
-        answer = next(answers)
-        with monkeypatch.context() as patch:
-            patch.setitem(protocol.OPERATIONS, "status", older)
-            return answer(args)
+        page = next(pages, None)
+        if page is not None:  # the first page, from a worker that knows pages
+            return page
+        refused_as_an_older_worker(monkeypatch, op, args)
+        return {"status": 200, "nodes": [{"id": 1}, {"id": 2}]}
 
     client = MoltenIronClient("amqp://unused")
     monkeypatch.setattr(client, "call", failing_over)
     assert client.status()["nodes"] == [{"id": 1}, {"id": 2}]
-
-
-@pytest.mark.parametrize("message", ["status: unknown argument(s): bogus",
-                                     "status: unknown argument(s): bogus, limit",
-                                     "status: argument limit must be at least 1, got 0"])
-def test_other_refusals_of_a_page_are_not_taken_for_an_older_worker(monkeypatch, message):
-    asked = []
-
-    def refusing(op, args):
-        asked.append(args)
-        raise errors.BadRequest(message)
-
-    client = MoltenIronClient("amqp://unused")
-    monkeypatch.setattr(client, "call", refusing)
-    with pytest.raises(errors.BadRequest, match="argument"):
-        client.status()
-    assert len(asked) == 1
-
-
-def test_an_export_that_shows_a_name_twice_is_read_again(monkeypatch):
-    """A node renamed between two pages can show twice under one name: import would
-    refuse such a file."""
-    listings = iter([[{"name": "a"}, {"name": "b"}, {"name": "a"}],
-                     [{"name": "b"}, {"name": "a"}]])
-    client = MoltenIronClient("amqp://unused")
-    monkeypatch.setattr(client, "_paged",
-                        lambda op, args, size: {"status": 200, "nodes": next(listings)})
-    assert client.export()["nodes"] == [{"name": "a"}, {"name": "b"}]
-
-    monkeypatch.setattr(client, "_paged", lambda op, args, size: {
-        "status": 200, "nodes": [{"name": "a"}, {"name": "a"}]})
-    with pytest.raises(errors.Conflict, match="kept changing"):
-        client.export()
 
 
 @pytest.mark.parametrize("op, args", [
@@ -215,15 +194,11 @@ def test_an_export_that_shows_a_name_twice_is_read_again(monkeypatch):
 def test_the_client_reads_a_worker_that_knows_no_pages(monkeypatch, op, args):
     """A worker from before pages refuses the page arguments: the client asks it for
     everything at once."""
-    older = protocol.OPERATIONS[op]._replace(args=tuple(
-        arg for arg in protocol.OPERATIONS[op].args if arg.name not in ("after_id", "limit")))
     asked = []
 
     def older_worker(asked_op, asked_args):
         asked.append(asked_args)
-        with monkeypatch.context() as patch:
-            patch.setitem(protocol.OPERATIONS, op, older)
-            protocol.validate_args(asked_op, asked_args)
+        refused_as_an_older_worker(monkeypatch, asked_op, asked_args)
         return {"status": 200, "nodes": [{"id": 1, "name": "n1"}]}
 
     client = MoltenIronClient("amqp://unused")
@@ -231,3 +206,55 @@ def test_the_client_reads_a_worker_that_knows_no_pages(monkeypatch, op, args):
     assert getattr(client, op)()["nodes"] == [{"id": 1, "name": "n1"}]
     assert asked[0]["limit"] > 0
     assert asked[1:] == [args]
+
+
+@pytest.mark.parametrize("message", ["status: unknown argument(s): bogus",
+                                     "status: unknown argument(s): bogus, limit"])
+def test_other_unknown_arguments_are_not_taken_for_an_older_worker(message):
+    assert not client_module._refuses_only_pages(errors.BadRequest(message))
+    assert client_module._refuses_only_pages(
+        errors.BadRequest("status: unknown argument(s): after_id, limit"))
+
+
+def test_a_page_the_worker_refuses_is_an_error(running):
+    with running.client() as client, pytest.raises(errors.BadRequest, match="at least 1"):
+        client.status(page_size=0)
+
+
+def renaming_between_pages(running, client, monkeypatch, listings: int) -> None:
+    """After the first page of each of the first `listings` exports, node-1 (read on
+    that page) and node-2 (not read yet) swap names: node-2's page then shows node-1
+    again."""
+    call, swaps = client.call, []
+
+    def call_then_rename(op, args):
+        reply = call(op, args)
+        if op == "export" and "after_id" not in args and len(swaps) < listings:
+            swaps.append(op)
+            first, second = (running.sql(f"SELECT id FROM nodes WHERE name = 'node-{i}'")[0][0]
+                             for i in (1, 2))
+            for node_id, name in ((first, "swapping"), (second, "node-1"), (first, "node-2")):
+                call("set_field", {"id": node_id, "key": "name", "value": name})
+        return reply
+
+    monkeypatch.setattr(client, "call", call_then_rename)
+
+
+def test_an_export_that_shows_a_name_twice_is_read_again(running, monkeypatch):
+    """A node renamed between two pages can show twice under one name: import would
+    refuse such a file."""
+    for i in (1, 2):
+        running.cli("add_baremetal", *node_args(i))
+    with running.client() as client:
+        renaming_between_pages(running, client, monkeypatch, listings=1)
+        exported = client.export(page_size=1)["nodes"]
+    assert [entry["name"] for entry in exported] == ["node-1", "node-2"]
+    assert [entry["ipmi_ip"] for entry in exported] == ["10.0.0.2", "10.0.0.1"]
+
+
+def test_an_export_whose_names_keep_changing_is_a_conflict(running, monkeypatch):
+    for i in (1, 2):
+        running.cli("add_baremetal", *node_args(i))
+    with running.client() as client, pytest.raises(errors.Conflict, match="kept changing"):
+        renaming_between_pages(running, client, monkeypatch, listings=client_module.EXPORT_TRIES)
+        client.export(page_size=1)
