@@ -17,6 +17,9 @@ from molteniron import flat_yaml
 from molteniron.errors import ConfigError
 
 SYSTEM_CONFIG = "/etc/molteniron/conf.yaml"
+ADMINS_OFF = "off"  # config admins: authorization switched off on purpose
+# The priority column is a signed 32-bit INT; a cap above this could not be stored.
+MAX_PRIORITY_LIMIT = 1_000_000
 
 
 # Every key and its default. Types follow the defaults; the keys whose default is
@@ -35,8 +38,9 @@ DEFAULTS = {
     "prefetch": 128,                 # requests the worker drains into one transaction
     "tick_interval": 1.0,            # seconds between a worker's timer ticks
     "log_level": "INFO",
-    # Broker user names allowed to manage the pool. None: authorization off (the
-    # original's behaviour: everyone may do everything; the worker warns at start).
+    # Broker user names allowed to manage the pool, or "off" for no authorization at
+    # all (everyone may do everything, as in the original). None (unset): the worker
+    # refuses to start, so authorization is never off by accident.
     "admins": None,
     # A file of Fernet keys, one per line, newest first: IPMI passwords are stored
     # encrypted with the first; any of them decrypts (rotation). None: plain text.
@@ -56,6 +60,18 @@ DEFAULTS = {
     # Seconds a cleaning may take: the cleaner kills the command after this, and the
     # worker lets another cleaner claim a node whose cleaner has not reported by then.
     "cleaning_timeout": 1800.0,
+    # Limits on what one broker user who is not an admin may ask for, so that nobody
+    # crowds the pool out: the highest allocate priority, how many allocates may wait
+    # at once, and the longest wait (seconds).
+    "max_priority": 100,
+    "max_waiting_per_user": 20,
+    "max_wait_seconds": 86400.0,
+    # TLS to the broker (amqps:// URLs): a CA bundle to check the broker's certificate
+    # against (None: the system's CAs), and a client certificate and its key where the
+    # broker asks for one.
+    "amqp_ca_file": None,
+    "amqp_cert_file": None,
+    "amqp_key_file": None,
 }
 # A named tuple, not a dataclass: importing and applying dataclasses would cost
 # every `molteniron` command about 10 ms of its start.
@@ -66,7 +82,10 @@ Config = namedtuple("Config", DEFAULTS, defaults=DEFAULTS.values())
 ENV_OVERRIDES = {
     "MOLTENIRON_DB_URL": "db_url",
     "MOLTENIRON_AMQP_URL": "amqp_url",
-    "MOLTENIRON_ADMINS": "admins",  # comma-separated broker user names
+    "MOLTENIRON_ADMINS": "admins",  # comma-separated broker user names, or off
+    "MOLTENIRON_AMQP_CA_FILE": "amqp_ca_file",
+    "MOLTENIRON_AMQP_CERT_FILE": "amqp_cert_file",
+    "MOLTENIRON_AMQP_KEY_FILE": "amqp_key_file",
 }
 ENV_PASSWORDS = {
     "MOLTENIRON_DB_PASSWORD": "db_url",
@@ -74,7 +93,8 @@ ENV_PASSWORDS = {
 }
 _POSITIVE = {"allocate_wait", "request_timeout", "reply_retention", "history_retention",
              "priority_aging", "cleaning_timeout",
-             "lease_seconds", "max_lease_seconds", "prefetch", "tick_interval"}
+             "lease_seconds", "max_lease_seconds", "prefetch", "tick_interval",
+             "max_waiting_per_user", "max_wait_seconds"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -167,7 +187,7 @@ def _validated(values: dict, source: str) -> Config:
             clean[key] = _quotas(value, source)
         elif key == "metrics_address":
             clean[key] = _address(key, value, source)
-        elif key == "secret_key_file":
+        elif key in ("secret_key_file", "amqp_ca_file", "amqp_cert_file", "amqp_key_file"):
             clean[key] = None if value is None else _coerce(key, value, "str", source)
         elif key == "cleaning_command":
             clean[key] = _command(value, source)
@@ -176,6 +196,12 @@ def _validated(values: dict, source: str) -> Config:
         else:
             clean[key] = _coerce(key, value, type(DEFAULTS[key]).__name__, source)
     config = Config(**clean)
+    if not 0 <= config.max_priority <= MAX_PRIORITY_LIMIT:
+        raise ConfigError(f"{source}: max_priority must be between 0 and {MAX_PRIORITY_LIMIT}, "
+                          f"got {config.max_priority}")
+    if (config.amqp_cert_file is None) != (config.amqp_key_file is None):
+        raise ConfigError(f"{source}: amqp_cert_file and amqp_key_file go together: "
+                          "give both or neither")
     if config.lease_seconds > config.max_lease_seconds:
         raise ConfigError(f"{source}: lease_seconds ({config.lease_seconds}) must not be longer "
                           f"than max_lease_seconds ({config.max_lease_seconds})")
@@ -231,10 +257,13 @@ def _address(key: str, value, source: str) -> str | None:
     return value
 
 
-def _user_names(key: str, value, source: str) -> tuple[str, ...] | None:
-    """A YAML list of broker user names, or a comma-separated string (for the environment)."""
+def _user_names(key: str, value, source: str) -> tuple[str, ...] | str | None:
+    """A YAML list of broker user names, or a comma-separated string (for the environment);
+    "off" (YAML's bare off reads as false) switches authorization off on purpose."""
     if value is None:
         return None
+    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return ADMINS_OFF
     if isinstance(value, str):
         value = [name.strip() for name in value.split(",") if name.strip()]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):

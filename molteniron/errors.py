@@ -80,6 +80,12 @@ class RequestCancelled(Conflict):
     """The request was cancelled by its client before it was served."""
 
 
+class TooManyRequests(MoltenIronError):
+    """A broker user already has as many waiting allocates as max_waiting_per_user allows."""
+
+    status = 429
+
+
 class DeadlineExpired(MoltenIronError):
     """The request's deadline passed before it could be served."""
 
@@ -118,10 +124,11 @@ _BY_KIND = {
     for cls in (
         MoltenIronError, ConfigError, BadRequest, UnknownField, Forbidden, NodeNotFound,
         OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes, PoolTooSmall,
-        RequestCancelled, DeadlineExpired, NotActiveWorker, ServiceUnavailable, RequestQueued,
+        RequestCancelled, TooManyRequests, DeadlineExpired, NotActiveWorker, ServiceUnavailable, RequestQueued,
     )
 }
-_BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineExpired, 409: Conflict}
+_BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineExpired, 409: Conflict,
+              429: TooManyRequests}
 
 
 def from_reply(reply: dict) -> MoltenIronError:

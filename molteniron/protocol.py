@@ -45,6 +45,10 @@ MAX_BODY_BYTES = 1_000_000
 # connection: it may have been answered already, so the worker reads the replies it
 # stored before handling it. (Unmarked, it is caught too, at a higher cost.)
 COPY_HEADER = "molteniron-copy"
+# AMQP header an admin's `dead-letters --requeue` sets to the user_id the dead message
+# was first sent with: the worker then acts for that user, not for the admin. From a
+# user who is not an admin the header is refused.
+ON_BEHALF_HEADER = "molteniron-on-behalf-of"
 
 # --- statuses beyond the original's ------------------------------------------
 QUEUED = 202      # interim reply: the allocate waits; more replies follow
