@@ -110,6 +110,9 @@ class Stack:
         self.workers: list[subprocess.Popen] = []
         self.env = {**os.environ, "MOLTENIRON_AMQP_URL": amqp_url,
                     "MOLTENIRON_DB_URL": database_url, "PYTHONPATH": str(ROOT),
+                    # A worker refuses to start without `admins`: tests that check
+                    # authorization name their admin in MOLTENIRON_ADMINS themselves.
+                    "MOLTENIRON_ADMINS": os.environ.get("MOLTENIRON_ADMINS", "off"),
                     "MOLTENIRON_CONFIG": str(logdir / "absent.yaml")}
         (logdir / "absent.yaml").write_text("{}\n")
 
