@@ -8,6 +8,9 @@ back (clean_done): exit 0 -> ready, anything else -> maintenance with the exit
 code and the last line of stderr. Several cleaners may run; a cleaner that
 dies leaves a claim that lapses after the worker's cleaning_timeout.
 
+The command gets a clean environment (command_environment): PATH, the locale and
+the node's variables, never the cleaner's own login or anything else it was given.
+
 stdout: one JSON line per node (what was done); stderr: for people.
 """
 
@@ -23,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Mapping
 
 from molteniron import errors, protocol
 from molteniron.config import load_config
@@ -38,6 +42,17 @@ NODE_ENV = {
     "MOLTENIRON_CPUS": "cpus", "MOLTENIRON_RAM_MB": "ram_mb", "MOLTENIRON_DISK_GB": "disk_gb",
     "MOLTENIRON_NODE_POOL": "node_pool", "MOLTENIRON_ALLOCATION_POOL": "allocation_pool",
 }
+# What the command gets of the cleaner's own environment: where to find programs and
+# which language to speak. Nothing else: the cleaner holds an admin's broker login
+# (MOLTENIRON_AMQP_PASSWORD, _URL), and whatever a command prints goes to the journal.
+# Not HOME: under systemd it is the user's entry in the password database (/nonexistent
+# for the kit's user), where a tool that wants a home finds it anyway; a cleaner started
+# by hand may carry another user's, whose credentials (~/.netrc, ~/.my.cnf) tools read.
+PASSED_ON = ("PATH", "LANG", "LANGUAGE")
+PASSED_ON_PREFIX = "LC_"
+# PATH when the cleaner has none: systemd's default for services (never os.defpath,
+# whose empty entry would search the working directory).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +121,8 @@ def clean_one(client, cleaner: str, command: str, timeout: float) -> dict | None
     node = next(iter(claimed["nodes"].values()))
     log.info("event=claimed node=%s until=%s", node["name"], claimed["claimed_until"])
     started = time.monotonic()
-    ok, detail = run_command(command, node_environment(node), timeout)
+    env = command_environment(os.environ, node_environment(node))
+    ok, detail = run_command(command, env, timeout)
     reply = client.call("clean_done", {"node_id": node["id"], "claim": claimed["claim"],
                                        "ok": ok, "detail": detail})
     log.info("event=cleaned node=%s ok=%s state=%s seconds=%.1f detail=%r", node["name"], ok,
@@ -121,11 +137,18 @@ def node_environment(node: dict) -> dict[str, str]:
     return {var: str(fields.get(key, "")) for var, key in NODE_ENV.items()}
 
 
-def run_command(command: str, node_env: dict[str, str], timeout: float) -> tuple[bool, str | None]:
-    """Run the command (no shell) at most timeout seconds: (clean?, why not)."""
+def command_environment(own: Mapping[str, str], node_env: dict[str, str]) -> dict[str, str]:
+    """All the command gets: the cleaner's PATH and locale (PASSED_ON), the node's variables."""
+    passed = {name: value for name, value in own.items()
+              if name in PASSED_ON or name.startswith(PASSED_ON_PREFIX)}
+    return {**passed, "PATH": own.get("PATH") or DEFAULT_PATH, **node_env}
+
+
+def run_command(command: str, env: dict[str, str], timeout: float) -> tuple[bool, str | None]:
+    """Run the command (no shell, only env) at most timeout seconds: (clean?, why not)."""
     try:
         process = subprocess.Popen(
-            shlex.split(command), env={**os.environ, **node_env}, stdin=subprocess.DEVNULL,
+            shlex.split(command), env=env, stdin=subprocess.DEVNULL,
             stdout=sys.stderr, stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         return False, f"cannot run cleaning_command: {exc}"

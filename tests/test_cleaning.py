@@ -11,11 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from bench.private import process_gone
+from clients.cleaner import NODE_ENV
 from molteniron import errors
 from tests.stack import ROOT, node_args, wait_until
 
@@ -239,3 +242,52 @@ def test_only_admins_may_claim_nodes_to_clean(stack, users, tmp_path):
 
     code, outcome, _ = clean_once(stack, {**env, **admin})
     assert (code, outcome["state"]) == (0, "ready")
+
+
+# systemd's default PATH for services: what the command gets from a cleaner without one.
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@pytest.mark.parametrize("cleaner_path", ["/opt/tools/bin:/usr/bin:/bin", None])
+def test_the_command_gets_path_locale_and_its_node_never_the_cleaners_login(
+        stack, users, tmp_path, cleaner_path):
+    """`cleaning_command: /usr/bin/env` printed the cleaner's admin password to the journal."""
+    seen = tmp_path / "seen.env"
+    # What execve gave the command (/proc/$$/environ), not what the shell adds (PWD).
+    env = config(tmp_path, script(tmp_path, "dump-env.sh", f'cat /proc/$$/environ > "{seen}"\n'))
+    admin = users["admin"]
+    stack.start_worker(env={**env, "MOLTENIRON_ADMINS": admin["name"]})
+    assert stack.cli("add_baremetal", *node_args(1), env=admin["env"]).returncode == 0
+    assert stack.cli("clean", "node-1", env=admin["env"]).json["state"] == "dirty"
+
+    # The cleaner as systemd starts it: its login from its EnvironmentFile=, and more.
+    login = urlsplit(admin["env"]["MOLTENIRON_AMQP_URL"])
+    db_password, token = uuid.uuid4().hex, uuid.uuid4().hex
+    secrets = {login.password, db_password, token}
+    own = {"MOLTENIRON_CONFIG": env["MOLTENIRON_CONFIG"],
+           "MOLTENIRON_AMQP_URL": login._replace(
+               netloc=f"{login.username}@{login.hostname}:{login.port}").geturl(),
+           "MOLTENIRON_AMQP_PASSWORD": login.password,
+           "MOLTENIRON_DB_URL": f"mysql+pymysql://molteniron:{db_password}@127.0.0.1/molteniron",
+           "MOLTENIRON_DB_PASSWORD": db_password,
+           "MOLTENIRON_NODE_NAME": "not-the-node", "MOLTENIRON_ADMINS": admin["name"],
+           "CI_DEPLOY_TOKEN": token, "HOME": str(tmp_path), "USER": "molteniron-cleaner",
+           "PYTHONPATH": str(ROOT), "TZ": "UTC", "PWD": str(ROOT),
+           "LANG": "C.UTF-8", "LANGUAGE": "en", "LC_TIME": "C", "LC_ALL": "C.UTF-8"}
+    if cleaner_path is not None:
+        own["PATH"] = cleaner_path
+    done = subprocess.run([sys.executable, "-m", "clients.cleaner", "--once"], env=own, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["state"] == "ready", done
+
+    dumped = seen.read_bytes().decode()
+    got = dict(entry.split("=", 1) for entry in dumped.split("\0") if entry)
+    assert set(got) == {"PATH", "LANG", "LANGUAGE", "LC_TIME", "LC_ALL", *NODE_ENV}
+    assert got["PATH"] == (cleaner_path or SYSTEMD_PATH)
+    assert (got["LANG"], got["LANGUAGE"], got["LC_TIME"], got["LC_ALL"]) == (
+        "C.UTF-8", "en", "C", "C.UTF-8")
+    assert (got["MOLTENIRON_NODE_NAME"], got["MOLTENIRON_IPMI_PASSWORD"]) == ("node-1", "secret-1")
+    # Neither in what the command saw nor in what goes to the journal.
+    for secret in secrets:
+        assert secret not in dumped and secret not in done.stderr + done.stdout
