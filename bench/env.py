@@ -71,7 +71,8 @@ class Sandbox:
     @property
     def env(self) -> dict:
         return {**os.environ, "MOLTENIRON_AMQP_URL": self.amqp_url, "MOLTENIRON_DB_URL": self.db_url,
-                "MOLTENIRON_CONFIG": os.devnull, "PYTHONPATH": str(ROOT)}
+                "MOLTENIRON_CONFIG": os.devnull, "PYTHONPATH": str(ROOT),
+                "MOLTENIRON_ADMINS": os.environ.get("MOLTENIRON_ADMINS", "off")}
 
     def start_worker(self, *extra: str, env: dict | None = None,
                      module: str = "workers.main") -> subprocess.Popen:

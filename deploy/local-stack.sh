@@ -11,6 +11,9 @@ STATE=.molteniron
 VENV=${VENV:-.venv}
 export MOLTENIRON_DB_URL=${MOLTENIRON_DB_URL:-mysql+pymysql://root@127.0.0.1:3306/molteniron}
 export MOLTENIRON_AMQP_URL=${MOLTENIRON_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}
+# A stack for trying things out, with the broker's guest login for everything:
+# authorization off on purpose (a worker without `admins` refuses to start).
+export MOLTENIRON_ADMINS=${MOLTENIRON_ADMINS:-off}
 
 say() { echo "local-stack: $*" >&2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

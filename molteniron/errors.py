@@ -92,6 +92,18 @@ class DeadlineExpired(MoltenIronError):
     status = 408
 
 
+class InternalError(MoltenIronError):
+    """The worker failed to handle a request for a reason of its own; its log says why."""
+
+    status = 500
+
+    @classmethod
+    def for_request(cls, request_id: str | None) -> "InternalError":
+        """The reply's message names the request, never the SQL or the driver's text."""
+        return cls(f"the worker could not handle request {request_id}: its log has the "
+                   "details under this request id")
+
+
 class NotActiveWorker(MoltenIronError):
     """Another worker took over the pool (a newer epoch); this one must stop writing."""
 
@@ -124,11 +136,12 @@ _BY_KIND = {
     for cls in (
         MoltenIronError, ConfigError, BadRequest, UnknownField, Forbidden, NodeNotFound,
         OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes, PoolTooSmall,
-        RequestCancelled, TooManyRequests, DeadlineExpired, NotActiveWorker, ServiceUnavailable, RequestQueued,
+        RequestCancelled, TooManyRequests, DeadlineExpired, InternalError, NotActiveWorker,
+        ServiceUnavailable, RequestQueued,
     )
 }
-_BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineExpired, 409: Conflict,
-              429: TooManyRequests}
+_BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineExpired,
+              409: Conflict, 429: TooManyRequests, 500: InternalError}
 
 
 def from_reply(reply: dict) -> MoltenIronError:

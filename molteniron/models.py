@@ -176,6 +176,8 @@ class ProcessedRequest(Base):
     op: Mapped[str] = mapped_column(String(32))
     reply: Mapped[str] = mapped_column(Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"))
     processed_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
+    # The broker user whose request it answers: replayed to nobody else.
+    user: Mapped[Optional[str]] = mapped_column(String(255), default=None)
 
 
 class WorkerMeta(Base):

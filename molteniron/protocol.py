@@ -41,6 +41,8 @@ REQUEST_QUEUE_ARGUMENTS = {
 # The dead-letter queue is for people to inspect; cap it so it cannot fill the disk.
 DEAD_LETTER_QUEUE_ARGUMENTS = {"x-max-length": 100_000, "x-queue-type": "classic"}
 MAX_BODY_BYTES = 1_000_000
+# Every integer argument goes into (or is compared with) a signed 32-bit INT column.
+INT_MIN, INT_MAX = -2**31, 2**31 - 1
 # AMQP header of a request a client sends again (same id) after a nack or a lost
 # connection: it may have been answered already, so the worker reads the replies it
 # stored before handling it. (Unmarked, it is caught too, at a higher cost.)
@@ -243,6 +245,11 @@ def validate_args(op: str, args: dict) -> dict:
                              f"got {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):
             raise BadRequest(f"{op}: argument {arg.name} must be a finite number, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and not (
+                INT_MIN <= value <= INT_MAX):
+            raise BadRequest(f"{op}: argument {arg.name} must be between {INT_MIN} and "
+                             f"{INT_MAX} (a 32-bit integer, as the database stores it), "
+                             f"got {value}")
         if (arg.min_value is not None and isinstance(value, (int, float))
                 and not isinstance(value, bool) and value < arg.min_value):
             raise BadRequest(f"{op}: argument {arg.name} must be at least {arg.min_value}, got {value}")

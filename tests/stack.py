@@ -223,6 +223,26 @@ def users(stack, amqp_url):
 
 
 @pytest.fixture
+def secured(stack, users):
+    """A worker with authorization on (admins: the admin user) and two nodes."""
+    stack.start_worker(env={"MOLTENIRON_ADMINS": users["admin"]["name"]})
+    admin = users["admin"]["env"]
+    for i in (1, 2):
+        assert stack.cli("add_baremetal", *node_args(i), env=admin).returncode == 0
+    return stack
+
+
+def as_user(stack, users, role, *args):
+    return stack.cli(*args, env=users[role]["env"])
+
+
+def assert_forbidden(result, op, user):
+    assert result.returncode == 1, result
+    assert result.json["status"] == 403 and result.json["error"] == "Forbidden", result
+    assert op in result.json["message"] and user in result.json["message"]
+
+
+@pytest.fixture
 def running(stack):
     """The stack with one worker already answering."""
     stack.start_worker()

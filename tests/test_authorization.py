@@ -10,30 +10,9 @@ import json
 import time
 
 import pika
-import pytest
 
 from molteniron import protocol
-from tests.stack import node_args, wait_until
-
-
-@pytest.fixture
-def secured(stack, users):
-    """A worker with authorization on (admins: the admin user) and two nodes."""
-    stack.start_worker(env={"MOLTENIRON_ADMINS": users["admin"]["name"]})
-    admin = users["admin"]["env"]
-    for i in (1, 2):
-        assert stack.cli("add_baremetal", *node_args(i), env=admin).returncode == 0
-    return stack
-
-
-def as_user(stack, users, role, *args):
-    return stack.cli(*args, env=users[role]["env"])
-
-
-def assert_forbidden(result, op, user):
-    assert result.returncode == 1, result
-    assert result.json["status"] == 403 and result.json["error"] == "Forbidden", result
-    assert op in result.json["message"] and user in result.json["message"]
+from tests.stack import as_user, assert_forbidden, node_args, wait_until
 
 
 def owners(stack):
@@ -123,7 +102,14 @@ def test_a_request_without_user_id_is_refused_when_authorization_is_on(secured):
     assert secured.sql("SELECT COUNT(*) FROM nodes") == [(2,)]
 
 
-def test_without_admins_the_worker_warns_that_authorization_is_off(running):
+def test_a_worker_without_admins_refuses_to_start_and_says_how_to_choose(stack):
+    worker = stack.start_worker(env={"MOLTENIRON_ADMINS": ""}, ready=False)
+    assert worker.wait(timeout=60) == 2
+    log = stack.worker_log()
+    assert "admins is not set" in log and "admins: off" in log
+
+
+def test_with_admins_off_on_purpose_the_worker_serves_and_warns(running):
     assert "event=authorization_off" in running.worker_log()
 
 

@@ -7,47 +7,11 @@ import json
 import time
 import uuid
 
-import pika
 import pytest
 
 from molteniron import protocol
+from tests.raw import RawPublisher, valid
 from tests.stack import node_args, wait_until
-
-
-class RawPublisher:
-    """Publishes arbitrary bodies and properties, and reads replies on its own queue."""
-
-    def __init__(self, amqp_url: str):
-        self.connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-        self.channel = self.connection.channel()
-        self.reply_queue = self.channel.queue_declare("", exclusive=True).method.queue
-        self.replies: list[dict] = []
-        self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
-
-    def _on_reply(self, channel, method, properties, body):
-        self.replies.append({"correlation_id": properties.correlation_id, **json.loads(body)})
-
-    def publish(self, body: bytes, reply: bool = True, **properties) -> str:
-        correlation_id = str(uuid.uuid4())
-        if reply:
-            properties.setdefault("reply_to", self.reply_queue)
-            properties.setdefault("correlation_id", correlation_id)
-        self.channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY, body,
-                                   pika.BasicProperties(**properties))
-        return correlation_id
-
-    def reply_to(self, correlation_id: str, timeout: float = 15) -> dict:
-        def arrived():
-            self.connection.process_data_events(0.05)
-            return next((r for r in self.replies if r["correlation_id"] == correlation_id), None)
-        return wait_until(arrived, timeout, f"a reply to {correlation_id}", interval=0)
-
-    def close(self):
-        self.connection.close()
-
-
-def valid(op: str, args: dict) -> dict:
-    return {"v": 1, "id": str(uuid.uuid4()), "op": op, "args": args, "deadline": None}
 
 
 @pytest.fixture

@@ -202,7 +202,7 @@ def test_a_batch_that_may_not_skip_the_read_reads_the_fence_first(active, why):
         req = request("get_field", owner="job", field="name")
     with statements_sent(pool_keeper.engine) as sent:
         commit(pool_keeper, req)
-    assert sent[0].startswith("(SELECT NULL, epoch FROM worker_meta WHERE id = 1 FOR UPDATE)")
+    assert sent[0].startswith("(SELECT NULL, epoch, NULL, NULL FROM worker_meta WHERE id = 1 FOR UPDATE)")
     assert not any(s.startswith("UPDATE worker_meta") for s in sent)
 
 
@@ -228,5 +228,5 @@ def test_on_a_galera_node_a_batch_reads_the_fence_first(active):
     assert db.on_galera(pool_keeper.connection)
     with statements_sent(pool_keeper.engine) as sent:
         commit(pool_keeper, request("release", owner="j"))
-    assert sent[0].startswith("(SELECT NULL, epoch FROM worker_meta WHERE id = 1 FOR UPDATE)")
+    assert sent[0].startswith("(SELECT NULL, epoch, NULL, NULL FROM worker_meta WHERE id = 1 FOR UPDATE)")
     assert not any(s.startswith("UPDATE worker_meta") for s in sent)

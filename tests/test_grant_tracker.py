@@ -14,7 +14,7 @@ def sent(tracker: GrantTracker, *ids: str) -> None:
 def test_a_multiple_confirm_settles_every_copy_up_to_its_tag_and_no_later_one():
     tracker = GrantTracker()
     sent(tracker, "a", "b", "c")
-    tracker.on_return("b")
+    tracker.on_return("b", "q-b")
     tracker.on_confirm(2, multiple=True, ack=True)
     assert tracker.take_settled() == {"a": DELIVERED, "b": UNDO}
     assert list(tracker.in_flight.values()) == ["c"]
@@ -30,7 +30,7 @@ def test_a_nack_sends_again_and_a_copy_sent_again_that_bounces_is_left_to_the_le
     tracker.sent(tracker.pending["a"], 2)
     tracker.connection_lost()  # the copy may have reached the client
     tracker.sent(tracker.pending["a"], 1)
-    tracker.on_return("a")
+    tracker.on_return("a", "q-a")
     tracker.on_confirm(1, multiple=False, ack=True)
     assert tracker.take_settled() == {"a": FORGET}
 
@@ -40,9 +40,19 @@ def test_a_grant_answered_again_to_a_moved_client_is_not_undone_by_the_first_cop
     # got the grant there; the first copy's queue died with the broker node.
     tracker = GrantTracker()
     sent(tracker, "in-flight", "settled")
-    tracker.on_return("settled")
+    tracker.on_return("settled", "q-settled")
     tracker.on_confirm(2, multiple=False, ack=True)  # bounced and settled: undo, not yet written
     tracker.regranted(["in-flight", "settled"])
-    tracker.on_return("in-flight")
+    tracker.on_return("in-flight", "q-in-flight")
     tracker.on_confirm(1, multiple=False, ack=True)
     assert tracker.take_settled() == {"in-flight": FORGET, "settled": FORGET}
+
+
+def test_a_reply_under_a_grant_id_bouncing_from_another_queue_does_not_undo_the_grant():
+    # Another user sent a request under the grant's id, with a reply queue that does not
+    # exist: its refusal bounced. The grant itself reached its client.
+    tracker = GrantTracker()
+    sent(tracker, "a")
+    assert not tracker.on_return("a", "amq.gen-not-the-clients-queue")
+    tracker.on_confirm(1, multiple=False, ack=True)
+    assert tracker.take_settled() == {"a": DELIVERED}

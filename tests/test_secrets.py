@@ -195,7 +195,7 @@ def worker_command(database_url: str, config: Path, *args: str,
                    timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "MOLTENIRON_DB_URL": database_url, "MOLTENIRON_CONFIG": str(config),
            "MOLTENIRON_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F",  # never reached
-           "PYTHONPATH": str(ROOT)}
+           "MOLTENIRON_ADMINS": "off", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "workers.main", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 

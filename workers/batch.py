@@ -31,13 +31,21 @@ class Outgoing:
 
 
 @dataclass
+class Stored:
+    """A request's stored reply and the broker user it answers."""
+    op: str | None
+    reply: dict
+    user: str | None
+
+
+@dataclass
 class Batch:
     connection: Connection  # in its transaction: driver SQL for the hot path
     make_session: Callable[..., Session]  # the keeper's sessionmaker
     now: datetime = field(default_factory=utcnow)
     clock: float = field(default_factory=time.time)
     outbox: list[Outgoing] = field(default_factory=list)
-    to_store: dict[str, tuple[str, dict]] = field(default_factory=dict)
+    to_store: dict[str, Stored] = field(default_factory=dict)
     touched_pools: set[str] = field(default_factory=set)  # their waiters may be servable
     touched_nodes: set[int] = field(default_factory=set)  # changed through the ORM (keeper)
     withdrawn_grants: set[str] = field(default_factory=set)  # not to be sent (again)
@@ -129,28 +137,31 @@ class Batch:
         """The grant's nodes went back: never send it again (cancel, undo)."""
         self.withdrawn_grants.add(request_id)
 
-    def store(self, request_id: str, op: str, reply: dict) -> None:
-        """Keep the reply so a redelivered request gets it again (written at commit).
+    def store(self, request_id: str, op: str, reply: dict, user: str | None) -> None:
+        """Keep the reply so a redelivered request gets it again (written at commit), for
+        `user` (the broker user of the request) only.
 
         Without IPMI passwords: a replayed grant is rendered again from the pool."""
-        self.to_store[request_id] = (op, reply_without_secrets(reply))
+        self.to_store[request_id] = Stored(op, reply_without_secrets(reply), user)
 
-    def stored_reply(self, request_id: str, preloaded: dict[str, dict]) -> dict | None:
-        if request_id in self.to_store:
-            return self.to_store[request_id][1]
-        return preloaded.get(request_id)
+    def stored(self, request_id: str, preloaded: dict[str, Stored]) -> Stored | None:
+        """What is stored under request_id: this batch's, else as the fence read it."""
+        return self.to_store.get(request_id) or preloaded.get(request_id)
 
-    def stored_op(self, request_id: str) -> str | None:
-        """The operation whose reply is stored under request_id (this batch's or earlier)."""
+    def look_up_stored(self, request_id: str) -> Stored | None:
+        """What is stored under request_id, this batch's or earlier (a read: not for
+        every request)."""
         if request_id in self.to_store:
-            return self.to_store[request_id][0]
-        return self.connection.exec_driver_sql(
-            "SELECT op FROM processed_requests WHERE request_id = %s", (request_id,)).scalar()
+            return self.to_store[request_id]
+        row = self.connection.exec_driver_sql(
+            "SELECT op, reply, user FROM processed_requests WHERE request_id = %s",
+            (request_id,)).first()
+        return None if row is None else Stored(row[0], json.loads(row[1]), row[2])
 
     def _stored_copy(self, grant: Outgoing) -> dict:
         """The grant without passwords: the copy store() made already, when there is one."""
         stored = self.to_store.get(grant.request_id)
-        return stored[1] if stored else reply_without_secrets(grant.reply)
+        return stored.reply if stored else reply_without_secrets(grant.reply)
 
     def grants(self) -> list[Outgoing]:
         return [out for out in self.outbox if out.grant]
@@ -158,11 +169,11 @@ class Batch:
     def write_stored(self) -> None:
         """Write this batch's stored replies and grants, a statement each (driver SQL: hot path)."""
         if self.to_store:
-            rows, params = values([(rid, op, json.dumps(reply), self.now)
-                                   for rid, (op, reply) in self.to_store.items()])
-            self.write("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
-                       f"VALUES {rows} ON DUPLICATE KEY UPDATE "
-                       "reply = VALUES(reply), processed_at = VALUES(processed_at)", params)
+            rows, params = values([(rid, s.op, json.dumps(s.reply), self.now, s.user)
+                                   for rid, s in self.to_store.items()])
+            self.write("INSERT INTO processed_requests (request_id, op, reply, processed_at, "
+                       f"user) VALUES {rows} ON DUPLICATE KEY UPDATE reply = VALUES(reply), "
+                       "processed_at = VALUES(processed_at), user = VALUES(user)", params)
         grants = self.grants()
         if grants:
             rows, params = values([(g.request_id, g.reply_to, g.correlation_id,
@@ -180,21 +191,21 @@ class Batch:
 
 
 def fenced_stored_replies(connection: Connection,
-                          request_ids: list[str]) -> tuple[int, dict[str, dict]]:
+                          request_ids: list[str]) -> tuple[int, dict[str, Stored]]:
     """(the pool's epoch, the replies already stored for these ids), in one round trip.
 
     The epoch row is locked until the transaction ends (FOR UPDATE), so a worker taking
     over waits for this batch, and this batch sees a takeover committed before it."""
-    query = "(SELECT NULL, epoch FROM worker_meta WHERE id = 1 FOR UPDATE)"
+    query = "(SELECT NULL, epoch, NULL, NULL FROM worker_meta WHERE id = 1 FOR UPDATE)"
     if request_ids:
-        query += (f" UNION ALL (SELECT request_id, reply FROM processed_requests "
+        query += (f" UNION ALL (SELECT request_id, reply, op, user FROM processed_requests "
                   f"WHERE request_id IN ({placeholders(request_ids)}))")
     epoch, stored = None, {}
-    for request_id, value in connection.exec_driver_sql(query, tuple(request_ids)):
+    for request_id, value, op, user in connection.exec_driver_sql(query, tuple(request_ids)):
         if request_id is None:
             epoch = int(value)
         else:
-            stored[request_id] = json.loads(value)
+            stored[request_id] = Stored(op, json.loads(value), user)
     if epoch is None:
         raise LookupError("worker_meta has no row 1: the schema was not migrated")
     return epoch, stored

@@ -22,8 +22,11 @@ from molteniron.history import allocation_history
 from molteniron.models import EndReason, WorkerHeartbeat
 from molteniron.protocol import OPERATIONS, Request, parse_time
 from workers import cleaning
+from molteniron.config import ADMINS_OFF
+from workers.authz import Authorizer
 from workers.batch import Batch
 from workers.cleaning import CleaningPolicy
+from workers.limits import UserLimits
 from workers.constraints import Constraints
 from workers.leases import LeasePolicy
 from workers.state import PoolState
@@ -40,6 +43,8 @@ class Context:
     reply_to: str | None
     correlation_id: str | None
     cleaning: CleaningPolicy = CleaningPolicy()
+    authz: Authorizer = Authorizer(ADMINS_OFF)
+    limits: UserLimits = UserLimits(2**31 - 1, 2**31 - 1, float("inf"))
 
 
 Handler = Callable[[Context, Request], dict]
@@ -62,6 +67,8 @@ def add_json_blob(ctx: Context, req: Request) -> dict:
 
 
 def allocate(ctx: Context, req: Request) -> dict:
+    if not ctx.authz.is_admin(req.user):
+        req.args = ctx.limits.check_allocate(req.args)
     a = req.args
     ctx.leases.check(a["lease_seconds"])
     wants = Constraints.from_args(a)
@@ -96,6 +103,8 @@ def allocate(ctx: Context, req: Request) -> dict:
 
 def _wait(ctx: Context, req: Request, node_pool: str, wants: Constraints) -> dict:
     a = req.args
+    if not ctx.authz.is_admin(req.user):
+        ctx.limits.check_waiting(req.user, ctx.waiters.count_of_user(req.user))
     return ctx.waiters.enqueue(ctx.batch, req.id, node_pool, a["count"], a["owner"],
                                ctx.reply_to, ctx.correlation_id, a["wait_seconds"],
                                a["lease_seconds"], req.user, wants, a["priority"])
@@ -173,8 +182,10 @@ def _page(state: PoolState, ids: list[int], after_id: int | None, limit: int | N
 
 
 def waiting(ctx: Context, req: Request) -> dict:
+    """The waiting allocates in serving order; the ids of other users' requests hidden
+    from a user who is not an admin (an id is not a permission, but need not be shown)."""
     now = ctx.batch.now
-    rows = [{"request_id": w.request_id, "owner": w.owner, "node_pool": w.node_pool,
+    rows = [{"request_id": _shown_id(ctx, req, w.user, w.request_id), "owner": w.owner, "node_pool": w.node_pool,
              "count": w.count, "position": place,
              "waited_s": round((now - w.enqueued_at).total_seconds(), 3),
              "deadline": w.deadline}
@@ -218,15 +229,19 @@ def cancel(ctx: Context, req: Request) -> dict:
     if target in ctx.waiters.by_request:
         ctx.waiters.cancel(batch, target, "cancelled by its client")
         return {**OK, "cancelled": "waiting"}
-    if batch.stored_op(target) not in (None, "allocate"):
+    stored = batch.look_up_stored(target)
+    if stored is not None and stored.op != "allocate":
         # Not an allocate: it cannot have granted nodes, and its reply must stay.
         return {**OK, "cancelled": "not_an_allocate", "released": 0}
+    held = ctx.state.granted.get(target)
+    sender = (ctx.state.nodes[next(iter(held))]["holder_user"] if held
+              else stored.user if stored is not None else req.user)
     released = ctx.state.release_request(target, EndReason.CANCELLED, batch.now)
     batch.touched_pools.update(r["node_pool"] for r in released)
     batch.withdraw_grant(target)
     # Stored as the request's reply: served -> a redelivery is refused; unseen -> tombstone.
     batch.store(target, "allocate", errors.RequestCancelled(
-        "the request was cancelled by its client").to_reply())
+        "the request was cancelled by its client").to_reply(), sender)
     return {**OK, "cancelled": "served" if released else "not_waiting", "released": len(released)}
 
 
@@ -234,8 +249,15 @@ def history(ctx: Context, req: Request) -> dict:
     """Allocations, open and ended, newest first: from the database, through an index."""
     a = req.args
     since = parse_time(a["since"]) if a["since"] is not None else None
-    return {**OK, "history": allocation_history(ctx.batch.session, a["owner"], a["node"],
-                                                since, a["limit"])}
+    rows = allocation_history(ctx.batch.session, a["owner"], a["node"], since, a["limit"])
+    for row in rows:
+        row["request_id"] = _shown_id(ctx, req, row["user"], row["request_id"])
+    return {**OK, "history": rows}
+
+
+def _shown_id(ctx: Context, req: Request, sender: str | None, request_id: str | None):
+    """request_id as `req`'s user may see it: None when another user sent it."""
+    return request_id if ctx.authz.sees_request_of(req.user, sender) else None
 
 
 def export(ctx: Context, req: Request) -> dict:

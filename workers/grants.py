@@ -77,10 +77,11 @@ class GrantTracker:
         grant.seq, grant.returned = seq, False
         self.in_flight[seq] = grant.request_id
 
-    def on_return(self, request_id: str) -> bool:
-        """A copy came back; True if it was a grant in flight."""
+    def on_return(self, request_id: str, reply_to: str) -> bool:
+        """A copy came back from reply_to; True if it was a grant in flight. (Another
+        reply under the same request id, sent to another queue, says nothing of it.)"""
         grant = self.pending.get(request_id)
-        if grant is None or grant.seq is None:
+        if grant is None or grant.seq is None or grant.reply_to != reply_to:
             return False
         grant.returned = True
         return True

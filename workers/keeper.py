@@ -23,8 +23,10 @@ from molteniron import compat, db, errors, pool, protocol
 from molteniron.config import Config, url_list
 from molteniron.models import EndReason, Node
 from workers import metrics
+from workers import authz
 from workers.authz import Authorizer
-from workers.batch import Batch, fence_tripped, fenced_stored_replies, placeholders
+from workers.batch import Batch, Stored, fence_tripped, fenced_stored_replies, placeholders
+from workers.limits import UserLimits
 from workers.cleaning import CleaningPolicy, replayed_claim
 from workers.dispatch import HANDLERS, IN_MEMORY, Context
 from workers.grants import UNDO
@@ -58,6 +60,8 @@ class PoolKeeper:
         event.listen(self.sessions, "do_orm_execute", _notice_bulk_node_changes)
         self.leases = LeasePolicy(config.lease_seconds, config.max_lease_seconds)
         self.authz = Authorizer(config.admins)
+        self.limits = UserLimits(config.max_priority, config.max_waiting_per_user,
+                                 config.max_wait_seconds)
         self.cleaning = CleaningPolicy(config.cleaning_command is not None,
                                        config.cleaning_timeout)
         self.state = PoolState(clean_released=self.cleaning.enabled)
@@ -181,9 +185,10 @@ class PoolKeeper:
                     continue
                 reply, outcome = self._handle_one(batch, request, properties, stored)
                 # A replayed grant may have reached its client the first time: if
-                # this copy comes back, that says nothing about the client.
+                # this copy comes back, that says nothing about the client. Nor does a
+                # refusal of a request id another user sent.
                 batch.reply(properties.reply_to, properties.correlation_id, request.id, reply,
-                            mandatory=outcome != "replayed",
+                            mandatory=outcome not in ("replayed", "refused"),
                             grant=outcome == "handled" and _is_grant(request.op, reply))
             if ticked:
                 self._on_tick(batch)
@@ -254,30 +259,40 @@ class PoolKeeper:
         self.waiters.load(session)
 
     def _handle_one(self, batch: Batch, request: protocol.Request, properties,
-                    stored: dict[str, dict]) -> tuple[dict, str]:
+                    stored: dict[str, Stored]) -> tuple[dict, str]:
         started = time.perf_counter()
-        previous = batch.stored_reply(request.id, stored)
-        if (previous is not None and previous.get("client_gone")
-                and previous["client_gone"] != properties.reply_to):
+        previous = batch.stored(request.id, stored)
+        waiter = self.waiters.by_request.get(request.id)
+        if previous is not None and previous.reply.get("client_gone") not in (
+                None, properties.reply_to) and previous.user == request.user:
             # Undone because its reply bounced from that queue. A copy with another reply
             # queue was sent again by a client that moved to another broker and listens
             # there: serve it afresh. (A redelivered copy to the dead queue stays refused.)
             previous = None
             batch.withdrawn_grants.discard(request.id)
-        if previous is not None:
-            reply, outcome = self._replayed(request, previous), "replayed"
-            if request.id in self.state.granted:
-                batch.regranted.add(request.id)
-        elif request.id in self.waiters.by_request:  # redelivered, or sent again, while it waits
-            self.waiters.redirect(batch, request.id, properties.reply_to,
-                                  properties.correlation_id)
-            reply, outcome = self.waiters.queued_reply(request.id), "still_waiting"
+        original_user = (previous.user if previous is not None
+                         else waiter.user if waiter is not None else request.user)
+        try:
+            self.authz.require_user(request)
+            if not self.authz.may_use_request_id(request.user, original_user):
+                raise authz.foreign_request_id(request)
+        except errors.MoltenIronError as exc:
+            reply, outcome = exc.to_reply(), "refused"
         else:
-            reply, outcome = self._dispatch(batch, request, properties), "handled"
-            self._serve_waiters(batch)
+            if previous is not None:
+                reply, outcome = self._replayed(request, previous.reply), "replayed"
+                if request.id in self.state.granted:
+                    batch.regranted.add(request.id)
+            elif waiter is not None:  # redelivered, or sent again, while it waits
+                self.waiters.redirect(batch, request.id, properties.reply_to,
+                                      properties.correlation_id)
+                reply, outcome = self.waiters.queued_reply(request.id), "still_waiting"
+            else:
+                reply, outcome = self._dispatch(batch, request, properties), "handled"
+                self._serve_waiters(batch)
         if (outcome == "handled" and protocol.OPERATIONS[request.op].mutates
                 and reply["status"] != protocol.QUEUED):
-            batch.store(request.id, request.op, reply)
+            batch.store(request.id, request.op, reply, request.user)
         seconds = time.perf_counter() - started
         metrics.request_handled(batch, request.op, reply["status"], seconds)
         log.info("op=%s id=%s user=%s owner=%s status=%s outcome=%s ms=%.2f", request.op,
@@ -298,19 +313,29 @@ class PoolKeeper:
         return self.state.holder_of(owner) or self.waiters.holder_of(owner)
 
     def _holder_of_request(self, request_id: str) -> str | None:
+        """The broker user of a waiting or granted request (None: neither)."""
         waiter = self.waiters.by_request.get(request_id)
         if waiter is not None:
             return waiter.user
         held = self.state.granted.get(request_id)
         return self.state.nodes[next(iter(held))]["holder_user"] if held else None
 
+    def _sender_of_request(self, batch: Batch, request_id: str) -> str | None:
+        """The broker user who sent a request, as far as the pool knows (a read: cancel)."""
+        holder = self._holder_of_request(request_id)
+        if holder is not None:
+            return holder
+        stored = batch.look_up_stored(request_id)
+        return None if stored is None else stored.user
+
     def _dispatch(self, batch: Batch, request: protocol.Request, properties) -> dict:
         try:
-            self.authz.check(request, self._holder_of_owner, self._holder_of_request)
+            self.authz.check(request, self._holder_of_owner,
+                             lambda request_id: self._sender_of_request(batch, request_id))
         except errors.MoltenIronError as exc:
             return exc.to_reply()
         context = Context(batch, self.state, self.waiters, self.leases, properties.reply_to,
-                          properties.correlation_id, self.cleaning)
+                          properties.correlation_id, self.cleaning, self.authz, self.limits)
         handler = HANDLERS[request.op]
         if request.op in IN_MEMORY:  # these check before they change: no savepoint needed
             try:
@@ -338,8 +363,7 @@ class PoolKeeper:
             if exc.connection_invalidated or db.lock_conflict(exc) or db.node_unusable(exc):
                 raise  # not this request's fault: the whole batch is retried
             log.exception("event=internal_error op=%s id=%s", request.op, request.id)
-            failure = {"status": 500, "error": "InternalError",
-                       "message": f"the database refused the change: {exc.orig}"}
+            failure = errors.InternalError.for_request(request.id).to_reply()
         savepoint.rollback()
         batch.rollback_to(mark)
         if memory_touched:
@@ -387,12 +411,14 @@ class PoolKeeper:
                 self.waiters.serve(batch, self.state, node_pool)
 
     def _undo_returned(self, batch: Batch, reply_to: str, reply: dict) -> None:
-        """An interim reply came back: the waiter's client is gone, so is the waiter."""
-        request_id = reply["id"]
-        waiter = self.waiters.by_request.get(request_id)
-        if reply.get("status") == protocol.QUEUED and waiter and waiter.reply_to == reply_to:
-            self.waiters.cancel(batch, request_id, "its client went away", gone_from=reply_to)
-            log.info("event=client_gone id=%s undone=waiting", request_id)
+        """An interim reply came back: its reply queue is gone, and with it the client
+        of every waiter that listens there."""
+        if reply.get("status") != protocol.QUEUED:
+            return
+        cancelled = self.waiters.cancel_reply_queue(batch, reply_to, "its client went away")
+        if cancelled:
+            log.info("event=client_gone id=%s undone=waiting waiters=%d", reply["id"],
+                     cancelled)
             self._serve_waiters(batch)
 
     def _mark_returned(self, request_ids: list[str]) -> None:
@@ -420,11 +446,12 @@ class PoolKeeper:
             log.info("event=undo_skipped id=%s reason=%s", request_id,
                      "answered again" if request_id in bounced_from else "settled elsewhere")
         for request_id in undone:
+            user = self._holder_of_request(request_id)
             released = self.state.release_request(request_id, EndReason.CLIENT_GONE, batch.now)
             if released:
                 batch.store(request_id, "allocate", client_gone_reply(
                     "its client went away before the reply reached it",
-                    bounced_from.get(request_id)))
+                    bounced_from.get(request_id)), user)
                 batch.touched_pools.update(r["node_pool"] for r in released)
                 metrics.grant_undone(batch)
             log.info("event=client_gone id=%s undone=allocation nodes=%d",
@@ -451,8 +478,8 @@ class PoolKeeper:
             batch.touched_pools.update(r["node_pool"] for r in records)
             log.info("event=lease_expired owner=%s nodes=%d", owner, len(records))
             metrics.lease_expired(batch, len(records))
-        self._serve_waiters(batch)  # before probing: a head served now needs no reminder
-        self.waiters.probe_blocking_heads(batch, self.state)
+        self._serve_waiters(batch)  # before probing: a waiter served now needs no reminder
+        self.waiters.probe_reply_queues(batch)
         if time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY:
             self.last_heartbeat = time.monotonic()
             write_heartbeat(batch.connection, self.worker_id, "active")

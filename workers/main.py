@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"molteniron-worker: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
+    serving = not (args.migrate_only or args.rotate_secrets)
+    if serving and config.admins is None:
+        print("molteniron-worker: configuration key admins is not set: name the broker "
+              "users who may manage the pool (admins: [molteniron-admin], or "
+              "MOLTENIRON_ADMINS=molteniron-admin), or switch authorization off on purpose "
+              "(admins: off) so that every broker user may do everything", file=sys.stderr)
+        return EXIT_CONFIG
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)

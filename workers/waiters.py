@@ -61,6 +61,9 @@ class Waiters:
         self.by_owner: dict[str, set[str]] = defaultdict(set)
         # Quotas: where a user who gave nodes back has waiters (user -> pool -> how many).
         self.by_user: dict[str | None, Counter[str]] = defaultdict(Counter)
+        # The waiters each reply queue listens for: when one of them bounces, the
+        # queue is gone, and so are all its waiters.
+        self.by_reply_to: dict[str | None, set[str]] = defaultdict(set)
         self._deadlines: list[tuple[float, str]] = []  # may hold stale entries
         self.changes = 0  # bumped on every change, so a rolled-back savepoint can tell
 
@@ -70,6 +73,7 @@ class Waiters:
         self.by_request.clear()
         self.by_owner.clear()
         self.by_user.clear()
+        self.by_reply_to.clear()
         self._deadlines.clear()
         for row in session.scalars(select(WaitingRequest).order_by(WaitingRequest.id)):
             self._remember(Waiter(row.id, row.request_id, row.node_pool, row.count, row.owner,
@@ -204,20 +208,31 @@ class Waiters:
                 expired += 1
         return expired
 
-    def probe_blocking_heads(self, batch: Batch, state: PoolState) -> int:
-        """Remind each head waiter that keeps ready nodes idle that it waits (mandatory).
+    def probe_reply_queues(self, batch: Batch) -> int:
+        """Tell one waiter of each reply queue where it stands (mandatory), every tick.
 
-        A client killed while waiting sent no cancel; if its reply comes back
-        unroutable, the keeper cancels it and the waiters behind it are served.
-        """
-        probed = 0
-        for node_pool, queue in self.by_pool.items():
-            if state.ready.get(node_pool):
-                head = queue.head()
-                batch.reply(head.reply_to, head.correlation_id, head.request_id,
-                            {"status": QUEUED, "queued": True, "position": 1})
-                probed += 1
-        return probed
+        A client killed while waiting sent no cancel; its reply queue went with its
+        connection, so the probe comes back unroutable and the keeper cancels every
+        waiter of that queue (cancel_reply_queue): a gone client holds no place in
+        any queue for longer than two ticks, however many waiters it left."""
+        probed: set[str | None] = set()
+        for place, waiter in self.rows():
+            if waiter.reply_to not in probed:
+                probed.add(waiter.reply_to)
+                batch.reply(waiter.reply_to, waiter.correlation_id, waiter.request_id,
+                            {"status": QUEUED, "queued": True, "position": place})
+        return len(probed)
+
+    def cancel_reply_queue(self, batch: Batch, reply_to: str, why: str) -> int:
+        """Cancel every waiter whose replies go to `reply_to` (it is gone)."""
+        gone = sorted(self.by_reply_to.get(reply_to, ()))
+        for request_id in gone:
+            self.cancel(batch, request_id, why, gone_from=reply_to)
+        return len(gone)
+
+    def count_of_user(self, user: str | None) -> int:
+        """How many allocates `user` has waiting, in every pool."""
+        return sum(self.by_user.get(user, Counter()).values())
 
     def cancel(self, batch: Batch, request_id: str, why: str,
                gone_from: str | None = None) -> Waiter:
@@ -238,7 +253,9 @@ class Waiters:
         waiter = self.by_request[request_id]
         if not reply_to or reply_to == waiter.reply_to:
             return
+        self._forget_reply_to(waiter)
         waiter.reply_to, waiter.correlation_id = reply_to, correlation_id
+        self.by_reply_to[reply_to].add(request_id)
         batch.write("UPDATE waiting_requests SET reply_to = %s, correlation_id = %s "
                     "WHERE id = %s", (reply_to, correlation_id, waiter.row_id))
         self.changes += 1
@@ -271,7 +288,7 @@ class Waiters:
 
     def _finish(self, batch: Batch, waiter: Waiter, reply: dict, grant: bool = False) -> None:
         batch.write("DELETE FROM waiting_requests WHERE id = %s", (waiter.row_id,))
-        batch.store(waiter.request_id, "allocate", reply)
+        batch.store(waiter.request_id, "allocate", reply, waiter.user)
         batch.reply(waiter.reply_to, waiter.correlation_id, waiter.request_id, reply, grant=grant)
         queue = self.by_pool[waiter.node_pool]
         queue.remove(waiter.request_id)
@@ -282,6 +299,7 @@ class Waiters:
         owned.discard(waiter.request_id)
         if not owned:
             del self.by_owner[waiter.owner]
+        self._forget_reply_to(waiter)
         mine = self.by_user[waiter.user]
         mine[waiter.node_pool] -= 1
         if not mine[waiter.node_pool]:
@@ -302,10 +320,17 @@ class Waiters:
         self.by_request[waiter.request_id] = waiter
         self.by_owner[waiter.owner].add(waiter.request_id)
         self.by_user[waiter.user][waiter.node_pool] += 1
+        self.by_reply_to[waiter.reply_to].add(waiter.request_id)
         if waiter.deadline is not None:
             heapq.heappush(self._deadlines, (waiter.deadline, waiter.request_id))
         self.changes += 1
         return place
+
+    def _forget_reply_to(self, waiter: Waiter) -> None:
+        listening = self.by_reply_to[waiter.reply_to]
+        listening.discard(waiter.request_id)
+        if not listening:
+            del self.by_reply_to[waiter.reply_to]
 
 
 OVER_QUOTA = "over_quota"

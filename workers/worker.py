@@ -97,7 +97,7 @@ class Worker:
         metrics.start(self.config.metrics_address, self.keeper)
         if not self.keeper.authz.enabled:
             log.warning("event=authorization_off worker=%s detail=%r", self.worker_id,
-                        "config admins is not set: every broker user may do everything, "
+                        "config admins is off: every broker user may do everything, "
                         "delete_db included")
         pause = RECONNECT_PAUSE
         while not self.stopping:
@@ -250,7 +250,8 @@ class Worker:
             return
         if not isinstance(reply, dict) or not reply.get("id"):
             return
-        if not self.grants.on_return(reply["id"]) and reply.get("status") == protocol.QUEUED:
+        if (not self.grants.on_return(reply["id"], method.routing_key)
+                and reply.get("status") == protocol.QUEUED):
             self.returned.append((method.routing_key, reply))
 
     def _on_confirm(self, frame) -> None:
@@ -353,10 +354,8 @@ class Worker:
             metrics.dead_lettered("refused")
             if properties.reply_to:
                 self._queue_reply(properties.reply_to, properties.correlation_id,
-                                  protocol.reply_body(request.id, {
-                                      "status": 500, "error": "InternalError",
-                                      "message": f"the worker could not handle this "
-                                                 f"request: {exc.detail}"}))
+                                  protocol.reply_body(request.id, errors.InternalError
+                                                      .for_request(request.id).to_reply()))
             self.channel.basic_reject(method.delivery_tag, requeue=False)
 
     def _queue_reply(self, reply_to: str, correlation_id: str | None, body: bytes,
@@ -376,7 +375,10 @@ class Worker:
         return self.reply_seq
 
     def _decode(self, method, properties, body) -> protocol.Request | None:
-        """The request, or None after answering/dead-lettering a malformed one."""
+        """The request, or None after answering/dead-lettering a malformed one.
+
+        A body over protocol.MAX_BODY_BYTES is never kept (not dead-lettered): a
+        queue of such messages would hold their bytes for people to read."""
         try:
             request = protocol.decode_request(body)
             internal = protocol.OPERATIONS[request.op].internal
@@ -386,20 +388,28 @@ class Worker:
                                                      and properties.user_id != self.login)):
                 # Workers (all logged in as the same broker user) send ticks; nobody else.
                 raise errors.BadRequest(f"{request.op} is sent by workers, not clients")
-            request.user = properties.user_id  # the broker refuses one that is not the login
+            # The broker refuses a user_id that is not the login; an admin's requeue of a
+            # dead letter acts for the user who first sent it.
+            request.user = self.keeper.authz.acting_user(
+                properties.user_id, properties.headers, protocol.ON_BEHALF_HEADER)
             return request
-        except errors.BadRequest as exc:
+        except errors.MoltenIronError as exc:
+            oversized = len(body) > protocol.MAX_BODY_BYTES
             if properties.reply_to:
                 self._queue_reply(properties.reply_to, properties.correlation_id,
-                                  protocol.reply_body(exc.request_id, exc.to_reply()))
+                                  protocol.reply_body(exc.request_id, exc.to_reply()),
+                                  mandatory=False)
                 self.channel.basic_ack(method.delivery_tag)
                 outcome = "error_reply"
+            elif oversized:
+                self.channel.basic_ack(method.delivery_tag)
+                outcome = "dropped"
             else:
                 self.channel.basic_reject(method.delivery_tag, requeue=False)
                 outcome = "dead_lettered"
                 metrics.dead_lettered("malformed")
-            log.warning("event=bad_request outcome=%s bytes=%d error=%r",
-                        outcome, len(body), exc.message[:200])
+            log.warning("event=bad_request outcome=%s bytes=%d user=%s error=%r", outcome,
+                        len(body), properties.user_id or "-", exc.message[:200])
             return None
         except Exception:  # a message must never stop the worker: keep it for people
             log.exception("event=undecodable_request outcome=dead_lettered bytes=%d", len(body))
