@@ -8,28 +8,39 @@
 #   /opt/molteniron                 a venv holding MoltenIron and its dependencies
 #                                   (Debian's system pip is blocked: PEP 668)
 #   /usr/local/bin/molteniron, molteniron-worker, molteniron-cleaner   links into it
+#   /etc/molteniron/                root:molteniron 750
 #   /etc/molteniron/conf.yaml       root:molteniron 640, written once: the kit's users,
-#                                   vhost and database on 127.0.0.1; edit it
+#                                   vhost and database on 127.0.0.1; edit it. No
+#                                   password: worker and cleaner both read it
 #   /etc/molteniron/conf.yaml.example   every key with its default (replaced each time)
-#   /etc/molteniron/environment     root:molteniron 640, the worker's secrets:
+#   /etc/molteniron/environment     root:root 600, the worker's secrets:
 #                                   MOLTENIRON_DB_PASSWORD, MOLTENIRON_AMQP_PASSWORD
-#   /etc/molteniron/cleaner.environment  root:molteniron 640, the cleaner's broker login
+#   /etc/molteniron/cleaner.environment  root:root 600, the cleaner's broker login
 #                                   (molteniron-admin): MOLTENIRON_AMQP_URL, _PASSWORD
 #   /etc/molteniron/secret.keys     molteniron:molteniron 600, the Fernet key that
 #                                   encrypts IPMI passwords in the database
 #   /etc/systemd/system/molteniron-worker.service, molteniron-cleaner.service
-# and the system user molteniron (no login shell, no home).
+# and two system users (no login shell, no home): molteniron runs the worker,
+# molteniron-cleaner the cleaner and so its cleaning_command. Neither can read the
+# other's secrets: systemd (root) reads the environment files for them (EnvironmentFile=),
+# only the worker reads secret.keys, and one user cannot read the other's processes
+# (/proc/PID/environ). The cleaner's unit adds the group molteniron
+# (SupplementaryGroups=) so it can read conf.yaml; no secret is readable by a group.
 #
 # Idempotent: run it again to upgrade. The venv is upgraded in place and the units
-# replaced (local changes belong in `systemctl edit` drop-ins); conf.yaml, the
-# environment files and secret.keys are never touched once they exist. Passwords are
-# generated on the first run: give the broker and database users the same ones
-# (README "Deploying"), or put yours in the files.
+# replaced (local changes belong in `systemctl edit` drop-ins); what conf.yaml, the
+# environment files and secret.keys hold is never touched once they exist, but their
+# owners and modes are set again on every run (so an upgrade from a kit whose worker
+# and cleaner shared a user takes the cleaner's access away). Passwords are generated
+# on the first run: give the broker and database users the same ones (README
+# "Deploying"), or put yours in the files.
 #
 # --root DIR: install under DIR instead of / (a trial run; the tests). No user is
-# made and nothing is chowned; the venv is made in place, so its scripts, the links
-# and the paths in conf.yaml point into DIR. Only a run as root without --root
-# creates the user, sets owners and reloads systemd.
+# made and nothing is chowned (the modes are set); the owners a real install would
+# set are only said, one line per file: "install.sh: PATH OWNER:GROUP MODE (not
+# chowned: --root)". The venv is made in place, so its scripts, the links and the
+# paths in conf.yaml point into DIR. Only a run as root without --root creates the
+# users, sets owners and reloads systemd.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -68,26 +79,45 @@ bin=$root/usr/local/bin
 units=$root/etc/systemd/system
 say() { echo "install.sh: $*" >&2; }
 
-# A file written only when absent (never overwrites an operator's edits or secrets).
-write_once() {  # PATH MODE OWNER:GROUP, content on stdin
+# The owner and mode of a file of the kit, set on every run; said either way, so a
+# --root trial shows what a real install would set.
+own() {  # PATH MODE OWNER:GROUP
   local path=$1 mode=$2 owner=$3
+  chmod "$mode" "$path"
+  if $real; then
+    chown "$owner" "$path"
+    say "$path $owner $mode"
+  else
+    say "$path $owner $mode (not chowned: --root)"
+  fi
+}
+
+# A file written only when absent (never overwrites an operator's edits or secrets),
+# then given its owner and mode (again on every run).
+write_once() {  # PATH MODE OWNER:GROUP, content on stdin
+  local path=$1
   if [ -e "$path" ]; then
     cat >/dev/null
     say "kept $path"
-    return
+  else
+    (umask 077; cat >"$path.new")  # root's alone until own() below
+    mv "$path.new" "$path"
+    say "wrote $path"
   fi
-  (umask 077; cat >"$path.new")
-  chmod "$mode" "$path.new"
-  if $real; then chown "$owner" "$path.new"; fi
-  mv "$path.new" "$path"
-  say "wrote $path"
+  own "$@"
 }
 
-if $real && ! getent passwd molteniron >/dev/null; then
-  useradd --system --user-group --no-create-home --home-dir /nonexistent \
-    --shell /usr/sbin/nologin --comment "MoltenIron worker" molteniron
-  say "created system user molteniron"
-fi
+# The worker's and the cleaner's users: two, so that cleaning_command (run by the
+# cleaner, as its user) cannot read the worker's secrets or its processes.
+system_user() {  # NAME COMMENT
+  if $real && ! getent passwd "$1" >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin --comment "$2" "$1"
+    say "created system user $1"
+  fi
+}
+system_user molteniron "MoltenIron worker"
+system_user molteniron-cleaner "MoltenIron cleaner"
 
 if [ ! -x "$venv/bin/python" ]; then
   if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
@@ -114,15 +144,15 @@ if [ -d "$here/../clients/hooks" ]; then
 fi
 
 mkdir -p "$etc"
-chmod 750 "$etc"
-if $real; then chown root:molteniron "$etc"; fi
+own "$etc" 750 root:molteniron  # the cleaner gets in by its unit's SupplementaryGroups=
 install -m 644 "$here/conf.yaml.example" "$etc/conf.yaml.example"
 new_secret() { "$venv/bin/python" -I -c 'import secrets; print(secrets.token_hex(24))'; }
 
 write_once "$etc/conf.yaml" 640 root:molteniron <<EOF
 # Written by deploy/install.sh; every key with its default and what it does:
 # $etc/conf.yaml.example. The passwords are not here: the worker reads them from
-# $etc/environment, the cleaner from $etc/cleaner.environment.
+# $etc/environment, the cleaner from $etc/cleaner.environment. Keep them out:
+# both the worker's and the cleaner's users read this file.
 # These are the users, vhost and database of deploy/rabbitmq-definitions.json and
 # deploy/create-database.sql; point the URLs at your broker and database.
 db_url: mysql+pymysql://molteniron@127.0.0.1:3306/molteniron
@@ -132,7 +162,9 @@ secret_key_file: $etc/secret.keys
 # cleaning_command: /usr/local/bin/check-node --power-off   (then enable molteniron-cleaner)
 EOF
 
-write_once "$etc/environment" 640 root:molteniron <<EOF
+# The environment files are read by systemd (root) for EnvironmentFile=: neither
+# service's user needs to read one, so neither can read the other's.
+write_once "$etc/environment" 600 root:root <<EOF
 # The worker's secrets (EnvironmentFile= of molteniron-worker.service).
 # Generated by install.sh: give the users these passwords (README "Deploying").
 # MariaDB user molteniron:
@@ -141,7 +173,7 @@ MOLTENIRON_DB_PASSWORD=$(new_secret)
 MOLTENIRON_AMQP_PASSWORD=$(new_secret)
 EOF
 
-write_once "$etc/cleaner.environment" 640 root:molteniron <<EOF
+write_once "$etc/cleaner.environment" 600 root:root <<EOF
 # The cleaner's broker login (EnvironmentFile= of molteniron-cleaner.service): an
 # admin, since a claim carries the node's IPMI password. It replaces amqp_url of
 # conf.yaml: name the same broker (a cluster's nodes: comma-separated, in order).
@@ -155,6 +187,13 @@ EOF
 # stored IPMI passwords cannot be read.
 write_once "$etc/secret.keys" 600 molteniron:molteniron < <(
   "$venv/bin/python" -I -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())')
+
+# conf.yaml is readable by the group molteniron, the cleaner's user included: a password
+# belongs in the environment files (the worker's or the cleaner's), never in a URL here.
+if grep -v '^[[:space:]]*#' "$etc/conf.yaml" | grep -Eq '://[^/@[:space:]]*:[^/@[:space:]]*@'; then
+  say "WARNING: $etc/conf.yaml holds a password in a URL, and the cleaner's user can" \
+    "read it: move it to $etc/environment (MOLTENIRON_DB_PASSWORD, MOLTENIRON_AMQP_PASSWORD)"
+fi
 
 mkdir -p "$units"
 for unit in molteniron-worker.service molteniron-cleaner.service; do

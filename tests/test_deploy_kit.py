@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,17 @@ DEPLOY = ROOT / "deploy"
 UNITS = ("molteniron-worker.service", "molteniron-cleaner.service")
 PROGRAMS = ("molteniron", "molteniron-worker", "molteniron-cleaner")
 SQL = (DEPLOY / "create-database.sql").read_text()
+# What install.sh gives /etc/molteniron and its files: owner:group, mode. No secret is
+# readable by a group: the group molteniron (the worker's, and the cleaner's by its
+# unit's SupplementaryGroups=) reads conf.yaml, which holds no password; systemd (root)
+# reads the environment files for the units; only the worker reads the key.
+KIT_FILES = {
+    "": ("root:molteniron", 0o750),
+    "conf.yaml": ("root:molteniron", 0o640),
+    "environment": ("root:root", 0o600),
+    "cleaner.environment": ("root:root", 0o600),
+    "secret.keys": ("molteniron:molteniron", 0o600),
+}
 
 
 # --- the install --------------------------------------------------------------
@@ -64,12 +76,19 @@ def installed(tmp_path_factory) -> Path:
     if done.returncode != 0:
         pytest.fail(f"deploy/install.sh failed (pip needs its package index):\n"
                     f"{done.stderr[-3000:]}", pytrace=False)
+    (work / "install.log").write_text(done.stderr)
     return root
 
 
 def install(root: Path, source: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(DEPLOY / "install.sh"), "--root", str(root), str(source)],
                           capture_output=True, text=True, timeout=600)
+
+
+def recorded_owners(log: str) -> dict[str, tuple[str, int]]:
+    """What install.sh says it set (or, with --root, would set): path -> (owner:group, mode)."""
+    return {path: (owner, int(bits, 8)) for path, owner, bits in re.findall(
+        r"^install\.sh: (/\S*) (\S+:\S+) ([0-7]{3})(?: \(not chowned: --root\))?$", log, re.M)}
 
 
 def environment_file(path: Path) -> dict[str, str]:
@@ -97,10 +116,11 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
         assert (venv / "hooks" / hook).read_bytes() == (ROOT / "clients" / "hooks" / hook).read_bytes()
         assert mode(venv / "hooks" / hook) == 0o755
 
-    assert mode(etc) == 0o750
-    for name in ("conf.yaml", "environment", "cleaner.environment"):
-        assert mode(etc / name) == 0o640, name
-    assert mode(etc / "secret.keys") == 0o600  # the worker warns about anything wider
+    # The modes are set under --root too; the owners a real install sets are said.
+    recorded = recorded_owners((installed.parent / "install.log").read_text())
+    assert recorded == {str(etc / name).rstrip("/"): kept for name, kept in KIT_FILES.items()}
+    for name, (_, bits) in KIT_FILES.items():
+        assert mode(etc / name) == bits, name  # secret.keys: the worker warns about wider
     assert (etc / "conf.yaml.example").read_text() == (DEPLOY / "conf.yaml.example").read_text()
 
     # The written config names the kit's users, vhost and database, and the key file.
@@ -108,6 +128,8 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
     amqp, database = urlsplit(config.amqp_url), make_url(config.db_url)
     assert (amqp.username, amqp.path) == ("molteniron-worker", "/" + KIT_VHOST)
     assert (database.username, database.database) == (KIT_DB_USER, KIT_DATABASE)
+    # The cleaner's user reads conf.yaml too: no password in it.
+    assert amqp.password is None and database.password is None
     assert config.admins == ("molteniron-admin",)
     assert config.secret_key_file == str(etc / "secret.keys")
     assert len(secrets.load_keys(config.secret_key_file)) == 1
@@ -119,12 +141,22 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
                  environment_file(etc / "cleaner.environment")["MOLTENIRON_AMQP_PASSWORD"]]
     assert len(set(passwords)) == 3 and all(len(p) >= 32 for p in passwords)
 
-    # Idempotent: a second run (an upgrade) keeps every secret and edit.
-    (etc / "conf.yaml").write_text((etc / "conf.yaml").read_text() + "log_level: DEBUG\n")
+    # Idempotent: a second run (an upgrade) keeps every secret and edit, and sets the
+    # modes again (a kit whose worker and cleaner shared a user made them wider).
+    written = (etc / "conf.yaml").read_text()
+    (etc / "conf.yaml").write_text(written.replace(
+        f"://{KIT_DB_USER}@", f"://{KIT_DB_USER}:hunter2@") + "log_level: DEBUG\n")
+    for name in ("conf.yaml", "environment", "cleaner.environment"):
+        (etc / name).chmod(0o644)
     kept = {path: path.read_bytes() for path in etc.iterdir() if path.suffix != ".example"}
     again = install(installed, installed.parent / "source")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {path: path.read_bytes() for path in kept} == kept
+    for name, (_, bits) in KIT_FILES.items():
+        assert mode(etc / name) == bits, name
+    # A password put in conf.yaml is one the cleaner's user can read: install.sh says so.
+    assert re.search(r"WARNING: \S+/conf\.yaml holds a password", again.stderr), again.stderr
+    (etc / "conf.yaml").write_text(written)
     assert subprocess.run([str(venv / "bin" / "molteniron"), "--help"], capture_output=True,
                           timeout=60).returncode == 0
 
@@ -141,9 +173,46 @@ mount --bind "$WORK/bin" /usr/local/bin
 # Never let a failed mount send the install to the real /etc.
 [ -e /etc/.molteniron-test-copy ] && [ -e /opt/.molteniron-test-copy ]
 bash "$INSTALL" "$SOURCE" -- --no-deps --no-index
-getent passwd molteniron
+getent passwd molteniron molteniron-cleaner
+echo ---
 stat -c '%n %U:%G %a' /etc/molteniron /etc/molteniron/* /opt/molteniron
+echo ---
 /usr/local/bin/molteniron --help >/dev/null
+"$CHECK_PYTHON" -I -c "$ACCESS_CHECK" "$CREDENTIALS"
+"""
+
+# Run as root inside the private mount namespace, after the install: each unit's user
+# (with the unit's groups, as systemd gives them) opens each file, and a process of the
+# worker's user holding a secret in its environment (/proc/PID/environ).
+ACCESS_CHECK = r"""
+import json, subprocess, sys, time
+credentials = json.loads(sys.argv[1])  # unit -> [User=, Group=, SupplementaryGroups=...]
+OPEN = ("import sys\ntry:\n    open(sys.argv[1], 'rb').read(1)\n"
+        "except PermissionError:\n    print('denied')\nelse:\n    print('read')")
+
+def as_unit(unit, *command):
+    user, *groups = credentials[unit]
+    return ["setpriv", f"--reuid={user}", f"--regid={groups[0]}",
+            f"--groups={','.join(groups)}", *command]
+
+marker = "MOLTENIRON_DB_PASSWORD=worker-secret"
+worker = subprocess.Popen(as_unit("molteniron-worker.service", "/usr/bin/env", marker,
+                                  "/bin/sleep", "60"))
+try:
+    deadline = time.monotonic() + 10  # until it runs as the worker's user, with the secret
+    while marker.encode() not in open(f"/proc/{worker.pid}/environ", "rb").read():
+        assert time.monotonic() < deadline and worker.poll() is None, "no worker process"
+        time.sleep(0.01)
+    paths = {name: f"/etc/molteniron/{name}"
+             for name in ("conf.yaml", "environment", "cleaner.environment", "secret.keys")}
+    paths["the worker's /proc/PID/environ"] = f"/proc/{worker.pid}/environ"
+    print(json.dumps({unit: {name: subprocess.run(
+        as_unit(unit, "/usr/bin/python3", "-I", "-c", OPEN, path), capture_output=True,
+        text=True, check=True).stdout.strip() for name, path in paths.items()}
+        for unit in credentials}))
+finally:
+    worker.kill()
+    worker.wait()
 """
 
 
@@ -164,26 +233,41 @@ def test_install_as_root_makes_the_user_and_sets_owners(installed, tmp_path):
     # `molteniron` with --no-index, its pip finds it installed and fetches nothing.
     shutil.copytree(installed / "opt" / "molteniron", tmp_path / "opt" / "molteniron",
                     symlinks=True)
+    credentials = {unit: run_as(unit) for unit in UNITS}
     done = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "bash", "-c", REAL_INSTALL],
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "WORK": str(tmp_path),
-             "INSTALL": str(DEPLOY / "install.sh"), "SOURCE": "molteniron"},
+             "INSTALL": str(DEPLOY / "install.sh"), "SOURCE": "molteniron",
+             "CHECK_PYTHON": sys.executable, "ACCESS_CHECK": ACCESS_CHECK,
+             "CREDENTIALS": json.dumps(credentials)},
         capture_output=True, text=True, timeout=300, cwd=tmp_path / "bin")
     assert done.returncode == 0, done.stderr[-3000:]
-    user = done.stdout.splitlines()[0].split(":")
-    assert user[0] == "molteniron" and int(user[2]) < 1000  # a system user
-    assert user[5:] == ["/nonexistent", "/usr/sbin/nologin"]
+    users, stats, access = done.stdout.split("---\n")
+    # Two system users: the worker's and the cleaner's (so cleaning_command runs as the
+    # latter), the ones the units name.
+    for line, unit in zip(users.splitlines(), UNITS, strict=True):
+        name, _, uid, *_, home, shell = line.split(":")
+        assert (name, home, shell) == (credentials[unit][0], "/nonexistent", "/usr/sbin/nologin")
+        assert int(uid) < 1000  # a system user
     owners = {path: f"{owner} {bits}" for path, owner, bits in
-              (line.split(" ") for line in done.stdout.splitlines()[1:])}
+              (line.split(" ") for line in stats.splitlines())}
     assert owners == {
-        "/etc/molteniron": "root:molteniron 750",
-        "/etc/molteniron/conf.yaml": "root:molteniron 640",
+        **{f"/etc/molteniron/{name}".rstrip("/"): f"{owner} {bits:o}"
+           for name, (owner, bits) in KIT_FILES.items()},
         "/etc/molteniron/conf.yaml.example": "root:root 644",
-        "/etc/molteniron/environment": "root:molteniron 640",
-        "/etc/molteniron/cleaner.environment": "root:molteniron 640",
-        "/etc/molteniron/secret.keys": "molteniron:molteniron 600",
         "/opt/molteniron": "root:root 755",
     }, done.stdout
+    # Neither unit's user reads the other's secrets: the environment files are systemd's
+    # to read, the key the worker's alone, and the worker's processes are not the
+    # cleaner's to look into. Both read conf.yaml.
+    assert json.loads(access) == {
+        "molteniron-worker.service": {
+            "conf.yaml": "read", "environment": "denied", "cleaner.environment": "denied",
+            "secret.keys": "read", "the worker's /proc/PID/environ": "read"},
+        "molteniron-cleaner.service": {
+            "conf.yaml": "read", "environment": "denied", "cleaner.environment": "denied",
+            "secret.keys": "denied", "the worker's /proc/PID/environ": "denied"},
+    }
     # What the units name, where the install put it.
     assert "secret_key_file: /etc/molteniron/secret.keys" in (
         tmp_path / "etc" / "molteniron" / "conf.yaml").read_text()
@@ -193,6 +277,57 @@ def test_install_as_root_makes_the_user_and_sets_owners(installed, tmp_path):
 
 
 # --- the units --------------------------------------------------------------------
+
+
+def service_settings(unit: str) -> dict[str, list[str]]:
+    """The [Service] section of a shipped unit: key -> its values, in order."""
+    settings: dict[str, list[str]] = {}
+    section = None
+    for line in (DEPLOY / unit).read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip()
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def run_as(unit: str) -> list[str]:
+    """Who a shipped unit's processes run as: User=, Group=, then SupplementaryGroups=."""
+    settings = service_settings(unit)
+    return [*settings["User"], *settings["Group"],
+            *" ".join(settings.get("SupplementaryGroups", [])).split()]
+
+
+# Both units' hardening (README "Deploying"), checked here as written, since
+# systemd-analyze, which rates it, is not on every machine that runs these tests.
+HARDENING = {
+    "NoNewPrivileges": "yes", "CapabilityBoundingSet": "", "AmbientCapabilities": "",
+    "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+    "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectProc": "invisible",
+    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "RestrictNamespaces": "yes",
+    "RestrictSUIDSGID": "yes", "LockPersonality": "yes", "RemoveIPC": "yes", "UMask": "0077",
+}
+
+
+def test_the_cleaner_runs_as_a_user_of_its_own_and_both_units_stay_hardened():
+    worker, cleaner = (service_settings(unit) for unit in UNITS)
+    assert (worker["User"], worker["Group"]) == (["molteniron"], ["molteniron"])
+    assert "SupplementaryGroups" not in worker
+    # Not the worker's user: cleaning_command runs as this one. The worker's group only
+    # to read conf.yaml (KIT_FILES: no secret is readable by a group).
+    assert cleaner["User"] == cleaner["Group"] == ["molteniron-cleaner"]
+    assert cleaner["SupplementaryGroups"] == ["molteniron"]
+    assert cleaner["InaccessiblePaths"] == [
+        "-/etc/molteniron/environment -/etc/molteniron/secret.keys"]
+    assert worker["EnvironmentFile"] == ["/etc/molteniron/environment"]
+    assert cleaner["EnvironmentFile"] == ["/etc/molteniron/cleaner.environment"]
+    for unit, settings in zip(UNITS, (worker, cleaner)):
+        for key, value in HARDENING.items():
+            assert settings.get(key) == [value], (unit, key)
+        assert "@system-service" in settings["SystemCallFilter"], unit
+        assert not {"DynamicUser", "PermissionsStartOnly"} & set(settings), unit
 
 
 def unit_for(installed: Path, unit: str) -> str:
