@@ -281,10 +281,10 @@ def parse_time(text: str) -> datetime | None:
     """An ISO-8601 time as naive UTC (the database's times), None if it is not one."""
     try:
         when = datetime.fromisoformat(text)
-    except ValueError:
+        if when.tzinfo is not None:
+            when = when.astimezone(timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError):  # out of range once in UTC: 0001-01-01T00:00+14:00
         return None
-    if when.tzinfo is not None:
-        when = when.astimezone(timezone.utc).replace(tzinfo=None)
     return when
 
 

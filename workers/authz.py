@@ -49,6 +49,12 @@ class Authorizer:
         """An admin of an authorizing worker (with authorization off nobody is one)."""
         return self.admins is not None and user in self.admins
 
+    def limited(self, user: str | None) -> bool:
+        """Whether config max_priority, max_waiting_per_user and max_wait_seconds bind
+        `user`: everyone but admins, while authorization is on (with it off, one login
+        is usually everyone's)."""
+        return self.admins is not None and user not in self.admins
+
     def acting_user(self, publisher: str | None, headers: Mapping | None,
                     header: str) -> str | None:
         """The user a request acts for: its publisher, or, when an admin requeues a

@@ -67,7 +67,7 @@ def add_json_blob(ctx: Context, req: Request) -> dict:
 
 
 def allocate(ctx: Context, req: Request) -> dict:
-    if not ctx.authz.is_admin(req.user):
+    if ctx.authz.limited(req.user):
         req.args = ctx.limits.check_allocate(req.args)
     a = req.args
     ctx.leases.check(a["lease_seconds"])
@@ -103,7 +103,7 @@ def allocate(ctx: Context, req: Request) -> dict:
 
 def _wait(ctx: Context, req: Request, node_pool: str, wants: Constraints) -> dict:
     a = req.args
-    if not ctx.authz.is_admin(req.user):
+    if ctx.authz.limited(req.user):
         ctx.limits.check_waiting(req.user, ctx.waiters.count_of_user(req.user))
     return ctx.waiters.enqueue(ctx.batch, req.id, node_pool, a["count"], a["owner"],
                                ctx.reply_to, ctx.correlation_id, a["wait_seconds"],
