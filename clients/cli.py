@@ -17,6 +17,7 @@ from molteniron import errors, protocol
 from molteniron.config import load_config
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DEADLINE, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+EXIT_TAKEN_BACK = 5  # release/renew: the owner's nodes were taken back (lease, admin)
 EXIT_INTERRUPTED = 130
 # Commands whose result is a table: printed as one when stdout is a terminal.
 TABLE_COMMANDS = ("status", "status_baremetal", "waiting", "history", "dead-letters")
@@ -29,6 +30,9 @@ exit codes:
   4  RabbitMQ unreachable, or no worker answered within --timeout (an
      allocate is then cancelled; a release or cancel stays queued, prints
      {"status": 202, "queued": true, ...} and takes effect when a worker comes)
+  5  release/renew: the owner's nodes were taken back before it released them
+     (its lease expired, an admin removed them): the job ran on nodes that may
+     have gone to another job; fail it (status 410, NodesTakenBack)
   130 interrupted (Ctrl-C/SIGTERM); a waiting allocate is cancelled first
 
 configuration: --config FILE, -c DIR (DIR/conf.yaml), $MOLTENIRON_CONFIG or
@@ -407,6 +411,8 @@ def _fail(exc: errors.MoltenIronError, args) -> int:
         return EXIT_DEADLINE if args.command == "allocate" else EXIT_UNAVAILABLE
     if isinstance(exc, (errors.ServiceUnavailable, errors.RequestQueued)):
         return EXIT_UNAVAILABLE
+    if isinstance(exc, errors.NodesTakenBack):
+        return EXIT_TAKEN_BACK
     return EXIT_REFUSED
 
 

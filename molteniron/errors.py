@@ -80,6 +80,21 @@ class RequestCancelled(Conflict):
     """The request was cancelled by its client before it was served."""
 
 
+class NodesTakenBack(MoltenIronError):
+    """The owner holds no nodes because they were taken back from it (its lease expired,
+    an admin removed them), not because it never had any: the job that held them may
+    have run on nodes another job got next."""
+
+    status = 410
+
+    def __init__(self, message: str, taken_back: list[dict] | None = None):
+        super().__init__(message)
+        self.taken_back = taken_back or []  # [{"node", "reason", "at"}]
+
+    def to_reply(self) -> dict:
+        return {**super().to_reply(), "taken_back": self.taken_back}
+
+
 class TooManyRequests(MoltenIronError):
     """A broker user already has as many waiting allocates as max_waiting_per_user allows."""
 
@@ -136,12 +151,12 @@ _BY_KIND = {
     for cls in (
         MoltenIronError, ConfigError, BadRequest, UnknownField, Forbidden, NodeNotFound,
         OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes, PoolTooSmall,
-        RequestCancelled, TooManyRequests, DeadlineExpired, InternalError, NotActiveWorker,
-        ServiceUnavailable, RequestQueued,
+        RequestCancelled, NodesTakenBack, TooManyRequests, DeadlineExpired, InternalError,
+        NotActiveWorker, ServiceUnavailable, RequestQueued,
     )
 }
 _BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineExpired,
-              409: Conflict, 429: TooManyRequests, 500: InternalError}
+              409: Conflict, 410: NodesTakenBack, 429: TooManyRequests, 500: InternalError}
 
 
 def from_reply(reply: dict) -> MoltenIronError:

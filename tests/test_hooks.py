@@ -21,27 +21,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.jobs import HOOKS, job_env, run_hook
 from tests.stack import ROOT, node_args, wait_until
 
-HOOKS = ROOT / "clients" / "hooks"
 EXAMPLES = ROOT / "examples" / "jenkins"
 FILES = ("molteniron-nodes.json", "hardware_info", "localrc")
 # Every result a Jenkins build can end with: the post-hook must run on each.
 BUILD_RESULTS = {"SUCCESS", "UNSTABLE", "FAILURE", "NOT_BUILT", "ABORTED"}
-
-
-def job_env(stack, workspace: Path, **env: str) -> dict:
-    """What a CI job's steps see: `molteniron` on PATH, a workspace, an owner."""
-    config = workspace / "hook-conf.yaml"
-    config.write_text("request_timeout: 5\n")
-    return {**stack.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "MOLTENIRON_CONFIG": str(config), "WORKSPACE": str(workspace),
-            "MOLTENIRON_OWNER": "job", **env}
-
-
-def run_hook(stack, workspace: Path, hook: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(HOOKS / hook), *args], capture_output=True, text=True,
-                          timeout=120, cwd=workspace, env=job_env(stack, workspace, **env))
 
 
 def held(stack) -> dict[str, str | None]:

@@ -27,6 +27,7 @@ from workers.authz import Authorizer
 from workers.batch import Batch
 from workers.cleaning import CleaningPolicy
 from workers.limits import UserLimits
+from workers.taken_back import taken_back
 from workers.constraints import Constraints
 from workers.leases import LeasePolicy
 from workers.state import PoolState
@@ -118,9 +119,17 @@ def release(ctx: Context, req: Request) -> dict:
     except errors.OwnerNotFound:
         if cancelled:  # it held nothing, but it was waiting: that is a release too
             return {**OK, "released": 0, "cancelled_waiting": cancelled}
+        _raise_if_taken_back(ctx, owner)
         raise
     ctx.batch.touched_pools.update(r["node_pool"] for r in records)
     return {**OK, "released": len(records), "cancelled_waiting": cancelled}
+
+
+def _raise_if_taken_back(ctx: Context, owner: str) -> None:
+    """An owner that holds nothing: NodesTakenBack if that is because they were taken."""
+    lost = taken_back(ctx.batch, ctx.state, owner)
+    if lost is not None:
+        raise lost from None
 
 
 def renew(ctx: Context, req: Request) -> dict:
@@ -128,7 +137,11 @@ def renew(ctx: Context, req: Request) -> dict:
     asked = req.args["lease_seconds"]
     ctx.leases.check(asked)
     until = ctx.leases.until(ctx.batch.now, asked)
-    records = ctx.state.renew(req.args["owner"], until)
+    try:
+        records = ctx.state.renew(req.args["owner"], until)
+    except errors.OwnerNotFound:
+        _raise_if_taken_back(ctx, req.args["owner"])
+        raise
     return {**OK, "renewed": len(records), "lease_expires_at": until.isoformat(timespec="seconds")}
 
 

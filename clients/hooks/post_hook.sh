@@ -7,7 +7,9 @@
 # up to MOLTENIRON_RELEASE_RETRY seconds (default 300). A release that is still queued
 # then takes effect when a worker comes: that is a warning and exit 0, not a failed
 # build. Anything else fails: 1 refused (e.g. 403, another broker user's owner), 2 usage
-# or configuration, 4 the broker stayed unreachable.
+# or configuration, 4 the broker stayed unreachable, 5 the nodes were taken back before
+# this release (the lease expired, an admin removed them): the job ran on nodes that
+# may have gone to another job meanwhile, so its result cannot be trusted.
 set -uo pipefail
 owner=${MOLTENIRON_OWNER:-${BUILD_TAG:?set MOLTENIRON_OWNER or run under Jenkins}}
 if ! command -v molteniron > /dev/null; then
@@ -26,6 +28,9 @@ while true; do
     # 404 "No nodes are owned": the pre-hook never got nodes, nothing to give back.
     1) [[ $reply == *'"status": 404'* ]] && exit 0; exit 1 ;;
     4) ;;
+    5) echo "molteniron: the nodes of $owner were taken back while the job held them" \
+            "(see the reply above): failing the build" >&2
+       exit 5 ;;
     *) exit $rc ;;
   esac
   left=$((give_up_at - SECONDS))

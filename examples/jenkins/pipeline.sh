@@ -4,7 +4,10 @@
 # e.g. MOLTENIRON_COUNT=2 pipeline.sh ./run-devstack.sh
 #
 # The job step runs in $WORKSPACE (else the current directory) and finds there what
-# pre_hook.sh wrote: molteniron-nodes.json, hardware_info and localrc (mode 600). The
+# pre_hook.sh wrote: molteniron-nodes.json, hardware_info and localrc (mode 600). While
+# it runs, keep_lease.sh renews the nodes' lease (every third of MOLTENIRON_LEASE), so a
+# long job keeps its nodes; if they are taken back all the same, the step is stopped and
+# the build fails (exit 5). The
 # release runs on every way out: the job step's success or failure, a pre-hook that got
 # no nodes, Ctrl-C, SIGTERM (a CI system aborting the build). Only SIGKILL skips it; the
 # lease gives the nodes back then.
@@ -16,7 +19,8 @@
 # and what the hooks read: MOLTENIRON_WAIT, MOLTENIRON_LEASE, MOLTENIRON_RELEASE_RETRY,
 # MOLTENIRON_AMQP_URL, MOLTENIRON_AMQP_PASSWORD, MOLTENIRON_CONFIG.
 # Exit code: the job step's; else the pre-hook's (3: no nodes in time); else the
-# post-hook's (a release that fails makes a passing job fail).
+# post-hook's (a release that fails makes a passing job fail; 5: the nodes were taken
+# back under the job).
 set -euo pipefail
 [ $# -gt 0 ] || { echo "usage: $0 JOB_COMMAND [ARG...]" >&2; exit 2; }
 hooks=${MOLTENIRON_HOOKS:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../clients/hooks" && pwd)}
@@ -35,4 +39,4 @@ trap 'exit 143' TERM
 
 bash "$hooks/pre_hook.sh" "${MOLTENIRON_COUNT:-1}" "${MOLTENIRON_POOL:-default}"
 cd "$WORKSPACE"
-"$@"
+bash "$hooks/keep_lease.sh" "$@"
