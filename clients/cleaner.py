@@ -5,8 +5,11 @@ cleaning_command with the node's fields in MOLTENIRON_* environment variables
 (split with shlex, never run by a shell, so no value is interpreted), at most
 cleaning_timeout seconds (then its whole process group is killed), and reports
 back (clean_done): exit 0 -> ready, anything else -> maintenance with the exit
-code and the last line of stderr. Several cleaners may run; a cleaner that
-dies leaves a claim that lapses after the worker's cleaning_timeout.
+code and the last line of stderr. Several cleaners may run; a cleaner stopped
+with SIGTERM or SIGINT kills its command and gives its claim back (clean_abandon);
+one that dies leaves a claim that lapses a minute after the worker's
+cleaning_timeout. A report the worker refuses as stale (409: an admin forced the
+node ready, another cleaner took it over) is logged, and the cleaner carries on.
 
 The command gets a clean environment (command_environment): PATH, the locale and
 the node's variables, never the cleaner's own login or anything else it was given.
@@ -122,13 +125,32 @@ def clean_one(client, cleaner: str, command: str, timeout: float) -> dict | None
     log.info("event=claimed node=%s until=%s", node["name"], claimed["claimed_until"])
     started = time.monotonic()
     env = command_environment(os.environ, node_environment(node))
-    ok, detail = run_command(command, env, timeout)
-    reply = client.call("clean_done", {"node_id": node["id"], "claim": claimed["claim"],
-                                       "ok": ok, "detail": detail})
+    try:
+        ok, detail = run_command(command, env, timeout)
+    except (errors.Interrupted, KeyboardInterrupt):
+        give_back(client, node, claimed["claim"])
+        raise
+    try:
+        reply = client.call("clean_done", {"node_id": node["id"], "claim": claimed["claim"],
+                                           "ok": ok, "detail": detail})
+    except errors.Conflict as exc:  # taken over, forced ready, removed: not this cleaner's
+        log.warning("event=stale_claim node=%s message=%r", node["name"], exc.message)
+        return {"status": 409, "cleaned": node["name"], "ok": ok, "stale": True,
+                "message": exc.message}
     log.info("event=cleaned node=%s ok=%s state=%s seconds=%.1f detail=%r", node["name"], ok,
              reply["state"], time.monotonic() - started, detail)
     return {"status": 200, "cleaned": node["name"], "ok": ok, "state": reply["state"],
             "maintenance_reason": reply.get("maintenance_reason")}
+
+
+def give_back(client, node: dict, claim: str) -> None:
+    """Stopping mid-cleaning: the claim goes back, so the next cleaner need not wait for
+    it to lapse (cleaning_timeout and more). Best effort: the claim lapses anyway."""
+    try:
+        client.call("clean_abandon", {"node_id": node["id"], "claim": claim})
+        log.info("event=claim_given_back node=%s", node["name"])
+    except errors.MoltenIronError as exc:
+        log.warning("event=claim_not_given_back node=%s message=%r", node["name"], exc.message)
 
 
 def node_environment(node: dict) -> dict[str, str]:

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key")
     p.add_argument("value")
     p.add_argument("type", nargs="?", default="string", help="string (default) or int")
+    p.add_argument("--force", action="store_true",
+                   help="status ready for a node a cleaner is cleaning: drop its claim "
+                        "(otherwise refused with 409 until the cleaner reports)")
 
     for name, what in (("status", "the pool"), ("status_baremetal", "the pool's hardware")):
         p = sub.add_parser(name, help=f"a table of {what}")
@@ -174,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node", help="node name or id")
     p.add_argument("mode", choices=("on", "off"))
     p.add_argument("--reason", help="why (shown by status); default 'no reason given'")
+    p.add_argument("--force", action="store_true",
+                   help="off for a node a cleaner is cleaning: drop its claim (otherwise "
+                        "refused with 409 until the cleaner reports)")
 
     p = sub.add_parser("remove", help="remove a node that is not allocated")
     p.add_argument("node", help="node name or id")
@@ -296,12 +302,13 @@ def run_command(client, args, config) -> dict:
         "add_json_blob": lambda: client.add_json_blob(**_fields(args, (
             "name", "ipmi_ip", "allocation_pool", "blob", "node_pool", "tags"))),
         "maintenance": lambda: client.call("maintenance", {
-            "node": args.node, "mode": args.mode, "reason": args.reason}),
+            "node": args.node, "mode": args.mode, "reason": args.reason, "force": args.force}),
         "remove": lambda: client.call("remove", {"node": args.node, "force": args.force}),
         "release": lambda: client.release(args.owner_name),
         "renew": lambda: client.renew(args.owner_name, args.lease),
         "get_field": lambda: client.get_field(args.owner_name, args.field_name),
-        "set_field": lambda: client.set_field(args.id, args.key, args.value, args.type),
+        "set_field": lambda: client.set_field(args.id, args.key, args.value, args.type,
+                                              force=args.force),
         "cancel": lambda: client.cancel(args.request_id),
         "workers": client.workers,
         "delete_db": client.delete_db,

@@ -350,8 +350,10 @@ class MoltenIronClient:
     def get_field(self, owner: str, field: str) -> dict:
         return self.call("get_field", {"owner": owner, "field": field})
 
-    def set_field(self, node_id: int, key: str, value: str | int, type_name: str = "string") -> dict:
-        return self.call("set_field", {"id": node_id, "key": key, "value": value, "type": type_name})
+    def set_field(self, node_id: int, key: str, value: str | int, type_name: str = "string",
+                  force: bool = False) -> dict:
+        return self.call("set_field", {"id": node_id, "key": key, "value": value,
+                                       "type": type_name, "force": force})
 
     def status(self, node_pool: str | None = None, show_secrets: bool = False,
                state: str | None = None, owner: str | None = None,

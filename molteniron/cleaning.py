@@ -41,15 +41,7 @@ def finish(session: Session, node_id: int, claim: str, ok: bool, detail: str | N
     Accepted while the token is still the node's claim, even past the claim's time
     (nobody took it over); refused with 409 otherwise, changing nothing.
     """
-    node = session.get(Node, node_id)
-    if node is None:
-        raise errors.NodeNotFound(f"Node with id of {node_id} does not exist!")
-    if node.state != State.DIRTY or node.clean_claim != claim:
-        now_held = (f"it is {node.state.value}" if node.state != State.DIRTY
-                    else "another cleaner claimed it since" if node.clean_claim
-                    else "its claim was dropped")
-        raise errors.Conflict(f"clean_done for node {node.name}: the claim is stale ({now_held}); "
-                              "nothing changed")
+    node = _claimed(session, node_id, claim, "clean_done")
     node.clean_claim = None
     node.clean_claimed_until = None
     if ok:
@@ -60,6 +52,29 @@ def finish(session: Session, node_id: int, claim: str, ok: bool, detail: str | N
         reason = f"cleaning failed: {detail or 'no detail given'}"
         node.maintenance_reason = reason[:MAX_TEXT]
     session.flush()
+    return node
+
+
+def abandon(session: Session, node_id: int, claim: str) -> Node:
+    """A cleaner gives its claim back unfinished: the node stays dirty, for the next one."""
+    node = _claimed(session, node_id, claim, "clean_abandon")
+    node.clean_claim = None
+    node.clean_claimed_until = None
+    session.flush()
+    return node
+
+
+def _claimed(session: Session, node_id: int, claim: str, op: str) -> Node:
+    """The dirty node that claim still holds; NodeNotFound, or 409 for a stale claim."""
+    node = session.get(Node, node_id)
+    if node is None:
+        raise errors.NodeNotFound(f"Node with id of {node_id} does not exist!")
+    if node.state != State.DIRTY or node.clean_claim != claim:
+        now_held = (f"it is {node.state.value}" if node.state != State.DIRTY
+                    else "another cleaner claimed it since" if node.clean_claim
+                    else "its claim was dropped")
+        raise errors.Conflict(f"{op} for node {node.name}: the claim is stale ({now_held}); "
+                              "nothing changed")
     return node
 
 

@@ -12,7 +12,9 @@ What an import does to a node that exists already:
   "********" or missing (the stored one is kept);
 - state: only `ready` and `maintenance` (with maintenance_reason) are
   applied, and only to a node that is not allocated; `allocated` and
-  `dirty` in an entry are left as they are (a new node starts ready);
+  `dirty` in an entry are left as they are (a new node starts ready); a
+  dirty node stays dirty whatever the entry says: only its cleaning makes
+  it ready;
 - an allocated node keeps its owner and state; moving it to another
   node_pool is refused, as by set_field.
 """
@@ -236,7 +238,7 @@ def _apply_state(session: Session, node: Node, entry: Entry) -> bool:
             return False
         pool.set_maintenance(session, node.id, True, entry.maintenance_reason)
         return True
-    if entry.state == "ready" and node.state != State.READY:
+    if entry.state == "ready" and node.state == State.MAINTENANCE:
         pool.set_field(session, node.id, "state", "ready")
         return True
     return False

@@ -156,12 +156,14 @@ def field_value(node: Node, field: str) -> Any:
 
 
 def set_field(session: Session, node_id: Any, key: str, value: Any,
-              type_name: str = "string") -> Node:
-    """Set one field of one node, converted to the field's type."""
+              type_name: str = "string", now: datetime | None = None,
+              force: bool = False) -> Node:
+    """Set one field of one node, converted to the field's type. A node a cleaner is
+    cleaning goes to ready only when forced (its claim is dropped)."""
     converted = _convert(value, type_name, shown=key not in SECRET_FIELDS)
     if key in ("status", "state"):
         node = _node(session, node_id)
-        _change_state(node, converted)
+        _change_state(node, converted, now or utcnow(), force)
         return node
     if key not in SETTABLE_FIELDS:
         if key in READABLE_FIELDS:
@@ -207,11 +209,13 @@ def find_node(session: Session, ref: str | int) -> Node:
     return node
 
 
-def set_maintenance(session: Session, ref: str | int, on: bool, reason: str | None) -> Node:
+def set_maintenance(session: Session, ref: str | int, on: bool, reason: str | None,
+                    now: datetime | None = None, force: bool = False) -> Node:
     """Take a node out of service (with a reason) or put it back.
 
     An allocated node stays with its job: its maintenance begins when it is
-    released (the reason is kept until then and shown by status).
+    released (the reason is kept until then and shown by status). A node a cleaner
+    is cleaning goes back to ready only when forced (its claim is dropped).
     """
     node = find_node(session, ref)
     if on:
@@ -219,9 +223,10 @@ def set_maintenance(session: Session, ref: str | int, on: bool, reason: str | No
         if node.state in (State.READY, State.DIRTY):
             node.state = State.MAINTENANCE
     else:
-        node.maintenance_reason = None
         if node.state == State.MAINTENANCE:
+            _refuse_mid_cleaning(node, now or utcnow(), force, "maintenance off")
             node.state = State.READY
+        node.maintenance_reason = None
     session.flush()
     return node
 
@@ -241,7 +246,7 @@ def remove_node(session: Session, ref: str | int, force: bool, now: datetime) ->
     return node
 
 
-def _change_state(node: Node, value: Any) -> None:
+def _change_state(node: Node, value: Any, now: datetime, force: bool) -> None:
     try:
         target = State(str(value))
     except ValueError:
@@ -251,9 +256,27 @@ def _change_state(node: Node, value: Any) -> None:
     if target not in _STATE_CHANGES[node.state]:
         raise errors.Conflict(f"node {node.id} cannot go from {node.state.value} to "
                               f"{target.value} by set_field")
+    if target == State.READY:
+        _refuse_mid_cleaning(node, now, force, "set_field status ready")
     node.state = target
     node.maintenance_reason = "set_field status maintenance" if target == State.MAINTENANCE \
         else None
+
+
+def _refuse_mid_cleaning(node: Node, now: datetime, force: bool, action: str) -> None:
+    """Conflict while a cleaner's claim on the node is live: ready now, it could be handed
+    out while the cleaner wipes it. Forced, the claim is dropped (the cleaner's report
+    is then refused as stale and changes nothing)."""
+    if node.clean_claim is None:
+        return
+    if not force and node.clean_claimed_until is not None and node.clean_claimed_until > now:
+        cleaner = node.clean_claim.rpartition("#")[0] or "a cleaner"
+        raise errors.Conflict(
+            f"node {node.name} is being cleaned by {cleaner} (claim until "
+            f"{node.clean_claimed_until.isoformat(timespec='seconds')}Z): {action} would "
+            "let a job have it mid-cleaning; wait for the cleaner's report, or force it")
+    node.clean_claim = None
+    node.clean_claimed_until = None
 
 
 def _node(session: Session, node_id: Any) -> Node:

@@ -104,9 +104,10 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("renew", (Arg("owner", _S, min_value=1), Arg("lease_seconds", _I, False, min_value=1))),
     Operation("get_field", (Arg("owner", _S, min_value=1), Arg("field", _S, min_value=1)),
               mutates=False),
+    # force: a node a cleaner is cleaning goes to ready all the same (its claim dropped).
     Operation("set_field", (
         Arg("id", _I), Arg("key", _S), Arg("value", (str, int)),
-        Arg("type", _S, False, "string"))),
+        Arg("type", _S, False, "string"), Arg("force", bool, False, False))),
     # A page: the nodes with ids above after_id, at most limit of them (None: all), and
     # next_after_id in the reply when more may follow (export's pages too).
     Operation("status", (
@@ -119,7 +120,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("delete_db"),
     Operation("cancel", (Arg("request_id", _S, uuid=True),), expires=False),
     Operation("maintenance", (Arg("node", _S, min_value=1), Arg("mode", _S, choices=("on", "off")),
-                              Arg("reason", _S, False))),
+                              Arg("reason", _S, False), Arg("force", bool, False, False))),
     Operation("remove", (Arg("node", _S, min_value=1), Arg("force", bool, False, False))),
     Operation("tick", internal=True),
     # Ended and open allocations, newest first. node: a node name or id; since: ISO-8601.
@@ -138,6 +139,10 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("clean_done", (Arg("node_id", _I), Arg("claim", _S, min_value=1), Arg("ok", bool),
                              Arg("detail", _S, False, max_length=4096)), expires=False),
     Operation("clean", (Arg("node", _S, min_value=1),)),
+    # A cleaner that stops (SIGTERM) gives its claim back: the node stays dirty, for the
+    # next cleaner at once. Never expires, like clean_done.
+    Operation("clean_abandon", (Arg("node_id", _I), Arg("claim", _S, min_value=1)),
+              expires=False),
 )}
 
 

@@ -170,7 +170,19 @@ def test_a_cleaner_killed_mid_clean_leaves_a_claim_that_lapses(stack, tmp_path):
         assert "dirty (cleaning by first until" in stack.cli(
             "-o", "result", "status", "-t", "csv").stdout
 
-        # Another cleaner takes the node over once the claim has lapsed (2 s), not before.
+        # The claim outlives the command's kill (cleaning_timeout, 2 s) by a minute, so
+        # that no second cleaner starts while the first may still be stopping its command.
+        ((left,),) = stack.sql("SELECT TIMESTAMPDIFF(SECOND, UTC_TIMESTAMP(), "
+                               "clean_claimed_until) FROM nodes")
+        assert 55 <= left <= 62, left
+        code, outcome, _ = clean_once(stack, env)
+        assert (code, outcome["cleaned"]) == (0, None)
+        # A minute later (aged here in the table, which claims read), another cleaner
+        # takes the node over.
+        with stack.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE nodes SET clean_claimed_until = "
+                                 "UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
+
         def cleaned_by_another():
             code, outcome, stderr = clean_once(stack, env)
             assert code == 0, stderr
@@ -291,3 +303,70 @@ def test_the_command_gets_path_locale_and_its_node_never_the_cleaners_login(
     # Neither in what the command saw nor in what goes to the journal.
     for secret in secrets:
         assert secret not in dumped and secret not in done.stderr + done.stdout
+
+
+# --- a cleaning claim is respected -------------------------------------------------
+
+@pytest.fixture
+def mid_cleaning(stack, tmp_path):
+    """node-1 dirty, and a cleaner (--once) whose command runs until `finish` exists."""
+    started, finish = tmp_path / "started", tmp_path / "finish"
+    command = script(tmp_path, "wipe.sh",
+                     f'touch "{started}"\n'
+                     f'for i in $(seq 600); do [ -e "{finish}" ] && exit 0; sleep 0.1; done\n'
+                     'exit 1\n')
+    env = config(tmp_path, command)
+    dirty_node(stack, env)
+    running = cleaner(stack, env, "--once", "--name", "wiper")
+    wait_until(started.exists, 20, "the cleaning command to start")
+    stack.finish, stack.running_cleaner = finish, running
+    yield stack
+    finish.touch()
+    running.kill()
+    running.communicate()
+
+
+def test_a_node_being_cleaned_is_not_made_ready_unless_forced(mid_cleaning, tmp_path):
+    stack = mid_cleaning
+    refused = stack.cli("set_field", "1", "status", "ready")
+    assert refused.returncode == 1 and refused.json["status"] == 409, refused
+    assert "being cleaned by wiper" in refused.json["message"]
+
+    export = tmp_path / "pool.yaml"
+    assert stack.cli("export", "-o", str(export)).returncode == 0
+    export.write_text(export.read_text().replace("state: dirty", "state: ready"))
+    assert "state: ready" in export.read_text()
+    assert stack.cli("import", str(export)).returncode == 0
+    assert nodes(stack) == [("node-1", "dirty", None)]  # import leaves a dirty node dirty
+
+    assert stack.cli("maintenance", "node-1", "on", "--reason", "look").returncode == 0
+    refused = stack.cli("maintenance", "node-1", "off")
+    assert refused.returncode == 1 and refused.json["status"] == 409, refused
+    assert nodes(stack) == [("node-1", "maintenance", "look")]
+    assert stack.cli("maintenance", "node-1", "off", "--force").returncode == 0
+    assert stack.sql("SELECT state, clean_claim FROM nodes") == [("ready", None)]
+
+    # The cleaner's report is stale now: refused, logged, and the cleaner carries on.
+    stack.finish.touch()
+    stdout, stderr = stack.running_cleaner.communicate(timeout=60)
+    assert stack.running_cleaner.returncode == 0, stderr
+    outcome = json.loads(stdout.strip().splitlines()[-1])
+    assert outcome["status"] == 409 and outcome["stale"] is True, outcome
+    assert "event=stale_claim" in stderr
+    assert stack.sql("SELECT state FROM nodes") == [("ready",)]
+
+
+def test_set_field_forced_drops_the_claim(mid_cleaning):
+    stack = mid_cleaning
+    assert stack.cli("set_field", "1", "status", "ready", "--force").returncode == 0
+    assert stack.sql("SELECT state, clean_claim FROM nodes") == [("ready", None)]
+
+
+def test_a_cleaner_stopped_with_sigterm_gives_its_claim_back(mid_cleaning, tmp_path):
+    stack = mid_cleaning
+    assert stack.sql("SELECT clean_claim IS NOT NULL FROM nodes") == [(1,)]
+    stack.running_cleaner.send_signal(signal.SIGTERM)
+    _, stderr = stack.running_cleaner.communicate(timeout=30)
+    assert stack.running_cleaner.returncode == 130, stderr
+    assert stack.sql("SELECT state, clean_claim FROM nodes") == [("dirty", None)]
+    assert "event=claim_given_back" in stderr

@@ -30,7 +30,7 @@ USER_OPS = frozenset({"allocate", "release", "renew", "get_field", "cancel", "st
                       "waiting", "workers", "history", "export"})
 ADMIN_ONLY = frozenset({"add_baremetal", "add_keyvalue_pairs", "add_json_blob", "set_field",
                         "delete_db", "maintenance", "remove", "import",
-                        "clean_claim", "clean_done", "clean"})
+                        "clean_claim", "clean_done", "clean", "clean_abandon"})
 OWNER_OPS = frozenset({"allocate", "release", "renew", "get_field"})
 # Sent by workers to themselves (their login), never by clients: worker.py checks.
 WORKER_OPS = frozenset(name for name, op in OPERATIONS.items() if op.internal)

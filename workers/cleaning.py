@@ -20,11 +20,21 @@ if TYPE_CHECKING:
     from workers.state import PoolState
 
 
+# A claim outlives cleaning_timeout by this much: the cleaner kills its command at the
+# timeout and reports after that, and no second cleaner may start on the node meanwhile.
+CLAIM_MARGIN = 60.0
+
+
 @dataclass(frozen=True)
 class CleaningPolicy:
-    """From the worker's config: whether released nodes are cleaned, and how long a claim lasts."""
+    """From the worker's config: whether released nodes are cleaned, and how long the
+    cleaning_command may take (a claim lasts CLAIM_MARGIN longer)."""
     enabled: bool = False
-    claim_seconds: float = 1800.0
+    command_timeout: float = 1800.0
+
+    @property
+    def claim_seconds(self) -> float:
+        return self.command_timeout + CLAIM_MARGIN
 
 
 def clean_claim(ctx: Context, req: Request) -> dict:
@@ -46,6 +56,12 @@ def clean_done(ctx: Context, req: Request) -> dict:
     metrics.node_cleaned(ctx.batch, node.state.value)
     return {"status": 200, "node": node.name, "state": node.state.value,
             "maintenance_reason": node.maintenance_reason}
+
+
+def clean_abandon(ctx: Context, req: Request) -> dict:
+    """A cleaner that stops gives its claim back: the node stays dirty, unclaimed."""
+    node = cleaning.abandon(ctx.batch.session, req.args["node_id"], req.args["claim"])
+    return {"status": 200, "node": node.name, "state": node.state.value}
 
 
 def clean(ctx: Context, req: Request) -> dict:

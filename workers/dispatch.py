@@ -151,7 +151,8 @@ def get_field(ctx: Context, req: Request) -> dict:
 
 def set_field(ctx: Context, req: Request) -> dict:
     a = req.args
-    pool.set_field(ctx.batch.session, a["id"], a["key"], a["value"], a["type"])
+    pool.set_field(ctx.batch.session, a["id"], a["key"], a["value"], a["type"],
+                   ctx.batch.now, a["force"])
     return dict(OK)
 
 
@@ -220,7 +221,8 @@ def workers(ctx: Context, req: Request) -> dict:
 
 def maintenance(ctx: Context, req: Request) -> dict:
     a = req.args
-    node = pool.set_maintenance(ctx.batch.session, a["node"], a["mode"] == "on", a["reason"])
+    node = pool.set_maintenance(ctx.batch.session, a["node"], a["mode"] == "on", a["reason"],
+                                ctx.batch.now, a["force"])
     return {**OK, "node": node.name, "state": node.state.value,
             "maintenance_reason": node.maintenance_reason}
 
@@ -314,5 +316,6 @@ HANDLERS: dict[str, Handler] = {
     "clean_claim": cleaning.clean_claim,
     "clean_done": cleaning.clean_done,
     "clean": cleaning.clean,
+    "clean_abandon": cleaning.clean_abandon,
 }
 assert set(HANDLERS) == {name for name, op in OPERATIONS.items() if not op.internal}
