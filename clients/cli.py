@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--show", type=_positive_int, default=20, metavar="N",
                         help="list the oldest N, leaving the queue as it was (default 20)")
     action.add_argument("--requeue", metavar="ID",
-                        help="republish the dead letter ID to molteniron, then remove it")
+                        help="republish the dead letter ID to molteniron, then remove it; "
+                             "the worker acts for the user who first sent it, not for you")
     action.add_argument("--purge", action="store_true", help="empty the dead-letter queue")
     _table_option(p)
 

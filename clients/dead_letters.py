@@ -11,6 +11,11 @@ only trace is the `redelivered` flag). Giving each one back right after
 reading it would not work: it goes back to the head and the next get returns
 it again. While a listing holds messages, a second listing or a purge at the
 same moment does not see them.
+
+A requeued copy is published under the caller's login (the broker allows no
+other user_id), so it carries protocol.ON_BEHALF_HEADER set to the user_id the
+dead message was first sent with: the worker acts for that user, not for the
+admin who requeued it, and refuses the header from anyone who is not an admin.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
 from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError, UnroutableError
 
 from molteniron import errors, protocol
+from molteniron.compat import SECRET_FIELDS
 from molteniron.config import url_list
 
 MASK = "********"
@@ -38,9 +44,17 @@ DEATH_HEADERS = ("x-death", "x-first-death-reason", "x-first-death-queue",
                  "x-last-death-exchange")
 COLUMNS = (("id", 36), ("op", 12), ("reason", 14), ("died_at", 19), ("queue", 19),
            ("user", 8), ("detail", 30), ("body", 40))
-# A password in a body that is not JSON (or in a string inside one): key, separator, value.
+# Only for text that is not JSON (a truncated or broken body): a password's key, its
+# letters as they are or as JSON \uXXXX escapes (at any depth of escaping), then the
+# separator and the value. After `=` (an add_keyvalue_pairs word) the value is a quoted
+# string or the rest of its string or line, spaces included; after `:` (JSON, or
+# set_field's `"key": "ipmi_password", "value":`) a quoted string or one word.
+_KEY_IN_TEXT = "".join(rf"(?:{re.escape(c)}|\\+u{ord(c):04x})" for c in "ipmi_password")
+_QUOTED = r'\\*"(?:[^"\\]|\\.)*?(?:\\*"|$)'  # unclosed: to the end of the text
 _PASSWORD_IN_TEXT = re.compile(
-    r'(ipmi_password\\*"?\s*[:=]\s*)(\\*"(?:[^"\\]|\\.)*?\\*"|[^\s,;&}\]"\\]+)', re.IGNORECASE)
+    rf'({_KEY_IN_TEXT}\\*"?\s*=\s*)({_QUOTED}|(?:[^"\\\n]|\\.)*)'
+    rf'|({_KEY_IN_TEXT}\\*"?\s*(?::|,\s*\\*"value\\*"\s*:)\s*)({_QUOTED}|[^\s,;&}}\]"\\]+)',
+    re.IGNORECASE)
 
 
 class DeadLetterNotFound(errors.MoltenIronError):
@@ -108,33 +122,56 @@ def _why_malformed(properties: pika.BasicProperties, body: bytes) -> str | None:
 
 
 def masked(body: bytes) -> str:
-    """The body's first BODY_CHARS characters with every IPMI password replaced by MASK."""
+    """The body's first BODY_CHARS characters with every IPMI password replaced by MASK.
+
+    A JSON body is masked as data: keys are compared once JSON has decoded them,
+    at any depth, in strings that are JSON themselves (add_json_blob's blob) and
+    in KEY=VALUE strings (add_keyvalue_pairs' words). Only a body that is not
+    JSON (cut short, or broken) is masked as text."""
     text = body[:protocol.MAX_BODY_BYTES].decode("utf-8", errors="replace")
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
         return _mask_text(text)[:BODY_CHARS]
-    # The text pass too: a password in a string that is neither JSON nor KEY=VALUE.
-    return _mask_text(json.dumps(_mask(data), ensure_ascii=False))[:BODY_CHARS]
+    try:
+        return json.dumps(_mask(data), ensure_ascii=False)[:BODY_CHARS]
+    except RecursionError:  # nested deeper than Python recurses: show none of it
+        return "(JSON nested too deeply to show)"
+
+
+def _is_secret(key) -> bool:
+    """Whether a key (as JSON decoded it, or as a KEY=VALUE word has it) names a password."""
+    return isinstance(key, str) and key.strip().strip("'\"").strip().lower() in SECRET_FIELDS
 
 
 def _mask(value):
+    """value (parsed JSON) with the value of every secret key replaced by MASK."""
     if isinstance(value, dict):
-        out = {k: MASK if isinstance(k, str) and k.lower() == "ipmi_password" else _mask(v)
-               for k, v in value.items()}
-        if str(value.get("key", "")).lower() == "ipmi_password" and "value" in value:
+        out = {k: MASK if _is_secret(k) else _mask(v) for k, v in value.items()}
+        if _is_secret(value.get("key")) and "value" in value:
             out["value"] = MASK  # set_field ID ipmi_password VALUE
         return out
     if isinstance(value, list):
         return [_mask(item) for item in value]
     if isinstance(value, str):
-        if value.lstrip()[:1] in ("{", "["):  # add_json_blob's blob, as a string
-            try:
-                return json.dumps(_mask(json.loads(value)), ensure_ascii=False)
-            except (ValueError, RecursionError):
-                pass
-        return _mask_text(value)  # add_keyvalue_pairs' "ipmi_password=..."
+        return _mask_string(value)
     return value
+
+
+def _mask_string(value: str) -> str:
+    """A string inside a JSON body: JSON itself, a KEY=VALUE word, or plain text."""
+    if value.lstrip()[:1] in ("{", "[", '"'):  # add_json_blob's blob, as a string
+        try:
+            inner = json.loads(value)
+        except (ValueError, RecursionError):
+            return _mask_text(value)  # looks like JSON but is not
+        if isinstance(inner, (dict, list, str)):
+            return json.dumps(_mask(inner), ensure_ascii=False)
+        return value
+    key, equals, _ = value.partition("=")
+    if equals and _is_secret(key):  # the worker reads all after the first = as the value
+        return key + equals + MASK
+    return _mask_text(value)  # a password in free text, as in a maintenance reason
 
 
 def _mask_text(text: str) -> str:
@@ -143,7 +180,10 @@ def _mask_text(text: str) -> str:
 
 def _masked_value(match: re.Match) -> str:
     """The key and separator, then MASK in the value's own quotes (if it had them)."""
-    key, value = match.group(1), match.group(2)
+    if match.group(1) is not None:  # KEY=VALUE
+        key, value = match.group(1), match.group(2)
+    else:  # KEY: VALUE
+        key, value = match.group(3), match.group(4)
     quote = re.match(r'\\*"', value)
     if quote is None:
         return key + MASK
@@ -204,9 +244,10 @@ class DeadLetterQueue:
             channel.close()
             return letters, total
 
-    def requeue(self, letter_id: str) -> tuple[DeadLetter, int]:
+    def requeue(self, letter_id: str) -> tuple[DeadLetter, int, str]:
         """Republish the oldest dead letter with this id to the request exchange, then
-        remove it; the others stay in order. Returns it and how many are left."""
+        remove it; the others stay in order. Returns it, how many are left, and the
+        user the copy acts for ("" for none)."""
         with _broker_errors(self.params):
             channel = self.connection.channel()
             channel.confirm_delivery()
@@ -222,12 +263,19 @@ class DeadLetterQueue:
                     break
                 held += 1
             left = held + method.message_count  # message_count: those not read yet
+            try:
+                acting_for = _acting_for(letter, properties, self.login)
+            except errors.Forbidden:
+                channel.basic_nack(0, multiple=True, requeue=True)  # all back, in order
+                raise
             headers = {k: v for k, v in (properties.headers or {}).items()
                        if k not in DEATH_HEADERS}
             # It may have been handled before it was dead-lettered: the worker checks first.
             headers[protocol.COPY_HEADER] = True
-            # The broker refuses a user_id other than the login: the request runs as the
-            # caller. The broker removed its expiration when it dead-lettered it.
+            # The broker refuses a user_id other than the login, so the copy is sent as the
+            # caller; the worker acts for the user named here, not for the caller. The
+            # broker removed its expiration when it dead-lettered it.
+            headers[protocol.ON_BEHALF_HEADER] = acting_for
             republished = pika.BasicProperties(**{
                 **{name: getattr(properties, name) for name in (
                     "content_type", "content_encoding", "delivery_mode", "priority",
@@ -247,13 +295,40 @@ class DeadLetterQueue:
             channel.basic_ack(method.delivery_tag)  # only once the broker has the copy
             channel.basic_nack(0, multiple=True, requeue=True)  # the others, in order
             channel.close()
-            return letter, left
+            return letter, left, _text(acting_for)
 
     def purge(self) -> int:
         """Empty the dead-letter queue; how many messages went."""
         with _broker_errors(self.params):
             channel = self.connection.channel()
             return channel.queue_purge(protocol.DEAD_LETTER_QUEUE).method.message_count
+
+
+def _acting_for(letter: DeadLetter, properties: pika.BasicProperties, login: str | None):
+    """Whom a requeued copy acts for: the user_id the dead message was sent with ("" if
+    none), or, if it is a copy this login requeued before, the user that copy acted for.
+
+    A header sent under another login is trusted by no one here: this tool cannot tell
+    whether that login is an admin (whose header the worker honoured) or a user who
+    forged it (and was refused), and either guess could act with more rights than the
+    message ever had."""
+    sent_by = properties.user_id or ""
+    headers = properties.headers or {}
+    if protocol.ON_BEHALF_HEADER not in headers:
+        return sent_by
+    claimed = headers[protocol.ON_BEHALF_HEADER]
+    if sent_by and sent_by == login:
+        return claimed
+    raise errors.Forbidden(
+        f"dead letter {letter.id} was sent by broker user {sent_by or '(none)'} with "
+        f"{protocol.ON_BEHALF_HEADER} {_text(claimed)!r}: requeued by {login}, it could act "
+        f"with rights it never had; only {sent_by or 'its sender'} may requeue it "
+        f"(or --purge it)")
+
+
+def _text(value) -> str:
+    """A header value as text (pika gives bytes for one that is not UTF-8)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 @contextmanager
@@ -287,15 +362,16 @@ def run(args, config) -> dict:
             print(f"molteniron: purged {purged} dead letter(s)", file=sys.stderr)
             return {"status": 200, "purged": purged}
         if args.requeue:
-            letter, left = queue.requeue(args.requeue)
+            letter, left, acting_for = queue.requeue(args.requeue)
             if letter.malformed:
                 print(f"molteniron: warning: {letter.id} is {letter.detail}; the worker "
                       f"will reject it and it will land here again",
                       file=sys.stderr)
             print(f"molteniron: requeued {letter.id} ({letter.op or 'unknown op'}) as broker "
-                  f"user {queue.login}; {left} dead letter(s) left", file=sys.stderr)
+                  f"user {queue.login}, for user {acting_for or '(none)'} who sent it; "
+                  f"{left} dead letter(s) left", file=sys.stderr)
             return {"status": 200, "requeued": asdict(letter), "user": queue.login,
-                    "left": left}
+                    "on_behalf_of": acting_for, "left": left}
         letters, total = queue.show(args.show)
     rows = [asdict(letter) for letter in letters]
     table_type = args.type or ("human" if args.output == "result" else None)

@@ -8,10 +8,10 @@ import uuid
 import pika
 import pytest
 
-from clients.dead_letters import NEEDS_ADMIN
+from clients.dead_letters import MASK, NEEDS_ADMIN, masked
 from molteniron import protocol
 from tests.stack import node_args, wait_until
-from tests.test_bad_input import RawPublisher, valid
+from tests.raw import RawPublisher, valid
 from tests.test_broker_identity import broker_users  # noqa: F401 (a fixture)
 from workers import topology
 
@@ -189,3 +189,175 @@ def test_a_ci_user_is_refused_with_a_clear_message(stack, raw, broker_users):  #
     # The admin user, with the definitions file's permissions, may.
     done = stack.cli("dead-letters", env=admin.env)
     assert done.returncode == 0 and done.json["total"] == 1, done
+
+
+# --- a requeue acts for the user who sent the request, not for the admin -------------
+
+def next_request(stack) -> tuple[pika.BasicProperties, bytes]:
+    """The next message on the request queue (no worker consumes it), taken off."""
+    connection, channel = stack.channel()
+    try:
+        method, properties, body = next(channel.consume(protocol.REQUEST_QUEUE,
+                                                        inactivity_timeout=10))
+        assert method is not None, "nothing reached the request queue"
+        channel.basic_ack(method.delivery_tag)
+        return properties, body
+    finally:
+        connection.close()
+
+
+def expire_as(stack, publisher: RawPublisher, request: dict, **properties) -> str:
+    """publisher's request, published with a 1 ms TTL while no worker consumes: it dies
+    `expired`. Its correlation id."""
+    before = stack.dead_letters()
+    correlation_id = publisher.publish(json.dumps(request).encode(), expiration="1",
+                                       delivery_mode=2, **properties)
+    wait_until(lambda: stack.dead_letters() == before + 1, 15, "the dead letter")
+    return correlation_id
+
+
+def test_a_requeued_copy_names_the_user_who_sent_it(stack, raw, broker_users):  # noqa: F811
+    """The copy goes out under the caller's login (the broker allows no other); the
+    header tells the worker whom it acts for, and the reply still goes to the sender."""
+    ci = broker_users("molteniron-ci")
+    sender = RawPublisher(ci.url)
+    request = valid("release", {"owner": "job-1"})
+    correlation_id = expire_as(stack, sender, request)
+    anonymous = valid("release", {"owner": "job-2"})  # a hand-made message: no user_id
+    expire_as(stack, raw, anonymous, user_id=None)
+    try:
+        done = stack.cli("dead-letters", "--requeue", request["id"])
+        assert done.returncode == 0, done
+        assert done.json["on_behalf_of"] == ci.name and done.json["user"] == "guest"
+        assert f"for user {ci.name}" in done.stderr
+        properties, body = next_request(stack)
+        assert json.loads(body) == request
+        assert properties.user_id == "guest"
+        assert properties.headers[protocol.ON_BEHALF_HEADER] == ci.name
+        assert properties.headers[protocol.COPY_HEADER] is True
+        assert (properties.reply_to, properties.correlation_id) == (
+            sender.reply_queue, correlation_id)
+
+        done = stack.cli("dead-letters", "--requeue", anonymous["id"])
+        assert done.returncode == 0 and done.json["on_behalf_of"] == "", done
+        properties, body = next_request(stack)
+        assert json.loads(body) == anonymous
+        assert properties.headers[protocol.ON_BEHALF_HEADER] == ""
+    finally:
+        sender.close()
+
+
+def test_an_on_behalf_header_is_trusted_only_from_the_callers_own_login(
+        stack, raw, broker_users):  # noqa: F811
+    """A user may put the header on its own request and let it expire: requeued by an
+    admin, it would act for whomever it names. A copy this login requeued before (and
+    that died again) keeps acting for the user it acted for."""
+    ci = broker_users("molteniron-ci")
+    forger = RawPublisher(ci.url)
+    forged = valid("status", {"show_secrets": True})
+    expire_as(stack, forger, forged, headers={protocol.ON_BEHALF_HEADER: "guest"})
+    own_copy = valid("release", {"owner": "job-1"})
+    expire_as(stack, raw, own_copy, headers={protocol.ON_BEHALF_HEADER: ci.name})
+    try:
+        refused = stack.cli("dead-letters", "--requeue", forged["id"])
+        assert refused.returncode == 1, refused
+        assert refused.json["status"] == 403 and "Traceback" not in refused.stderr
+        assert f"sent by broker user {ci.name}" in refused.json["message"]
+        assert [row["id"] for row in listed(stack)] == [forged["id"], own_copy["id"]]
+
+        done = stack.cli("dead-letters", "--requeue", own_copy["id"])
+        assert done.returncode == 0 and done.json["on_behalf_of"] == ci.name, done
+        properties, _ = next_request(stack)
+        assert properties.headers[protocol.ON_BEHALF_HEADER] == ci.name
+        assert [row["id"] for row in listed(stack)] == [forged["id"]]
+    finally:
+        forger.close()
+
+
+def test_an_admin_requeue_does_not_give_a_ci_user_the_admins_rights(
+        stack, raw, broker_users):  # noqa: F811
+    """The attack: a CI user's `status --show-secrets`, its reply to its own queue,
+    expires into the dead-letter queue; an admin requeues it. The worker must answer it
+    as the CI user (403), not as the admin who republished it (every IPMI password)."""
+    ci, admin = broker_users("molteniron-ci"), broker_users("molteniron-admin")
+    attacker = RawPublisher(ci.url)
+    try:
+        request = valid("status", {"show_secrets": True})
+        correlation_id = expire_as(stack, attacker, request)
+        stack.start_worker(env={"MOLTENIRON_ADMINS": admin.name})
+        for i in (1, 2):
+            added = stack.cli("add_baremetal", *node_args(i), env=admin.env)
+            assert added.returncode == 0, added
+
+        done = stack.cli("dead-letters", "--requeue", request["id"], env=admin.env)
+        assert done.returncode == 0, done
+
+        reply = attacker.reply_to(correlation_id)
+        assert "secret-1" not in json.dumps(reply) and "secret-2" not in json.dumps(reply)
+        assert reply["status"] == 403, reply
+        assert done.json["on_behalf_of"] == ci.name
+        # The admin still reads them, as itself.
+        shown = stack.cli("status", "--show-secrets", "-t", "json", env=admin.env)
+        assert {n["ipmi_password"] for n in shown.json["result"]} == {"secret-1", "secret-2"}
+    finally:
+        attacker.close()
+
+
+# --- masking works on the data, not the text --------------------------------------------
+
+def body(op: str, args: dict) -> bytes:
+    return json.dumps(valid(op, args)).encode()
+
+
+@pytest.mark.parametrize("dead_body, secret", [
+    # add_keyvalue_pairs' words: all after the first = is the value, spaces included.
+    (body("add_keyvalue_pairs", {"pairs": ["ipmi_user=u", "ipmi_password=value with spaces"]}),
+     "with spaces"),
+    (body("add_keyvalue_pairs", {"pairs": ['ipmi_password="quoted, with spaces"']}),
+     "with spaces"),
+    (body("add_keyvalue_pairs", {"pairs": ["ipmi_password=pw=with spaces"]}), "spaces"),
+    # A key written with a JSON escape is the same key once decoded.
+    (b'{"v": 1, "op": "add_baremetal", "args": {"ipmi_passw\\u006frd": "esc-pw-1"}}',
+     "esc-pw-1"),
+    (b'{"v": 1, "op": "import", "args": {"inventory": {"nodes": [{"name": "n", '
+     b'"\\u0069pmi_password": "esc pw 2"}]}}}', "esc pw 2"),
+    # add_json_blob's blob is a JSON string: masked as JSON, whatever its keys' escapes.
+    (body("add_json_blob", {"blob": '{"ipmi_passw\\u006frd": "blob pw"}'}), "blob pw"),
+    (body("add_json_blob", {"blob": json.dumps(json.dumps({"ipmi_password": "twice"}))}),
+     "twice"),
+    (body("add_json_blob", {"blob": '"{\\"ipmi_passw\\\\u006frd\\": \\"dbl-esc-pw\\"}"'}),
+     "dbl-esc-pw"),
+    (body("add_json_blob", {"blob": json.dumps({"pairs": ["ipmi_password=in blob"]})}),
+     "in blob"),
+    (body("set_field", {"id": 1, "key": "ipmi_password", "value": "field pw"}), "field pw"),
+])
+def test_show_masks_passwords_in_the_parsed_body(dead_body, secret):
+    shown = masked(dead_body)
+    assert secret not in shown, shown
+    assert MASK in shown
+    json.loads(shown)  # still the JSON it was, only masked
+
+
+@pytest.mark.parametrize("dead_body, secret", [
+    # Cut short (not JSON any more): the text pass sees escaped keys and spaced values.
+    (b'{"op": "add_baremetal", "args": {"ipmi_passw\\u006frd": "esc-pw-3", ', "esc-pw-3"),
+    (b'{"op": "add_baremetal", "args": {"IPMI_PASSW\\u006FRD":"esc-pw-4"', "esc-pw-4"),
+    (b'{"op": "add_keyvalue_pairs", "args": {"pairs": ["ipmi_password=value with spaces", ',
+     "with spaces"),
+    (b'{"op": "set_field", "args": {"id": 1, "key": "ipmi_password", "value": "f pw"',
+     "f pw"),
+    (b'{"op": "add_json_blob", "args": {"blob": "{\\"ipmi_passw\\\\u006frd\\": \\"b pw\\"',
+     "b pw"),
+    (b'{"op": "add_baremetal", "args": {"ipmi_password": "cut sho', "cut sho"),
+])
+def test_show_masks_passwords_in_a_body_that_is_not_json(dead_body, secret):
+    shown = masked(dead_body)
+    assert secret not in shown, shown
+    assert MASK in shown
+
+
+def test_masking_leaves_what_is_not_a_password():
+    shown = json.loads(masked(body("add_keyvalue_pairs", {
+        "name": "ipmi_password", "pairs": ["ipmi_user=u p", "cpus=8", "ipmi_password=x y"]})))
+    assert shown["args"] == {"name": "ipmi_password",
+                             "pairs": ["ipmi_user=u p", "cpus=8", f"ipmi_password={MASK}"]}
