@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import time
 from typing import Callable
-from urllib.parse import urlsplit
 
 from clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
 from molteniron import errors, protocol
+from molteniron.broker_params import NO_TLS_FILES, connection_parameters
 from molteniron.config import url_list
 
 GRACE = 5.0  # seconds past a deadline to wait for the worker's own answer
@@ -44,9 +44,13 @@ EXPORT_TRIES = 3  # listings read again when a node name showed twice
 
 
 class MoltenIronClient:
-    def __init__(self, amqp_url: str, timeout: float = 30.0):
+    def __init__(self, amqp_url: str, timeout: float = 30.0, tls=NO_TLS_FILES):
+        """tls: for amqps:// URLs, the configuration (or a TlsFiles) whose amqp_ca_file,
+        amqp_cert_file and amqp_key_file to use; by default the system's CAs, no
+        client certificate."""
         self.amqp_url = amqp_url
         self.timeout = timeout
+        self.tls = tls
         self.connection = None
         self.channel = None
         self.reply_queue = None
@@ -73,7 +77,7 @@ class MoltenIronClient:
         failures = []
         for step in range(len(urls)):
             index = (self.broker + step) % len(urls)
-            params = _parameters(urls[index])
+            params = _parameters(urls[index], self.tls)
             try:
                 self._open(params)
             except (AMQPError, OSError) as exc:
@@ -478,18 +482,10 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _parameters(url: str) -> pika.URLParameters:
-    """The connection parameters of an amqp(s):// URL; ConfigError if it is not one."""
-    try:
-        scheme = urlsplit(url).scheme
-        if scheme not in ("amqp", "amqps"):
-            raise ValueError("it must start with amqp:// or amqps://")
-        return pika.URLParameters(url)
-    except (ValueError, TypeError, IndexError, KeyError) as exc:
-        # The URL itself is not repeated: it may hold a password.
-        raise errors.ConfigError(
-            f"amqp_url is not a valid AMQP URL (amqp://USER:PASSWORD@HOST:PORT/VHOST): {_why(exc)}"
-        ) from None
+def _parameters(url: str, tls=NO_TLS_FILES) -> pika.URLParameters:
+    """The connection parameters of an amqp(s):// URL (TLS from `tls`, a Config or
+    TlsFiles); ConfigError if the URL or a TLS file cannot be used."""
+    return connection_parameters(url, tls)
 
 
 def _safe(params: pika.ConnectionParameters) -> str:

@@ -31,6 +31,7 @@ from clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
 from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError, UnroutableError
 
 from molteniron import errors, protocol
+from molteniron.broker_params import NO_TLS_FILES, connection_parameters
 from molteniron.compat import SECRET_FIELDS
 from molteniron.config import url_list
 
@@ -194,9 +195,9 @@ def _masked_value(match: re.Match) -> str:
 class DeadLetterQueue:
     """The dead-letter queue, on one connection with the caller's login."""
 
-    def __init__(self, amqp_url: str, timeout: float = 30.0):
-        from clients.client import _parameters
-        self.brokers = [_parameters(url) for url in url_list(amqp_url)]
+    def __init__(self, amqp_url: str, timeout: float = 30.0, tls=NO_TLS_FILES):
+        """tls: the configuration (or a TlsFiles) whose TLS files amqps:// URLs use."""
+        self.brokers = [connection_parameters(url, tls) for url in url_list(amqp_url)]
         for params in self.brokers:
             params.connection_attempts = 1
             params.socket_timeout = min(timeout, 10.0)
@@ -356,7 +357,8 @@ def _broker_errors(params):
 def run(args, config) -> dict:
     """The CLI command: list (--show N), --requeue ID or --purge; the reply to print."""
     from molteniron import compat
-    with DeadLetterQueue(config.amqp_url, args.timeout or config.request_timeout) as queue:
+    with DeadLetterQueue(config.amqp_url, args.timeout or config.request_timeout,
+                         tls=config) as queue:
         if args.purge:
             purged = queue.purge()
             print(f"molteniron: purged {purged} dead letter(s)", file=sys.stderr)

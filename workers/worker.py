@@ -24,6 +24,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from molteniron import db, errors, protocol
+from molteniron.broker_params import connection_parameters
 from molteniron.config import Config, url_list
 from workers import metrics, topology
 from workers.batch import Batch
@@ -157,7 +158,7 @@ class Worker:
         failure = None
         for step in range(len(self.brokers)):
             index = (self.broker + step) % len(self.brokers)
-            params = pika.URLParameters(self.brokers[index])
+            params = connection_parameters(self.brokers[index], self.config)  # TLS too
             params.heartbeat = 30
             params.connection_attempts = 1
             params.client_properties = {"connection_name": f"molteniron-worker {self.worker_id}"}
