@@ -5,6 +5,8 @@ imported.
 - max_message_size: a login publishing more than that to the request exchange has its
   channel closed by the broker, and nothing is queued; messages of the sizes MoltenIron
   sends (requests up to protocol.MAX_BODY_BYTES, replies up to a few MB) go through.
+- the dead-letter queue's byte limit comes from a policy (not a queue argument, which
+  would make the worker's declare fail with 406), oldest dropped first.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pika.exceptions import ChannelClosedByBroker
 from bench.private import PrivateRabbitMQ
 from molteniron import protocol
 from tests.stack import ROOT, wait_until
+from workers import topology
 
 KIT_CONF = ROOT / "deploy" / "rabbitmq.conf"
 DEFINITIONS = json.loads((ROOT / "deploy" / "rabbitmq-definitions.json").read_text())
@@ -31,6 +34,12 @@ MiB = 1024 * 1024
 def max_message_size() -> int:
     (value,) = re.findall(r"^max_message_size\s*=\s*(\d+)\s*$", KIT_CONF.read_text(), re.M)
     return int(value)
+
+
+def dead_letter_policy() -> dict:
+    (policy,) = [p for p in DEFINITIONS.get("policies", [])
+                 if re.fullmatch(p["pattern"], protocol.DEAD_LETTER_QUEUE)]
+    return policy
 
 
 class KitBroker:
@@ -104,3 +113,35 @@ def test_a_ci_login_cannot_publish_more_than_max_message_size(kit_broker):
     assert queued() == 2
     connection.close()
     worker.connection.close()
+
+
+def test_the_definitions_cap_the_dead_letter_queue_by_a_policy(kit_broker):
+    policy = dead_letter_policy()
+    byte_limit = policy["definition"]["max-length-bytes"]
+    assert policy["definition"]["overflow"] == "drop-head"
+    assert max_message_size() < byte_limit <= 256 * MiB
+    # The policy the queue runs under (the one of highest priority that matches it).
+    wait_until(lambda: kit_broker.queues("policy")[protocol.DEAD_LETTER_QUEUE] == [policy["name"]],
+               30, "the policy on the dead-letter queue", interval=0.2)
+
+    # The queue's arguments are the worker's own: its declare at start still works.
+    worker = kit_broker.connect("molteniron-worker")
+    topology.declare(worker.channel())
+
+    # Dead letters over the byte limit: the oldest go, the newest stay.
+    size = max_message_size() - 1000
+    count = byte_limit // size + 1
+    channel = worker.channel()
+    channel.confirm_delivery()
+    for n in range(count):
+        channel.basic_publish(protocol.DEAD_LETTER_EXCHANGE, "", b"%06d" % n + b"x" * (size - 6))
+    worker.close()
+    kept = byte_limit // size
+    wait_until(lambda: kit_broker.queues("messages", "message_bytes")[protocol.DEAD_LETTER_QUEUE]
+               == [str(kept), str(kept * size)], 30, f"{kept} dead letters kept")
+    admin = kit_broker.connect("molteniron-admin")
+    channel = admin.channel()
+    method, _, body = channel.basic_get(protocol.DEAD_LETTER_QUEUE)
+    assert body[:6] == b"%06d" % (count - kept)  # the first ones were dropped
+    channel.basic_nack(method.delivery_tag, requeue=True)
+    admin.close()
