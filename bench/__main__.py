@@ -18,6 +18,8 @@ import time
 from bench.env import ROOT, Sandbox, add_nodes, machine, save_results
 from bench.limits import db_commit_rate
 from bench.load import run_cycles
+from bench.vanishing import render as render_vanishing
+from bench.vanishing import run_vanishing
 from bench.waiting import run_single_waiter, run_waiting
 
 ORIGINAL = {"cycles_1": 7.2, "cycles_20": 4.5, "p99_20_ms": 19_500}  # the HTTP original, 2 cores
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         run["single_waiter"] = run_single_waiter(sandbox, 50 if args.quick else 300)
     finally:
         sandbox.close()
+    step(f"vanishing clients: {waiters} waiters whose clients are killed at once")
+    run["vanishing"] = run_vanishing(waiters, retention=10.0)
     step("molteniron allocate as a whole process")
     run["cli"] = cli_wall(5 if args.quick else 20)
     step("worker memory")
@@ -191,6 +195,8 @@ def render(run: dict) -> str:
         f"worker RSS with {run['memory']['nodes']} nodes and {run['memory']['waiters']} waiters: "
         f"{run['memory']['rss_mb']} MB",
     ]
+    if "vanishing" in run:  # results files from before bench/vanishing.py lack it
+        lines.append(render_vanishing(run["vanishing"]))
     return "\n".join(lines)
 
 
