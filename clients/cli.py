@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write every node as YAML, the file import reads")
     p.add_argument("-o", "--file", dest="export_file", metavar="FILE",
-                   help="write to FILE (mode 600 with --show-secrets) instead of stdout")
+                   help="write to FILE instead of stdout: a new file (mode 600 with "
+                        "--show-secrets) that replaces FILE whole; a FILE that is a "
+                        "symbolic link is refused")
     p.add_argument("--show-secrets", action="store_true",
                    help="write IPMI passwords (else ********, which import reads as "
                         "'keep the stored one')")
@@ -322,6 +324,8 @@ def _inventory_command(client, args) -> dict | None:
     """export: the YAML to FILE or stdout; import: a file's or an original database's nodes."""
     from clients import inventory_file
     if args.command == "export":
+        if args.export_file is not None:  # before asking: the pool is not sent for nothing
+            inventory_file.refuse_symlink(args.export_file)
         reply = client.export(args.show_secrets)
         text = inventory_file.dump(reply["nodes"])
         if args.export_file is None:

@@ -7,8 +7,10 @@ imports it (and its driver) inside read_original only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from typing import Any
 
 import yaml
@@ -29,13 +31,62 @@ def dump(entries: list[dict]) -> str:
                                    default_flow_style=None, width=100)
 
 
+def refuse_symlink(path: str) -> None:
+    """BadRequest if path is a symbolic link: export writes no file through one."""
+    if os.path.islink(path):
+        raise errors.BadRequest(
+            f"export: {path} is a symbolic link; refusing to write through it (where it "
+            f"points may be a file that is not yours to replace): remove it or name "
+            f"another file")
+
+
 def write(path: str, text: str, secret: bool) -> None:
-    """Write the file; readable by its owner only when it holds passwords."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o666)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        if secret:  # O_CREAT's mode does not apply to a file that was there already
-            os.fchmod(out.fileno(), 0o600)
-        out.write(text)
+    """Write the file whole or not at all; readable by its owner only when it holds passwords.
+
+    The text goes to a new file in the same directory, which then replaces path:
+    a reader never sees half a file, and nothing is written through a link at path
+    (a symbolic link is refused; a hard link keeps the old content)."""
+    refuse_symlink(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        # mkstemp makes the file with mode 600 and O_EXCL: no one else opened it first.
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".molteniron-export-",
+                                         suffix=".tmp")
+    except OSError as exc:
+        raise errors.BadRequest(f"export: cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            if not secret:  # the mode an ordinary new file would get
+                os.fchmod(out.fileno(), 0o666 & ~_umask())
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        refuse_symlink(path)  # made one meanwhile? (os.replace would replace the link)
+        os.replace(temporary, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        if isinstance(exc, OSError):
+            raise errors.BadRequest(f"export: cannot write {path}: {exc.strerror}") from None
+        raise
+    _sync_directory(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)  # reading it means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _sync_directory(directory: str) -> None:
+    """The rename on disk too. Best effort: the file is complete and in place already,
+    and some file systems refuse to open or sync a directory."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class _Loader(yaml.SafeLoader):

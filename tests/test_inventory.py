@@ -254,6 +254,62 @@ def test_unreadable_original_database_is_a_usage_error(running):
     assert "--from-original: cannot read Nodes and IPs" in refused.json["message"]
 
 
+# --- export -o FILE ---------------------------------------------------------------
+
+def test_export_refuses_to_write_through_a_symlink(running, tmp_path):
+    running.cli("add_baremetal", *node_args(1))
+    tmp_path = tmp_path / "out"  # the stack's own files are in tmp_path
+    tmp_path.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / "not-yours.conf"
+    target.write_text("keep me\n")
+    link, dangling = tmp_path / "pool.yaml", tmp_path / "dangling.yaml"
+    link.symlink_to(target)
+    dangling.symlink_to(elsewhere / "absent.yaml")
+    for path in (link, dangling):
+        refused = running.cli("export", "-o", str(path), "--show-secrets")
+        assert refused.returncode == 2, refused
+        assert "symbolic link" in refused.json["message"] and str(path) in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert target.read_text() == "keep me\n"
+    assert link.is_symlink() and dangling.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.yaml", "elsewhere",
+                                                          "pool.yaml"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["not-yours.conf"]
+
+
+def test_export_replaces_the_file_whole_with_a_new_one(running, tmp_path):
+    """A new file renamed over FILE: a hard link to the old file keeps the old text, and
+    no temporary file is left behind."""
+    running.cli("add_baremetal", *node_args(1))
+    tmp_path = tmp_path / "out"  # the stack's own files are in tmp_path
+    tmp_path.mkdir()
+    path, other_name = tmp_path / "pool.yaml", tmp_path / "old-pool.yaml"
+    path.write_text("old\n")
+    os.chmod(path, 0o644)
+    os.link(path, other_name)
+    exported = running.cli("export", "-o", str(path), "--show-secrets")
+    assert exported.returncode == 0, exported
+    assert path.read_text().startswith(inventory_file.HEADER) and "secret-1" in path.read_text()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert other_name.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old-pool.yaml", "pool.yaml"]
+
+    plain = tmp_path / "plain.yaml"
+    assert running.cli("export", "-o", str(plain)).returncode == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(plain).st_mode) == 0o666 & ~umask
+
+
+def test_export_to_a_directory_that_does_not_exist_is_a_clear_usage_error(running, tmp_path):
+    running.cli("add_baremetal", *node_args(1))
+    refused = running.cli("export", "-o", str(tmp_path / "absent" / "pool.yaml"))
+    assert refused.returncode == 2, refused
+    assert "cannot write" in refused.json["message"] and "Traceback" not in refused.stderr
+
+
 def test_the_cli_imports_no_sqlalchemy():
     done = subprocess.run([sys.executable, "-c",
                            "import sys, clients.cli, clients.inventory_file;"
