@@ -235,8 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("import_file", nargs="?", metavar="FILE", help="YAML written by export")
     source.add_argument("--from-original", metavar="DB_URL",
                         help="read the nodes of an original MoltenIron database instead "
-                             "(e.g. mysql+pymysql://root@localhost/MoltenIron); every node "
-                             "comes in ready, those it had provisioned included")
+                             "(mysql+pymysql://USER@HOST:PORT/DATABASE, or mysql://, e.g. "
+                             "mysql://root@localhost/MoltenIron); every node comes in "
+                             "ready, those it had provisioned included. A password in "
+                             "DB_URL shows in the process list (ps) to every user of this "
+                             "machine: put it in $MOLTENIRON_ORIGINAL_DB_PASSWORD instead "
+                             "(it replaces one in DB_URL)")
     return parser
 
 
@@ -336,7 +340,8 @@ def _inventory_command(client, args) -> dict | None:
               file=sys.stderr)
         return {"status": 200, "exported": len(reply["nodes"]), "file": args.export_file}
     if args.from_original:
-        inventory, notes = inventory_file.read_original(args.from_original)
+        inventory, notes = inventory_file.read_original(
+            args.from_original, os.environ.get(inventory_file.ORIGINAL_DB_PASSWORD_ENV))
         for note in notes:
             print(f"molteniron: {note}", file=sys.stderr)
     else:

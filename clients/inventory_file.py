@@ -145,15 +145,45 @@ def _iso(value: Any) -> str:
 
 # --- the original MoltenIron's database -------------------------------------------
 
-def read_original(db_url: str) -> tuple[dict, list[str]]:
-    """(inventory, notes) read from an original MoltenIron database (tables Nodes and IPs)."""
-    from sqlalchemy import create_engine, text  # only this command needs a database
-    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+# The password of an original database, so that it need not be in the URL on the
+# command line (where ps shows it to every user of the machine).
+ORIGINAL_DB_PASSWORD_ENV = "MOLTENIRON_ORIGINAL_DB_PASSWORD"
+ORIGINAL_DB_URL_FORM = "mysql+pymysql://USER@HOST:PORT/DATABASE"
+# The backends the original ran on, and the one driver the CLI brings (PyMySQL).
+_ORIGINAL_BACKENDS = ("mysql", "mariadb")
+_ORIGINAL_DRIVER = "pymysql"
+
+
+def original_url(db_url: str, password: str | None = None):
+    """The SQLAlchemy URL to read an original database at: mysql:// (and mariadb://)
+    read with PyMySQL, `password` (if given) replacing the URL's."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     try:
-        engine = create_engine(db_url)
-    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
-        raise errors.BadRequest(f"--from-original: not a database URL: {exc}") from None
+        url = make_url(db_url)
+    except (ArgumentError, ValueError):  # its text may hold a password: not echoed
+        raise errors.BadRequest(f"--from-original: not a database URL; expected "
+                                f"{ORIGINAL_DB_URL_FORM}") from None
+    backend, _, driver = url.drivername.partition("+")
+    if backend not in _ORIGINAL_BACKENDS or driver not in ("", _ORIGINAL_DRIVER):
+        raise errors.BadRequest(
+            f"--from-original: unsupported database URL {url.drivername}://...: the original "
+            f"MoltenIron's MySQL/MariaDB database is read with PyMySQL: "
+            f"{ORIGINAL_DB_URL_FORM} (mysql:// means the same)")
+    url = url.set(drivername=f"{backend}+{_ORIGINAL_DRIVER}")
+    return url.set(password=password) if password else url
+
+
+def read_original(db_url: str, password: str | None = None) -> tuple[dict, list[str]]:
+    """(inventory, notes) read from an original MoltenIron database (tables Nodes and IPs).
+
+    password, if given, replaces the one in db_url."""
+    from sqlalchemy import create_engine, text  # only this command needs a database
+    from sqlalchemy.exc import DBAPIError
+
+    url = original_url(db_url, password)
+    engine = create_engine(url)
     try:
         with engine.connect() as conn:
             nodes = [dict(row) for row in conn.execute(text(
@@ -162,7 +192,7 @@ def read_original(db_url: str) -> tuple[dict, list[str]]:
             ips = [tuple(row) for row in conn.execute(text(
                 "SELECT node_id, ip FROM IPs ORDER BY id"))]
     except DBAPIError as exc:
-        where = engine.url.render_as_string(hide_password=True)
+        where = url.render_as_string(hide_password=True)
         raise errors.BadRequest(f"--from-original: cannot read Nodes and IPs at {where}: "
                                 f"{exc.orig}") from None
     finally:

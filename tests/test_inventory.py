@@ -254,6 +254,90 @@ def test_unreadable_original_database_is_a_usage_error(running):
     assert "--from-original: cannot read Nodes and IPs" in refused.json["message"]
 
 
+# Where `import --from-original` reads the original database's password (documented).
+PASSWORD_ENV = "MOLTENIRON_ORIGINAL_DB_PASSWORD"
+
+
+@pytest.fixture
+def original_db_user(original_db):
+    """A MariaDB user with a password that may read the original database: (URL without
+    the password, the password)."""
+    url = make_url(original_db)
+    name, password = f"mi_orig_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    server = create_engine(url.set(database=""))
+    hosts = ("%", "localhost")  # 'localhost': an anonymous ''@'localhost' would win over '%'
+    with server.begin() as conn:
+        for host in hosts:
+            conn.execute(text(f"CREATE USER '{name}'@'{host}' IDENTIFIED BY '{password}'"))
+            conn.execute(text(f"GRANT SELECT ON `{url.database}`.* TO '{name}'@'{host}'"))
+    yield url.set(username=name, password=None).render_as_string(hide_password=False), password
+    with server.begin() as conn:
+        for host in hosts:
+            conn.execute(text(f"DROP USER IF EXISTS '{name}'@'{host}'"))
+    server.dispose()
+
+
+def test_the_original_databases_password_may_come_from_the_environment(running,
+                                                                        original_db_user):
+    """Not on the command line, where ps shows it to every user of the machine."""
+    url, password = original_db_user
+    assert password not in url
+    refused = running.cli("import", "--from-original", url)
+    assert refused.returncode == 2 and "Access denied" in refused.json["message"], refused
+    imported = running.cli("import", "--from-original", url,
+                           env={PASSWORD_ENV: password})
+    assert imported.returncode == 0, imported
+    assert imported.json["added"] == 2
+    # It replaces a password written in the URL, as MOLTENIRON_DB_PASSWORD does.
+    wrong = make_url(url).set(password="wrong").render_as_string(hide_password=False)
+    again = running.cli("import", "--from-original", wrong,
+                        env={PASSWORD_ENV: password})
+    assert again.returncode == 0 and again.json["unchanged"] == 2, again
+
+
+def test_import_help_says_a_password_in_the_url_shows_in_the_process_list():
+    done = subprocess.run([sys.executable, "-m", "clients.cli", "import", "--help"],
+                          capture_output=True, text=True, cwd=ROOT, check=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert "process list" in done.stdout
+    assert PASSWORD_ENV in done.stdout
+
+
+def test_a_mysql_url_reads_the_original_with_pymysql(running, original_db):
+    """mysql:// alone would mean the MySQLdb driver, which is not installed."""
+    url = make_url(original_db)
+    assert url.drivername == "mysql+pymysql"
+    plain = url.set(drivername="mysql").render_as_string(hide_password=False)
+    imported = running.cli("import", "--from-original", plain)
+    assert imported.returncode == 0, imported
+    assert imported.json["added"] == 2
+    mariadb = url.set(drivername="mariadb").render_as_string(hide_password=False)
+    again = running.cli("import", "--from-original", mariadb)
+    assert again.returncode == 0 and again.json["unchanged"] == 2, again
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:hunter2@127.0.0.1/MoltenIron",
+    "mysql+mysqldb://u:hunter2@127.0.0.1/MoltenIron",
+    "sqlite:///MoltenIron.db",
+    "not a url: u:hunter2@",
+])
+def test_an_unsupported_original_url_is_a_usage_error_naming_the_form(stack, url):
+    refused = stack.cli("import", "--from-original", url)
+    assert refused.returncode == 2, refused
+    assert "Traceback" not in refused.stderr
+    assert "mysql+pymysql://USER@HOST:PORT/DATABASE" in refused.json["message"]
+    assert "hunter2" not in refused.stdout + refused.stderr
+
+
+def test_original_url_maps_mysql_to_pymysql_and_takes_the_password():
+    url = inventory_file.original_url("mysql://root:old@db.example:3306/MoltenIron", "n@w:pw")
+    assert (url.drivername, url.username, url.password, url.host, url.port, url.database) == (
+        "mysql+pymysql", "root", "n@w:pw", "db.example", 3306, "MoltenIron")
+    kept = inventory_file.original_url("mysql+pymysql://root:old@db/MoltenIron?charset=utf8mb4")
+    assert (kept.password, dict(kept.query)) == ("old", {"charset": "utf8mb4"})
+
+
 # --- export -o FILE ---------------------------------------------------------------
 
 def test_export_refuses_to_write_through_a_symlink(running, tmp_path):
