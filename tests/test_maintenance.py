@@ -62,7 +62,8 @@ def test_remove_refuses_an_allocated_node_unless_forced(running):
     assert forced.returncode == 0, forced
     assert nodes(running) == []
     assert running.sql("SELECT owner, end_reason FROM allocations") == [("job", "removed")]
-    assert running.cli("release", "job").json["status"] == 404
+    # The job learns that its node was taken from it, not that it never had one.
+    assert running.cli("release", "job").json["status"] == 410
     assert running.cli("remove", "node-1").json["status"] == 404
 
 
