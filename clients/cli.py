@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"molteniron: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     from clients.client import MoltenIronClient  # pika only once the arguments are good
-    client = MoltenIronClient(config.amqp_url, args.timeout or config.request_timeout)
+    client = MoltenIronClient(config.amqp_url, args.timeout or config.request_timeout,
+                              tls=config)
     # SIGINT explicitly too: Python leaves it ignored when it was ignored at start
     # (`molteniron allocate ... &` in a script), and a waiting allocate must be cancelled.
     def interrupt(signum, frame):

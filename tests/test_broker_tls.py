@@ -253,8 +253,6 @@ def test_a_tls_file_that_cannot_be_used_is_a_config_error(tls_broker, tmp_path):
     assert done.stderr == "molteniron: amqp_ca_file /no/such/ca.pem: no such file or directory\n"
 
 
-@pytest.mark.xfail(strict=True, reason="clients/cli.py builds MoltenIronClient(config.amqp_url, "
-                   "timeout) without the configuration's TLS files: it needs tls=config")
 def test_every_cli_command_uses_the_configured_tls_files(tmp_path):
     closed_port = free_port()
     done = cli("--timeout", "1", "status",
@@ -265,8 +263,6 @@ def test_every_cli_command_uses_the_configured_tls_files(tmp_path):
         2, "molteniron: amqp_ca_file /no/such/ca.pem: no such file or directory\n")
 
 
-@pytest.mark.xfail(strict=True, reason="workers/main.py does not catch the ConfigError that "
-                   "Worker.run raises on its first connection: a traceback and exit 1")
 def test_the_worker_exits_2_on_a_tls_file_that_cannot_be_used(database_url, engine, tmp_path):
     stack = Stack(f"amqps://guest:guest@localhost:{free_port()}/%2F", database_url, engine,
                   tmp_path)

@@ -426,7 +426,7 @@ def kit(amqp_url, database_url):
         "permissions": [{**p, "user": made.users[p["user"]], "vhost": made.vhost}
                         for p in DEFINITIONS["permissions"]],
         **{section: [{**entry, "vhost": made.vhost} for entry in DEFINITIONS[section]]
-           for section in ("exchanges", "queues", "bindings")}}
+           for section in ("exchanges", "queues", "bindings", "policies")}}
     # rabbitmqctl runs as the rabbitmq user: the file must be readable by it (not pytest's
     # tmp), and named by an absolute path.
     path = Path(f"/tmp/molteniron-kit-{tag}.json")

@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
               "MOLTENIRON_ADMINS=molteniron-admin), or switch authorization off on purpose "
               "(admins: off) so that every broker user may do everything", file=sys.stderr)
         return EXIT_CONFIG
+    if serving:
+        try:
+            _check_broker_urls(config)
+        except ConfigError as exc:
+            print(f"molteniron-worker: {exc.message}", file=sys.stderr)
+            return EXIT_CONFIG
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
@@ -104,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).error("event=exit reason=fenced detail=%r", exc.message)
         return EXIT_FENCED
     return 0
+
+
+def _check_broker_urls(config) -> None:
+    """ConfigError now, not a traceback at the first connection, for an amqp_url or a TLS
+    file (amqp_ca_file, amqp_cert_file, amqp_key_file) that cannot be used."""
+    from molteniron.broker_params import connection_parameters
+    for url in url_list(config.amqp_url):
+        connection_parameters(url, config)
 
 
 def _configure_secrets(config, rotating: bool) -> None:
