@@ -135,8 +135,9 @@ class WaitingRequest(Base):
     reply_to: Mapped[Optional[str]] = mapped_column(String(255))
     correlation_id: Mapped[Optional[str]] = mapped_column(String(255))
     enqueued_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
-    # The worker's clock when it took the request + the wait asked for, so the
-    # client's clock does not matter. DOUBLE: a 4-byte FLOAT is off by minutes.
+    # The database's clock when the worker took the request + the wait asked for, so
+    # neither the client's clock nor the worker host's matters (workers/clock.py).
+    # DOUBLE: a 4-byte FLOAT is off by minutes.
     deadline: Mapped[Optional[float]] = mapped_column(Double, default=None)  # unix time
     lease_seconds: Mapped[Optional[int]] = mapped_column(Integer, default=None)
     constraints: Mapped[Optional[dict]] = mapped_column(JSON, default=None)  # None: any node
@@ -198,4 +199,7 @@ class WorkerHeartbeat(Base):
 
     worker_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     role: Mapped[str] = mapped_column(String(16))
-    seen_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
+    seen_at: Mapped[datetime] = mapped_column(PRECISE_TIME)  # the database's clock
+    # The worker's wall clock minus the database's, in seconds, at its last read of the
+    # database's time (workers/clock.py). Nothing decides by it: it is for people.
+    clock_skew_s: Mapped[Optional[float]] = mapped_column(Double, default=None)
