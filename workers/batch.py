@@ -4,7 +4,6 @@ replies it stores for redeliveries. Nothing leaves a Batch before its commit."""
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
@@ -15,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from molteniron import db
 from molteniron.compat import reply_without_secrets
-from molteniron.pool import utcnow
 from molteniron.protocol import reply_body
+from workers.clock import unix
 
 
 @dataclass
@@ -42,8 +41,10 @@ class Stored:
 class Batch:
     connection: Connection  # in its transaction: driver SQL for the hot path
     make_session: Callable[..., Session]  # the keeper's sessionmaker
-    now: datetime = field(default_factory=utcnow)
-    clock: float = field(default_factory=time.time)
+    # The batch's time, the database's (workers/clock.py), given by at() before anything
+    # decides by it: now as naive UTC, clock as unix seconds. Never the host's wall clock.
+    now: datetime | None = None
+    clock: float | None = None
     outbox: list[Outgoing] = field(default_factory=list)
     to_store: dict[str, Stored] = field(default_factory=dict)
     touched_pools: set[str] = field(default_factory=set)  # their waiters may be servable
@@ -56,6 +57,14 @@ class Batch:
     adopted_grants: list[tuple] | None = None  # the outbox as found at takeover
     writes: list[tuple[str, tuple | None]] = field(default_factory=list)  # not sent yet
     orm_session: Session | None = None  # made by the first use of .session
+
+    def at(self, now: datetime) -> None:
+        """Give the batch its time (the keeper: the database's), unless it was made with
+        one (a test's virtual clock)."""
+        if self.now is None:
+            self.now = now
+        if self.clock is None:
+            self.clock = unix(self.now)
 
     @property
     def session(self) -> Session:
@@ -190,25 +199,30 @@ class Batch:
                        f"({placeholders(self.regranted)})", tuple(self.regranted))
 
 
-def fenced_stored_replies(connection: Connection,
-                          request_ids: list[str]) -> tuple[int, dict[str, Stored]]:
-    """(the pool's epoch, the replies already stored for these ids), in one round trip.
+def fenced_stored_replies(connection: Connection, request_ids: list[str]
+                          ) -> tuple[int, datetime, dict[str, Stored]]:
+    """(the pool's epoch, the database's clock, the replies already stored for these
+    ids), in one round trip.
 
     The epoch row is locked until the transaction ends (FOR UPDATE), so a worker taking
-    over waits for this batch, and this batch sees a takeover committed before it."""
-    query = "(SELECT NULL, epoch, NULL, NULL FROM worker_meta WHERE id = 1 FOR UPDATE)"
+    over waits for this batch, and this batch sees a takeover committed before it. The
+    time is the statement's start (before any wait for that lock): the batch's time."""
+    query = ("(SELECT NULL, epoch, NULL, NULL FROM worker_meta WHERE id = 1 FOR UPDATE)"
+             " UNION ALL (SELECT NULL, NULL, UTC_TIMESTAMP(6), NULL)")
     if request_ids:
         query += (f" UNION ALL (SELECT request_id, reply, op, user FROM processed_requests "
                   f"WHERE request_id IN ({placeholders(request_ids)}))")
-    epoch, stored = None, {}
+    epoch, database_now, stored = None, None, {}
     for request_id, value, op, user in connection.exec_driver_sql(query, tuple(request_ids)):
-        if request_id is None:
-            epoch = int(value)
-        else:
+        if request_id is not None:
             stored[request_id] = Stored(op, json.loads(value), user)
+        elif value is not None:
+            epoch = int(value)
+        else:  # text when the UNION gives the column processed_requests.op's type
+            database_now = op if isinstance(op, datetime) else datetime.fromisoformat(op)
     if epoch is None:
         raise LookupError("worker_meta has no row 1: the schema was not migrated")
-    return epoch, stored
+    return epoch, database_now, stored
 
 
 def fence_tripped(exc: BaseException) -> bool:

@@ -26,6 +26,7 @@ from molteniron.config import ADMINS_OFF
 from workers.authz import Authorizer
 from workers.batch import Batch
 from workers.cleaning import CleaningPolicy
+from workers.clock import skew_warning
 from workers.limits import UserLimits
 from workers.taken_back import taken_back
 from workers.constraints import Constraints
@@ -208,15 +209,28 @@ def waiting(ctx: Context, req: Request) -> dict:
 
 
 def workers(ctx: Context, req: Request) -> dict:
-    """Workers seen in the last 30 s (active and standby), and what the active one holds."""
+    """Workers seen in the last 30 s (active and standby), and what the active one holds.
+
+    Times by the database's clock, as the heartbeats are written; clock_skew_s is each
+    worker's own wall clock minus the database's, with a clock_warning past the
+    threshold (workers/clock.py)."""
+    now = ctx.batch.now
     rows = ctx.batch.session.execute(
-        select(WorkerHeartbeat.worker_id, WorkerHeartbeat.role, WorkerHeartbeat.seen_at)
-        .where(WorkerHeartbeat.seen_at >= ctx.batch.now - timedelta(seconds=30))
+        select(WorkerHeartbeat.worker_id, WorkerHeartbeat.role, WorkerHeartbeat.seen_at,
+               WorkerHeartbeat.clock_skew_s)
+        .where(WorkerHeartbeat.seen_at >= now - timedelta(seconds=30))
         .order_by(WorkerHeartbeat.role, WorkerHeartbeat.worker_id))
-    return {**OK, "workers": [{"worker_id": w, "role": role,
-                               "seen_s_ago": round((ctx.batch.now - seen).total_seconds(), 1)}
-                              for w, role, seen in rows],
-            "waiting": len(ctx.waiters), "nodes": len(ctx.state.nodes)}
+    shown = []
+    for worker_id, role, seen, skew in rows:
+        # A heartbeat written in this very batch began after the batch read its time.
+        row = {"worker_id": worker_id, "role": role,
+               "seen_s_ago": max(0.0, round((now - seen).total_seconds(), 1)),
+               "clock_skew_s": None if skew is None else round(skew, 1)}
+        warning = skew_warning(skew)
+        if warning:
+            row["clock_warning"] = warning
+        shown.append(row)
+    return {**OK, "workers": shown, "waiting": len(ctx.waiters), "nodes": len(ctx.state.nodes)}
 
 
 def maintenance(ctx: Context, req: Request) -> dict:

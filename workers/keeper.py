@@ -26,6 +26,7 @@ from workers import metrics
 from workers import authz
 from workers.authz import Authorizer
 from workers.batch import Batch, Stored, fence_tripped, fenced_stored_replies, placeholders
+from workers.clock import DatabaseClock
 from workers.limits import UserLimits
 from workers.cleaning import CleaningPolicy, replayed_claim
 from workers.dispatch import HANDLERS, IN_MEMORY, Context
@@ -68,7 +69,8 @@ class PoolKeeper:
         self.waiters = Waiters(self.leases, config.priority_aging, Quotas(config.quotas))
         self.epoch: int | None = None   # None while standing by
         self.reload_needed = False       # in-memory state may differ from the database
-        self.last_prune = 0.0
+        self.clock = DatabaseClock(worker_id)  # the time every decision is made by
+        self.last_prune = 0.0            # time.monotonic() of the last prune
         self.last_heartbeat = 0.0
         self.careful_until = 0.0  # time.monotonic() until which batches read the fence first
         self.connection: Connection | None = None  # kept from batch to batch (_transaction)
@@ -156,10 +158,11 @@ class PoolKeeper:
         broker, or a copy its client sent again). Should one have been, the fence trips.
         Not on Galera: its wsrep_sync_wait makes reads wait for the cluster, not writes.
         (A worker that holds the pool keeps its connection: a failure that dropped it
-        also asked for a reload.)"""
+        also asked for a reload.) Nor when the database's time was last read too long
+        ago: the read brings it (workers/clock.py)."""
         return (self.epoch is not None and not self.reload_needed and not returned
                 and self.connection is not None and not db.on_galera(self.connection)
-                and time.monotonic() >= self.careful_until
+                and time.monotonic() >= self.careful_until and self.clock.fresh()
                 and all(request.op in IN_MEMORY and not _maybe_answered(method, properties)
                         for method, properties, request in requests))
 
@@ -168,6 +171,7 @@ class PoolKeeper:
         with self._transaction() as batch:
             request_ids = [r.id for _, _, r in requests]
             if fence_in_trip:
+                batch.at(self.clock.now())  # no read: the last one, moved on by monotonic time
                 batch.fence_in_trip(self.epoch, request_ids)
                 taking, stored = None, {}
             else:
@@ -237,12 +241,14 @@ class PoolKeeper:
     def _fence(self, batch: Batch, request_ids: list[str]) -> tuple[int | None, dict]:
         """Check the epoch is ours; on the first batch after standing by, take a new one.
         Returns (the epoch taken or None, the replies stored for request_ids): one round
-        trip for both."""
-        epoch, stored = fenced_stored_replies(batch.connection, request_ids)
+        trip for both, which also gives the batch its time (the database's)."""
+        wall_before = time.time()  # for the skew only: nothing decides by this host's clock
+        epoch, database_now, stored = fenced_stored_replies(batch.connection, request_ids)
+        batch.at(self.clock.read(database_now, wall_before))
         if self.epoch is None:
             batch.connection.exec_driver_sql(
                 "UPDATE worker_meta SET epoch = %s, holder = %s, taken_at = %s WHERE id = 1",
-                (epoch + 1, self.worker_id, pool.utcnow()))
+                (epoch + 1, self.worker_id, batch.now))
             self._load(batch.session)
             return epoch + 1, stored
         if epoch != self.epoch:
@@ -461,11 +467,15 @@ class PoolKeeper:
         self._serve_waiters(batch)
 
     def standby_heartbeat(self) -> None:
-        """A standby gets no deliveries, so it says it is alive on its own."""
+        """A standby gets no deliveries, so it says it is alive on its own (and reads the
+        database's time, so that it knows its clock's skew before it takes over)."""
         self.last_heartbeat = time.monotonic()
         try:
             with self.engine.begin() as conn:
-                write_heartbeat(conn, self.worker_id, "standby")
+                wall_before = time.time()
+                self.clock.read(conn.exec_driver_sql("SELECT UTC_TIMESTAMP(6)").scalar(),
+                                wall_before)
+                write_heartbeat(conn, self.worker_id, "standby", self.clock.skew)
         except SQLAlchemyError as exc:
             log.warning("event=heartbeat_failed worker=%s error=%r", self.worker_id,
                         str(exc).splitlines()[0][:200])
@@ -482,9 +492,9 @@ class PoolKeeper:
         self.waiters.probe_reply_queues(batch)
         if time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY:
             self.last_heartbeat = time.monotonic()
-            write_heartbeat(batch.connection, self.worker_id, "active")
-        if batch.clock - self.last_prune >= PRUNE_EVERY:
-            self.last_prune = batch.clock
+            write_heartbeat(batch.connection, self.worker_id, "active", self.clock.skew)
+        if time.monotonic() - self.last_prune >= PRUNE_EVERY:
+            self.last_prune = time.monotonic()
             replies = pool.prune_processed(
                 batch.session, batch.now - timedelta(seconds=self.config.reply_retention),
                 PRUNE_CHUNK)
@@ -538,8 +548,12 @@ def _notice_bulk_node_changes(orm_execute_state) -> None:
         batch.reload_pool = True
 
 
-def write_heartbeat(connection: Connection, worker_id: str, role: str) -> None:
+def write_heartbeat(connection: Connection, worker_id: str, role: str,
+                    clock_skew: float | None) -> None:
+    """The worker is alive, as of the database's clock; clock_skew: its own wall clock's
+    offset from the database's (workers/clock.py), shown by `molteniron workers`."""
     connection.exec_driver_sql(
-        "INSERT INTO worker_heartbeats (worker_id, role, seen_at) VALUES (%s, %s, %s) "
-        "ON DUPLICATE KEY UPDATE role = VALUES(role), seen_at = VALUES(seen_at)",
-        (worker_id, role, pool.utcnow()))
+        "INSERT INTO worker_heartbeats (worker_id, role, seen_at, clock_skew_s) "
+        "VALUES (%s, %s, UTC_TIMESTAMP(6), %s) ON DUPLICATE KEY UPDATE role = VALUES(role), "
+        "seen_at = VALUES(seen_at), clock_skew_s = VALUES(clock_skew_s)",
+        (worker_id, role, clock_skew))

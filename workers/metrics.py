@@ -9,6 +9,7 @@ path through label children bound once; what a transaction counts (requests,
 lease expiries, grants undone) is tallied with its batch and added only once
 that batch committed, so a batch retried while the database is down counts once.
 With metrics_address unset nothing listens and the hooks return at once.
+Ages are by the database's clock, as the pool keeps it (workers/clock.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import timezone
 
 from pika.exceptions import ChannelClosed
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from molteniron import protocol
 from molteniron.models import State
+from workers.clock import unix
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def snapshot(state, waiters) -> Snapshot:
     queued = {}
     for node_pool, queue in waiters.by_pool.items():
         oldest = min(w.enqueued_at for w in queue.values())
-        queued[node_pool] = (len(queue), oldest.replace(tzinfo=timezone.utc).timestamp())
+        queued[node_pool] = (len(queue), unix(oldest))
     return Snapshot(nodes, queued)
 
 
@@ -109,13 +110,13 @@ class _Exporter:
         self.serving = False
         self.keeper = None           # read at scrape: role and epoch (plain attribute reads)
         self.latest = Snapshot()     # replaced whole, never changed in place
-        self.snapshot_at = 0.0
+        self.snapshot_at = 0.0       # time.monotonic() of the latest snapshot
         self.snapshot_epoch = None
         self.stale = False           # a batch changed the pool since the last snapshot
         self.queues: dict[str, int] = {}
         self.queue_channel = None
         self.queues_at = 0.0
-        self.enqueued: dict[str, float] = {}  # waiting request id -> unix time it began
+        self.enqueued: dict[str, float] = {}  # waiting request id -> when it began (unix)
         self.waits_epoch = None
         self.tally = _Tally()
 
@@ -135,6 +136,12 @@ class _Exporter:
         for name, depth in self.queues.copy().items():
             queues.add_metric([name], depth)
         yield queues
+        skew = keeper.clock.skew if keeper is not None else None
+        if skew is not None:  # standbys too: a standby's clock matters once it takes over
+            yield GaugeMetricFamily(
+                "molteniron_clock_skew_seconds", "This worker's wall clock minus the "
+                "database's, at its last read of the database's time. The pool keeps the "
+                "database's time; past 2 s the worker logs event=clock_skew.", value=skew)
         if epoch is None:
             return  # a standby's memory is not the pool: only the active worker counts it
         yield GaugeMetricFamily("molteniron_epoch", "The active worker's epoch (it grows at "
@@ -150,7 +157,7 @@ class _Exporter:
         oldest = GaugeMetricFamily("molteniron_oldest_waiter_age_seconds", "How long the "
                                    "longest-waiting allocate of each pool has waited.",
                                    labels=["pool"])
-        now = time.time()
+        now = unix(keeper.clock.estimate())  # enqueued_at is the database's clock
         for node_pool, (count, since) in latest.waiters.items():
             waiting.add_metric([node_pool], count)
             oldest.add_metric([node_pool], max(0.0, now - since))
@@ -182,7 +189,7 @@ class _Exporter:
             BATCH_SIZE.observe(clients)
         self._observe_waits(keeper, batch)
         self.stale = True
-        if self.serving and (batch.clock - self.snapshot_at >= SNAPSHOT_EVERY
+        if self.serving and (time.monotonic() - self.snapshot_at >= SNAPSHOT_EVERY
                              or keeper.epoch != self.snapshot_epoch):
             self.publish(keeper)
 
@@ -193,14 +200,13 @@ class _Exporter:
             self.waits_epoch = keeper.epoch
             enqueued.clear()
             for request_id, waiter in keeper.waiters.by_request.items():
-                enqueued[request_id] = waiter.enqueued_at.replace(tzinfo=timezone.utc).timestamp()
+                enqueued[request_id] = unix(waiter.enqueued_at)
         for out in batch.outbox:
             if out.reply.get("status") == protocol.QUEUED:
                 if out.request_id not in enqueued:
                     waiter = keeper.waiters.by_request.get(out.request_id)
                     if waiter is not None:
-                        enqueued[out.request_id] = waiter.enqueued_at.replace(
-                            tzinfo=timezone.utc).timestamp()
+                        enqueued[out.request_id] = unix(waiter.enqueued_at)
                 continue
             began = enqueued.pop(out.request_id, None)
             if began is not None and out.grant:
@@ -208,7 +214,7 @@ class _Exporter:
 
     def publish(self, keeper) -> None:
         self.latest = snapshot(keeper.state, keeper.waiters)
-        self.snapshot_at = time.time()
+        self.snapshot_at = time.monotonic()
         self.snapshot_epoch = keeper.epoch
         self.stale = False
         if len(self.enqueued) > 2 * len(keeper.waiters) + 64:  # ids whose reply never came

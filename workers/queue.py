@@ -9,6 +9,10 @@ waiters never changes while they wait: it is fixed by
 smallest first, ties by arrival. A waiter of priority 0 is therefore passed
 only by waiters of priority P that arrived less than P / aging minutes after
 it (see README "Priority and quotas" for the bound this gives).
+
+enqueued_at is the database's clock (workers/clock.py), never a worker host's:
+a host whose clock was stepped back (or a standby whose clock is off, taking
+over) would otherwise give a later waiter an earlier place.
 """
 
 from __future__ import annotations

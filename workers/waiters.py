@@ -42,8 +42,8 @@ class Waiter:
     owner: str
     reply_to: str | None
     correlation_id: str | None
-    deadline: float | None  # the worker's unix time
-    enqueued_at: datetime
+    deadline: float | None  # unix time by the database's clock (workers/clock.py)
+    enqueued_at: datetime   # the database's clock: the queue's order (workers/queue.py)
     lease_seconds: int | None = None
     user: str | None = None  # the broker user who asked
     wants: Constraints = ANY
@@ -99,6 +99,8 @@ class Waiters:
                 wait_seconds: float | None, lease_seconds: int | None,
                 user: str | None = None, wants: Constraints = ANY, priority: int = 0) -> dict:
         """Make the allocate a waiting row; return the interim reply."""
+        # By the database's clock, like every deadline: a step of this host's wall
+        # clock (or another worker's, after a takeover) ends no wait early or late.
         deadline = None if wait_seconds is None else batch.clock + wait_seconds
         constraints = wants.to_row()
         # Its autoincrement id is its place in line, so the INSERT runs now; what the batch
