@@ -136,21 +136,43 @@ LOCK_CONFLICTS = frozenset({1205, 1213})
 
 def lock_conflict(exc: BaseException) -> bool:
     """True for a lock wait timeout or deadlock, whatever class the driver gave it."""
-    orig = getattr(exc, "orig", None)
-    return bool(getattr(orig, "args", None)) and orig.args[0] in LOCK_CONFLICTS
+    return _code(exc) in LOCK_CONFLICTS
+
+
+# The server answers, but refuses to write: read-only (1290 read_only for a user without
+# SUPER, 1792 in a read-only transaction, 1836 InnoDB's read-only mode), out of room
+# (1114 a table is full, which InnoDB says when its files cannot grow; 1021 disk full),
+# out of time (1969 max_statement_time), or a Galera node outside the primary component
+# (1047 "WSREP has not yet prepared node", 1180 on a commit in flight). The database's
+# health, never the transaction's content: a worker holds its batch until writes come
+# back. PyMySQL raises all of them as OperationalError (measured for 1290 and 1114;
+# any server error >= 1000 it does not map is one), but they are told by code.
+WRITES_REFUSED = frozenset({1021, 1047, 1114, 1180, 1290, 1792, 1836, 1969})
+
+
+def writes_refused(exc: BaseException) -> bool:
+    """True when the server refused to write (WRITES_REFUSED), whatever class the driver
+    gave it."""
+    return _code(exc) in WRITES_REFUSED
 
 
 # The server the connection is on cannot serve it: it died (2003 cannot connect,
 # 2006 gone away, 2013 lost during a query, 2055 lost with a system error, 1053
-# shutting down, 1927 connection killed), or it is a Galera node outside the primary
-# component (1047 "WSREP has not yet prepared node", 1180 on a commit in flight).
-# With several db_url servers, the worker moves to the next one.
-NODE_UNUSABLE = frozenset({1047, 1053, 1180, 1927, 2003, 2006, 2013, 2055})
+# shutting down, 1927 connection killed), or it refuses to write (WRITES_REFUSED; the
+# Galera node outside the primary component is one). With several db_url servers, the
+# worker moves to the next one; a handler's savepoint passes these on, so that the whole
+# batch is held rather than one request answered with a 500.
+NODE_UNUSABLE = frozenset({1053, 1927, 2003, 2006, 2013, 2055}) | WRITES_REFUSED
 
 
 def node_unusable(exc: BaseException) -> bool:
-    orig = getattr(exc, "orig", None)
-    return bool(getattr(orig, "args", None)) and orig.args[0] in NODE_UNUSABLE
+    return _code(exc) in NODE_UNUSABLE
+
+
+def _code(exc: BaseException) -> int | None:
+    """The server's (or the driver's) error number under a SQLAlchemy error, if any."""
+    args = getattr(getattr(exc, "orig", None), "args", None)
+    return args[0] if args and isinstance(args[0], int) else None
 
 
 _GALERA = "molteniron_galera"
@@ -234,5 +256,5 @@ def migrate(engine: Engine) -> None:
 
 
 __all__ = ["make_engine", "create_database", "migrate", "lock_conflict", "node_unusable",
-           "causal_reads", "on_galera", "strict_writes", "rollback_if_in_transaction",
-           "run_statements", "OperationalError"]
+           "writes_refused", "causal_reads", "on_galera", "strict_writes",
+           "rollback_if_in_transaction", "run_statements", "OperationalError"]
