@@ -108,11 +108,25 @@ class PoolKeeper:
         return True
 
     def database_answers(self) -> bool:
-        """The server serves this worker's tables. A Galera node outside the primary
-        component answers SELECT 1 but refuses any read of a table (1047)."""
+        """The server serves this worker's tables and accepts writes to them; changes nothing.
+
+        A read alone says too little: a Galera node outside the primary component answers
+        SELECT 1 but refuses any read of a table (1047), and a read-only server answers
+        every read but refuses every write (1290). So the probe also updates this
+        worker's heartbeat row to its own value, in a transaction it rolls back: read_only
+        refuses the statement before it looks at a row (even when no row matches), and
+        the row is one no other worker writes, so the probe waits on nobody's lock. A
+        full disk passes (nothing grows): the batch's own retry finds that out."""
         try:
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql("SELECT epoch FROM worker_meta WHERE id = 1")
+            with self.engine.connect() as conn:
+                transaction = conn.begin()
+                try:
+                    conn.exec_driver_sql("SELECT epoch FROM worker_meta WHERE id = 1")
+                    conn.exec_driver_sql(
+                        "UPDATE worker_heartbeats SET seen_at = seen_at WHERE worker_id = %s",
+                        (self.worker_id,))
+                finally:
+                    transaction.rollback()
             return True
         except SQLAlchemyError:
             return False
