@@ -20,7 +20,7 @@ import uuid
 import pika
 from pika.exceptions import (AMQPChannelError, AMQPConnectionError, AMQPError,
                               ChannelClosedByBroker)
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from molteniron import db, errors, protocol
@@ -35,10 +35,22 @@ log = logging.getLogger(__name__)
 
 # Errors that say the database is unavailable, not that the batch is wrong: retried.
 TRANSIENT = (OperationalError, InterfaceError, PoolTimeout)
+RETRY_PAUSE = 0.2  # first pause before a held batch is tried again, doubled each time
 DB_RETRY_MAX = 5.0  # longest pause between retries while the database is down
-# After this many failed tries of one batch, a database that answers a ping is
-# refusing the batch itself (a packet too large, a trigger): stop retrying it.
+# After this many failed tries of one batch, a database that answers the probe (a read
+# and a write that changes nothing) is refusing the batch itself (a packet too large, a
+# trigger): stop retrying it.
 FAILURES_BEFORE_PROBE = 3
+# Never dead-lettered for a database error: a lost release or cancel leaves a job's nodes
+# held, a lost renew lets its lease run out, a lost clean_done keeps a node dirty. Alone
+# in a batch that the database refuses, one of these is held and retried instead.
+HELD_ON_DATABASE_ERRORS = frozenset({"release", "cancel", "renew", "clean_done"})
+STOP_CHECK = 0.1  # seconds: a held batch's pauses are slept in slices this long (SIGTERM)
+PROBE_EVERY = 0.5  # seconds between probes while writes are refused (one round trip each)
+# The interim reply of an allocate held with its batch (_tell_held).
+HELD_REPLY = {"status": protocol.QUEUED, "queued": True,
+              "message": "the database cannot take writes now: the worker holds the "
+                         "request and applies it, in order, as soon as it can"}
 # Fault injection for the crash tests: "exit-after-commit:OP" makes the worker die
 # right after committing a batch that holds OP, before it replies or acks.
 FAULT = os.environ.get("MOLTENIRON_FAULT", "")
@@ -419,42 +431,125 @@ class Worker:
             return None
 
     def _commit_with_retry(self, requests, returned, settled) -> Batch | None:
-        pause, failures = 0.2, 0
+        """The batch, committed; None if the worker began stopping before it could be
+        (nothing acked: the broker redelivers).
+
+        A database that cannot take the batch holds it: nothing is acked or
+        dead-lettered, the batch is tried again with backoff (all of it, in order, the
+        deliveries that arrive meanwhile after it), and each client that waits for nodes
+        is told once that its request is queued. So does a database that is down or
+        restarting, a lock conflict, and a database that refuses writes
+        (db.writes_refused: read-only, full, a Galera node outside the primary
+        component); while writes are refused, the batch is tried again only once the
+        probe (keeper.database_answers, which changes nothing) gets a write through.
+        RefusedBatch (the batch split up, the culprit dead-lettered) is for the batch's
+        own doing only: an error that is not the database's, or one that goes on while
+        the database answers and takes writes; and never for a database error on a lone
+        release, cancel, renew or clean_done (HELD_ON_DATABASE_ERRORS)."""
+        pause, failures, probe_first = RETRY_PAUSE, 0, False
+        held_since: float | None = None
+        told: set[str] = set()  # request ids already told they are queued
         while True:
+            probe_refused = probe_first and not self.keeper.database_answers()
+            if probe_refused:
+                event, why = "db_refuses_writes", "the probe's write is still refused"
+            else:
+                try:
+                    batch = self.keeper.commit(requests, returned, settled)
+                except errors.NotActiveWorker:
+                    raise
+                except Exception as exc:  # held, or RefusedBatch from _held_for: never passed on
+                    self.keeper.reload_needed = True
+                    event, failures = self._held_for(exc, requests, returned, failures)
+                    why = str(exc).splitlines()[0][:200]
+                    probe_first = event == "db_refuses_writes"
+                else:
+                    if held_since is not None:
+                        log.info("event=db_hold_ended worker=%s requests=%d held_s=%.1f",
+                                 self.worker_id, len(requests) + len(returned),
+                                 time.monotonic() - held_since)
+                    return batch
+            if held_since is None:
+                held_since = time.monotonic()
+            self._tell_held(requests, told)
+            log.log(logging.ERROR if event == "db_refuses_batch" else logging.WARNING,
+                    "event=%s worker=%s held=%d held_s=%.1f error=%r retry_in=%.1fs", event,
+                    self.worker_id, len(requests) + len(returned),
+                    time.monotonic() - held_since, why, pause)
+            # While the probe's write is refused, the probe (cheap) ends the pause as soon
+            # as writes are back; the batch's own retries (and the log) keep to the backoff.
+            if not self._pause(pause, self.keeper.database_answers if probe_refused else None):
+                return None
+            pause = min(pause * 2, DB_RETRY_MAX)
+
+    def _held_for(self, exc: Exception, requests, returned, failures: int) -> tuple[str, int]:
+        """Why a batch that failed with exc is held (its log event), and the failures so
+        far that nothing explained; RefusedBatch if the failure is the batch's own."""
+        if db.writes_refused(exc):  # whatever class the driver gave it
+            event = "db_refuses_writes"
+        elif db.lock_conflict(exc):  # whatever class the driver gave it: wait and retry
+            event = "db_lock_conflict"
+        elif isinstance(exc, TRANSIENT):
+            # The database is down or restarting: retry (on the next of db_url's servers
+            # if this one cannot serve). The probe asks the server that failed, before
+            # moving away from it.
+            failures += 1
+            event = "db_unavailable"
+            if failures >= FAILURES_BEFORE_PROBE and self.keeper.database_answers():
+                # It answers and takes writes, yet refuses this batch: the batch is the problem.
+                event = self._refused(exc, requests, returned, logged=False)
+        else:  # anything else is this batch's own doing
+            event = self._refused(exc, requests, returned, logged=True)
+        if db.node_unusable(exc):
+            self.keeper.use_next_database(exc)
+        return event, failures
+
+    def _refused(self, exc: Exception, requests, returned, logged: bool) -> str:
+        """RefusedBatch; but "db_refuses_batch" (held) for a database error on a lone
+        operation that must never be dead-lettered for one."""
+        if (isinstance(exc, DBAPIError) and not returned and len(requests) == 1
+                and requests[0][2].op in HELD_ON_DATABASE_ERRORS):
+            return "db_refuses_batch"
+        if logged:
+            log.exception("event=batch_refused worker=%s requests=%d", self.worker_id,
+                          len(requests))
+        cause = getattr(exc, "orig", None) or exc
+        raise RefusedBatch(f"{type(cause).__name__}: {str(cause)[:300]}") from exc
+
+    def _tell_held(self, requests, told: set[str]) -> None:
+        """Tell each held allocate that waits for nodes, once, that it is queued, as a
+        waiter is told: its client then waits for its nodes instead of giving up (and
+        cancelling) when its timeout runs out. The deliveries that arrived during the
+        hold are held too. Other clients await a final answer, which the hold would
+        only delay."""
+        held = [(properties, request) for _, properties, request in requests]
+        for _, properties, body in self.deliveries:
             try:
-                return self.keeper.commit(requests, returned, settled)
-            except errors.NotActiveWorker:
-                raise
-            except TRANSIENT as exc:
-                # The database is down or restarting: keep the deliveries, retry (on
-                # the next of db_url's servers if this one cannot serve).
-                self.keeper.reload_needed = True
-                contended = db.lock_conflict(exc)
-                if not contended:
-                    failures += 1
-                # The probe asks the server that failed, before moving away from it.
-                if failures >= FAILURES_BEFORE_PROBE and self.keeper.database_answers():
-                    # It answers, yet refuses this batch: the batch is the problem.
-                    raise RefusedBatch(f"{type(exc.orig).__name__}: {str(exc.orig)[:300]}") from exc
-                if db.node_unusable(exc):
-                    self.keeper.use_next_database(exc)
-                log.warning("event=%s worker=%s error=%r retry_in=%.1fs",
-                            "db_lock_conflict" if contended else "db_unavailable",
-                            self.worker_id, str(exc).splitlines()[0][:200], pause)
-                self.connection.sleep(pause)
-                pause = min(pause * 2, DB_RETRY_MAX)
-                if self.stopping:
-                    return None
-            except Exception as exc:  # anything else is this batch's own doing
-                self.keeper.reload_needed = True
-                if db.lock_conflict(exc):  # whatever class the driver gave it: wait and retry
-                    log.warning("event=db_lock_conflict worker=%s retry_in=%.1fs",
-                                self.worker_id, pause)
-                    self.connection.sleep(pause)
-                    pause = min(pause * 2, DB_RETRY_MAX)
-                    if self.stopping:
-                        return None
-                    continue
-                log.exception("event=batch_refused worker=%s requests=%d", self.worker_id,
-                              len(requests))
-                raise RefusedBatch(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+                held.append((properties, protocol.decode_request(body)))
+            except errors.MoltenIronError:
+                continue  # answered as bad input when its turn comes
+        for properties, request in held:
+            if (request.op == "allocate" and request.args.get("wait") and properties.reply_to
+                    and request.id not in told):
+                told.add(request.id)
+                log.info("event=held_told_queued worker=%s op=allocate id=%s", self.worker_id,
+                         request.id)
+                self._queue_reply(properties.reply_to, properties.correlation_id,
+                                  protocol.reply_body(request.id, HELD_REPLY), mandatory=False)
+
+    def _pause(self, seconds: float, ready=None) -> bool:
+        """Keep the broker connection served for `seconds` (deliveries, returned replies
+        and confirms come in meanwhile), or until ready() says so, asked every
+        PROBE_EVERY seconds; False, at once, when the worker is stopping."""
+        resume = time.monotonic() + seconds
+        next_check = time.monotonic() + PROBE_EVERY if ready is not None else resume
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= resume:
+                return True
+            if now >= next_check:
+                if ready():
+                    return True
+                next_check = time.monotonic() + PROBE_EVERY
+            self.connection.sleep(max(0.0, min(resume, next_check, now + STOP_CHECK) - now))
+        return False
