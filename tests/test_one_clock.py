@@ -12,6 +12,8 @@ import logging
 import time
 from datetime import datetime, timedelta
 
+import pytest
+
 from bench.private import free_port
 from tests.faked_clock import SteppedWallClock, wall_clock_off_by
 from tests.stack import node_args, wait_until
@@ -20,6 +22,24 @@ from workers.clock import CLOCK_SKEW_WARN, DatabaseClock, unix
 
 SIX_HOURS = 6 * 3600
 SEVEN_HOURS = 7 * 3600
+
+
+@pytest.fixture
+def start_cli(stack):
+    """stack.cli_start, and whatever is still running at the end is killed: a failed
+    test leaves no allocate waiting for an hour."""
+    started = []
+
+    def start(*args: str):
+        running = stack.cli_start(*args)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.communicate()
 
 
 def worker_row(stack, worker_id: str) -> dict | None:
@@ -87,12 +107,12 @@ def test_a_standby_seven_hours_fast_takes_over_and_a_six_hour_lease_holds(stack,
     assert released.returncode == 0 and released.json["released"] == 1, released
 
 
-def test_a_worker_clock_stepping_two_hours_forward_expires_no_waiter(stack, tmp_path):
+def test_a_worker_clock_stepping_two_hours_forward_expires_no_waiter(stack, tmp_path, start_cli):
     clock = SteppedWallClock(tmp_path / "faketime.rc")
     stack.start_worker(env=clock.env)
     stack.cli("add_baremetal", *node_args(1))
     assert stack.cli("allocate", "holder", "1").returncode == 0
-    waiter = stack.cli_start("allocate", "job-2", "1", "--wait", "3600")
+    waiter = start_cli("allocate", "job-2", "1", "--wait", "3600")
     wait_until(lambda: waiting_owners(stack) == ["job-2"], 30, "job-2 to wait")
 
     clock.step("+2h")
@@ -113,16 +133,16 @@ def test_a_worker_clock_stepping_two_hours_forward_expires_no_waiter(stack, tmp_
 
 
 def test_a_worker_clock_stepping_an_hour_back_lets_no_later_job_jump_the_queue(
-        stack, tmp_path):
+        stack, tmp_path, start_cli):
     clock = SteppedWallClock(tmp_path / "faketime.rc")
     stack.start_worker(env=clock.env)
     stack.cli("add_baremetal", *node_args(1))
     assert stack.cli("allocate", "holder", "1").returncode == 0
-    first = stack.cli_start("allocate", "job-a", "1", "--wait", "3600")
+    first = start_cli("allocate", "job-a", "1", "--wait", "3600")
     wait_until(lambda: waiting_owners(stack) == ["job-a"], 30, "job-a to wait")
 
     clock.step("-1h")
-    later = stack.cli_start("allocate", "job-b", "1", "--wait", "3600")
+    later = start_cli("allocate", "job-b", "1", "--wait", "3600")
     wait_until(lambda: len(waiting_owners(stack)) == 2, 30, "job-b to wait")
     rows = stack.cli("waiting").json["waiting"]
     assert [(r["owner"], r["position"]) for r in rows] == [("job-a", 1), ("job-b", 2)]
