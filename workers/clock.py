@@ -15,7 +15,7 @@ since; every read re-anchors. That is safe because:
   and is never ahead: a lease never ends before the database's clock says so;
 - a batch extrapolates for at most READ_AT_LEAST_EVERY seconds (the keeper reads
   first otherwise), and every tick reads;
-- within one worker the time never goes back (see now()), so two waiters that
+- within one worker the time never goes back (_not_before), so two waiters that
   arrive in turn keep their order even if the database's own clock steps back.
 
 Each read also measures the skew (this host's wall clock minus the database's):
