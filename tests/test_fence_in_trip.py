@@ -120,8 +120,9 @@ def test_copies_sent_again_and_again_cost_one_reload_not_one_each(active, caplog
     assert caplog.text.count("event=fence_tripped") == 1 and loads == [1]
     assert owners(pool_keeper) == {active.node: None}
     pool_keeper.careful_until = 0.0  # the careful spell is over
+    again, _ = allocate(pool_keeper, "again", 1)
     with statements_sent(pool_keeper.engine) as sent:
-        commit(pool_keeper, request("release", owner="x"))
+        commit(pool_keeper, request("release", owner="again"))
     assert len(sent) == 1, sent
 
 
