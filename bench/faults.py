@@ -1,14 +1,18 @@
 """Faults during load: the soak's clients run while the active worker is killed
-(SIGKILL, a standby takes over), RabbitMQ is restarted and MariaDB is restarted.
+(SIGKILL, a standby takes over), RabbitMQ is restarted, MariaDB is restarted, and
+MariaDB refuses writes for a while (read_only, as a failover or an operator sets it).
 
     python -m bench.faults [--kills 20] [--broker-restarts 1] [--db-restarts 1]
+                           [--db-read-only 1]
 
 After each fault: the invariants hold and the pool answers again (the time it
-took is the failover/recovery time). At the end: no client hung past its
-deadline, and the soak's database and client checks pass. The run has a
-private MariaDB and a private RabbitMQ node of its own (bench/private.py, on
-free ports, removed at the end): the restarts never touch the machine's
-shared services, so it may run beside other work.
+took is the failover/recovery time; for a read-only window, from the moment
+writes came back). At the end: no client hung past its deadline, no worker
+dead-lettered a request, and the soak's database and client checks pass. The
+run has a private MariaDB and a private RabbitMQ node of its own
+(bench/private.py, on free ports, removed at the end): the faults never touch the
+machine's shared services, so it may run beside other work. The workers log in
+to MariaDB as a user without SUPER (bench/db_refusals.py), whom read_only stops.
 """
 
 from __future__ import annotations
@@ -18,21 +22,25 @@ import signal
 import sys
 import time
 
+from bench.db_refusals import add_worker_user, set_read_only
 from bench.env import Sandbox, add_nodes
 from bench.private import PrivateMariaDB, PrivateRabbitMQ
 from bench.soak import Clients, check_clients, check_database, report, summarize, wait_settled
 
 # Longest a client call may take: allocate's wait + grace + a reconnect-and-cancel, or a timeout.
 LONGEST_CALL = 5.0 + 5.0 + 30.0 + 60.0
+READ_ONLY_SECONDS = 15.0  # how long a read-only window lasts (the incident of issue 20: 15 s)
 
 
-def kill_active_worker(sandbox) -> None:
+def kill_active_worker(sandbox, start_worker=None) -> None:
+    """SIGKILL the active worker; start_worker() (default sandbox.start_worker) starts
+    the next standby."""
     holder = sandbox.sql("SELECT holder FROM worker_meta")[0][0]
     index = int(holder.rsplit("-", 1)[1]) if holder.startswith("bench-") else 0
     worker = sandbox.workers[index]
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    sandbox.start_worker()  # the next standby
+    (start_worker or sandbox.start_worker)()  # the next standby
 
 
 def restart_broker(rabbit: PrivateRabbitMQ) -> None:
@@ -41,6 +49,41 @@ def restart_broker(rabbit: PrivateRabbitMQ) -> None:
 
 def restart_database(mariadb: PrivateMariaDB) -> None:
     mariadb.restart()
+
+
+def read_only_database(mariadb: PrivateMariaDB, seconds: float = READ_ONLY_SECONDS) -> float:
+    """Writes refused for `seconds` (SET GLOBAL read_only on the private server; reads go
+    on); returns the time.time() at which they came back."""
+    set_read_only(mariadb, True)
+    try:
+        time.sleep(seconds)  # the window itself, not a wait for a condition
+    finally:
+        set_read_only(mariadb, False)
+    return time.time()
+
+
+def logged(sandbox, event: str) -> int:
+    """How many times the sandbox's workers logged `event` (event=dead_lettered, say)."""
+    return sum((sandbox.logdir / f"{sandbox.name}-{i}.log").read_text(errors="replace")
+               .count(f"event={event} ") for i in range(len(sandbox.workers)))
+
+
+def dead_letters(sandbox) -> int | None:
+    """Messages in the dead-letter queue, whoever put them there (expired ones too)."""
+    import pika
+    from molteniron import protocol
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(sandbox.amqp_url))
+    except pika.exceptions.AMQPError:
+        return None
+    try:
+        return connection.channel().queue_declare(protocol.DEAD_LETTER_QUEUE,
+                                                  passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0  # never declared: nothing was ever dead-lettered
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 def answered_again(sandbox, since: float, timeout: float = 120) -> float:
@@ -58,23 +101,29 @@ def answered_again(sandbox, since: float, timeout: float = 120) -> float:
 
 
 def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
-        nodes: int = 20, seed: int = 7) -> dict:
+        nodes: int = 20, seed: int = 7, db_read_only: int = 0) -> dict:
     plan = ["worker_kill"] * kills
-    for kind, count in (("broker_restart", broker_restarts), ("db_restart", db_restarts)):
+    for kind, count in (("broker_restart", broker_restarts), ("db_restart", db_restarts),
+                        ("db_read_only", db_read_only)):
         for i in range(count):  # spread the restarts among the kills
             plan.insert((i + 1) * len(plan) // (count + 1), kind)
-    seconds = 10 + 4 * kills + 25 * (broker_restarts + db_restarts)
+    seconds = 10 + 4 * kills + 25 * (broker_restarts + db_restarts + db_read_only)
     with PrivateMariaDB() as mariadb, PrivateRabbitMQ() as rabbit:
         sandbox = Sandbox("faults", amqp_url=rabbit.url, db_url=mariadb.url, rabbitmqctl=rabbit.ctl)
-        faults = {"worker_kill": lambda: kill_active_worker(sandbox),
+        # The workers log in without SUPER (root would write on through read_only); the
+        # checks read as root.
+        worker_env = {"MOLTENIRON_DB_URL": add_worker_user(mariadb, sandbox.name)}
+        start_worker = lambda: sandbox.start_worker(env=worker_env)  # noqa: E731
+        faults = {"worker_kill": lambda: kill_active_worker(sandbox, start_worker),
                   "broker_restart": lambda: restart_broker(rabbit),
-                  "db_restart": lambda: restart_database(mariadb)}
+                  "db_restart": lambda: restart_database(mariadb),
+                  "db_read_only": lambda: read_only_database(mariadb)}
         clients_running = None
         try:
             add_nodes(sandbox, nodes // 2, "a", prefix="a")  # the soak's two pools
             add_nodes(sandbox, nodes - nodes // 2, "b", prefix="b")
             for _ in range(2):
-                sandbox.start_worker()
+                start_worker()
             sandbox.wait_answering()
             names = {r[0] for r in sandbox.sql("SELECT name FROM nodes")}
             clients_running = Clients(sandbox.amqp_url, clients, seconds, seed)
@@ -83,8 +132,8 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
             for n, kind in enumerate(plan):
                 time.sleep(max(0.0, started + 3 + n * (seconds - 8) / len(plan) - time.time()))
                 at = time.time()
-                faults[kind]()
-                recovered = answered_again(sandbox, at)
+                ended = faults[kind]()  # a window's end; restarts return once they are done
+                recovered = answered_again(sandbox, ended if kind == "db_read_only" else at)
                 recoveries.append({"fault": kind, "recovered_s": round(recovered, 2)})
                 problems += [f"after {kind} #{n}: {p}" for p in check_database(sandbox, names, False)]
             outcomes = clients_running.finish()
@@ -92,13 +141,21 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
             problems += check_database(sandbox, names, settled=True) + check_clients(sandbox, outcomes)
             slow = [o for o in outcomes if o.finished - o.started > LONGEST_CALL]
             problems += [f"{o.client} {o.op} took {o.finished - o.started:.1f}s" for o in slow]
+            dead_lettered = logged(sandbox, "dead_lettered")
+            held = logged(sandbox, "db_refuses_writes")  # a line per retry of a held batch
+            if dead_lettered:
+                problems.append(f"the workers dead-lettered {dead_lettered} request(s)")
+            if db_read_only and not held:
+                problems.append("no worker met the read-only windows: do they log in as root?")
             by_kind = {}
             for r in recoveries:
                 by_kind.setdefault(r["fault"], []).append(r["recovered_s"])
             return {"clients": clients, "seconds": seconds, "faults": len(plan),
                     "recovery_s": {k: {"max": max(v), "median": sorted(v)[len(v) // 2],
                                        "count": len(v)} for k, v in by_kind.items()},
-                    **summarize(outcomes), "problems": problems, "ok": not problems}
+                    **summarize(outcomes), "dead_letters": dead_letters(sandbox),
+                    "db_refuses_writes_logged": held,
+                    "problems": problems, "ok": not problems}
         finally:
             if clients_running:
                 clients_running.stop()
@@ -111,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--broker-restarts", type=int, default=1)
     parser.add_argument("--db-restarts", type=int, default=1)
+    parser.add_argument("--db-read-only", type=int, default=1,
+                        help=f"windows of {READ_ONLY_SECONDS:g} s with MariaDB read-only")
     parser.add_argument("--clients", type=int, default=50)
     args = parser.parse_args(argv)
-    return report(run(args.kills, args.broker_restarts, args.db_restarts, args.clients))
+    return report(run(args.kills, args.broker_restarts, args.db_restarts, args.clients,
+                      db_read_only=args.db_read_only))
 
 
 if __name__ == "__main__":
