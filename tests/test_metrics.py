@@ -187,7 +187,8 @@ def test_the_alert_rules_load_and_name_every_field():
     (group,) = rules["groups"]
     alerts = {rule["alert"]: rule for rule in group["rules"]}
     assert set(alerts) == {"MoltenIronWaitersWaitingTooLong", "MoltenIronNoActiveWorker",
-                           "MoltenIronDeadLettersGrowing", "MoltenIronNodesInMaintenance"}
+                           "MoltenIronDeadLettersGrowing", "MoltenIronNodesInMaintenance",
+                           "MoltenIronNodesDirtyTooLong"}
     for rule in alerts.values():
         assert rule["expr"] and "molteniron_" in rule["expr"]
         assert rule["for"] and rule["labels"]["severity"]
@@ -228,3 +229,28 @@ def test_cleaning_outcomes_are_counted(stack, tmp_path):
     wait_until(lambda: scrape(port).get("molteniron_cleaning_outcomes_total", {}).get(
         (("outcome", "maintenance"),)) == 1.0, 15, "the cleaning outcome to be counted")
     assert scrape(port)["molteniron_cleaning_outcomes_total"][(("outcome", "ready"),)] == 0.0
+
+
+def test_how_long_nodes_wait_for_their_cleaning_is_a_gauge(stack, tmp_path):
+    """No cleaner runs: the dirty node's age grows, and its cleaning sets it back to 0."""
+    from tests.test_cleaning import clean_once
+    port = free_port()
+    path = tmp_path / "dirty-metrics.yaml"
+    path.write_text(yaml.safe_dump({"metrics_address": f"127.0.0.1:{port}",
+                                    "cleaning_command": "/bin/true", "cleaning_timeout": 30}))
+    env = {"MOLTENIRON_CONFIG": str(path)}
+    stack.start_worker(env=env)
+    stack.cli("add_baremetal", *node_args(1))
+    stack.cli("allocate", "job", "1")
+
+    def dirty_age():
+        return scrape(port).get("molteniron_oldest_dirty_seconds", {}).get(
+            (("pool", "default"),))
+    wait_until(lambda: dirty_age() is not None, 15, "the gauge")
+    assert dirty_age() == 0.0
+    stack.cli("release", "job")  # dirty now, and no cleaner runs
+    first = wait_until(lambda: dirty_age() or None, 15, "the dirty node to be counted")
+    wait_until(lambda: dirty_age() > first, 15, "the dirty node's age to grow")
+    code, reply, _ = clean_once(stack, env)
+    assert code == 0 and reply["state"] == "ready", reply
+    wait_until(lambda: dirty_age() == 0.0, 15, "the cleaned node to leave the gauge")

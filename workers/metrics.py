@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_EVERY = 0.5      # seconds: the most often a busy worker counts its pool for scrapes
 QUEUE_DEPTH_EVERY = 5.0   # seconds between passive queue declares (one broker round trip each)
 NODE_STATES = tuple(s.value for s in State)
+DIRTY = State.DIRTY.value
 
 # A registry of our own: nothing else a library registers globally ends up on /metrics.
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -73,22 +74,39 @@ class Snapshot:
     """What a scrape reports of the pool: built by the worker, read by the HTTP thread."""
     nodes: dict[tuple[str, str], int] = field(default_factory=dict)  # (pool, state) -> n
     waiters: dict[str, tuple[int, float]] = field(default_factory=dict)  # pool -> (n, oldest)
+    # pool -> time.monotonic() when its longest-dirty node was first seen dirty (None: none)
+    dirty: dict[str, float | None] = field(default_factory=dict)
 
 
-def snapshot(state, waiters) -> Snapshot:
-    """Count the pool's nodes by pool and state, and its waiters by pool (O(nodes + waiters))."""
+def snapshot(state, waiters, dirty_seen: dict[int, float] | None = None) -> Snapshot:
+    """Count the pool's nodes by pool and state, and its waiters by pool (O(nodes + waiters)).
+
+    dirty_seen (node id -> monotonic time first seen dirty) is kept up to date in place
+    from one snapshot to the next: how long nodes stay dirty is this worker's own view,
+    so it starts again at a takeover."""
     nodes: dict[tuple[str, str], int] = {}
+    dirty: dict[str, float | None] = {}
     for node_pool in state.capacity_of:  # every state of a known pool, zeros included
+        dirty[node_pool] = None
         for node_state in NODE_STATES:
             nodes[(node_pool, node_state)] = 0
-    for record in state.nodes.values():
+    seen_now, still_dirty = time.monotonic(), set()
+    for node_id, record in state.nodes.items():
         key = (record["node_pool"], record["state"])
         nodes[key] = nodes.get(key, 0) + 1
+        if dirty_seen is not None and record["state"] == DIRTY:
+            since = dirty_seen.setdefault(node_id, seen_now)
+            still_dirty.add(node_id)
+            oldest = dirty.get(record["node_pool"])
+            dirty[record["node_pool"]] = since if oldest is None else min(oldest, since)
+    if dirty_seen is not None:
+        for node_id in set(dirty_seen) - still_dirty:
+            del dirty_seen[node_id]
     queued = {}
     for node_pool, queue in waiters.by_pool.items():
         oldest = min(w.enqueued_at for w in queue.values())
         queued[node_pool] = (len(queue), unix(oldest))
-    return Snapshot(nodes, queued)
+    return Snapshot(nodes, queued, dirty)
 
 
 class _Tally:
@@ -116,6 +134,7 @@ class _Exporter:
         self.queues: dict[str, int] = {}
         self.queue_channel = None
         self.queues_at = 0.0
+        self.dirty_seen: dict[int, float] = {}  # node id -> monotonic time first seen dirty
         self.enqueued: dict[str, float] = {}  # waiting request id -> when it began (unix)
         self.waits_epoch = None
         self.tally = _Tally()
@@ -163,6 +182,14 @@ class _Exporter:
             oldest.add_metric([node_pool], max(0.0, now - since))
         yield waiting
         yield oldest
+        dirty = GaugeMetricFamily(
+            "molteniron_oldest_dirty_seconds", "How long the longest-dirty node of each pool "
+            "has waited for its cleaning, as this worker saw it (0: none dirty).",
+            labels=["pool"])
+        seen_now = time.monotonic()
+        for node_pool, since in latest.dirty.items():
+            dirty.add_metric([node_pool], 0.0 if since is None else max(0.0, seen_now - since))
+        yield dirty
 
     # --- bookkeeping (the worker's thread) ------------------------------------
 
@@ -213,7 +240,7 @@ class _Exporter:
                 WAIT_SECONDS.observe(max(0.0, batch.clock - began))
 
     def publish(self, keeper) -> None:
-        self.latest = snapshot(keeper.state, keeper.waiters)
+        self.latest = snapshot(keeper.state, keeper.waiters, self.dirty_seen)
         self.snapshot_at = time.monotonic()
         self.snapshot_epoch = keeper.epoch
         self.stale = False
