@@ -427,6 +427,12 @@ class Worker:
         except Exception:  # a message must never stop the worker: keep it for people
             log.exception("event=undecodable_request outcome=dead_lettered bytes=%d", len(body))
             metrics.dead_lettered("malformed")
+            if properties.reply_to:  # its client waits: say so, rather than say nothing
+                self._queue_reply(properties.reply_to, properties.correlation_id,
+                                  protocol.reply_body(None, errors.BadRequest(
+                                      "the worker could not decode this request; it is kept "
+                                      "in the dead-letter queue").to_reply()),
+                                  mandatory=False)
             self.channel.basic_reject(method.delivery_tag, requeue=False)
             return None
 
