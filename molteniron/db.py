@@ -142,12 +142,12 @@ def lock_conflict(exc: BaseException) -> bool:
 # The server answers, but refuses to write: read-only (1290 read_only for a user without
 # SUPER, 1792 in a read-only transaction, 1836 InnoDB's read-only mode), out of room
 # (1114 a table is full, which InnoDB says when its files cannot grow; 1021 disk full),
-# out of time (1969 max_statement_time), or a Galera node outside the primary component
-# (1047 "WSREP has not yet prepared node", 1180 on a commit in flight). The database's
-# health, never the transaction's content: a worker holds its batch until writes come
-# back. PyMySQL raises all of them as OperationalError (measured for 1290 and 1114;
-# any server error >= 1000 it does not map is one), but they are told by code.
-WRITES_REFUSED = frozenset({1021, 1047, 1114, 1180, 1290, 1792, 1836, 1969})
+# or out of time (1969 max_statement_time). The database's health, never the
+# transaction's content: a worker holds its batch until writes come back. PyMySQL raises
+# all of them as OperationalError (measured for 1290 and 1114; any server error >= 1000
+# it does not map is one), but they are told by code. Galera's refusals (1047, 1180,
+# below) are held too, as a database unavailable: such a node refuses reads as well.
+WRITES_REFUSED = frozenset({1021, 1114, 1290, 1792, 1836, 1969})
 
 
 def writes_refused(exc: BaseException) -> bool:
@@ -158,11 +158,12 @@ def writes_refused(exc: BaseException) -> bool:
 
 # The server the connection is on cannot serve it: it died (2003 cannot connect,
 # 2006 gone away, 2013 lost during a query, 2055 lost with a system error, 1053
-# shutting down, 1927 connection killed), or it refuses to write (WRITES_REFUSED; the
-# Galera node outside the primary component is one). With several db_url servers, the
-# worker moves to the next one; a handler's savepoint passes these on, so that the whole
-# batch is held rather than one request answered with a 500.
-NODE_UNUSABLE = frozenset({1053, 1927, 2003, 2006, 2013, 2055}) | WRITES_REFUSED
+# shutting down, 1927 connection killed), it is a Galera node outside the primary
+# component (1047 "WSREP has not yet prepared node", also under wsrep_reject_queries;
+# 1180 on a commit in flight), or it refuses to write (WRITES_REFUSED). With several
+# db_url servers, the worker moves to the next one; a handler's savepoint passes these
+# on, so that the whole batch is held rather than one request answered with a 500.
+NODE_UNUSABLE = frozenset({1047, 1053, 1180, 1927, 2003, 2006, 2013, 2055}) | WRITES_REFUSED
 
 
 def node_unusable(exc: BaseException) -> bool:

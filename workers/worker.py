@@ -444,10 +444,10 @@ class Worker:
         dead-lettered, the batch is tried again with backoff (all of it, in order, the
         deliveries that arrive meanwhile after it), and each client that waits for nodes
         is told once that its request is queued. So does a database that is down or
-        restarting, a lock conflict, and a database that refuses writes
-        (db.writes_refused: read-only, full, a Galera node outside the primary
-        component); while writes are refused, the batch is tried again only once the
-        probe (keeper.database_answers, which changes nothing) gets a write through.
+        restarting or a Galera node outside the primary component, a lock conflict, and
+        a database that refuses writes (db.writes_refused: read-only, full); while
+        writes are refused, the batch is tried again only once the probe
+        (keeper.database_answers, which changes nothing) gets a write through.
         RefusedBatch (the batch split up, the culprit dead-lettered) is for the batch's
         own doing only: an error that is not the database's, or one that goes on while
         the database answers and takes writes; and never for a database error on a lone
