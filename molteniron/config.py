@@ -53,6 +53,8 @@ DEFAULTS = {
     # host:port where the worker serves Prometheus metrics (workers/metrics.py), e.g.
     # 127.0.0.1:9464 or [::]:9464. None or empty: no metrics endpoint.
     "metrics_address": None,
+    # host:port where molteniron-web serves the status page and its JSON API.
+    "web_address": "127.0.0.1:8080",
     # Run by molteniron-cleaner on every released node before it is ready again, with
     # the node's fields in MOLTENIRON_* environment variables (no shell). None: released
     # nodes go straight back to ready. Set in the worker's config, it makes them dirty.
@@ -185,7 +187,7 @@ def _validated(values: dict, source: str) -> Config:
             clean[key] = _user_names(key, value, source)
         elif key == "quotas":
             clean[key] = _quotas(value, source)
-        elif key == "metrics_address":
+        elif key in ("metrics_address", "web_address"):
             clean[key] = _address(key, value, source)
         elif key in ("secret_key_file", "amqp_ca_file", "amqp_cert_file", "amqp_key_file"):
             clean[key] = None if value is None else _coerce(key, value, "str", source)
