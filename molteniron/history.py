@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from molteniron.errors import BadRequest
 from molteniron.models import Allocation
 
 def allocation_history(session: Session, owner: str | None = None, node: str | None = None,
-                       since: datetime | None = None, limit: int = 100) -> list[dict]:
-    """Allocations newest first; node is a name or an id; since: open at or after it."""
+                       since: datetime | None = None, limit: int = 100,
+                       until: datetime | None = None, after: str | None = None,
+                       cursors: list[str] | None = None) -> list[dict]:
+    """Allocations newest first; node is a name or an id; since: open at or after it;
+    until: started at or before it; after: a cursor (`cursor`) from an earlier call, for
+    the rows that follow it. cursors, if given, gets each row's cursor, in order."""
     query = select(Allocation)
     if owner is not None:
         query = query.where(Allocation.owner == owner)  # ix_allocations_owner_started
@@ -24,8 +29,38 @@ def allocation_history(session: Session, owner: str | None = None, node: str | N
         query = query.where(by_node)
     if since is not None:
         query = query.where(or_(Allocation.ended_at.is_(None), Allocation.ended_at >= since))
+    if until is not None:
+        query = query.where(Allocation.started_at <= until)
+    if after is not None:
+        started, row_id = parse_cursor(after)
+        query = query.where(or_(Allocation.started_at < started,
+                                and_(Allocation.started_at == started, Allocation.id < row_id)))
     query = query.order_by(Allocation.started_at.desc(), Allocation.id.desc()).limit(limit)
-    return [history_row(a) for a in session.scalars(query)]
+    rows = []
+    for allocation in session.scalars(query):
+        rows.append(history_row(allocation))
+        if cursors is not None:
+            cursors.append(cursor(allocation))
+    return rows
+
+
+def cursor(allocation: Allocation) -> str:
+    """Where a page of history that ends with this allocation stops: its start, exactly,
+    and its id (the order's tie-break)."""
+    return f"{allocation.started_at.isoformat(timespec='microseconds')}/{allocation.id}"
+
+
+def parse_cursor(text: str) -> tuple[datetime, int]:
+    """(started_at, id) of a cursor; BadRequest if it is not one."""
+    started, _, row_id = text.rpartition("/")
+    try:
+        when = datetime.fromisoformat(started)
+        if not row_id.isdecimal() or when.tzinfo is not None:
+            raise ValueError
+        return when, int(row_id)
+    except ValueError:
+        raise BadRequest(f"history: argument after must be a next_after of an earlier "
+                         f"reply, got {text!r}") from None
 
 
 def history_row(allocation: Allocation) -> dict:

@@ -123,10 +123,14 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
                               Arg("reason", _S, False), Arg("force", bool, False, False))),
     Operation("remove", (Arg("node", _S, min_value=1), Arg("force", bool, False, False))),
     Operation("tick", internal=True),
-    # Ended and open allocations, newest first. node: a node name or id; since: ISO-8601.
+    # Ended and open allocations, newest first. node: a node name or id; since: ISO-8601,
+    # open at or after it; until: ISO-8601, started at or before it; after: the reply's
+    # next_after (an opaque cursor: the page after the one that gave it).
     Operation("history", (
         Arg("owner", _S, False), Arg("node", _S, False), Arg("since", _S, False, iso_time=True),
-        Arg("limit", _I, False, 100, min_value=1, max_value=10_000)), mutates=False),
+        Arg("limit", _I, False, 100, min_value=1, max_value=10_000),
+        Arg("until", _S, False, iso_time=True), Arg("after", _S, False, max_length=64)),
+        mutates=False),
     # Every node as an inventory entry (molteniron/inventory.py); import: {"nodes": [entry...]}.
     Operation("export", (Arg("show_secrets", bool, False, False),  # pages: as status
                          Arg("after_id", _I, False, min_value=0),
@@ -143,6 +147,9 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     # next cleaner at once. Never expires, like clean_done.
     Operation("clean_abandon", (Arg("node_id", _I), Arg("claim", _S, min_value=1)),
               expires=False),
+    # Each pool's nodes by state and its waiting allocates, counted in the worker's memory
+    # (one walk, no rows): what molteniron-web's overview asks for every few seconds.
+    Operation("summary", mutates=False),
 )}
 
 

@@ -8,7 +8,7 @@ everyone may do everything, as in the original MoltenIron. With admins named:
 - any user may allocate (the owner name is then bound to that user while it
   holds nodes or waits for them), release, renew and get_field on owners
   bound to them, cancel their own requests, and read status, waiting, workers,
-  history and export without secrets;
+  history, export and summary without secrets;
 - any other operation, one added later included, is refused with 403 Forbidden
   unless it is listed in USER_OPS;
 - a request id is not a permission: what is stored or waits under a request id
@@ -27,7 +27,7 @@ from molteniron.protocol import OPERATIONS, Request
 
 # What a user who is not an admin may ask for; everything else is an admin's.
 USER_OPS = frozenset({"allocate", "release", "renew", "get_field", "cancel", "status",
-                      "waiting", "workers", "history", "export"})
+                      "waiting", "workers", "history", "export", "summary"})
 ADMIN_ONLY = frozenset({"add_baremetal", "add_keyvalue_pairs", "add_json_blob", "set_field",
                         "delete_db", "maintenance", "remove", "import",
                         "clean_claim", "clean_done", "clean", "clean_abandon"})

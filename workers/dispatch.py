@@ -10,9 +10,12 @@ serves their waiters after every request.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
+from operator import itemgetter
 from typing import Callable
 
 from sqlalchemy import select
@@ -203,7 +206,9 @@ def waiting(ctx: Context, req: Request) -> dict:
     rows = [{"request_id": _shown_id(ctx, req, w.user, w.request_id), "owner": w.owner, "node_pool": w.node_pool,
              "count": w.count, "position": place,
              "waited_s": round((now - w.enqueued_at).total_seconds(), 3),
-             "deadline": w.deadline}
+             "deadline": w.deadline,
+             # For molteniron-web's queue page: who asked, for what, how urgently.
+             "user": w.user, "priority": w.priority, "constraints": w.wants.to_row()}
             for place, w in ctx.waiters.rows(req.args["node_pool"])]
     return {**OK, "waiting": rows}
 
@@ -278,10 +283,19 @@ def history(ctx: Context, req: Request) -> dict:
     """Allocations, open and ended, newest first: from the database, through an index."""
     a = req.args
     since = parse_time(a["since"]) if a["since"] is not None else None
-    rows = allocation_history(ctx.batch.session, a["owner"], a["node"], since, a["limit"])
+    until = parse_time(a["until"]) if a.get("until") is not None else None
+    cursors: list[str] = []
+    # One row more than asked: whether another page follows (next_after, as status pages).
+    rows = allocation_history(ctx.batch.session, a["owner"], a["node"], since, a["limit"] + 1,
+                              until, a.get("after"), cursors)
+    more = len(rows) > a["limit"]
+    del rows[a["limit"]:]
     for row in rows:
         row["request_id"] = _shown_id(ctx, req, row["user"], row["request_id"])
-    return {**OK, "history": rows}
+    reply = {**OK, "history": rows}
+    if more:
+        reply["next_after"] = cursors[len(rows) - 1]
+    return reply
 
 
 def _shown_id(ctx: Context, req: Request, sender: str | None, request_id: str | None):
@@ -305,9 +319,51 @@ def import_(ctx: Context, req: Request) -> dict:
     return {**OK, **inventory.import_nodes(ctx.batch.session, req.args["inventory"])}
 
 
+def summary(ctx: Context, req: Request) -> dict:
+    """Each pool's nodes by state (cleaning: dirty with a live claim, counted in dirty too)
+    and its waiting allocates: how many, the oldest wait, and the median and 95th
+    percentile of how long they have waited so far. One walk of the pool in memory (about
+    15 ms at 100,000 nodes): a page of status holds the worker 5 ms but shows 1,000 nodes."""
+    now = ctx.batch.now
+    stamp = now.isoformat(timespec="seconds")  # the records' own format: compared as text
+    pools: dict[str, dict] = {}
+
+    def row(node_pool: str) -> dict:
+        if node_pool not in pools:
+            pools[node_pool] = {"node_pool": node_pool, "nodes": 0, "ready": 0, "allocated": 0,
+                                "dirty": 0, "cleaning": 0, "maintenance": 0, "waiting": 0,
+                                "oldest_wait_s": None, "wait_p50_s": None, "wait_p95_s": None}
+        return pools[node_pool]
+
+    for (node_pool, state, claimed_until), count in Counter(
+            map(_POOL_STATE_CLAIM, ctx.state.nodes.values())).items():
+        counts = row(node_pool)
+        counts["nodes"] += count
+        counts[state] += count
+        if state == "dirty" and claimed_until is not None and claimed_until > stamp:
+            counts["cleaning"] += count
+    for node_pool, queue in ctx.waiters.by_pool.items():
+        waits = sorted(max(0.0, (now - w.enqueued_at).total_seconds()) for w in queue.values())
+        if waits:
+            counts = row(node_pool)
+            counts.update(waiting=len(waits), oldest_wait_s=round(waits[-1], 1),
+                          wait_p50_s=round(_nearest_rank(waits, 0.50), 1),
+                          wait_p95_s=round(_nearest_rank(waits, 0.95), 1))
+    return {**OK, "now": stamp, "pools": [pools[name] for name in sorted(pools)],
+            "nodes": len(ctx.state.nodes), "waiting": len(ctx.waiters)}
+
+
+_POOL_STATE_CLAIM = itemgetter("node_pool", "state", "clean_claimed_until")
+
+
+def _nearest_rank(ordered: list[float], fraction: float) -> float:
+    """The value below which `fraction` of the sorted values lie (nearest rank)."""
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
 # Handlers that use only the in-memory state and check before they change anything.
 IN_MEMORY = frozenset({"allocate", "release", "renew", "status", "waiting", "cancel",
-                       "export"})
+                       "export", "summary"})
 HANDLERS: dict[str, Handler] = {
     "add_baremetal": add_baremetal,
     "add_keyvalue_pairs": add_keyvalue_pairs,
@@ -331,5 +387,6 @@ HANDLERS: dict[str, Handler] = {
     "clean_done": cleaning.clean_done,
     "clean": cleaning.clean,
     "clean_abandon": cleaning.clean_abandon,
+    "summary": summary,
 }
 assert set(HANDLERS) == {name for name, op in OPERATIONS.items() if not op.internal}
