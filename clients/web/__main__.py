@@ -1,0 +1,5 @@
+import sys
+
+from clients.web.main import main
+
+sys.exit(main())
