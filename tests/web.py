@@ -63,5 +63,15 @@ class WebProcess:
         stop_processes([self.process])
 
 
-def web_env(stack, **more: str) -> dict:
-    return {**stack.env, **more}
+def add_nodes(stack, *numbers: int, pool: str = "default", tags: str | None = None) -> None:
+    """node_args(i, pool) nodes, added over one connection (a CLI each costs a second)."""
+    from tests.stack import node_args
+    with stack.client() as client:
+        for i in numbers:
+            (name, ipmi_ip, ipmi_user, ipmi_password, allocation_pool, port_hwaddr, cpu_arch,
+             cpus, ram_mb, disk_gb, node_pool) = node_args(i, pool)
+            client.add_baremetal(name=name, ipmi_ip=ipmi_ip, ipmi_user=ipmi_user,
+                                 ipmi_password=ipmi_password, allocation_pool=allocation_pool,
+                                 port_hwaddr=port_hwaddr, cpu_arch=cpu_arch, cpus=int(cpus),
+                                 ram_mb=int(ram_mb), disk_gb=int(disk_gb), node_pool=node_pool,
+                                 tags=tags)

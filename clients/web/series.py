@@ -60,13 +60,14 @@ class Series:
     def of_pool(self, node_pool: str) -> list[tuple[float, int | None, float | None,
                                                     float | None]]:
         """(at, waiting, p50, p95) of one pool; None where the worker did not answer.
-        A pool missing from an answered sample had no nodes and no waiters: 0 waiting."""
+        Nobody waiting (or a pool missing from an answered sample): 0, 0, 0."""
         rows = []
         for sample in self.samples():
             if sample.pools is None:
                 rows.append((sample.at, None, None, None))
             else:
-                rows.append((sample.at, *sample.pools.get(node_pool, (0, None, None))))
+                waiting, p50, p95 = sample.pools.get(node_pool, (0, None, None))
+                rows.append((sample.at, waiting, p50 or 0.0, p95 or 0.0))
         return rows
 
 
