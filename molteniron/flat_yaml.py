@@ -27,6 +27,9 @@ _PRINTABLE_ASCII = re.compile(r"[ -~\n]*")
 _INT = re.compile(r"0|-?[1-9][0-9]*")
 _FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)\.[0-9]+")
 _WORD = re.compile(r"[A-Za-z/][A-Za-z0-9._~%+/:@=?&-]*")
+# An IPv4 address and port (web_address: 127.0.0.1:8080): text for YAML too (its
+# floats and base-60 numbers have at most one dot).
+_IPV4_ADDRESS = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?::[0-9]{1,5})?")
 _NULLS = {"~", "null", "Null", "NULL"}
 _NOT_WORDS = {"yes", "no", "on", "off", "true", "false", "null", "y", "n"}
 
@@ -73,5 +76,7 @@ def _scalar(text: str, in_list: bool = False):
     if _FLOAT.fullmatch(text):
         return float(text)
     if _WORD.fullmatch(text) and text.lower() not in _NOT_WORDS and not text.endswith(":"):
+        return text
+    if _IPV4_ADDRESS.fullmatch(text):
         return text
     return _NOT_FLAT

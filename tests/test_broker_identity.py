@@ -100,6 +100,7 @@ def test_the_definitions_declare_what_the_worker_declares():
                          protocol.DEAD_LETTER_QUEUE)}
 
 
+@pytest.mark.stack  # it imports the definitions into a vhost of its own on the broker
 def test_the_definitions_import_and_the_worker_declares_the_same_topology():
     tag = uuid.uuid4().hex[:8]
     vhost = f"molteniron_defs_{tag}"

@@ -83,3 +83,11 @@ def test_flat_values_are_read_here_not_left_to_pyyaml():
         "a": "amqp://ci:pw@mq:5671/v?heartbeat=30", "b": "INFO", "c": 0, "d": -1.25, "e": None,
         "f": ["x", 2, None], "g": [], "h": "/etc/molteniron/secret.keys"})
 
+
+
+@given(st.lists(st.integers(0, 999), min_size=4, max_size=4),
+       st.none() | st.integers(0, 99999))
+def test_an_ipv4_address_and_port_is_text_as_pyyaml_reads_it(parts, port):
+    value = ".".join(map(str, parts)) + ("" if port is None else f":{port}")
+    text = f"web_address: {value}\n"
+    assert flat_yaml.parse(text) == yaml.safe_load(text) == {"web_address": value}

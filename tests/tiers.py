@@ -1,0 +1,54 @@
+"""Test tiers, as markers every test gets from what it needs:
+
+- unit: no service at all (`python -m pytest -m unit tests` runs with RabbitMQ and
+  MariaDB unreachable);
+- db: the test run's MariaDB database (fixtures `database_url`, `engine`, `session`...);
+- stack: the test run's RabbitMQ vhost too, and worker processes (`amqp_url`, `stack`...);
+- cluster: private brokers or databases the test starts, stops and breaks itself.
+
+A test marked with one of them by hand keeps its mark; otherwise the fixtures it
+uses decide, and the modules in CLUSTER_MODULES are `cluster` whatever they use.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+TIERS = {
+    "unit": "needs no service: runs with RabbitMQ and MariaDB unreachable",
+    "db": "needs the test run's MariaDB database",
+    "stack": "needs the test run's RabbitMQ vhost (and usually a worker) too",
+    "cluster": "starts private RabbitMQ or MariaDB instances of its own",
+}
+# Modules that start private services (bench/private.py) or run the bench against
+# services of their own.
+CLUSTER_MODULES = frozenset({
+    "test_broker_cluster", "test_galera_cluster", "test_private_services",
+    "test_broker_tls", "test_broker_limits", "test_read_only_database", "test_reliability",
+    "test_reliability_badinput", "test_faults", "test_containers", "test_one_clock",
+})
+
+
+def pytest_configure(config):
+    for name, what in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        item.add_marker(getattr(pytest.mark, tier_of(item)))
+
+
+def tier_of(item) -> str:
+    module = item.module.__name__.rpartition(".")[2] if item.module else ""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if module in CLUSTER_MODULES:
+        return "cluster"
+    if "amqp_url" in fixtures:
+        return "stack"
+    if "database_url" in fixtures:
+        return "db"
+    return "unit"
