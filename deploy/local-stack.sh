@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Brings a local MoltenIron stack up on this machine: RabbitMQ, MariaDB, the
-# project in .venv, the database schema, one worker in the background, and a
+# project in .venv, the database schema, one worker and the web pages
+# (molteniron-web, on WEB_ADDRESS, default 127.0.0.1:8080) in the background, and a
 # round trip on demo nodes.
 #   bash deploy/local-stack.sh up        everything above (idempotent)
 #   bash deploy/local-stack.sh services  only make sure RabbitMQ and MariaDB run
-#   bash deploy/local-stack.sh down      stop the background worker
+#   bash deploy/local-stack.sh down      stop the background worker and web pages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE=.molteniron
@@ -14,6 +15,7 @@ export MOLTENIRON_AMQP_URL=${MOLTENIRON_AMQP_URL:-amqp://guest:guest@127.0.0.1:5
 # A stack for trying things out, with the broker's guest login for everything:
 # authorization off on purpose (a worker without `admins` refuses to start).
 export MOLTENIRON_ADMINS=${MOLTENIRON_ADMINS:-off}
+WEB_ADDRESS=${WEB_ADDRESS:-127.0.0.1:8080}
 
 say() { echo "local-stack: $*" >&2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -66,6 +68,26 @@ start_worker() {
   say "the worker does not answer; see $STATE/worker.log"; return 1
 }
 
+web_running() { [ -f "$STATE/web.pid" ] && kill -0 "$(cat "$STATE/web.pid")" 2>/dev/null; }
+
+start_web() {
+  if web_running; then
+    say "web pages already running (pid $(cat "$STATE/web.pid"))"
+  else
+    nohup "$VENV/bin/molteniron-web" --address "$WEB_ADDRESS" >>"$STATE/web.log" 2>&1 &
+    echo $! >"$STATE/web.pid"
+  fi
+  for _ in $(seq 1 60); do
+    if port_open "${WEB_ADDRESS##*:}"; then
+      say "web pages: http://$WEB_ADDRESS/ (pid $(cat "$STATE/web.pid"), log $STATE/web.log)"
+      return 0
+    fi
+    web_running || break
+    sleep 0.5
+  done
+  say "the web pages do not answer; see $STATE/web.log"; return 1
+}
+
 demo() {
   local mi="$VENV/bin/molteniron"
   for i in 1 2 3; do
@@ -82,9 +104,11 @@ demo() {
 
 case "${1:-up}" in
   services) services ;;
-  up) services; install; start_worker; demo
-      say "up: run '. $VENV/bin/activate' to get molteniron on PATH" ;;
+  up) services; install; start_worker; demo; start_web
+      say "up: run '. $VENV/bin/activate' to get molteniron on PATH; the pool's pages: http://$WEB_ADDRESS/" ;;
   down)
+    if web_running; then kill "$(cat "$STATE/web.pid")"; say "web pages stopped"; fi
+    rm -f "$STATE/web.pid"
     if worker_running; then kill "$(cat "$STATE/worker.pid")"; say "worker stopped"; fi
     rm -f "$STATE/worker.pid" ;;
   *) echo "usage: $0 [up|services|down]" >&2; exit 2 ;;

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika says WARNING for every refused passive declare: the pages say it once, better.
+    logging.getLogger("pika").setLevel(logging.ERROR)
     return serve(config, host, port, passwords, args.refresh, args.sample_every, args.threads)
 
 
