@@ -1,9 +1,10 @@
 """Faults during load: the soak's clients run while the active worker is killed
-(SIGKILL, a standby takes over), RabbitMQ is restarted, MariaDB is restarted, and
-MariaDB refuses writes for a while (read_only, as a failover or an operator sets it).
+(SIGKILL, a standby takes over), RabbitMQ is restarted, MariaDB is restarted,
+MariaDB refuses writes for a while (read_only, as a failover or an operator sets it),
+and the pool passes to a worker whose wall clock runs 7 h fast (libfaketime).
 
     python -m bench.faults [--kills 20] [--broker-restarts 1] [--db-restarts 1]
-                           [--db-read-only 1]
+                           [--db-read-only 1] [--clock-jumps 1]
 
 After each fault: the invariants hold and the pool answers again (the time it
 took is the failover/recovery time; for a read-only window, from the moment
@@ -24,6 +25,7 @@ import time
 
 from bench.db_refusals import add_worker_user, set_read_only
 from bench.env import Sandbox, add_nodes
+from bench.faked_clock import wall_clock_off_by
 from bench.private import PrivateMariaDB, PrivateRabbitMQ
 from bench.soak import Clients, check_clients, check_database, report, summarize, wait_settled
 
@@ -41,6 +43,33 @@ def kill_active_worker(sandbox, start_worker=None) -> None:
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     (start_worker or sandbox.start_worker)()  # the next standby
+
+
+FAST_CLOCK = "+7h"  # longer than the default 6 h lease: a host clock would expire them all
+
+
+def clock_jump(sandbox, worker_env: dict) -> None:
+    """The pool passes to a worker whose wall clock runs FAST_CLOCK ahead (libfaketime):
+    it is started as a standby, then every other worker is killed (SIGKILL), and a
+    standby with the machine's clock is started after it. Leases, waits and queue order
+    must not notice (they follow the database's clock)."""
+    before = {worker.pid for worker in sandbox.workers if worker.poll() is None}
+    fast = sandbox.start_worker(env={**worker_env, **wall_clock_off_by(FAST_CLOCK)})
+    fast_id = f"bench-{sandbox.workers.index(fast)}"
+    deadline = time.time() + 60
+    while not sandbox.sql("SELECT 1 FROM worker_heartbeats WHERE worker_id = :w", w=fast_id):
+        if time.time() > deadline or fast.poll() is not None:
+            raise RuntimeError(f"the fast-clock worker {fast_id} never said it stands by")
+        time.sleep(0.1)
+    for worker in sandbox.workers:
+        if worker.pid in before:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+    sandbox.start_worker(env=worker_env)
+    while sandbox.sql("SELECT holder FROM worker_meta")[0][0] != fast_id:
+        if time.time() > deadline + 60 or fast.poll() is not None:
+            raise RuntimeError(f"the fast-clock worker {fast_id} did not take over")
+        time.sleep(0.1)
 
 
 def restart_broker(rabbit: PrivateRabbitMQ) -> None:
@@ -101,13 +130,14 @@ def answered_again(sandbox, since: float, timeout: float = 120) -> float:
 
 
 def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
-        nodes: int = 20, seed: int = 7, db_read_only: int = 0) -> dict:
+        nodes: int = 20, seed: int = 7, db_read_only: int = 0, clock_jumps: int = 0) -> dict:
     plan = ["worker_kill"] * kills
     for kind, count in (("broker_restart", broker_restarts), ("db_restart", db_restarts),
-                        ("db_read_only", db_read_only)):
+                        ("db_read_only", db_read_only), ("clock_jump", clock_jumps)):
         for i in range(count):  # spread the restarts among the kills
             plan.insert((i + 1) * len(plan) // (count + 1), kind)
-    seconds = 10 + 4 * kills + 25 * (broker_restarts + db_restarts + db_read_only)
+    seconds = 10 + 4 * kills + 25 * (broker_restarts + db_restarts + db_read_only
+                                     + clock_jumps)
     with PrivateMariaDB() as mariadb, PrivateRabbitMQ() as rabbit:
         sandbox = Sandbox("faults", amqp_url=rabbit.url, db_url=mariadb.url, rabbitmqctl=rabbit.ctl)
         # The workers log in without SUPER (root would write on through read_only); the
@@ -117,7 +147,8 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
         faults = {"worker_kill": lambda: kill_active_worker(sandbox, start_worker),
                   "broker_restart": lambda: restart_broker(rabbit),
                   "db_restart": lambda: restart_database(mariadb),
-                  "db_read_only": lambda: read_only_database(mariadb)}
+                  "db_read_only": lambda: read_only_database(mariadb),
+                  "clock_jump": lambda: clock_jump(sandbox, worker_env)}
         clients_running = None
         try:
             add_nodes(sandbox, nodes // 2, "a", prefix="a")  # the soak's two pools
@@ -147,6 +178,9 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
                 problems.append(f"the workers dead-lettered {dead_lettered} request(s)")
             if db_read_only and not held:
                 problems.append("no worker met the read-only windows: do they log in as root?")
+            expired = logged(sandbox, "lease_expired")  # leases last 6 h: none may end here
+            if expired:
+                problems.append(f"{expired} lease expiries logged in a run of {seconds} s")
             by_kind = {}
             for r in recoveries:
                 by_kind.setdefault(r["fault"], []).append(r["recovered_s"])
@@ -170,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db-restarts", type=int, default=1)
     parser.add_argument("--db-read-only", type=int, default=1,
                         help=f"windows of {READ_ONLY_SECONDS:g} s with MariaDB read-only")
+    parser.add_argument("--clock-jumps", type=int, default=1,
+                        help=f"takeovers by a worker whose wall clock runs {FAST_CLOCK} ahead")
     parser.add_argument("--clients", type=int, default=50)
     args = parser.parse_args(argv)
     return report(run(args.kills, args.broker_restarts, args.db_restarts, args.clients,
-                      db_read_only=args.db_read_only))
+                      db_read_only=args.db_read_only, clock_jumps=args.clock_jumps))
 
 
 if __name__ == "__main__":

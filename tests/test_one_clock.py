@@ -1,6 +1,6 @@
 """One clock: the pool decides by the database server's clock, never a worker host's.
 
-Real worker processes whose wall clock is off (libfaketime: tests/faked_clock.py),
+Real worker processes whose wall clock is off (libfaketime: bench/faked_clock.py),
 a real broker and database. The machine's clock, which the database shares, is the
 truth: a worker host's clock that is off or steps changes no lease, deadline or
 place in a queue, and the worker says that its clock is off.
@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from bench.private import free_port
-from tests.faked_clock import SteppedWallClock, wall_clock_off_by
+from bench.faked_clock import SteppedWallClock, wall_clock_off_by
 from tests.stack import node_args, wait_until
 from tests.test_metrics import metrics_config, scrape
 from workers.clock import CLOCK_SKEW_WARN, DatabaseClock, unix

@@ -3,7 +3,7 @@
 
 `FAKETIME_DONT_FAKE_MONOTONIC=1 faketime -m -f '+7h' CMD` only puts LD_PRELOAD and
 FAKETIME in CMD's environment; these helpers put them in a worker's environment
-(Stack.start_worker(env=...)). A clock that steps while the worker runs reads its
+(tests' Stack.start_worker(env=...), bench's Sandbox.start_worker(env=...)). A clock that steps while the worker runs reads its
 offset from a file at every reading instead; the faketime command cannot do that,
 since its FAKETIME takes precedence over the file. time.monotonic() is left alone.
 
@@ -20,15 +20,18 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-
 # What `faketime -m` preloads; ld.so expands $LIB (x86_64-linux-gnu here).
 PRELOAD = "/usr/$LIB/faketime/libfaketimeMT.so.1"
 
 
+class FaketimeMissing(RuntimeError):
+    """libfaketime is not installed."""
+
+
 def require_faketime() -> None:
     if not (shutil.which("faketime") and glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")):
-        pytest.skip("libfaketime is not installed (Debian: apt-get install -y faketime)")
+        raise FaketimeMissing("libfaketime is not installed (Debian: apt-get install -y "
+                              "faketime; .ci/run installs it)")
 
 
 def wall_clock_off_by(offset: str) -> dict[str, str]:
