@@ -148,7 +148,7 @@ def test_history_is_searched_by_owner_node_and_time_and_paged(running, web):
     cut = rows[4]["started_at"]  # job-2's
     until = site.get("/api/v1/history?until=" + quote(cut)).json["history"]
     assert [r["owner"] for r in until] == [r["owner"] for r in rows if r["started_at"] <= cut]
-    assert "job-2" in [r["owner"] for r in until] and "holder" not in [r["owner"] for r in until]
+    assert "job-2" in [r["owner"] for r in until]
     since = site.get("/api/v1/history?since=" + quote(rows[2]["started_at"])).json["history"]
     assert [r["owner"] for r in since][:3] == ["holder", "holder", "job-4"]
     refused = site.get("/api/v1/history?since=yesterday")

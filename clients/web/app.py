@@ -172,17 +172,16 @@ def create_app(reader: PoolReader, series: Series, passwords=None, refresh: floa
         try:
             after = _int_arg("after")
             _check_state(filters["state"])
-            shaped = _shaped_nodes()
+            summary = reader.summary()
+            found, next_after, matching = _find_nodes(filters, after, HTML_PAGE, summary)
         except errors.MoltenIronError as exc:
             return page("nodes.html", "_nodes.html", exc, nodes=[], filters=filters,
                         pools=[], matching=0, next_url=None, total=0)
-        found, next_after, matching = views.filter_nodes(shaped, **filters, after=after,
-                                                         limit=HTML_PAGE)
         next_url = None if next_after is None else url_for(
             "nodes_page", **{k: v for k, v in filters.items() if v}, after=next_after)
         return page("nodes.html", "_nodes.html", nodes=found, filters=filters,
-                    pools=sorted({n["node_pool"] for n in shaped}), matching=matching,
-                    next_url=next_url, total=len(shaped))
+                    pools=[p["node_pool"] for p in summary["pools"]], matching=matching,
+                    next_url=next_url, total=summary["nodes"])
 
     @app.get("/queue")
     def queue_page():
@@ -235,9 +234,9 @@ def create_app(reader: PoolReader, series: Series, passwords=None, refresh: floa
                        "state": _check_state(request.args.get("state") or None),
                        "owner": request.args.get("owner") or None,
                        "tag": request.args.get("tag") or None,
-                       "name": request.args.get("name") or None,
-                       "after": _int_arg("after"), "limit": _limit()}
-            found, next_after, matching = views.filter_nodes(_shaped_nodes(), **filters)
+                       "name": request.args.get("name") or None}
+            found, next_after, matching = _find_nodes(filters, _int_arg("after"), _limit(),
+                                                      reader.summary())
         except errors.MoltenIronError as exc:
             return api(error=exc)
         return api({"nodes": found, "matching": matching, "next_after": next_after})
@@ -287,9 +286,29 @@ def create_app(reader: PoolReader, series: Series, passwords=None, refresh: floa
 
     # --- data shared by pages and API ---------------------------------------------------
 
-    def _shaped_nodes() -> list[dict]:
+    def _find_nodes(filters: dict, after: int | None, limit: int,
+                    summary: dict | None = None) -> tuple[list[dict], int | None, int | None]:
+        """(a page of shaped nodes, next_after, how many match or None if unknown).
+
+        Pool, state and owner the worker filters, a page at a time (one status page of
+        its time, cached per query); a tag, a name or `cleaning` need every node (the
+        whole listing, fetched and shaped once per CACHE_SECONDS for all of them)."""
+        if filters["tag"] or filters["name"] or filters["state"] == "cleaning":
+            return views.filter_nodes(reader.nodes(_shape), **filters, after=after,
+                                      limit=limit)
+        reply = reader.status_page(filters["pool"], filters["state"], filters["owner"],
+                                   after, limit)
         at = now()
-        return [views.node(record, at) for record in reader.nodes()]
+        found = [views.node(record, at) for record in reply["nodes"]]
+        matching = None
+        if filters["owner"] is None and summary is not None:
+            matching = sum(p[filters["state"] or "nodes"] for p in summary["pools"]
+                           if filters["pool"] in (None, p["node_pool"]))
+        return found, reply.get("next_after_id"), matching
+
+    def _shape(records: list[dict]) -> list[dict]:
+        at = now()
+        return [views.node(record, at) for record in records]
 
     def _history(owner, node, since, until, after, limit) -> dict:
         for name, value in (("since", since), ("until", until)):

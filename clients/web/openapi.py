@@ -108,7 +108,9 @@ DOCUMENT = {
                          "disk_gb, port_hwaddr and the blob's other keys but secrets"}}),
         "Nodes": _object({"nodes": {"type": "array",
                                     "items": {"$ref": "#/components/schemas/Node"}},
-                          "matching": {"type": "integer"}, "next_after": _INT_OR_NULL}),
+                          "matching": {**_INT_OR_NULL, "description": "how many match "
+                                       "in all; null when not counted (an owner filter)"},
+                          "next_after": _INT_OR_NULL}),
         "Waiter": _object({
             "position": {"type": "integer"}, "node_pool": {"type": "string"},
             "owner": {"type": "string"}, "user": _STR_OR_NULL, "count": {"type": "integer"},

@@ -83,10 +83,18 @@ class PoolReader:
     def summary(self, max_age: float = CACHE_SECONDS) -> dict:
         return self.get(("summary",), self._summary, max_age)
 
-    def nodes(self) -> list[dict]:
-        """Every node, without secrets, in id order (pages of PAGE_SIZE: the worker serves
-        other requests between them)."""
-        return self.get(("nodes",), lambda c: c.status(page_size=PAGE_SIZE)["nodes"])
+    def nodes(self, shape: Callable[[list[dict]], list] = list) -> list:
+        """shape(every node, without secrets, in id order), made once per fetch (pages of
+        PAGE_SIZE: the worker serves other requests between them). What tag and name
+        searches read: at 10,000 nodes, ten pages and 5 MB of JSON."""
+        return self.get(("nodes",), lambda c: shape(c.status(page_size=PAGE_SIZE)["nodes"]))
+
+    def status_page(self, node_pool: str | None, state: str | None, owner: str | None,
+                    after_id: int | None, limit: int) -> dict:
+        """One page of status, filtered by the worker: what most node views need."""
+        args = {"node_pool": node_pool, "state": state, "owner": owner, "after_id": after_id,
+                "limit": limit}
+        return self.get(("status", *args.values()), lambda c: c.call("status", args))
 
     def waiting(self) -> list[dict]:
         return self.get(("waiting",), lambda c: c.call("waiting", {})["waiting"])
