@@ -20,9 +20,12 @@ def test_soak_many_clients_random_operations_keep_every_invariant():
 
 def test_killed_workers_and_restarted_broker_and_database_lose_nothing():
     shared = shared_service_pids()  # the restarts are of private instances (bench/private.py)
-    result = faults.run(kills=3, broker_restarts=1, db_restarts=1, clients=20, nodes=10)
+    result = faults.run(kills=3, broker_restarts=1, db_restarts=1, clients=20, nodes=10,
+                        db_read_only=1, clock_jumps=1)
     assert result["problems"] == [], "\n".join(result["problems"])
     assert result["recovery_s"]["worker_kill"]["count"] == 3
+    assert result["recovery_s"]["clock_jump"]["count"] == 1
+    assert result["recovery_s"]["db_read_only"]["count"] == 1
     assert result["by_outcome"].get("allocate:ok", 0) > 0
     assert shared_service_pids() == shared
 
