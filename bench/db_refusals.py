@@ -15,7 +15,6 @@ passes, purge in between); a dropped table's room is usable again within about 0
 from __future__ import annotations
 
 import secrets
-import subprocess
 from typing import Callable
 
 import pymysql
@@ -71,29 +70,10 @@ class SmallDiskMariaDB(PrivateMariaDB):
     """A private MariaDB whose tables all live in one data file that cannot grow past
     DATA_FILE_MAX_MB: what a full disk is to InnoDB, without a disk of that size."""
 
+    # Given to the install (which makes the data file) and to every start (which reads
+    # its limit).
     OPTIONS = ("--innodb-file-per-table=0",
                f"--innodb-data-file-path=ibdata1:12M:autoextend:max:{DATA_FILE_MAX_MB}M")
-
-    def start(self) -> SmallDiskMariaDB:
-        # PrivateMariaDB.start with OPTIONS given to both programs (the data file is made
-        # by the install, and its limit is read at every start).
-        if not self.datadir.exists():
-            done = subprocess.run(
-                ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                 "--auth-root-authentication-method=normal", *self.OPTIONS],
-                capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise RuntimeError(f"mariadb-install-db: {done.stderr or done.stdout}")
-        with open(self.dir / "mariadbd.log", "a") as log:
-            self.process = subprocess.Popen(
-                ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
-                 "--bind-address=127.0.0.1", f"--socket={self.dir / 'sock'}",
-                 f"--pid-file={self.dir / 'pid'}", "--user=root", "--skip-log-bin", *self.OPTIONS],
-                stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._accepts_connections, 60,
-                 f"private MariaDB on :{self.port} to accept connections")
-        return self
-
 
 
 def fill_disk(mariadb: SmallDiskMariaDB, *also: Callable[[], int]) -> int:

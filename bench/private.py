@@ -112,6 +112,9 @@ class _Private:
 class PrivateMariaDB(_Private):
     """A mariadbd on a free port with its own datadir; root over TCP, no password."""
 
+    # Server options given to both mariadb-install-db and mariadbd (a subclass's).
+    OPTIONS: tuple[str, ...] = ()
+
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="mi-mariadb-"))
         self.datadir = self.dir / "data"
@@ -126,7 +129,7 @@ class PrivateMariaDB(_Private):
         if not self.datadir.exists():
             done = subprocess.run(
                 ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                 "--auth-root-authentication-method=normal"],
+                 "--auth-root-authentication-method=normal", *self.OPTIONS],
                 capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"mariadb-install-db: {done.stderr or done.stdout}")
@@ -134,7 +137,7 @@ class PrivateMariaDB(_Private):
             self.process = subprocess.Popen(
                 ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
                  "--bind-address=127.0.0.1", f"--socket={self.dir / 'sock'}",
-                 f"--pid-file={self.dir / 'pid'}", "--user=root", "--skip-log-bin"],
+                 f"--pid-file={self.dir / 'pid'}", "--user=root", "--skip-log-bin", *self.OPTIONS],
                 stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._accepts_connections, 60, f"private MariaDB on :{self.port} to accept connections")
         return self
