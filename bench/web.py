@@ -88,7 +88,8 @@ class Web:
 def first_loads(sandbox: Sandbox, tries: int) -> dict:
     """Each page's first load from a web process just started (nothing cached)."""
     out = {}
-    for path in ("/", "/nodes", "/api/v1/nodes?limit=100", "/queue"):
+    # /nodes?name=...: a search that reads the whole pool (ten status pages at 10,000).
+    for path in ("/", "/nodes", "/nodes?name=n1234", "/api/v1/nodes?limit=100", "/queue"):
         walls = []
         for _ in range(tries):
             web = Web(sandbox, "first")
@@ -149,7 +150,7 @@ def cycles_with_and_without(sandbox: Sandbox, clients: int, seconds: float, roun
             web.get("/nodes")  # warm, as a web process that has served a while is
             stop = threading.Event()
             load: dict = {}
-            loader = threading.Thread(target=lambda: load.update(serve_load(web, rate, stop)))
+            loader = threading.Thread(target=_collect, args=(load, web, rate, stop))
             cpu_before = web.cpu_seconds()
             loader.start()
             runs["with_web"].append(run_cycles(sandbox.amqp_url, clients, seconds).summary())
@@ -170,6 +171,10 @@ def cycles_with_and_without(sandbox: Sandbox, clients: int, seconds: float, roun
         "web_answers": served,
         "web_cpu_s_per_round": web_cpu,
     }
+
+
+def _collect(into: dict, web: Web, rate: float, stop: threading.Event) -> None:
+    into.update(serve_load(web, rate, stop))
 
 
 def _worker_log(sandbox: Sandbox) -> str:
