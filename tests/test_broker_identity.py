@@ -76,14 +76,16 @@ def broker_users(stack):
         subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=60)
 
 
-def test_the_definitions_hold_three_users_and_no_secrets():
+def test_the_definitions_hold_four_users_and_no_secrets():
     assert {u["name"] for u in DEFINITIONS["users"]} == {
-        "molteniron-worker", "molteniron-ci", "molteniron-admin"}
+        "molteniron-worker", "molteniron-ci", "molteniron-admin", "molteniron-web"}
     # An empty hash: nobody logs in until `rabbitmqctl change_password`.
     assert all(u["password_hash"] == "" and "password" not in u for u in DEFINITIONS["users"])
     # An admin has a CI user's rights, and may read the dead-letter queue (dead-letters).
     admin, ci = permissions_of("molteniron-admin"), permissions_of("molteniron-ci")
     assert admin[:2] == ci[:2] and admin[2] != ci[2]
+    # The web pages read with a CI user's rights, never a job's or an admin's login.
+    assert permissions_of("molteniron-web") == ci
 
 
 def test_the_definitions_declare_what_the_worker_declares():
