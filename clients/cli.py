@@ -25,10 +25,13 @@ EPILOG = """\
 exit codes:
   0  success
   1  request refused by the worker (JSON reply on stdout, message on stderr)
-  2  usage error or bad configuration
+  2  usage error or bad configuration, also as the broker finds it: it refused
+     the login, the vhost or a permission, or its TLS certificate is not
+     trusted (at once, naming which; trying again cannot help)
   3  allocate: the deadline (--wait) passed without nodes
-  4  RabbitMQ unreachable, or no worker answered within --timeout (an
-     allocate is then cancelled; a release or cancel stays queued, prints
+  4  RabbitMQ unreachable within --timeout, or no worker answered: at once when
+     no worker consumes the request queue, else after --timeout (an allocate
+     is then not sent, or cancelled; a release or cancel stays queued, prints
      {"status": 202, "queued": true, ...} and takes effect when a worker comes)
   5  release/renew: the owner's nodes were taken back before it released them
      (its lease expired, an admin removed them): the job ran on nodes that may
@@ -261,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                               tls=config)
     # SIGINT explicitly too: Python leaves it ignored when it was ignored at start
     # (`molteniron allocate ... &` in a script), and a waiting allocate must be cancelled.
+    # Only the first signal counts: a CI abort may send SIGTERM to the whole process group
+    # while a hook passes one on too, and a second one must not cut the cancel short.
     def interrupt(signum, frame):
+        if client.interrupted:
+            return
         client.interrupted = True
         raise errors.Interrupted()
     previous = {signum: signal.signal(signum, interrupt)
@@ -423,6 +430,9 @@ def _fail(exc: errors.MoltenIronError, args) -> int:
     print(f"molteniron: {exc.message}", file=sys.stderr)
     if exc.reply is None and isinstance(exc, (errors.BadRequest, errors.ConfigError)):
         return EXIT_USAGE  # refused here, before anything was sent
+    from clients.client import BrokerUnusable
+    if isinstance(exc, BrokerUnusable):
+        return EXIT_USAGE  # the broker refused us, or we it: only a person can fix that
     if isinstance(exc, errors.DeadlineExpired):
         # Only an allocate has a deadline of its own; for anything else the
         # worker was too busy to answer in time.

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
+from contextlib import ExitStack
 
-from tests.stack import NODE, ROOT, node_args
+from tests.stack import NODE, ROOT, node_args, wait_until
 
 
 def test_original_sequence_prints_the_original_json(running):
@@ -136,6 +139,49 @@ def test_unreachable_broker_exits_4(stack):
     result = stack.cli("status")
     assert result.returncode == 4
     assert "cannot reach RabbitMQ" in result.stderr and "Traceback" not in result.stderr
+
+
+def silent_listener(sockets: ExitStack) -> int:
+    """A port that accepts TCP connections and never says a word: no AMQP handshake."""
+    listener = sockets.enter_context(socket.socket())
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel completes the connections; nobody reads them
+    return listener.getsockname()[1]
+
+
+def full_listener(sockets: ExitStack) -> int:
+    """A port whose accept queue is full: a new TCP connection is never completed (the
+    kernel drops its SYNs), as with a firewall that drops packets."""
+    listener = sockets.enter_context(socket.socket())
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+
+    def full() -> bool:
+        filler = sockets.enter_context(socket.socket())
+        filler.settimeout(0.2)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except TimeoutError:
+            return True
+        return False  # that one got in, and fills the queue a bit more
+    wait_until(full, 10, "the listener's accept queue to be full")
+    return port
+
+
+def test_a_connect_timeout_says_so_naming_host_port_and_seconds(stack):
+    for listener, words in ((silent_listener, "connected, but no AMQP handshake within 2s"),
+                            (full_listener, "no TCP connection within 2s")):
+        with ExitStack() as sockets:
+            port = listener(sockets)
+            stack.env["MOLTENIRON_AMQP_URL"] = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
+            started = time.monotonic()
+            result = stack.cli("--timeout", "2", "status")
+            took = time.monotonic() - started
+        assert result.returncode == 4, (listener.__name__, result)
+        assert f"cannot reach RabbitMQ at 127.0.0.1:{port}: {words}" in result.stderr, result
+        assert "Traceback" not in result.stderr
+        assert took < 10, took  # the 2 s asked for, not a connect timeout of its own
 
 
 def test_no_worker_answering_exits_4(running):

@@ -6,13 +6,20 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from molteniron import protocol
 from tests.stack import ROOT, RunningCli, node_args, wait_until
 
 HOOKS = ROOT / "clients" / "hooks"
+# The bound "at once" is held to where the CLI used to wait for --timeout (30 s here): what
+# is claimed is about 1.5 s (2 s for an allocate, process start included); what is
+# measured is printed.
+AT_ONCE = 5.0
 
 
 def owners(stack) -> dict[str, str | None]:
@@ -66,6 +73,79 @@ def test_release_without_a_worker_is_queued_and_takes_effect_when_one_comes(stac
     assert result.json["status"] == 202 and result.json["queued"] is True
     assert "queued" in result.json["message"]
     assert owners(stack) == {"node-1": "job"}
+
+    stack.start_worker()
+    wait_until(lambda: owners(stack) == {"node-1": None}, 15, "the queued release to free the node")
+
+
+def timed_cli(stack, *args: str):
+    """The CLI with the default --timeout of 30 s, and how long it took."""
+    started = time.monotonic()
+    result = stack.cli("--timeout", "30", *args, timeout=90)
+    return result, time.monotonic() - started
+
+
+def queued_requests(stack) -> int:
+    """Requests in the request queue that no worker took yet."""
+    connection, channel = stack.channel()
+    try:
+        return channel.queue_declare(protocol.REQUEST_QUEUE, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+def test_allocate_with_no_worker_consuming_exits_4_at_once_and_sends_nothing(stack):
+    stack.start_worker()
+    stack.cli("add_baremetal", *node_args(1))
+    stack.stop_workers()
+    dead_letters = stack.dead_letters()
+
+    result, took = timed_cli(stack, "allocate", "job", "1", "--wait", "3600")
+
+    print(f"\nallocate with no worker consuming: exit {result.returncode} after {took:.2f}s")
+    assert result.returncode == 4, result
+    assert took < AT_ONCE, took
+    assert "no MoltenIron worker is consuming molteniron.requests" in result.stderr, result
+    assert "the allocate was not sent" in result.stderr
+    assert result.json["status"] == 503 and "Traceback" not in result.stderr
+    # Nothing was published: no allocate to expire into the dead letters, no cancel behind it.
+    assert queued_requests(stack) == 0
+    assert stack.dead_letters() == dead_letters
+
+    stack.start_worker()
+    assert owners(stack) == {"node-1": None}
+    assert stack.sql("SELECT COUNT(*) FROM allocations WHERE owner='job'") == [(0,)]
+
+
+def test_a_read_with_no_worker_consuming_fails_at_once_naming_why(stack):
+    stack.start_worker()
+    stack.stop_workers()
+
+    result, took = timed_cli(stack, "status")
+
+    print(f"\nstatus with no worker consuming: exit {result.returncode} after {took:.2f}s")
+    assert result.returncode == 4, result
+    assert took < AT_ONCE, took
+    assert "no MoltenIron worker answered: no MoltenIron worker is consuming " \
+           "molteniron.requests" in result.stderr, result
+
+
+def test_release_and_cancel_with_no_worker_consuming_are_queued_at_once(stack):
+    allocated_then_no_worker(stack)
+    unseen = str(uuid.uuid4())
+
+    released, release_took = timed_cli(stack, "release", "job")
+    cancelled, cancel_took = timed_cli(stack, "cancel", unseen)
+
+    print(f"\nwith no worker consuming: release queued after {release_took:.2f}s, cancel "
+          f"after {cancel_took:.2f}s")
+    for result, took in ((released, release_took), (cancelled, cancel_took)):
+        assert result.returncode == 4, result
+        assert took < AT_ONCE, took
+        assert result.json["status"] == 202 and result.json["queued"] is True, result
+        assert "no MoltenIron worker is consuming molteniron.requests" in result.stderr
+    assert owners(stack) == {"node-1": "job"}
+    assert queued_requests(stack) == 2  # both kept, for the worker that comes
 
     stack.start_worker()
     wait_until(lambda: owners(stack) == {"node-1": None}, 15, "the queued release to free the node")
