@@ -15,17 +15,21 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import yaml
 
-from tests.jobs import HOOKS, job_env, run_hook
+from tests.jobs import (EXAMPLES, HOOKS, PRE_HOOK_FILES as FILES, group_alive, job_env, kill_group,
+                        leftovers, run_hook, start_job_step)
 from tests.stack import ROOT, node_args, wait_until
 
-EXAMPLES = ROOT / "examples" / "jenkins"
-FILES = ("molteniron-nodes.json", "hardware_info", "localrc")
+# The bound a signal's effect is held to where it used to wait for the allocate to return
+# (MOLTENIRON_WAIT, 600 s in these tests): what is claimed is 2 s, what is measured is printed.
+PROMPTLY = 5.0
 # Every result a Jenkins build can end with: the post-hook must run on each.
 BUILD_RESULTS = {"SUCCESS", "UNSTABLE", "FAILURE", "NOT_BUILT", "ABORTED"}
 
@@ -71,6 +75,7 @@ def test_pre_hook_writes_the_reply_hardware_info_and_localrc_readable_only_by_it
         'end=10.1.1.2 --allocation-pool start=10.1.1.3,end=10.1.1.3"\n')
     assert held(running) == {"node-1": "job"}
     assert "s3cret" not in result.stdout + result.stderr
+    assert leftovers(tmp_path) == sorted(FILES)  # written aside, renamed: nothing else stays
 
 
 def test_localrc_is_what_devstack_reads_when_it_sources_it(running, tmp_path):
@@ -118,10 +123,70 @@ def test_pre_hook_without_nodes_in_time_fails_and_leaves_no_stale_facts(running,
     result = run_hook(running, tmp_path, "pre_hook.sh", "1", MOLTENIRON_WAIT="1")
 
     assert result.returncode == 3, result  # the deadline passed without nodes
-    assert not (tmp_path / "hardware_info").exists()
-    assert not (tmp_path / "localrc").exists()
+    assert leftovers(tmp_path) == []  # not even the 408 reply
     assert held(running) == {"node-1": "other-job"}
     assert running.sql("SELECT COUNT(*) FROM waiting_requests") == [(0,)]
+
+
+def test_a_pre_hook_without_a_worker_leaves_none_of_its_files(stack, tmp_path):
+    stack.start_worker()  # the queues exist; then nobody consumes them
+    stack.stop_workers()
+    for name in FILES:
+        (tmp_path / name).write_text("from the last build\n")
+
+    result = run_hook(stack, tmp_path, "pre_hook.sh")
+
+    assert result.returncode == 4, result
+    assert "no MoltenIron worker is consuming" in result.stderr
+    assert leftovers(tmp_path) == []  # the 503 reply went to stderr's message, not to a file
+
+
+def waiting_owners(stack) -> list[str]:
+    return [row[0] for row in stack.sql("SELECT owner FROM waiting_requests ORDER BY id")]
+
+
+def wait_for_the_step_to_wait(stack, step: subprocess.Popen) -> None:
+    def waits() -> bool:
+        assert step.poll() is None, step.communicate()
+        return waiting_owners(stack) == ["job"]
+    wait_until(waits, 60, "the job's allocate to wait", interval=0.1)
+
+
+def cancelled_within(stack, step: subprocess.Popen, signalled: float) -> float:
+    """Seconds from `signalled` until the job's waiting allocate is gone (PROMPTLY at most)."""
+    wait_until(lambda: waiting_owners(stack) == [], PROMPTLY,
+               "the waiting allocate to be cancelled", interval=0.02)
+    return time.monotonic() - signalled
+
+
+@pytest.mark.parametrize("signum, to_whom", [
+    (signal.SIGTERM, "the pre-hook alone"),  # a CI system aborting the step, by its pid
+    (signal.SIGINT, "its process group"),  # Ctrl-C at a terminal
+])
+def test_an_interrupted_pre_hook_cancels_its_allocate_and_leaves_none_of_its_files(
+        running, tmp_path, signum, to_whom):
+    running.cli("add_baremetal", *node_args(1))
+    assert running.cli("allocate", "other-job", "1").returncode == 0
+    step = start_job_step(running, tmp_path, HOOKS / "pre_hook.sh", MOLTENIRON_WAIT="600")
+    try:
+        wait_for_the_step_to_wait(running, step)
+        signalled = time.monotonic()
+        if to_whom == "the pre-hook alone":
+            step.send_signal(signum)
+        else:
+            os.killpg(step.pid, signum)
+        took = cancelled_within(running, step, signalled)
+        output = step.communicate(timeout=PROMPTLY)
+        exited = time.monotonic() - signalled
+    finally:
+        kill_group(step)
+    print(f"\n{signal.Signals(signum).name} to {to_whom}: allocate cancelled after "
+          f"{took:.2f}s, pre-hook exited after {exited:.2f}s")
+    assert step.returncode == 130, output
+    assert leftovers(tmp_path) == [], output  # not even an empty molteniron-nodes.json
+    assert not group_alive(step)  # the molteniron process went with it
+    assert held(running) == {"node-1": "other-job"}
+    assert running.sql("SELECT COUNT(*) FROM allocations WHERE owner='job'") == [(0,)]
 
 
 def test_pre_hook_says_when_each_lease_ends(running, tmp_path):
@@ -176,6 +241,30 @@ def test_post_hook_passes_for_a_build_that_never_got_nodes(running, tmp_path):
 def test_post_hook_fails_when_the_release_is_refused(running, tmp_path):
     result = run_hook(running, tmp_path, "post_hook.sh", MOLTENIRON_OWNER="x" * 300)
     assert result.returncode == 2, result  # an owner name longer than any column
+
+
+def with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+
+
+def test_post_hook_does_not_retry_a_login_the_broker_refused(running, tmp_path):
+    """A wrong password stays wrong: retrying it for MOLTENIRON_RELEASE_RETRY helps nobody."""
+    running.cli("add_baremetal", *node_args(1))
+    assert run_hook(running, tmp_path, "pre_hook.sh").returncode == 0
+
+    started = time.monotonic()
+    result = run_hook(running, tmp_path, "post_hook.sh", MOLTENIRON_RELEASE_RETRY="60",
+                      MOLTENIRON_AMQP_URL=with_password(running.amqp_url, "not-the-password"))
+    took = time.monotonic() - started
+
+    assert result.returncode == 2, result
+    assert "refused the login of user 'guest'" in result.stderr, result
+    assert took < PROMPTLY, took  # one try (about 0.1 s), where it used to retry for 60 s
+    assert held(running) == {"node-1": "job"}  # nothing was released, nothing is queued
+    assert run_hook(running, tmp_path, "post_hook.sh").returncode == 0
+    assert held(running) == {"node-1": None}
 
 
 # --- examples/jenkins ----------------------------------------------------------
@@ -236,10 +325,8 @@ def test_the_jenkinsfile_allocates_in_a_stage_and_releases_in_post_always():
 # --- examples/jenkins/pipeline.sh, run for real ----------------------------------------
 
 def run_pipeline(stack, workspace: Path, *job: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(["bash", str(EXAMPLES / "pipeline.sh"), *job], cwd=workspace,
-                            env=job_env(stack, workspace, **{"MOLTENIRON_COUNT": "2", **env}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, as CI runs a job
+    return start_job_step(stack, workspace, EXAMPLES / "pipeline.sh", *job,
+                          **{"MOLTENIRON_COUNT": "2", **env})
 
 
 # The fake job: proves it ran between the hooks, with the nodes' facts in its workspace.
@@ -275,6 +362,34 @@ def test_the_shell_pipeline_gives_the_nodes_back_when_the_build_is_aborted(runni
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 143
     assert held(running) == {"node-1": None, "node-2": None}
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_pipeline_alone_cancels_its_waiting_allocate_at_once(
+        running, tmp_path, signum, code):
+    """Not to its process group: `kill PID` of the script, as a supervisor that knows only
+    the pid does. The waiting allocate is cancelled, then the post-hook runs, nothing stays."""
+    running.cli("add_baremetal", *node_args(1))
+    assert running.cli("allocate", "other-job", "1").returncode == 0
+    step = start_job_step(running, tmp_path, EXAMPLES / "pipeline.sh", "touch", "ran",
+                          MOLTENIRON_WAIT="600")
+    try:
+        wait_for_the_step_to_wait(running, step)
+        signalled = time.monotonic()
+        step.send_signal(signum)
+        took = cancelled_within(running, step, signalled)
+        output = step.communicate(timeout=PROMPTLY)
+        exited = time.monotonic() - signalled
+    finally:
+        kill_group(step)
+    print(f"\n{signal.Signals(signum).name} to pipeline.sh alone: allocate cancelled after "
+          f"{took:.2f}s, pipeline exited (post-hook included) after {exited:.2f}s")
+    assert step.returncode == code, output
+    assert not (tmp_path / "ran").exists()
+    assert leftovers(tmp_path) == [], output
+    assert not group_alive(step)  # no pre-hook, no molteniron process left behind
+    assert held(running) == {"node-1": "other-job"}
+    assert running.sql("SELECT COUNT(*) FROM allocations WHERE owner='job'") == [(0,)]
 
 
 def test_the_shell_pipeline_releases_nothing_it_did_not_get(running, tmp_path):

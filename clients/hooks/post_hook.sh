@@ -6,10 +6,12 @@
 # allocates. While RabbitMQ or the worker does not answer (exit 4) it tries again, for
 # up to MOLTENIRON_RELEASE_RETRY seconds (default 300). A release that is still queued
 # then takes effect when a worker comes: that is a warning and exit 0, not a failed
-# build. Anything else fails: 1 refused (e.g. 403, another broker user's owner), 2 usage
-# or configuration, 4 the broker stayed unreachable, 5 the nodes were taken back before
-# this release (the lease expired, an admin removed them): the job ran on nodes that
-# may have gone to another job meanwhile, so its result cannot be trusted.
+# build. Anything else fails at once, untried again: 1 refused (e.g. 403, another broker
+# user's owner), 2 usage or configuration (the broker refused the login, the vhost or a
+# permission, or its certificate is not trusted: trying again cannot help), 4 the broker
+# stayed unreachable, 5 the nodes were taken back before this release (the lease
+# expired, an admin removed them): the job ran on nodes that may have gone to another
+# job meanwhile, so its result cannot be trusted.
 set -uo pipefail
 owner=${MOLTENIRON_OWNER:-${BUILD_TAG:?set MOLTENIRON_OWNER or run under Jenkins}}
 if ! command -v molteniron > /dev/null; then

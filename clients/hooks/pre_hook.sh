@@ -13,19 +13,25 @@
 # line of hardware_info with the same IRONIC_HW_* values: the first node's arch, the
 # smallest CPU count, RAM and disk among the nodes (so one flavor fits every node), and
 # every node's IPs in hardware_info's order. Nodes come in the order of their ids.
-# Files of an earlier build are removed first, so a build that got no nodes has none.
+# Files of an earlier build are removed first. The new ones are written aside and
+# renamed into place only once all three are complete: the hook exits 0 with all of
+# them, or non-zero with none (not the error reply, not an empty file after Ctrl-C).
 #
 # Owner: $MOLTENIRON_OWNER, else Jenkins' $BUILD_TAG (post_hook.sh uses the same).
 # MOLTENIRON_WAIT: longest wait for nodes (default 3600 s); MOLTENIRON_LEASE: how long
 # the nodes stay this build's (default: the worker's lease_seconds). When each lease
 # ends is printed on stderr.
+# SIGTERM or SIGINT to this script alone (not only to its process group) cancels a
+# waiting allocate at once.
 # Exit codes are molteniron's: 0 nodes written; 1 refused (e.g. the pool is too small);
-# 2 usage or configuration; 3 no nodes came within MOLTENIRON_WAIT; 4 no broker or no
-# worker answered; 130 interrupted (the waiting allocate is cancelled first).
+# 2 usage or configuration (the broker refused the login, the vhost or a permission, or
+# its certificate is not trusted); 3 no nodes came within MOLTENIRON_WAIT; 4 no broker,
+# or no worker answered (at once when none consumes the requests); 130 interrupted
+# (the waiting allocate is cancelled first).
 set -euo pipefail
 owner=${MOLTENIRON_OWNER:-${BUILD_TAG:?set MOLTENIRON_OWNER or run under Jenkins}}
 workspace=${WORKSPACE:-.}
-nodes_file="$workspace/molteniron-nodes.json"
+files=(molteniron-nodes.json hardware_info localrc)
 if ! cli=$(command -v molteniron); then
   echo "molteniron: the molteniron command is not on PATH" >&2
   exit 2
@@ -37,20 +43,48 @@ python="$(dirname "$(readlink -f "$cli")")/python3"
 
 umask 077
 # An old file keeps its old mode when it is overwritten, and a stale one would describe
-# nodes this build does not hold.
-rm -f "$nodes_file" "$workspace/hardware_info" "$workspace/localrc"
+# nodes this build does not hold. (.molteniron-pre-hook.*: left by a pre-hook killed -9.)
+for name in "${files[@]}"; do rm -f "$workspace/$name"; done
+rm -rf "$workspace"/.molteniron-pre-hook.*
+aside=$(mktemp -d "$workspace/.molteniron-pre-hook.XXXXXX")
+finish() {
+  local status=$?
+  trap - EXIT
+  rm -rf "$aside"
+  if [ "$status" -ne 0 ]; then
+    for name in "${files[@]}"; do rm -f "$workspace/$name"; done
+  fi
+  exit "$status"
+}
+trap finish EXIT
+# The allocate runs in the background and is waited for: bash runs a trap only between
+# commands, so a foreground allocate would hold a signal to this script until it
+# returned (up to MOLTENIRON_WAIT). The signal is passed on as SIGTERM (SIGINT is ignored
+# by a background process); molteniron cancels the waiting allocate and exits 130.
+interrupted() {
+  trap '' TERM INT  # one is enough: molteniron is cancelling
+  local running
+  running=$(jobs -p)
+  if [ -n "$running" ]; then
+    kill -TERM $running 2> /dev/null || true
+    wait $running || true
+  fi
+  exit 130
+}
+trap interrupted TERM INT
 molteniron allocate "$owner" "${1:-1}" "${2:-default}" --wait "${MOLTENIRON_WAIT:-3600}" \
-  ${MOLTENIRON_LEASE:+--lease "$MOLTENIRON_LEASE"} > "$nodes_file"
+  ${MOLTENIRON_LEASE:+--lease "$MOLTENIRON_LEASE"} > "$aside/molteniron-nodes.json" &
+wait $!
 
-"$python" - "$nodes_file" "$workspace" "$owner" <<'PYTHON'
+"$python" - "$aside" "$workspace" "$owner" <<'PYTHON'
 import json
 import os
 import re
 import shlex
 import sys
 
-nodes_file, workspace, owner = sys.argv[1:]
-with open(nodes_file) as f:
+aside, workspace, owner = sys.argv[1:]
+with open(os.path.join(aside, "molteniron-nodes.json")) as f:
     nodes = sorted(json.load(f)["nodes"].values(), key=lambda node: node["id"])
 facts = [{**json.loads(node["blob"]), **node,
           "ips": [ip for ip in node["allocation_pool"].split(",") if ip]} for node in nodes]
@@ -61,7 +95,7 @@ def warn(message):
 
 
 def write(name, lines):
-    fd = os.open(os.path.join(workspace, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(os.path.join(aside, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.writelines(line + "\n" for line in lines)
 
@@ -98,6 +132,9 @@ for node in facts:
     print(f"molteniron: {node['name']} is leased to {owner} until "
           f"{node.get('lease_expires_at') or 'unknown'} (molteniron renew {owner} to extend)",
           file=sys.stderr)
+# All three are complete: in place they go, each by a rename within the workspace.
+for name in ("molteniron-nodes.json", "hardware_info", "localrc"):
+    os.replace(os.path.join(aside, name), os.path.join(workspace, name))
 print(f"molteniron: wrote molteniron-nodes.json, hardware_info and localrc for "
       f"{len(facts)} node(s) in {os.path.abspath(workspace)}", file=sys.stderr)
 PYTHON

@@ -10,7 +10,9 @@
 # the build fails (exit 5). The
 # release runs on every way out: the job step's success or failure, a pre-hook that got
 # no nodes, Ctrl-C, SIGTERM (a CI system aborting the build). Only SIGKILL skips it; the
-# lease gives the nodes back then.
+# lease gives the nodes back then. A signal to this script alone (kill PID, as well as
+# one to its whole process group) acts at once: the step that runs is stopped first (a
+# waiting allocate is cancelled, the job step gets SIGTERM), then the release runs.
 #
 # MOLTENIRON_HOOKS   folder of pre_hook.sh and post_hook.sh (default: this checkout's
 #                    clients/hooks)
@@ -33,10 +35,30 @@ release() {
   bash "$hooks/post_hook.sh" || { local failed=$?; [ "$status" -ne 0 ] || status=$failed; }
   exit "$status"
 }
+# SIGTERM/SIGINT: the running step gets SIGTERM (a background one ignores SIGINT) and is
+# waited for, so that the pre-hook's cancel is done before the post-hook runs.
+stop() {
+  trap '' INT TERM
+  local running
+  running=$(jobs -p)
+  if [ -n "$running" ]; then
+    kill -TERM $running 2> /dev/null || true
+    wait $running || true
+  fi
+  exit "$1"
+}
 trap release EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'stop 130' INT
+trap 'stop 143' TERM
 
-bash "$hooks/pre_hook.sh" "${MOLTENIRON_COUNT:-1}" "${MOLTENIRON_POOL:-default}"
+# Each step runs in the background and is waited for: bash runs a trap only between
+# commands, so a step in the foreground would hold a signal to this script until the
+# step ended (a waiting allocate: up to MOLTENIRON_WAIT).
+step() {
+  "$@" &
+  wait $!
+}
+
+step bash "$hooks/pre_hook.sh" "${MOLTENIRON_COUNT:-1}" "${MOLTENIRON_POOL:-default}"
 cd "$WORKSPACE"
-bash "$hooks/keep_lease.sh" "$@"
+step bash "$hooks/keep_lease.sh" "$@"
