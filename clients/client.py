@@ -63,26 +63,11 @@ NO_CONSUMER_FOR = 1.0
 PROBE_EVERY = 0.25  # seconds between those questions
 CONSUMED_PROBE_EVERY = 5.0  # ... and while a worker consumes but has not answered yet
 # Nodes per status or export reply: about 5 ms of the worker's time, and 0.5 MB, a page.
+# The broker errors live with the others; importable from here as before.
+BrokerUnusable, BrokerRefused = errors.BrokerUnusable, errors.BrokerRefused
+BrokerNotTrusted = errors.BrokerNotTrusted
 PAGE_SIZE = 1000
 EXPORT_TRIES = 3  # listings read again when a node name showed twice
-
-
-class BrokerUnusable(errors.ServiceUnavailable):
-    """The broker answered, but cannot be used as configured (client side): trying again
-    cannot help until the configuration, the broker's users or its certificate change.
-    The CLI exits 2 for it; a long-running caller (the cleaner) may wait for an operator
-    as it waits out an outage."""
-
-
-class BrokerRefused(BrokerUnusable):
-    """RabbitMQ refused this login, its vhost, or a permission a request needs."""
-
-    status = 403
-
-
-class BrokerNotTrusted(BrokerUnusable):
-    """The broker's TLS certificate failed verification: signed by a CA this client does
-    not trust, issued for another host name, expired."""
 
 
 class MoltenIronClient:

@@ -131,6 +131,24 @@ class ServiceUnavailable(MoltenIronError):
     status = 503
 
 
+class BrokerUnusable(ServiceUnavailable):
+    """The broker answered, but cannot be used as configured (client side): trying again
+    cannot help until the configuration, the broker's users or its certificate change.
+    The CLI exits 2 for it; a long-running caller (the cleaner) may wait for an operator
+    as it waits out an outage."""
+
+
+class BrokerRefused(BrokerUnusable):
+    """RabbitMQ refused this login, its vhost, or a permission a request needs."""
+
+    status = 403
+
+
+class BrokerNotTrusted(BrokerUnusable):
+    """The broker's TLS certificate failed verification: signed by a CA this client does
+    not trust, issued for another host name, expired."""
+
+
 class RequestQueued(MoltenIronError):
     """No worker answered a release or cancel yet; it acts when one consumes it (client side)."""
 
@@ -152,7 +170,8 @@ _BY_KIND = {
         MoltenIronError, ConfigError, BadRequest, UnknownField, Forbidden, NodeNotFound,
         OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes, PoolTooSmall,
         RequestCancelled, NodesTakenBack, TooManyRequests, DeadlineExpired, InternalError,
-        NotActiveWorker, ServiceUnavailable, RequestQueued,
+        NotActiveWorker, ServiceUnavailable, BrokerUnusable, BrokerRefused, BrokerNotTrusted,
+        RequestQueued,
     )
 }
 _BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineExpired,
