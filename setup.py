@@ -1,8 +1,13 @@
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    open("molteniron/__init__.py", encoding="utf-8").read()).group(1)
 
 setup(
     name="molteniron",
-    version="2.0.0",
+    version=VERSION,
     description="A pool of bare-metal nodes shared by CI jobs: allocate, wait, release.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Mapping
 
-from molteniron import errors, protocol
+from molteniron import __version__, errors, protocol
 from molteniron.config import load_config
 
 log = logging.getLogger("molteniron.cleaner")
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="molteniron-cleaner",
         description="Clean dirty nodes of the MoltenIron pool with cleaning_command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-c", "--conf-dir", metavar="DIR", help="read DIR/conf.yaml")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
     parser.add_argument("--once", action="store_true",

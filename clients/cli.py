@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-from molteniron import errors, protocol
+from molteniron import __version__, errors, protocol
 from molteniron.config import load_config
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DEADLINE, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="molteniron", epilog=EPILOG, formatter_class=_EpilogFormatter,
         description="Check bare-metal nodes out of the MoltenIron pool and back in.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-c", "--conf-dir", metavar="DIR", help="read DIR/conf.yaml")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
     parser.add_argument("-o", "--output", choices=("json", "result"),

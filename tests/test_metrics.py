@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 from collections import Counter
@@ -254,3 +255,15 @@ def test_how_long_nodes_wait_for_their_cleaning_is_a_gauge(stack, tmp_path):
     code, reply, _ = clean_once(stack, env)
     assert code == 0 and reply["state"] == "ready", reply
     wait_until(lambda: dirty_age() == 0.0, 15, "the cleaned node to leave the gauge")
+
+
+def test_a_metrics_port_in_use_stops_the_worker_at_start_saying_why(stack, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = stack.start_worker(env=metrics_config(tmp_path, "busy", port), ready=False)
+        assert worker.wait(timeout=60) == 2
+    log = stack.worker_log()
+    assert f"metrics_address 127.0.0.1:{port} cannot be served" in log, log
+    assert "Traceback" not in log

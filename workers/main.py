@@ -8,7 +8,7 @@ import sys
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from molteniron import db, secrets
+from molteniron import __version__, db, secrets
 from molteniron.config import load_config, url_list
 from molteniron.errors import ConfigError, NotActiveWorker
 
@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rotate-secrets", action="store_true",
                         help="re-encrypt every node's IPMI password with the first key of "
                              "secret_key_file (plain-text ones too), in one transaction, and exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--generate-secret-key", action="store_true",
                         help="print a new key for secret_key_file and exit")
     return parser.parse_args(argv)
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     from workers.worker import Worker  # pika and the worker only when serving
     try:
         Worker(config, args.worker_id).run()
+    except ConfigError as exc:  # found once serving began: the metrics port, say
+        print(f"molteniron-worker: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
     except NotActiveWorker as exc:
         logging.getLogger(__name__).error("event=exit reason=fenced detail=%r", exc.message)
         return EXIT_FENCED

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 
 from molteniron import protocol
+from molteniron.errors import ConfigError
 from molteniron.models import State
 from workers.clock import unix
 
@@ -276,16 +277,18 @@ REGISTRY.register(_EXPORTER)
 
 
 def start(address: str | None, keeper) -> bool:
-    """Serve /metrics at host:port in a thread (nothing when address is None); True if serving."""
+    """Serve /metrics at host:port in a thread (nothing when address is None); True if
+    serving. ConfigError when the address cannot be served (a port in use, say): a
+    worker that monitoring cannot see is refused at start, not found out later."""
     _EXPORTER.keeper = keeper
     if not address:
         return False
     host, _, port = address.rpartition(":")
     try:
         start_http_server(int(port), host.strip("[]"), registry=REGISTRY)
-    except OSError as exc:  # the pool matters more than its metrics: serve it anyway
-        log.error("event=metrics_unavailable address=%s error=%r", address, exc.strerror)
-        return False
+    except OSError as exc:
+        raise ConfigError(f"metrics_address {address} cannot be served: {exc.strerror} "
+                          "(another process listens there?)") from None
     _EXPORTER.serving = True
     log.info("event=metrics_serving address=%s", address)
     return True

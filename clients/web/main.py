@@ -20,7 +20,7 @@ import signal
 import sys
 from urllib.parse import unquote, urlsplit
 
-from molteniron import errors
+from molteniron import __version__, errors
 from molteniron.config import load_config, url_list
 
 DEFAULT_ADDRESS = "127.0.0.1:8080"
@@ -71,6 +71,7 @@ def broker_of(amqp_url: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molteniron-web", description=(
         "Serve MoltenIron's pool as web pages and a JSON API (read-only)."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", help="configuration file")
     parser.add_argument("-c", "--conf-dir", help="read DIR/conf.yaml")
     parser.add_argument("--address", help="HOST:PORT to serve on (default: web_address of "
