@@ -57,6 +57,7 @@ class Batch:
     adopted_grants: list[tuple] | None = None  # the outbox as found at takeover
     writes: list[tuple[str, tuple | None]] = field(default_factory=list)  # not sent yet
     orm_session: Session | None = None  # made by the first use of .session
+    looked_up: dict[str, Stored | None] = field(default_factory=dict)  # look_up_stored's reads
 
     def at(self, now: datetime) -> None:
         """Give the batch its time (the keeper: the database's), unless it was made with
@@ -162,10 +163,13 @@ class Batch:
         every request)."""
         if request_id in self.to_store:
             return self.to_store[request_id]
-        row = self.connection.exec_driver_sql(
-            "SELECT op, reply, user FROM processed_requests WHERE request_id = %s",
-            (request_id,)).first()
-        return None if row is None else Stored(row[0], json.loads(row[1]), row[2])
+        if request_id not in self.looked_up:  # cancel's authorization, then its handler
+            row = self.connection.exec_driver_sql(
+                "SELECT op, reply, user FROM processed_requests WHERE request_id = %s",
+                (request_id,)).first()
+            self.looked_up[request_id] = (None if row is None
+                                          else Stored(row[0], json.loads(row[1]), row[2]))
+        return self.looked_up[request_id]
 
     def _stored_copy(self, grant: Outgoing) -> dict:
         """The grant without passwords: the copy store() made already, when there is one."""
