@@ -15,7 +15,8 @@ passes, purge in between); a dropped table's room is usable again within about 0
 from __future__ import annotations
 
 import secrets
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import pymysql
 
@@ -35,35 +36,37 @@ def root(mariadb: PrivateMariaDB, database: str | None = None) -> pymysql.Connec
                            database=database)
 
 
+@contextmanager
+def root_cursor(mariadb: PrivateMariaDB, database: str | None = None) -> Iterator:
+    """A cursor of root on the private server (autocommit), closed with its connection."""
+    conn = root(mariadb, database)
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
+
+
 def add_worker_user(mariadb: PrivateMariaDB, database: str) -> str:
     """A user with every right on `database` and none beyond (no SUPER, so read_only
     stops it); returns its SQLAlchemy URL. The anonymous users mariadb-install-db makes
     would win over 'user'@'%' for a TCP login from 127.0.0.1 (1045): they go."""
     password = secrets.token_hex(12)
-    conn = root(mariadb)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("DELETE FROM mysql.global_priv WHERE User = ''")
-            cur.execute("FLUSH PRIVILEGES")
-            for host in ("%", "localhost"):
-                # No parameters: the host '%' would be taken for one (the password is hex).
-                cur.execute(f"CREATE OR REPLACE USER '{WORKER_USER}'@'{host}' "
-                            f"IDENTIFIED BY '{password}'")
-                cur.execute(f"GRANT ALL PRIVILEGES ON `{database}`.* TO "
-                            f"'{WORKER_USER}'@'{host}'")
-    finally:
-        conn.close()
+    with root_cursor(mariadb) as cur:
+        cur.execute("DELETE FROM mysql.global_priv WHERE User = ''")
+        cur.execute("FLUSH PRIVILEGES")
+        for host in ("%", "localhost"):
+            # No parameters: the host '%' would be taken for one (the password is hex).
+            cur.execute(f"CREATE OR REPLACE USER '{WORKER_USER}'@'{host}' "
+                        f"IDENTIFIED BY '{password}'")
+            cur.execute(f"GRANT ALL PRIVILEGES ON `{database}`.* TO '{WORKER_USER}'@'{host}'")
     return f"mysql+pymysql://{WORKER_USER}:{password}@127.0.0.1:{mariadb.port}/{database}"
 
 
 def set_read_only(mariadb: PrivateMariaDB, on: bool) -> None:
     """read_only on or off (as root) on the private server."""
-    conn = root(mariadb)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"SET GLOBAL read_only = {1 if on else 0}")
-    finally:
-        conn.close()
+    with root_cursor(mariadb) as cur:
+        cur.execute(f"SET GLOBAL read_only = {1 if on else 0}")
 
 
 class SmallDiskMariaDB(PrivateMariaDB):
@@ -120,14 +123,10 @@ def _fill_filler(mariadb: SmallDiskMariaDB) -> int:
 
 def _purged(mariadb: SmallDiskMariaDB) -> bool:
     """No committed transaction's undo log is left for InnoDB's purge to free."""
-    conn = root(mariadb)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT `COUNT` FROM information_schema.INNODB_METRICS "
-                        "WHERE NAME = 'trx_rseg_history_len'")
-            return cur.fetchone()[0] == 0
-    finally:
-        conn.close()
+    with root_cursor(mariadb) as cur:
+        cur.execute("SELECT `COUNT` FROM information_schema.INNODB_METRICS "
+                    "WHERE NAME = 'trx_rseg_history_len'")
+        return cur.fetchone()[0] == 0
 
 
 def fill_table_pages(mariadb: SmallDiskMariaDB, database: str, insert_row: str,
@@ -173,9 +172,5 @@ def refused(mariadb: SmallDiskMariaDB, database: str, statement: str, params) ->
 
 def free_disk(mariadb: SmallDiskMariaDB) -> None:
     """Give the filler's room back (its pages are free again within about 0.5 s)."""
-    conn = root(mariadb)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {FILLER_DATABASE}")
-    finally:
-        conn.close()
+    with root_cursor(mariadb) as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {FILLER_DATABASE}")
