@@ -159,6 +159,20 @@ def cancelled_within(stack, step: subprocess.Popen, signalled: float) -> float:
     return time.monotonic() - signalled
 
 
+def interrupt_while_waiting(stack, step: subprocess.Popen, send) -> tuple[float, float, tuple]:
+    """Once the step's allocate waits, send(step) a signal: (seconds until the allocate
+    was gone, seconds until the step exited, its output). Its process group goes after."""
+    try:
+        wait_for_the_step_to_wait(stack, step)
+        signalled = time.monotonic()
+        send(step)
+        took = cancelled_within(stack, step, signalled)
+        output = step.communicate(timeout=PROMPTLY)
+        return took, time.monotonic() - signalled, output
+    finally:
+        kill_group(step)
+
+
 @pytest.mark.parametrize("signum, to_whom", [
     (signal.SIGTERM, "the pre-hook alone"),  # a CI system aborting the step, by its pid
     (signal.SIGINT, "its process group"),  # Ctrl-C at a terminal
@@ -168,18 +182,9 @@ def test_an_interrupted_pre_hook_cancels_its_allocate_and_leaves_none_of_its_fil
     running.cli("add_baremetal", *node_args(1))
     assert running.cli("allocate", "other-job", "1").returncode == 0
     step = start_job_step(running, tmp_path, HOOKS / "pre_hook.sh", MOLTENIRON_WAIT="600")
-    try:
-        wait_for_the_step_to_wait(running, step)
-        signalled = time.monotonic()
-        if to_whom == "the pre-hook alone":
-            step.send_signal(signum)
-        else:
-            os.killpg(step.pid, signum)
-        took = cancelled_within(running, step, signalled)
-        output = step.communicate(timeout=PROMPTLY)
-        exited = time.monotonic() - signalled
-    finally:
-        kill_group(step)
+    took, exited, output = interrupt_while_waiting(
+        running, step, (lambda p: p.send_signal(signum)) if to_whom == "the pre-hook alone"
+        else (lambda p: os.killpg(p.pid, signum)))
     print(f"\n{signal.Signals(signum).name} to {to_whom}: allocate cancelled after "
           f"{took:.2f}s, pre-hook exited after {exited:.2f}s")
     assert step.returncode == 130, output
@@ -373,15 +378,8 @@ def test_a_signal_to_the_pipeline_alone_cancels_its_waiting_allocate_at_once(
     assert running.cli("allocate", "other-job", "1").returncode == 0
     step = start_job_step(running, tmp_path, EXAMPLES / "pipeline.sh", "touch", "ran",
                           MOLTENIRON_WAIT="600")
-    try:
-        wait_for_the_step_to_wait(running, step)
-        signalled = time.monotonic()
-        step.send_signal(signum)
-        took = cancelled_within(running, step, signalled)
-        output = step.communicate(timeout=PROMPTLY)
-        exited = time.monotonic() - signalled
-    finally:
-        kill_group(step)
+    took, exited, output = interrupt_while_waiting(running, step,
+                                                   lambda p: p.send_signal(signum))
     print(f"\n{signal.Signals(signum).name} to pipeline.sh alone: allocate cancelled after "
           f"{took:.2f}s, pipeline exited (post-hook included) after {exited:.2f}s")
     assert step.returncode == code, output

@@ -107,13 +107,20 @@ def test_a_standby_seven_hours_fast_takes_over_and_a_six_hour_lease_holds(stack,
     assert released.returncode == 0 and released.json["released"] == 1, released
 
 
-def test_a_worker_clock_stepping_two_hours_forward_expires_no_waiter(stack, tmp_path, start_cli):
+def waiting_on_a_stepped_clock(stack, tmp_path, start_cli, owner: str):
+    """A worker whose wall clock a test steps, its one node held, and `owner` waiting for
+    it (up to an hour): (the clock, the waiting CLI)."""
     clock = SteppedWallClock(tmp_path / "faketime.rc")
     stack.start_worker(env=clock.env)
     stack.cli("add_baremetal", *node_args(1))
     assert stack.cli("allocate", "holder", "1").returncode == 0
-    waiter = start_cli("allocate", "job-2", "1", "--wait", "3600")
-    wait_until(lambda: waiting_owners(stack) == ["job-2"], 30, "job-2 to wait")
+    waiter = start_cli("allocate", owner, "1", "--wait", "3600")
+    wait_until(lambda: waiting_owners(stack) == [owner], 30, f"{owner} to wait")
+    return clock, waiter
+
+
+def test_a_worker_clock_stepping_two_hours_forward_expires_no_waiter(stack, tmp_path, start_cli):
+    clock, waiter = waiting_on_a_stepped_clock(stack, tmp_path, start_cli, "job-2")
 
     clock.step("+2h")
     # Its next heartbeat comes from a tick that read the stepped clock, after that
@@ -134,12 +141,7 @@ def test_a_worker_clock_stepping_two_hours_forward_expires_no_waiter(stack, tmp_
 
 def test_a_worker_clock_stepping_an_hour_back_lets_no_later_job_jump_the_queue(
         stack, tmp_path, start_cli):
-    clock = SteppedWallClock(tmp_path / "faketime.rc")
-    stack.start_worker(env=clock.env)
-    stack.cli("add_baremetal", *node_args(1))
-    assert stack.cli("allocate", "holder", "1").returncode == 0
-    first = start_cli("allocate", "job-a", "1", "--wait", "3600")
-    wait_until(lambda: waiting_owners(stack) == ["job-a"], 30, "job-a to wait")
+    clock, first = waiting_on_a_stepped_clock(stack, tmp_path, start_cli, "job-a")
 
     clock.step("-1h")
     later = start_cli("allocate", "job-b", "1", "--wait", "3600")
