@@ -61,7 +61,7 @@ def cli_wall(runs: int) -> dict:
     sandbox = sandboxed("cli", 1, "molteniron")
     command = [shutil.which("molteniron") or sys.executable]
     if not shutil.which("molteniron"):
-        command += ["-m", "clients.cli"]
+        command += ["-m", "molteniron.clients.cli"]
     compileall.compile_dir(ROOT / "molteniron", quiet=1)
     compileall.compile_dir(ROOT / "clients", quiet=1)
     env = {**sandbox.env}
@@ -83,7 +83,7 @@ def cli_wall(runs: int) -> dict:
 
 def worker_memory(nodes: int, waiters: int) -> dict:
     """Worker RSS holding `nodes` allocated nodes and `waiters` waiting allocates."""
-    from clients.client import MoltenIronClient
+    from molteniron.clients.client import MoltenIronClient
     from molteniron import protocol
     sandbox = sandboxed("rss", nodes, "molteniron")
     try:

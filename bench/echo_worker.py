@@ -14,7 +14,7 @@ import signal
 import pika
 
 from molteniron import protocol
-from workers import topology
+from molteniron.workers import topology
 
 PREFETCH = 128
 

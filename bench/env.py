@@ -75,10 +75,10 @@ class Sandbox:
                 "MOLTENIRON_ADMINS": os.environ.get("MOLTENIRON_ADMINS", "off")}
 
     def start_worker(self, *extra: str, env: dict | None = None,
-                     module: str = "workers.main") -> subprocess.Popen:
+                     module: str = "molteniron.workers.main") -> subprocess.Popen:
         log = open(self.logdir / f"{self.name}-{len(self.workers)}.log", "w")
         args = [sys.executable, "-m", module, *extra]
-        if module == "workers.main":
+        if module == "molteniron.workers.main":
             args += ["--no-migrate", "--worker-id", f"bench-{len(self.workers)}"]
         worker = subprocess.Popen(args, env={**self.env, **(env or {})}, stdout=log,
                                   stderr=subprocess.STDOUT, cwd=ROOT)
@@ -86,7 +86,7 @@ class Sandbox:
         return worker
 
     def wait_answering(self, timeout: float = 30) -> None:
-        from clients.client import MoltenIronClient
+        from molteniron.clients.client import MoltenIronClient
         deadline = time.monotonic() + timeout
         while True:
             try:

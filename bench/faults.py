@@ -117,7 +117,7 @@ def dead_letters(sandbox) -> int | None:
 
 def answered_again(sandbox, since: float, timeout: float = 120) -> float:
     """Seconds from `since` until a status request is answered."""
-    from clients.client import MoltenIronClient
+    from molteniron.clients.client import MoltenIronClient
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:

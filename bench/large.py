@@ -26,7 +26,7 @@ import time
 from bench.env import ROOT, Sandbox, add_nodes, machine, save_results
 from bench.load import percentiles, run_cycles
 from bench.waiting import StampingClient
-from clients.client import MoltenIronClient
+from molteniron.clients.client import MoltenIronClient
 from molteniron import protocol
 
 QUEUE_NODES = 1  # one node travels down the queue: each release serves the next waiter

@@ -86,7 +86,7 @@ def _measure(meter: CpuMeter, start: float, end: float) -> None:
 
 def _cycle_process_window(amqp_url, owners, barrier, window, results) -> None:
     # Connect all threads, meet the parent, then read the window it publishes.
-    from clients.client import MoltenIronClient
+    from molteniron.clients.client import MoltenIronClient
     from molteniron.errors import MoltenIronError
     conns = [MoltenIronClient(amqp_url, timeout=30).connect() for _ in owners]
     barrier.wait()

@@ -39,7 +39,7 @@ class Outcome:
 
 
 def _client_thread(amqp_url: str, owner: str, seed: int, until: float, out: list) -> None:
-    from clients.client import MoltenIronClient
+    from molteniron.clients.client import MoltenIronClient
     from molteniron import errors, protocol
 
     rng = random.Random(seed)

@@ -64,7 +64,7 @@ def run_vanishing(clients: int, retention: float, limit: float = 600) -> dict:
         add_nodes(sandbox, 1)
         sandbox.start_worker(env={"MOLTENIRON_CONFIG": str(config)})
         sandbox.wait_answering()
-        from clients.client import MoltenIronClient
+        from molteniron.clients.client import MoltenIronClient
         with MoltenIronClient(sandbox.amqp_url, timeout=30) as client:
             client.allocate("holder", 1, wait=None)
         # The holder's grant leaves the outbox once the broker confirms it.

@@ -13,7 +13,7 @@ import threading
 import time
 
 from bench.load import percentiles
-from clients.client import MoltenIronClient
+from molteniron.clients.client import MoltenIronClient
 from molteniron import protocol
 
 DEADLINE = 900.0

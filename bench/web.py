@@ -55,7 +55,7 @@ class Web:
         self.log_path = sandbox.logdir / f"{sandbox.name}-{label}.log"
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "clients.web", "--address", "127.0.0.1:0"],
+            [sys.executable, "-m", "molteniron.clients.web", "--address", "127.0.0.1:0"],
             env=sandbox.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
         deadline = time.monotonic() + 30

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config.cleaning_command:
         print("molteniron-cleaner: no cleaning_command in the configuration", file=sys.stderr)
         return EXIT_USAGE
-    from clients.client import MoltenIronClient  # pika only once the arguments are good
+    from molteniron.clients.client import MoltenIronClient  # pika only once the arguments are good
     client = MoltenIronClient(config.amqp_url, config.request_timeout, tls=config)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ConfigError as exc:
         print(f"molteniron: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
-    from clients.client import MoltenIronClient  # pika only once the arguments are good
+    from molteniron.clients.client import MoltenIronClient  # pika only once the arguments are good
     client = MoltenIronClient(config.amqp_url, args.timeout or config.request_timeout,
                               tls=config)
     # SIGINT explicitly too: Python leaves it ignored when it was ignored at start
@@ -303,7 +303,7 @@ def run_command(client, args, config) -> dict:
         return {"status": 200, "result": compat.status_text(
             records, command == "status_baremetal", args.type or "human")}
     if command == "dead-letters":
-        from clients import dead_letters
+        from molteniron.clients import dead_letters
         return dead_letters.run(args, config)
     if command in ("waiting", "history"):
         return _rows_command(client, args)
@@ -335,7 +335,7 @@ def run_command(client, args, config) -> dict:
 
 def _inventory_command(client, args) -> dict | None:
     """export: the YAML to FILE or stdout; import: a file's or an original database's nodes."""
-    from clients import inventory_file
+    from molteniron.clients import inventory_file
     if args.command == "export":
         if args.export_file is not None:  # before asking: the pool is not sent for nothing
             inventory_file.refuse_symlink(args.export_file)
@@ -431,7 +431,7 @@ def _fail(exc: errors.MoltenIronError, args) -> int:
     print(f"molteniron: {exc.message}", file=sys.stderr)
     if exc.reply is None and isinstance(exc, (errors.BadRequest, errors.ConfigError)):
         return EXIT_USAGE  # refused here, before anything was sent
-    from clients.client import BrokerUnusable
+    from molteniron.clients.client import BrokerUnusable
     if isinstance(exc, BrokerUnusable):
         return EXIT_USAGE  # the broker refused us, or we it: only a person can fix that
     if isinstance(exc, errors.DeadlineExpired):

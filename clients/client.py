@@ -37,7 +37,7 @@ import ssl
 import time
 from typing import Callable
 
-from clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
+from molteniron.clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
 from pika.adapters.utils.connection_workflow import (AMQPConnectorException,
                                                      AMQPConnectorStackTimeout)
 from pika.exceptions import (AMQPError, ChannelClosedByBroker, NackError,

@@ -27,7 +27,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
+from molteniron.clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
 from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError, UnroutableError
 
 from molteniron import errors, protocol
@@ -335,7 +335,7 @@ def _text(value) -> str:
 @contextmanager
 def _broker_errors(params):
     """pika's errors as MoltenIron's: refused (403) means not the admin user."""
-    from clients.client import _safe, _why
+    from molteniron.clients.client import _safe, _why
     try:
         yield
     except ChannelClosedByBroker as exc:

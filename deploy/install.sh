@@ -67,7 +67,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -z "$source" ]; then
-  [ -f "$here/../setup.py" ] || { echo "install.sh: give SOURCE (a tree or a wheel)" >&2; usage; }
+  [ -f "$here/../pyproject.toml" ] || { echo "install.sh: give SOURCE (a tree or a wheel)" >&2; usage; }
   source=$(cd "$here/.." && pwd)
 fi
 [ -e "$source" ] && source=$(realpath "$source")  # else a requirement such as molteniron==2.0

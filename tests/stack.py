@@ -20,7 +20,7 @@ import pika
 import pytest
 
 from bench.env import stop_processes, vhost_url
-from clients.client import MoltenIronClient
+from molteniron.clients.client import MoltenIronClient
 from molteniron import protocol
 from tests import services
 
@@ -121,7 +121,7 @@ class Stack:
     def start_worker(self, env: dict | None = None, ready: bool = True) -> subprocess.Popen:
         log = open(self.logdir / f"worker-{len(self.workers)}.log", "w")
         worker = subprocess.Popen(
-            [sys.executable, "-m", "workers.main", "--no-migrate",
+            [sys.executable, "-m", "molteniron.workers.main", "--no-migrate",
              "--worker-id", f"test-worker-{len(self.workers)}"],
             env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.workers.append(worker)
@@ -142,14 +142,14 @@ class Stack:
         return MoltenIronClient(self.amqp_url, timeout=timeout)
 
     def cli(self, *args: str, timeout: float = 60, env: dict | None = None) -> CliResult:
-        done = subprocess.run([sys.executable, "-m", "clients.cli", *args],
+        done = subprocess.run([sys.executable, "-m", "molteniron.clients.cli", *args],
                               env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         return CliResult(done)
 
     def cli_start(self, *args: str, env: dict | None = None) -> RunningCli:
         return RunningCli(subprocess.Popen(
-            [sys.executable, "-m", "clients.cli", *args], env={**self.env, **(env or {})},
+            [sys.executable, "-m", "molteniron.clients.cli", *args], env={**self.env, **(env or {})},
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
     # --- the broker, seen from outside ----------------------------------------

@@ -24,7 +24,7 @@ def test_a_time_that_leaves_the_calendar_in_utc_is_a_bad_request(when):
 
 def test_the_cli_says_so_without_a_traceback():
     done = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "history", "--since", OUT_OF_RANGE[0]],
+        [sys.executable, "-m", "molteniron.clients.cli", "history", "--since", OUT_OF_RANGE[0]],
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "MOLTENIRON_CONFIG": "/dev/null",
              "MOLTENIRON_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F"},
         capture_output=True, text=True, timeout=60, cwd=ROOT)

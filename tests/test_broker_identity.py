@@ -23,7 +23,7 @@ import pytest
 from pika.exceptions import ChannelClosedByBroker
 
 from molteniron import errors, protocol
-from workers import topology
+from molteniron.workers import topology
 from tests.stack import ROOT, TEST_AMQP_URL, node_args, wait_until
 
 DEFINITIONS = json.loads((ROOT / "deploy" / "rabbitmq-definitions.json").read_text())
@@ -195,7 +195,7 @@ def _client_does_its_broker_work(user: BrokerUser, client_queue: str) -> None:
 
 def _admin_does_its_broker_work(user: BrokerUser, client_queue: str) -> None:
     """A CI user's work, and `molteniron dead-letters`: list, requeue, purge."""
-    from clients.dead_letters import DeadLetterQueue
+    from molteniron.clients.dead_letters import DeadLetterQueue
     _client_does_its_broker_work(user, client_queue)
     try:  # fresh_topology put a dead letter there
         with DeadLetterQueue(user.url) as dead:

@@ -23,7 +23,7 @@ from pika.exceptions import ChannelClosedByBroker
 from bench.private import PrivateRabbitMQ
 from molteniron import protocol
 from tests.stack import ROOT, wait_until
-from workers import topology
+from molteniron.workers import topology
 
 KIT_CONF = ROOT / "deploy" / "rabbitmq.conf"
 DEFINITIONS = json.loads((ROOT / "deploy" / "rabbitmq-definitions.json").read_text())

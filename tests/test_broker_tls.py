@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bench.private import PrivateRabbitMQ, free_port
-from clients.client import MoltenIronClient
+from molteniron.clients.client import MoltenIronClient
 from molteniron import errors
 from molteniron.broker_params import TlsFiles, connection_parameters
 from tests.conftest import empty_tables
 from tests.stack import ROOT, Stack, _answers, wait_until
-from workers import topology
+from molteniron.workers import topology
 
 CLIENT_CN = "molteniron-test-client"
 
@@ -158,7 +158,7 @@ def tls_broker():
 
 
 def cli(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clients.cli", *args],
+    return subprocess.run([sys.executable, "-m", "molteniron.clients.cli", *args],
                           env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 

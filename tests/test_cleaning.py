@@ -1,7 +1,7 @@
 """Cleaning: released nodes are dirty until molteniron-cleaner has run cleaning_command on them.
 
 End to end: the CLI, the real worker (its config names the command) and real
-`python -m clients.cleaner --once` processes with the same config.
+`python -m molteniron.clients.cleaner --once` processes with the same config.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from bench.private import process_gone
-from clients.cleaner import NODE_ENV
+from molteniron.clients.cleaner import NODE_ENV
 from molteniron import errors
 from tests.stack import ROOT, node_args, wait_until
 
@@ -38,7 +38,7 @@ def script(tmp_path: Path, name: str, body: str) -> str:
 
 
 def cleaner(stack, env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "clients.cleaner", *args],
+    return subprocess.Popen([sys.executable, "-m", "molteniron.clients.cleaner", *args],
                             env={**stack.env, **env}, cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -288,7 +288,7 @@ def test_the_command_gets_path_locale_and_its_node_never_the_cleaners_login(
            "LANG": "C.UTF-8", "LANGUAGE": "en", "LC_TIME": "C", "LC_ALL": "C.UTF-8"}
     if cleaner_path is not None:
         own["PATH"] = cleaner_path
-    done = subprocess.run([sys.executable, "-m", "clients.cleaner", "--once"], env=own, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "molteniron.clients.cleaner", "--once"], env=own, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1])["state"] == "ready", done

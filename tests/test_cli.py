@@ -208,7 +208,7 @@ def test_a_bad_amqp_url_is_a_clear_error(stack):
 def test_the_cli_client_loads_pika_without_asyncio_and_asyncio_still_works_after():
     # About 20 ms of every `molteniron allocate` (clients/amqp.py).
     done = subprocess.run([sys.executable, "-c",
-                           "import sys, clients.client; print('asyncio' in sys.modules);"
+                           "import sys, molteniron.clients.client; print('asyncio' in sys.modules);"
                            "import pika.adapters.asyncio_connection as a;"
                            "print(a.AsyncioConnection.__name__)"],
                           capture_output=True, text=True, cwd=ROOT, check=True)
@@ -218,7 +218,7 @@ def test_the_cli_client_loads_pika_without_asyncio_and_asyncio_still_works_after
 def test_help_is_wrapped_to_columns_else_to_80():
     for columns in ("50", "120", None):  # None: no COLUMNS, stdout not a terminal
         env = {"PATH": ""} if columns is None else {"COLUMNS": columns, "PATH": ""}
-        done = subprocess.run([sys.executable, "-m", "clients.cli", "import", "--help"],
+        done = subprocess.run([sys.executable, "-m", "molteniron.clients.cli", "import", "--help"],
                               env=env, capture_output=True, text=True, cwd=ROOT, check=True)
         widest = max(len(line) for line in done.stdout.splitlines())
         assert int(columns or 80) - 20 < widest <= int(columns or 80), (columns, done.stdout)
@@ -228,9 +228,9 @@ def test_a_command_leaves_out_the_modules_that_would_slow_its_start(tmp_path):
     """About 25 ms of the 100 ms `molteniron allocate` may take (README, Performance)."""
     conf = tmp_path / "conf.yaml"
     conf.write_text("amqp_url: amqp://ci@mq.example:5672/molteniron\nrequest_timeout: 5\n")
-    probe = ("import sys; from clients import cli; "
+    probe = ("import sys; from molteniron.clients import cli; "
              "cli.build_parser().parse_args(['allocate', 'job', '1']); "
-             f"c = cli.load_config({str(conf)!r}); import clients.client; "
+             f"c = cli.load_config({str(conf)!r}); import molteniron.clients.client; "
              "print(c.request_timeout, sorted({'yaml', 'dataclasses', 'inspect', 'shutil', "
              "'sqlalchemy', 'pymysql', 'asyncio'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

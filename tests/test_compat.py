@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from molteniron import compat, errors, pool
 from molteniron.models import Node
-from workers.state import PoolState
+from molteniron.workers.state import PoolState
 
 HARDWARE = ("ipmi_user", "ipmi_password", "port_hwaddr", "cpu_arch", "cpus", "ram_mb",
             "disk_gb")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import os
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,10 @@ def installed(tmp_path_factory) -> Path:
                              "--exclude-standard"], cwd=ROOT, check=True,
                             capture_output=True).stdout.decode().split("\0")
     for name in filter(None, listed):
-        if (ROOT / name).is_file():  # a tracked file deleted in the work tree is not
+        if (ROOT / name).is_symlink():  # molteniron/workers -> ../workers
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).symlink_to(os.readlink(ROOT / name))
+        elif (ROOT / name).is_file():  # a tracked file deleted in the work tree is not
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     root = work / "root"
@@ -108,7 +112,7 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
         assert helped.returncode == 0 and "usage:" in helped.stdout, (program, helped)
     # The venv's own copy runs, not this checkout.
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import clients.cli, workers.main; print(workers.main.__file__)"],
+                            "import molteniron.clients.cli, molteniron.workers.main as m; print(m.__file__)"],
                            capture_output=True, text=True, timeout=60, cwd="/")
     assert Path(where.stdout.strip()).is_relative_to(venv), where
     # The Jenkins examples run the hooks from MOLTENIRON_HOOKS=/opt/molteniron/hooks.
@@ -617,7 +621,7 @@ def test_the_example_config_lists_every_key_with_its_default():
 
 
 def test_compose_runs_the_commands_and_settings_the_code_has():
-    from workers.main import parse_args as worker_args
+    from molteniron.workers.main import parse_args as worker_args
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     built = {name: s for name, s in services.items() if "build" in s}

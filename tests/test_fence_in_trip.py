@@ -20,8 +20,8 @@ from molteniron.config import Config
 from tests.conftest import statements_sent
 from tests.test_keeper import (Properties, add_node, allocate, commit, keeper,  # noqa: F401
                                owners, reply_to_of, request, sql)
-from workers.batch import Batch, fence_tripped
-from workers.keeper import PoolKeeper
+from molteniron.workers.batch import Batch, fence_tripped
+from molteniron.workers.keeper import PoolKeeper
 
 
 def count_reloads(pool_keeper) -> list[int]:
@@ -58,7 +58,7 @@ def test_a_worker_fenced_off_writes_nothing_though_it_read_nothing_first(active,
     with pool_keeper.engine.begin() as conn:  # another worker took over meanwhile
         conn.exec_driver_sql("UPDATE worker_meta SET epoch = epoch + 1")
     stored_before = sql(pool_keeper, "SELECT request_id FROM processed_requests ORDER BY 1")
-    with caplog.at_level(logging.INFO, logger="workers.keeper"), \
+    with caplog.at_level(logging.INFO, logger="molteniron.workers.keeper"), \
             statements_sent(pool_keeper.engine) as sent, pytest.raises(errors.NotActiveWorker):
         commit(pool_keeper, request("allocate", owner="job", count=1, node_pool="p"))
     assert sent[0].startswith("UPDATE worker_meta SET epoch = IF(")  # no read before it
@@ -98,7 +98,7 @@ def test_a_request_answered_before_and_sent_again_unmarked_gets_its_stored_reply
     commit(pool_keeper, request("release", owner="first"))
     # An old client sends the same allocate again, in a batch with a new one.
     second = request("allocate", owner="second", count=1, node_pool="p")
-    with caplog.at_level(logging.INFO, logger="workers.keeper"):
+    with caplog.at_level(logging.INFO, logger="molteniron.workers.keeper"):
         batch = commit(pool_keeper, first, second)
     assert "event=fence_tripped" in caplog.text
     replies = {out.request_id: out for out in batch.outbox}
@@ -113,7 +113,7 @@ def test_copies_sent_again_and_again_cost_one_reload_not_one_each(active, caplog
     first, _ = allocate(pool_keeper, "first", 1)
     commit(pool_keeper, request("release", owner="first"))
     loads = count_reloads(pool_keeper)
-    with caplog.at_level(logging.INFO, logger="workers.keeper"):
+    with caplog.at_level(logging.INFO, logger="molteniron.workers.keeper"):
         for _ in range(5):
             (out,) = commit(pool_keeper, first).outbox
             assert out.reply["status"] == 200 and not out.grant
@@ -132,7 +132,7 @@ def test_a_copy_its_client_marked_is_checked_before_it_is_handled(active, caplog
     commit(pool_keeper, request("release", owner="first"))
     copy = Properties(reply_to_of(first), first.id, headers={protocol.COPY_HEADER: True})
     loads = count_reloads(pool_keeper)
-    with caplog.at_level(logging.INFO, logger="workers.keeper"):
+    with caplog.at_level(logging.INFO, logger="molteniron.workers.keeper"):
         batch = pool_keeper.commit([(None, copy, first)], [], None)
     (out,) = batch.outbox
     assert out.reply["status"] == 200 and not out.grant and out.mandatory is False
@@ -145,7 +145,7 @@ def test_a_redelivered_request_is_checked_before_it_is_handled(active, caplog):
     first, _ = allocate(pool_keeper, "first", 1)
     commit(pool_keeper, request("release", owner="first"))
     redelivered = SimpleNamespace(redelivered=True, delivery_tag=1)
-    with caplog.at_level(logging.INFO, logger="workers.keeper"):
+    with caplog.at_level(logging.INFO, logger="molteniron.workers.keeper"):
         batch = pool_keeper.commit(
             [(redelivered, Properties(reply_to_of(first), first.id), first)], [], None)
     assert [out.grant for out in batch.outbox] == [False]

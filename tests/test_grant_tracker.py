@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.grants import DELIVERED, FORGET, UNDO, Grant, GrantTracker
+from molteniron.workers.grants import DELIVERED, FORGET, UNDO, Grant, GrantTracker
 
 
 def sent(tracker: GrantTracker, *ids: str) -> None:

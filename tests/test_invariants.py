@@ -28,8 +28,8 @@ from molteniron.config import Config
 from molteniron.models import Base, Node
 from tests.conftest import empty_tables
 from tests.test_keeper import Properties
-from workers import keeper as keeper_module
-from workers.batch import Batch
+from molteniron.workers import keeper as keeper_module
+from molteniron.workers.batch import Batch
 
 SEED = 20240517
 BATCHES = 400

@@ -17,12 +17,12 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, make_url, text
 
-from clients import inventory_file
+from molteniron.clients import inventory_file
 from molteniron import errors, inventory
 from molteniron.protocol import Request
 from tests.conftest import TEST_DB_URL
 from tests.stack import ROOT, node_args
-from workers.authz import Authorizer
+from molteniron.workers.authz import Authorizer
 
 
 def add_pool(stack) -> None:
@@ -296,7 +296,7 @@ def test_the_original_databases_password_may_come_from_the_environment(running,
 
 
 def test_import_help_says_a_password_in_the_url_shows_in_the_process_list():
-    done = subprocess.run([sys.executable, "-m", "clients.cli", "import", "--help"],
+    done = subprocess.run([sys.executable, "-m", "molteniron.clients.cli", "import", "--help"],
                           capture_output=True, text=True, cwd=ROOT, check=True,
                           env={**os.environ, "COLUMNS": "200"})
     assert "process list" in done.stdout
@@ -396,8 +396,8 @@ def test_export_to_a_directory_that_does_not_exist_is_a_clear_usage_error(runnin
 
 def test_the_cli_imports_no_sqlalchemy():
     done = subprocess.run([sys.executable, "-c",
-                           "import sys, clients.cli, clients.inventory_file;"
-                           "clients.cli.build_parser();"
+                           "import sys, molteniron.clients.cli, molteniron.clients.inventory_file;"
+                           "molteniron.clients.cli.build_parser();"
                            "print([m for m in sys.modules if m.split('.')[0] in "
                            "('sqlalchemy', 'pymysql')])"],
                           capture_output=True, text=True, cwd=ROOT, check=True)

@@ -18,9 +18,9 @@ from sqlalchemy import text
 from molteniron import errors, pool, protocol
 from molteniron.config import Config
 from tests.conftest import empty_tables
-from workers import keeper as keeper_module
-from workers.batch import Batch
-from workers.keeper import PoolKeeper
+from molteniron.workers import keeper as keeper_module
+from molteniron.workers.batch import Batch
+from molteniron.workers.keeper import PoolKeeper
 
 
 @dataclass
@@ -512,7 +512,7 @@ def test_a_deadlock_in_an_operations_savepoint_surfaces_as_a_lock_conflict(keepe
     from sqlalchemy.exc import OperationalError
 
     from molteniron import db
-    from workers import dispatch
+    from molteniron.workers import dispatch
 
     def deadlocked(ctx, req):
         ctx.batch.session.connection().exec_driver_sql("ROLLBACK")  # what InnoDB did

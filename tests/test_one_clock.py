@@ -18,7 +18,7 @@ from bench.private import free_port
 from bench.faked_clock import SteppedWallClock, wall_clock_off_by
 from tests.stack import node_args, wait_until
 from tests.test_metrics import metrics_config, scrape
-from workers.clock import CLOCK_SKEW_WARN, DatabaseClock, unix
+from molteniron.workers.clock import CLOCK_SKEW_WARN, DatabaseClock, unix
 
 SIX_HOURS = 6 * 3600
 SEVEN_HOURS = 7 * 3600
@@ -187,7 +187,7 @@ def test_within_a_worker_the_time_never_goes_back():
 def test_a_skew_is_logged_once_per_change_past_the_threshold(caplog):
     clock = DatabaseClock("w")
     database_now = datetime(2026, 12, 6, 12, 0, 0)
-    with caplog.at_level(logging.INFO, logger="workers.clock"):
+    with caplog.at_level(logging.INFO, logger="molteniron.workers.clock"):
         for wall_ahead in (0.3, 7 * 3600, 7 * 3600 + 0.5, 7 * 3600, 2 * 3600, 0.1, 0.2):
             clock.read(database_now, unix(database_now) + wall_ahead)
     events = [r.getMessage().split()[0] for r in caplog.records]

@@ -172,7 +172,7 @@ def test_a_background_allocate_is_cancelled_on_a_signal(running, signum):
     running.cli("add_baremetal", *node_args(1))
     running.cli("allocate", "holder", "1")
     waiting = RunningCli(subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "allocate", "quitter", "1", "--wait", "60"],
+        [sys.executable, "-m", "molteniron.clients.cli", "allocate", "quitter", "1", "--wait", "60"],
         env=running.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_ignore_sigint))
     try:

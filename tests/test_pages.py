@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from clients import client as client_module
-from clients.client import MoltenIronClient
+from molteniron.clients import client as client_module
+from molteniron.clients.client import MoltenIronClient
 from molteniron import errors, inventory, pool, protocol
 from molteniron.models import Node
 from tests.stack import node_args

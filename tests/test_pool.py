@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from molteniron import errors, pool
 from molteniron.models import Allocation, EndReason, Node, NodeIP, State
-from workers.state import PoolState
+from molteniron.workers.state import PoolState
 
 
 # --- helpers -----------------------------------------------------------------

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from tests.stack import node_args, wait_until
 from tests.test_keeper import keeper  # noqa: F401  (the fixture)
-from workers.queue import PoolQueue
+from molteniron.workers.queue import PoolQueue
 
 
 @dataclass
@@ -105,8 +105,8 @@ def test_through_the_worker_a_stream_of_high_priority_jobs_cannot_starve_a_low_o
     """The same bound through PoolKeeper.commit and the real database, one job a
     minute on a virtual clock: the priority-0 job is served after at most the
     priority-10 jobs that arrived in its first 10 minutes."""
-    from workers import keeper as keeper_module
-    from workers.batch import Batch
+    from molteniron.workers import keeper as keeper_module
+    from molteniron.workers.batch import Batch
     from molteniron.pool import utcnow
     from tests.test_keeper import add_node, commit, request
 

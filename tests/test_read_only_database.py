@@ -25,7 +25,7 @@ from molteniron import db
 from molteniron.config import Config
 from tests import services
 from tests.stack import Stack, fresh_vhost, node_args, wait_until
-from workers.keeper import PoolKeeper
+from molteniron.workers.keeper import PoolKeeper
 
 DATABASE = "molteniron"
 HELD_FOR = 3  # the CLI's --timeout while writes are refused: it gives up, the worker holds on

@@ -13,7 +13,7 @@ from molteniron import errors, protocol
 from molteniron.protocol import OPERATIONS, Request
 from tests.raw import RawPublisher
 from tests.stack import wait_until
-from workers.authz import ADMIN_ONLY, USER_OPS, WORKER_OPS, Authorizer
+from molteniron.workers.authz import ADMIN_ONLY, USER_OPS, WORKER_OPS, Authorizer
 
 
 def test_every_operation_is_classified_for_authorization_exactly_once():

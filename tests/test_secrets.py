@@ -196,7 +196,7 @@ def worker_command(database_url: str, config: Path, *args: str,
     env = {**os.environ, "MOLTENIRON_DB_URL": database_url, "MOLTENIRON_CONFIG": str(config),
            "MOLTENIRON_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F",  # never reached
            "MOLTENIRON_ADMINS": "off", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "workers.main", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "molteniron.workers.main", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -279,7 +279,7 @@ def test_the_worker_refuses_to_start_without_a_key_when_passwords_are_encrypted(
 
 
 def test_generate_secret_key_prints_a_usable_key(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "workers.main", "--generate-secret-key"],
+    done = subprocess.run([sys.executable, "-m", "molteniron.workers.main", "--generate-secret-key"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done
     Fernet(done.stdout.strip())  # raises if it is not a key

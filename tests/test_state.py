@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from molteniron import errors, pool
 from molteniron.models import Allocation, EndReason, Node, State
-from workers.state import PoolState
+from molteniron.workers.state import PoolState
 
 T0 = datetime(2024, 5, 6, 7, 8, 9)
 HOUR = timedelta(hours=1)

@@ -11,8 +11,8 @@ import pytest
 from molteniron import __version__
 from tests.stack import ROOT
 
-COMMANDS = {"molteniron": "clients.cli", "molteniron-worker": "workers.main",
-            "molteniron-cleaner": "clients.cleaner", "molteniron-web": "clients.web.main"}
+COMMANDS = {"molteniron": "molteniron.clients.cli", "molteniron-worker": "molteniron.workers.main",
+            "molteniron-cleaner": "molteniron.clients.cleaner", "molteniron-web": "molteniron.clients.web.main"}
 
 
 @pytest.mark.parametrize("prog", sorted(COMMANDS))

@@ -11,7 +11,7 @@ import pytest
 from molteniron import errors, protocol
 from tests.test_keeper import (add_node, allocate, commit, keeper, make_keeper,  # noqa: F401
                                only_reply, request, sql, wait_for)
-from workers.authz import USER_OPS
+from molteniron.workers.authz import USER_OPS
 
 
 def ask(keeper, op: str, **args) -> dict:

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from clients.web import charts, views
-from clients.web.auth import PasswordFile, hash_line
-from clients.web.main import parse_address, scrubber
-from clients.web.series import Series
+from molteniron.clients.web import charts, views
+from molteniron.clients.web.auth import PasswordFile, hash_line
+from molteniron.clients.web.main import parse_address, scrubber
+from molteniron.clients.web.series import Series
 from molteniron.errors import ConfigError
 
 RECORD = {

@@ -8,7 +8,7 @@ import weakref
 from molteniron.config import Config
 from tests.conftest import empty_tables
 from tests.test_keeper import add_request, commit, request
-from workers.worker import Worker
+from molteniron.workers.worker import Worker
 
 
 def tracked(record: dict) -> bool:

@@ -36,7 +36,7 @@ class WebProcess:
         self.log_path = logdir / f"{name}.log"
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "clients.web", "--address", "127.0.0.1:0", *args],
+            [sys.executable, "-m", "molteniron.clients.web", "--address", "127.0.0.1:0", *args],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
         self.url = wait_until(self._serving, 30, "molteniron-web to serve")

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from molteniron import db
 from molteniron.compat import reply_without_secrets
 from molteniron.protocol import reply_body
-from workers.clock import unix
+from molteniron.workers.clock import unix
 
 
 @dataclass

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 from molteniron import cleaning, compat, pool
 from molteniron.protocol import Request
-from workers import metrics
+from molteniron.workers import metrics
 
 if TYPE_CHECKING:
-    from workers.dispatch import Context
-    from workers.state import PoolState
+    from molteniron.workers.dispatch import Context
+    from molteniron.workers.state import PoolState
 
 
 # A claim outlives cleaning_timeout by this much: the cleaner kills its command at the

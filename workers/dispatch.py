@@ -24,18 +24,18 @@ from molteniron import compat, errors, inventory, pool
 from molteniron.history import allocation_history
 from molteniron.models import EndReason, WorkerHeartbeat
 from molteniron.protocol import OPERATIONS, Request, parse_time
-from workers import cleaning
+from molteniron.workers import cleaning
 from molteniron.config import ADMINS_OFF
-from workers.authz import Authorizer
-from workers.batch import Batch
-from workers.cleaning import CleaningPolicy
-from workers.clock import skew_warning
-from workers.limits import UserLimits
-from workers.taken_back import taken_back
-from workers.constraints import Constraints
-from workers.leases import LeasePolicy
-from workers.state import PoolState
-from workers.waiters import Waiters
+from molteniron.workers.authz import Authorizer
+from molteniron.workers.batch import Batch
+from molteniron.workers.cleaning import CleaningPolicy
+from molteniron.workers.clock import skew_warning
+from molteniron.workers.limits import UserLimits
+from molteniron.workers.taken_back import taken_back
+from molteniron.workers.constraints import Constraints
+from molteniron.workers.leases import LeasePolicy
+from molteniron.workers.state import PoolState
+from molteniron.workers.waiters import Waiters
 
 
 @dataclass

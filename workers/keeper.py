@@ -22,19 +22,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from molteniron import compat, db, errors, pool, protocol
 from molteniron.config import Config, url_list
 from molteniron.models import EndReason, Node
-from workers import metrics
-from workers import authz
-from workers.authz import Authorizer
-from workers.batch import Batch, Stored, fence_tripped, fenced_stored_replies, placeholders
-from workers.clock import DatabaseClock
-from workers.limits import UserLimits
-from workers.cleaning import CleaningPolicy, replayed_claim
-from workers.dispatch import HANDLERS, IN_MEMORY, Context
-from workers.grants import UNDO
-from workers.leases import LeasePolicy
-from workers.quotas import Quotas
-from workers.state import PoolState
-from workers.waiters import Waiters, client_gone_reply
+from molteniron.workers import metrics
+from molteniron.workers import authz
+from molteniron.workers.authz import Authorizer
+from molteniron.workers.batch import Batch, Stored, fence_tripped, fenced_stored_replies, placeholders
+from molteniron.workers.clock import DatabaseClock
+from molteniron.workers.limits import UserLimits
+from molteniron.workers.cleaning import CleaningPolicy, replayed_claim
+from molteniron.workers.dispatch import HANDLERS, IN_MEMORY, Context
+from molteniron.workers.grants import UNDO
+from molteniron.workers.leases import LeasePolicy
+from molteniron.workers.quotas import Quotas
+from molteniron.workers.state import PoolState
+from molteniron.workers.waiters import Waiters, client_gone_reply
 
 log = logging.getLogger(__name__)
 

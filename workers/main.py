@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"molteniron-worker: cannot reach the database at {_safe(config.db_url)}: "
               f"{exc.orig}", file=sys.stderr)
         return EXIT_DATABASE
-    from workers.worker import Worker  # pika and the worker only when serving
+    from molteniron.workers.worker import Worker  # pika and the worker only when serving
     try:
         Worker(config, args.worker_id).run()
     except ConfigError as exc:  # found once serving began: the metrics port, say

@@ -25,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from molteniron import protocol
 from molteniron.errors import ConfigError
 from molteniron.models import State
-from workers.clock import unix
+from molteniron.workers.clock import unix
 
 log = logging.getLogger(__name__)
 

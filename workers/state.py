@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from molteniron import errors, pool
 from molteniron.models import EndReason, Node, State
-from workers.batch import placeholders, values
-from workers.constraints import ANY, Constraints
+from molteniron.workers.batch import placeholders, values
+from molteniron.workers.constraints import ANY, Constraints
 
 
 class PoolState:

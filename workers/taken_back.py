@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from molteniron import errors
 from molteniron.models import EndReason
-from workers.batch import Batch
-from workers.state import PoolState
+from molteniron.workers.batch import Batch
+from molteniron.workers.state import PoolState
 
 # How an allocation ends when its owner did not give it back.
 TAKEN_BACK = frozenset({EndReason.EXPIRED.value, EndReason.REMOVED.value})

@@ -23,12 +23,12 @@ from sqlalchemy.orm import Session
 from molteniron import compat, errors, pool
 from molteniron.models import WaitingRequest
 from molteniron.protocol import QUEUED, TIMED_OUT
-from workers.batch import Batch
-from workers.constraints import ANY, Constraints
-from workers.leases import LeasePolicy
-from workers.queue import PoolQueue
-from workers.quotas import Quotas
-from workers.state import PoolState
+from molteniron.workers.batch import Batch
+from molteniron.workers.constraints import ANY, Constraints
+from molteniron.workers.leases import LeasePolicy
+from molteniron.workers.queue import PoolQueue
+from molteniron.workers.quotas import Quotas
+from molteniron.workers.state import PoolState
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from molteniron import db, errors, protocol
 from molteniron.broker_params import connection_parameters
 from molteniron.config import Config, url_list
-from workers import metrics, topology
-from workers.batch import Batch
-from workers.grants import Grant, GrantTracker
-from workers.keeper import PoolKeeper
+from molteniron.workers import metrics, topology
+from molteniron.workers.batch import Batch
+from molteniron.workers.grants import Grant, GrantTracker
+from molteniron.workers.keeper import PoolKeeper
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from bench.badinput.messages import ALL_KINDS, EDGE_KINDS, RAW_KINDS, make_messa
 from bench.badinput.pool import BARRIER_POOL, DEFAULT_NODES, IDLE, pool_checksum, populate
 from bench.badinput.raw import raw_phase
 from bench.env import Sandbox, add_nodes
-from clients.client import MoltenIronClient
+from molteniron.clients.client import MoltenIronClient
 from molteniron import errors
 
 __all__ = ["ALL_KINDS", "CHECKS", "EDGE_KINDS", "RAW_KINDS", "run", "summary"]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from bench.badinput.messages import ALLOWED, MALFORMED
 from bench.badinput.pool import BARRIER_POOL, DEFAULT_NODES, IDLE, OWNERS, SPARE_NODES
-from clients.client import MoltenIronClient
+from molteniron.clients.client import MoltenIronClient
 from molteniron import errors, protocol
 from molteniron.protocol import Arg, Operation
 

@@ -10,7 +10,7 @@ import hashlib
 import time
 
 from bench.env import Sandbox
-from clients.client import MoltenIronClient
+from molteniron.clients.client import MoltenIronClient
 from molteniron import protocol
 
 IDLE = 5.0              # seconds without progress after which the worker counts as stuck

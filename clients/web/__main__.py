@@ -1,5 +1,5 @@
 import sys
 
-from clients.web.main import main
+from molteniron.clients.web.main import main
 
 sys.exit(main())

@@ -26,7 +26,7 @@ from molteniron.config import load_config, url_list
 DEFAULT_ADDRESS = "127.0.0.1:8080"
 THREADS = 8
 
-log = logging.getLogger("clients.web")
+log = logging.getLogger("molteniron.clients.web")
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             raise errors.ConfigError(f"--refresh must be between 0.5 and 5 s, got {args.refresh:g}")
         passwords = None
         if args.password_file:
-            from clients.web.auth import PasswordFile
+            from molteniron.clients.web.auth import PasswordFile
             passwords = PasswordFile(args.password_file)
     except errors.ConfigError as exc:
         print(f"molteniron-web: {exc.message}", file=sys.stderr)
@@ -118,9 +118,9 @@ def serve(config, host: str, port: int, passwords, refresh: float,
           sample_every: float | None, threads: int) -> int:
     from waitress import create_server
 
-    from clients.web.app import create_app
-    from clients.web.reader import PoolReader
-    from clients.web.series import SAMPLE_EVERY, Sampler, Series
+    from molteniron.clients.web.app import create_app
+    from molteniron.clients.web.reader import PoolReader
+    from molteniron.clients.web.series import SAMPLE_EVERY, Sampler, Series
 
     scrub = scrubber(config.amqp_url)
     reader = PoolReader(config.amqp_url, tls=config)
@@ -154,7 +154,7 @@ def serve(config, host: str, port: int, passwords, refresh: float,
 
 
 def _hash_password(user: str) -> int:
-    from clients.web.auth import hash_line
+    from molteniron.clients.web.auth import hash_line
     if sys.stdin.isatty():
         password = getpass.getpass(f"password for {user}: ")
         if password != getpass.getpass("again: "):

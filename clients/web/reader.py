@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from datetime import datetime, timezone
 from typing import Callable
 
-from clients.client import MoltenIronClient
+from molteniron.clients.client import MoltenIronClient
 from molteniron import errors
 
 log = logging.getLogger(__name__)
