@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("delete_db", help="remove every node from the pool")
 
+    sub.add_parser("hooks-dir", help="print the folder of the installed Jenkins hook scripts "
+                                     "(pre_hook.sh, post_hook.sh, keep_lease.sh)")
+
     p = sub.add_parser("dead-letters", help="what landed in molteniron.dead-letters and why, "
                                             "oldest first (admin; needs no worker)")
     action = p.add_mutually_exclusive_group()
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in LOCAL_COMMANDS:  # no configuration, no broker
+        return LOCAL_COMMANDS[args.command](args)
     if args.output is None:
         # A person at a terminal gets the table; a script gets the JSON reply, as always.
         as_table = (args.command in TABLE_COMMANDS and getattr(args, "type", None) != "json"
@@ -288,6 +293,25 @@ def main(argv: list[str] | None = None) -> int:
     if reply is not None:  # None: the command printed its result itself (export's YAML)
         _print(reply, args.output)
     return EXIT_OK
+
+
+def hooks_dir() -> str:
+    """The absolute path of the Jenkins hook scripts shipped in this package."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
+
+
+def _print_hooks_dir(args) -> int:
+    path = hooks_dir()
+    if not os.path.isfile(os.path.join(path, "pre_hook.sh")):
+        print(f"molteniron: no hook scripts at {path}: this installation is incomplete",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print(path)
+    return EXIT_OK
+
+
+# Commands answered here, without configuration or broker.
+LOCAL_COMMANDS = {"hooks-dir": _print_hooks_dir}
 
 
 def run_command(client, args, config) -> dict:
