@@ -83,8 +83,8 @@ def cli_wall(runs: int) -> dict:
 
 def worker_memory(nodes: int, waiters: int) -> dict:
     """Worker RSS holding `nodes` allocated nodes and `waiters` waiting allocates."""
-    from molteniron.clients.client import MoltenIronClient
     from molteniron import protocol
+    from molteniron.clients.client import MoltenIronClient
     sandbox = sandboxed("rss", nodes, "molteniron")
     try:
         with MoltenIronClient(sandbox.amqp_url, timeout=120) as client:

@@ -15,8 +15,8 @@ passes, purge in between); a dropped table's room is usable again within about 0
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import pymysql
 

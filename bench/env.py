@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import Callable
 from urllib.parse import quote
 
 from sqlalchemy import make_url, text

@@ -100,6 +100,7 @@ def logged(sandbox, event: str) -> int:
 def dead_letters(sandbox) -> int | None:
     """Messages in the dead-letter queue, whoever put them there (expired ones too)."""
     import pika
+
     from molteniron import protocol
     try:
         connection = pika.BlockingConnection(pika.URLParameters(sandbox.amqp_url))

@@ -26,8 +26,8 @@ import time
 from bench.env import ROOT, Sandbox, add_nodes, machine, save_results
 from bench.load import percentiles, run_cycles
 from bench.waiting import StampingClient
-from molteniron.clients.client import MoltenIronClient
 from molteniron import protocol
+from molteniron.clients.client import MoltenIronClient
 
 QUEUE_NODES = 1  # one node travels down the queue: each release serves the next waiter
 REFERENCE_NODES = 100  # the small pool the large pool's cycle rate is compared with

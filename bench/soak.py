@@ -39,8 +39,8 @@ class Outcome:
 
 
 def _client_thread(amqp_url: str, owner: str, seed: int, until: float, out: list) -> None:
-    from molteniron.clients.client import MoltenIronClient
     from molteniron import errors, protocol
+    from molteniron.clients.client import MoltenIronClient
 
     rng = random.Random(seed)
     client = MoltenIronClient(amqp_url, timeout=60)

@@ -13,8 +13,8 @@ import threading
 import time
 
 from bench.load import percentiles
-from molteniron.clients.client import MoltenIronClient
 from molteniron import protocol
+from molteniron.clients.client import MoltenIronClient
 
 DEADLINE = 900.0
 

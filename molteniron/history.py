@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from molteniron.errors import BadRequest
 from molteniron.models import Allocation
 
+
 def allocation_history(session: Session, owner: str | None = None, node: str | None = None,
                        since: datetime | None = None, limit: int = 100,
                        until: datetime | None = None, after: str | None = None,

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Double, Enum, ForeignKey, Index, Integer,
-                        String, Text, false)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Double,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from molteniron.secrets import EncryptedString
-
 
 # Microseconds: allocation order and waiting times are read from these.
 PRECISE_TIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -61,21 +72,21 @@ class Node(Base):
     disk_gb: Mapped[int] = mapped_column(Integer, default=0)
     node_pool: Mapped[str] = mapped_column(String(255), default="default")
     state: Mapped[State] = mapped_column(_enum(State, "node_state"), default=State.READY)
-    owner: Mapped[Optional[str]] = mapped_column(String(255), default=None)
+    owner: Mapped[str | None] = mapped_column(String(255), default=None)
     # The broker user who allocated it: the owner name is bound to that user until released.
-    holder_user: Mapped[Optional[str]] = mapped_column(String(255), default=None)
-    allocated_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
-    lease_expires_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
+    holder_user: Mapped[str | None] = mapped_column(String(255), default=None)
+    allocated_at: Mapped[datetime | None] = mapped_column(PRECISE_TIME, default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(PRECISE_TIME, default=None)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    tags: Mapped[Optional[list[str]]] = mapped_column(JSON, default=list)  # for constraints
+    tags: Mapped[list[str] | None] = mapped_column(JSON, default=list)  # for constraints
     # Why it is in maintenance; set while it is allocated: maintenance begins at release.
-    maintenance_reason: Mapped[Optional[str]] = mapped_column(String(255), default=None)
+    maintenance_reason: Mapped[str | None] = mapped_column(String(255), default=None)
     # A dirty node being cleaned: the claim token ("cleaner#random") and when the claim
     # lapses, so another cleaner may take it over if this one died (molteniron/cleaning.py).
-    clean_claim: Mapped[Optional[str]] = mapped_column(String(255), default=None)
-    clean_claimed_until: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
+    clean_claim: Mapped[str | None] = mapped_column(String(255), default=None)
+    clean_claimed_until: Mapped[datetime | None] = mapped_column(PRECISE_TIME, default=None)
 
-    ips: Mapped[list["NodeIP"]] = relationship(
+    ips: Mapped[list[NodeIP]] = relationship(
         back_populates="node", order_by="NodeIP.position",
         cascade="all, delete-orphan", lazy="selectin")
 
@@ -112,11 +123,11 @@ class Allocation(Base):
     node_id: Mapped[int] = mapped_column(Integer)  # no FK: history outlives removed nodes
     node_name: Mapped[str] = mapped_column(String(255))
     owner: Mapped[str] = mapped_column(String(255))
-    user: Mapped[Optional[str]] = mapped_column(String(255), default=None)  # broker user
-    request_id: Mapped[Optional[str]] = mapped_column(String(64), default=None)
+    user: Mapped[str | None] = mapped_column(String(255), default=None)  # broker user
+    request_id: Mapped[str | None] = mapped_column(String(64), default=None)
     started_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
-    ended_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
-    end_reason: Mapped[Optional[EndReason]] = mapped_column(_enum(EndReason, "end_reason"),
+    ended_at: Mapped[datetime | None] = mapped_column(PRECISE_TIME, default=None)
+    end_reason: Mapped[EndReason | None] = mapped_column(_enum(EndReason, "end_reason"),
                                                             default=None)
 
 
@@ -131,16 +142,16 @@ class WaitingRequest(Base):
     node_pool: Mapped[str] = mapped_column(String(255))
     count: Mapped[int] = mapped_column(Integer)
     owner: Mapped[str] = mapped_column(String(255))
-    user: Mapped[Optional[str]] = mapped_column(String(255), default=None)  # broker user
-    reply_to: Mapped[Optional[str]] = mapped_column(String(255))
-    correlation_id: Mapped[Optional[str]] = mapped_column(String(255))
+    user: Mapped[str | None] = mapped_column(String(255), default=None)  # broker user
+    reply_to: Mapped[str | None] = mapped_column(String(255))
+    correlation_id: Mapped[str | None] = mapped_column(String(255))
     enqueued_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
     # The database's clock when the worker took the request + the wait asked for, so
     # neither the client's clock nor the worker host's matters (workers/clock.py).
     # DOUBLE: a 4-byte FLOAT is off by minutes.
-    deadline: Mapped[Optional[float]] = mapped_column(Double, default=None)  # unix time
-    lease_seconds: Mapped[Optional[int]] = mapped_column(Integer, default=None)
-    constraints: Mapped[Optional[dict]] = mapped_column(JSON, default=None)  # None: any node
+    deadline: Mapped[float | None] = mapped_column(Double, default=None)  # unix time
+    lease_seconds: Mapped[int | None] = mapped_column(Integer, default=None)
+    constraints: Mapped[dict | None] = mapped_column(JSON, default=None)  # None: any node
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # higher first
 
 
@@ -156,7 +167,7 @@ class GrantOutbox(Base):
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     reply_to: Mapped[str] = mapped_column(String(255))
-    correlation_id: Mapped[Optional[str]] = mapped_column(String(255))
+    correlation_id: Mapped[str | None] = mapped_column(String(255))
     reply: Mapped[str] = mapped_column(Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"))
     created_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
     # A copy came back while no earlier copy could have been routed: undo it, even
@@ -178,7 +189,7 @@ class ProcessedRequest(Base):
     reply: Mapped[str] = mapped_column(Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"))
     processed_at: Mapped[datetime] = mapped_column(PRECISE_TIME)
     # The broker user whose request it answers: replayed to nobody else.
-    user: Mapped[Optional[str]] = mapped_column(String(255), default=None)
+    user: Mapped[str | None] = mapped_column(String(255), default=None)
 
 
 class WorkerMeta(Base):
@@ -189,7 +200,7 @@ class WorkerMeta(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     epoch: Mapped[int] = mapped_column(BigInteger, default=0)
     holder: Mapped[str] = mapped_column(String(255), default="")
-    taken_at: Mapped[Optional[datetime]] = mapped_column(PRECISE_TIME, default=None)
+    taken_at: Mapped[datetime | None] = mapped_column(PRECISE_TIME, default=None)
 
 
 class WorkerHeartbeat(Base):
@@ -202,4 +213,4 @@ class WorkerHeartbeat(Base):
     seen_at: Mapped[datetime] = mapped_column(PRECISE_TIME)  # the database's clock
     # The worker's wall clock minus the database's, in seconds, at its last read of the
     # database's time (workers/clock.py). Nothing decides by it: it is for people.
-    clock_skew_s: Mapped[Optional[float]] = mapped_column(Double, default=None)
+    clock_skew_s: Mapped[float | None] = mapped_column(Double, default=None)

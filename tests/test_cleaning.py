@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from bench.private import process_gone
-from molteniron.clients.cleaner import NODE_ENV
 from molteniron import errors
+from molteniron.clients.cleaner import NODE_ENV
 from tests.stack import ROOT, node_args, wait_until
 
 

@@ -21,8 +21,15 @@ from bench.env import machine
 from bench.galera_cluster import PrivateGaleraCluster
 from bench.soak import check_database
 from molteniron import db
-from tests.failover import (add_nodes, failed_calls, history_problems, nothing_owned, pauses,
-                            run_jobs_through, running)
+from tests.failover import (
+    add_nodes,
+    failed_calls,
+    history_problems,
+    nothing_owned,
+    pauses,
+    run_jobs_through,
+    running,
+)
 from tests.stack import ROOT, Stack, wait_until
 
 POOL = "galera"

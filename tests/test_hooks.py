@@ -23,8 +23,17 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import yaml
 
-from tests.jobs import (EXAMPLES, HOOKS, PRE_HOOK_FILES as FILES, group_alive, job_env, kill_group,
-                        leftovers, run_hook, start_job_step)
+from tests.jobs import (
+    EXAMPLES,
+    HOOKS,
+    group_alive,
+    job_env,
+    kill_group,
+    leftovers,
+    run_hook,
+    start_job_step,
+)
+from tests.jobs import PRE_HOOK_FILES as FILES
 from tests.stack import ROOT, node_args, wait_until
 
 # The bound a signal's effect is held to where it used to wait for the allocate to return

@@ -26,10 +26,10 @@ from sqlalchemy.orm import Session
 from molteniron import errors, pool, protocol
 from molteniron.config import Config
 from molteniron.models import Base, Node
-from tests.conftest import empty_tables
-from tests.test_keeper import Properties
 from molteniron.workers import keeper as keeper_module
 from molteniron.workers.batch import Batch
+from tests.conftest import empty_tables
+from tests.test_keeper import Properties
 
 SEED = 20240517
 BATCHES = 400

@@ -14,11 +14,11 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from bench.private import free_port
 from bench.faked_clock import SteppedWallClock, wall_clock_off_by
+from bench.private import free_port
+from molteniron.workers.clock import CLOCK_SKEW_WARN, DatabaseClock, unix
 from tests.stack import node_args, wait_until
 from tests.test_metrics import metrics_config, scrape
-from molteniron.workers.clock import CLOCK_SKEW_WARN, DatabaseClock, unix
 
 SIX_HOURS = 6 * 3600
 SEVEN_HOURS = 7 * 3600

@@ -5,13 +5,12 @@ that knows no pages."""
 from __future__ import annotations
 
 import pytest
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from molteniron import errors, inventory, pool, protocol
 from molteniron.clients import client as client_module
 from molteniron.clients.client import MoltenIronClient
-from molteniron import errors, inventory, pool, protocol
 from molteniron.models import Node
 from tests.stack import node_args
 from tests.test_keeper import add_node, allocate, commit, keeper, only_reply, request  # noqa: F401

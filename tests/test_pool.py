@@ -19,7 +19,6 @@ from molteniron import errors, pool
 from molteniron.models import Allocation, EndReason, Node, NodeIP, State
 from molteniron.workers.state import PoolState
 
-
 # --- helpers -----------------------------------------------------------------
 
 def add(session, name, node_pool="default", **overrides):

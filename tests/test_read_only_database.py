@@ -18,14 +18,22 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import make_url
 
-from bench.db_refusals import (SmallDiskMariaDB, add_worker_user, fill_disk, fill_table_pages,
-                               free_disk, refused, root, set_read_only)
+from bench.db_refusals import (
+    SmallDiskMariaDB,
+    add_worker_user,
+    fill_disk,
+    fill_table_pages,
+    free_disk,
+    refused,
+    root,
+    set_read_only,
+)
 from bench.private import PrivateMariaDB
 from molteniron import db
 from molteniron.config import Config
+from molteniron.workers.keeper import PoolKeeper
 from tests import services
 from tests.stack import Stack, fresh_vhost, node_args, wait_until
-from molteniron.workers.keeper import PoolKeeper
 
 DATABASE = "molteniron"
 HELD_FOR = 3  # the CLI's --timeout while writes are refused: it gives up, the worker holds on

@@ -11,9 +11,9 @@ import pytest
 
 from molteniron import errors, protocol
 from molteniron.protocol import OPERATIONS, Request
+from molteniron.workers.authz import ADMIN_ONLY, USER_OPS, WORKER_OPS, Authorizer
 from tests.raw import RawPublisher
 from tests.stack import wait_until
-from molteniron.workers.authz import ADMIN_ONLY, USER_OPS, WORKER_OPS, Authorizer
 
 
 def test_every_operation_is_classified_for_authorization_exactly_once():

@@ -9,9 +9,18 @@ from datetime import datetime, timedelta
 import pytest
 
 from molteniron import errors, protocol
-from tests.test_keeper import (add_node, allocate, commit, keeper, make_keeper,  # noqa: F401
-                               only_reply, request, sql, wait_for)
 from molteniron.workers.authz import USER_OPS
+from tests.test_keeper import (  # noqa: F401
+    add_node,
+    allocate,
+    commit,
+    keeper,
+    make_keeper,
+    only_reply,
+    request,
+    sql,
+    wait_for,
+)
 
 
 def ask(keeper, op: str, **args) -> dict:

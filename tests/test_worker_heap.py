@@ -6,9 +6,9 @@ import gc
 import weakref
 
 from molteniron.config import Config
+from molteniron.workers.worker import Worker
 from tests.conftest import empty_tables
 from tests.test_keeper import add_request, commit, request
-from molteniron.workers.worker import Worker
 
 
 def tracked(record: dict) -> bool:

@@ -19,7 +19,7 @@ everyone may do everything, as in the original MoltenIron. With admins named:
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from molteniron import errors
 from molteniron.config import ADMINS_OFF

@@ -19,14 +19,14 @@ class Constraints:
     tags: frozenset[str] = frozenset()
 
     @classmethod
-    def from_args(cls, args: dict) -> "Constraints":
+    def from_args(cls, args: dict) -> Constraints:
         return cls(arch=args.get("arch"), min_cpus=args.get("min_cpus") or 0,
                    min_ram_mb=args.get("min_ram_mb") or 0,
                    min_disk_gb=args.get("min_disk_gb") or 0,
                    tags=frozenset(args.get("tags") or ()))
 
     @classmethod
-    def from_row(cls, data: dict | None) -> "Constraints":
+    def from_row(cls, data: dict | None) -> Constraints:
         return cls.from_args(data or {})
 
     def to_row(self) -> dict | None:

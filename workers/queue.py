@@ -18,8 +18,9 @@ over) would otherwise give a later waiter an earlier place.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 class Queued(Protocol):

@@ -25,15 +25,15 @@ from __future__ import annotations
 import random
 import re
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from bench.badinput.generated import hypothesis_phase
 from bench.badinput.messages import ALL_KINDS, EDGE_KINDS, RAW_KINDS, make_messages
 from bench.badinput.pool import BARRIER_POOL, DEFAULT_NODES, IDLE, pool_checksum, populate
 from bench.badinput.raw import raw_phase
 from bench.env import Sandbox, add_nodes
-from molteniron.clients.client import MoltenIronClient
 from molteniron import errors
+from molteniron.clients.client import MoltenIronClient
 
 __all__ = ["ALL_KINDS", "CHECKS", "EDGE_KINDS", "RAW_KINDS", "run", "summary"]
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from bench.badinput.messages import ALLOWED, MALFORMED
 from bench.badinput.pool import BARRIER_POOL, DEFAULT_NODES, IDLE, OWNERS, SPARE_NODES
-from molteniron.clients.client import MoltenIronClient
 from molteniron import errors, protocol
+from molteniron.clients.client import MoltenIronClient
 from molteniron.protocol import Arg, Operation
 
 

@@ -11,9 +11,10 @@ import json
 import math
 import random
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Iterator
+from typing import Any
 
 from bench.badinput.pool import OWNERS, SPARE_NODES
 from molteniron import protocol
@@ -329,7 +330,7 @@ def kind_counts(messages: int, kinds: frozenset) -> dict[str, int]:
     """How many of each kind: heavy and edge kinds a few, the rest share the remainder."""
     capped = {"oversized_body": max(2, messages // 1000),
               "big_wrong_body": max(2, messages // 1000),
-              "deep_nesting": max(3, messages // 500), **{k: 6 for k in EDGE_KINDS}}
+              "deep_nesting": max(3, messages // 500), **dict.fromkeys(EDGE_KINDS, 6)}
     counts = {k: capped[k] for k in RAW_KINDS + EDGE_KINDS if k in kinds and k in capped}
     shared = [k for k in RAW_KINDS if k in kinds and k not in capped]
     if not shared:

@@ -10,8 +10,8 @@ import hashlib
 import time
 
 from bench.env import Sandbox
-from molteniron.clients.client import MoltenIronClient
 from molteniron import protocol
+from molteniron.clients.client import MoltenIronClient
 
 IDLE = 5.0              # seconds without progress after which the worker counts as stuck
 BARRIER_POOL = "badinput-barrier"                # a pool with no nodes: a cheap `status`

@@ -17,10 +17,10 @@ from datetime import timedelta
 
 from flask import Flask, Response, g, render_template, request, url_for
 
+from molteniron import errors
 from molteniron.clients.web import charts, openapi, views
 from molteniron.clients.web.reader import CACHE_SECONDS, PoolReader
 from molteniron.clients.web.series import Series
-from molteniron import errors
 from molteniron.protocol import parse_time
 
 log = logging.getLogger(__name__)

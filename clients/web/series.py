@@ -80,7 +80,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name="molteniron-sampler",
                                         daemon=True)
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         self._thread.start()
         return self
 

@@ -6,8 +6,8 @@ is off says by how much, so `molteniron workers` can show it.
 Revision ID: 0011
 Revises: 0010
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = '0011'
 down_revision = '0010'
