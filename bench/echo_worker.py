@@ -35,7 +35,7 @@ def main() -> None:
             continue
         connection.process_data_events(0)
         batch, pending[:] = list(pending), []
-        for method, properties, body in batch:
+        for _method, properties, body in batch:
             if properties.reply_to:
                 request_id = json.loads(body).get("id")
                 channel.basic_publish("", properties.reply_to,

@@ -95,9 +95,9 @@ class Sandbox:
                     # nothing, so that it is quick whatever the pool's size.
                     client.call("status", {"owner": "(probe)"})
                 return
-            except Exception:  # not up yet
+            except Exception as err:  # not up yet
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the worker did not answer within %ss" % timeout)
+                    raise RuntimeError(f"the worker did not answer within {timeout}s") from err
                 time.sleep(0.1)
 
     def worker_rss_mb(self, index: int = 0) -> float:

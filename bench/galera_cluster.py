@@ -266,7 +266,8 @@ class PrivateGaleraCluster(_Private):
         for index in sorted(self.isolated):
             if self.nodes[index].alive:
                 node = self.nodes[index]
-                wait_for(lambda: node.synced() and node.status("wsrep_cluster_status") == "Primary",
+                wait_for(lambda node=node: (node.synced()
+                                            and node.status("wsrep_cluster_status") == "Primary"),
                          START_TIMEOUT, f"galera node{index} to rejoin after isolation", 0.1)
         self.isolated.clear()
         for node in self.nodes:

@@ -35,7 +35,10 @@ def percentiles(values: list[float]) -> dict:
     if not values:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
     ordered = sorted(values)
-    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
     return {"p50_ms": pick(0.50), "p95_ms": pick(0.95), "p99_ms": pick(0.99)}
 
 

@@ -43,8 +43,11 @@ def test_the_clients_check_accepts_a_grant_served_again_after_its_first_bounced(
     add_node(keeper, "n2")
     (again,) = commit_from(keeper, first, "new-queue").outbox
     assert [n["name"] for n in again.reply["nodes"].values()] == ["n2"]
-    saw = lambda nodes: [soak.Outcome("job", "allocate", first.id, 0, 0, "ok", nodes),
-                         soak.Outcome("other", "allocate", other.id, 0, 0, "ok", ["n1"])]
+
+    def saw(nodes):
+        return [soak.Outcome("job", "allocate", first.id, 0, 0, "ok", nodes),
+                soak.Outcome("other", "allocate", other.id, 0, 0, "ok", ["n1"])]
+
     assert soak.check_clients(History(), saw(["n2"])) == []
     # Had the client got the grant that bounced, that would be a problem.
     assert soak.check_clients(History(), saw(["n1"])) != []

@@ -50,7 +50,7 @@ def stored_passwords(session) -> dict[str, str]:
     """What the database holds, read with raw SQL (no decryption)."""
     session.rollback()  # a fresh snapshot: another process may have written
     rows = session.connection().exec_driver_sql("SELECT name, ipmi_password FROM nodes")
-    return {name: stored for name, stored in rows}
+    return dict(rows)
 
 
 # --- the helpers ----------------------------------------------------------------

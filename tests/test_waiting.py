@@ -23,7 +23,7 @@ def test_waiters_are_served_first_come_first_served(running):
     waiting = []
     for name in ("job-a", "job-b", "job-c"):
         waiting.append(running.cli_start("allocate", name, "1", "--wait", "60"))
-        wait_until(lambda: name in waiting_owners(running), 15, f"{name} to wait")
+        wait_until(lambda name=name: name in waiting_owners(running), 15, f"{name} to wait")
     assert waiting_owners(running) == ["job-a", "job-b", "job-c"]
 
     for previous, process in zip(("holder", "job-a", "job-b"), waiting):
