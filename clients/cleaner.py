@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Mapping
 
-from molteniron import __version__, errors, protocol
+from molteniron import __version__, errors, logs, protocol
 from molteniron.config import load_config
 
 log = logging.getLogger("molteniron.cleaner")
@@ -81,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ConfigError as exc:
         print(f"molteniron-cleaner: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)  # its INFO is a line per socket step
+    # pika's INFO is a line per socket step.
+    logs.setup(config, quiet={"pika": logging.WARNING})
     if not config.cleaning_command:
         print("molteniron-cleaner: no cleaning_command in the configuration", file=sys.stderr)
         return EXIT_USAGE

@@ -3,6 +3,14 @@
 Where the file comes from, first match wins: the path given (`--config`),
 `DIR/conf.yaml` for `--conf-dir DIR`, `$MOLTENIRON_CONFIG`,
 `/etc/molteniron/conf.yaml` if it exists, else only the defaults.
+
+The `molteniron` CLI (client=True) looks for `/etc/molteniron/client.yaml` before
+conf.yaml: deploy/install.sh writes it for CI agents, readable by every user and
+holding no secret, while conf.yaml stays the services'. A file the CLI found
+without being told, but may not read (conf.yaml of an older kit, say), is skipped
+with a warning when $MOLTENIRON_AMQP_URL names the broker; without it, that is
+an error as for the services (a silent fall-back to amqp://guest@127.0.0.1
+would be a surprise).
 """
 
 from __future__ import annotations
@@ -10,13 +18,14 @@ from __future__ import annotations
 import os
 import shlex
 from collections import namedtuple
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from molteniron import flat_yaml
 from molteniron.errors import ConfigError
 
 SYSTEM_CONFIG = "/etc/molteniron/conf.yaml"
+CLIENT_CONFIG = "/etc/molteniron/client.yaml"  # the CLI's first, if it exists
 ADMINS_OFF = "off"  # config admins: authorization switched off on purpose
 # The priority column is a signed 32-bit INT; a cap above this could not be stored.
 MAX_PRIORITY_LIMIT = 1_000_000
@@ -38,6 +47,9 @@ DEFAULTS = {
     "prefetch": 128,                 # requests the worker drains into one transaction
     "tick_interval": 1.0,            # seconds between a worker's timer ticks
     "log_level": "INFO",
+    # text: one `time level logger event=... key=...` line per event (no time under
+    # journald, which adds its own); json: one JSON object per line (molteniron/logs.py).
+    "log_format": "text",
     # Broker user names allowed to manage the pool, or "off" for no authorization at
     # all (everyone may do everything, as in the original). None (unset): the worker
     # refuses to start, so authorization is never off by accident.
@@ -98,30 +110,50 @@ _POSITIVE = {"allocate_wait", "request_timeout", "reply_retention", "history_ret
              "lease_seconds", "max_lease_seconds", "prefetch", "tick_interval",
              "max_waiting_per_user", "max_wait_seconds"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+_LOG_FORMATS = {"text", "json"}
 
 
 def config_path(path: str | None = None, conf_dir: str | None = None,
-                env: Mapping[str, str] = os.environ) -> str | None:
-    """The file to read, by the precedence in this module's docstring."""
+                env: Mapping[str, str] = os.environ, client: bool = False) -> str | None:
+    """The file to read, by the precedence in this module's docstring (client: the CLI's)."""
     if path:
         return path
     if conf_dir:
         return os.path.join(conf_dir, "conf.yaml")
     if env.get("MOLTENIRON_CONFIG"):
         return env["MOLTENIRON_CONFIG"]
-    try:
-        os.stat(SYSTEM_CONFIG)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:  # there may be one: defaults instead would be a silent surprise
-        raise ConfigError(f"cannot read configuration {SYSTEM_CONFIG}: {exc.strerror}") from None
-    return SYSTEM_CONFIG
+    for candidate in (CLIENT_CONFIG, SYSTEM_CONFIG) if client else (SYSTEM_CONFIG,):
+        try:
+            os.stat(candidate)
+            if client:  # a found file the CLI may not read may be skipped: try it now
+                os.close(os.open(candidate, os.O_RDONLY))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:  # there may be one: defaults instead would be a silent surprise
+            if client and isinstance(exc, PermissionError) and env.get("MOLTENIRON_AMQP_URL"):
+                _skipped(candidate, exc.strerror or str(exc))
+                continue
+            hint = (" (a CI agent: give the broker in $MOLTENIRON_AMQP_URL and "
+                    "$MOLTENIRON_AMQP_PASSWORD, or --config FILE)") if client else ""
+            raise ConfigError(
+                f"cannot read configuration {candidate}: {exc.strerror}{hint}") from None
+        return candidate
+    return None
+
+
+def _skipped(path: str, why: str) -> None:
+    import logging  # only here: the CLI's start stays quick; unconfigured, it prints to stderr
+    logging.getLogger(__name__).warning(
+        "molteniron: not reading %s (%s): using $MOLTENIRON_AMQP_URL and the defaults "
+        "(deploy/install.sh writes %s for CI agents)", path, why, CLIENT_CONFIG)
 
 
 def load_config(path: str | None = None, conf_dir: str | None = None,
-                env: Mapping[str, str] = os.environ) -> Config:
-    """Read, override from the environment and validate the configuration."""
-    source = config_path(path, conf_dir, env)
+                env: Mapping[str, str] = os.environ, client: bool = False) -> Config:
+    """Read, override from the environment and validate the configuration.
+
+    client: the `molteniron` CLI's lookup (client.yaml first; see the module's docstring)."""
+    source = config_path(path, conf_dir, env, client)
     values = _read_yaml(source) if source else {}
     for var, key in ENV_OVERRIDES.items():
         if env.get(var):
@@ -280,9 +312,14 @@ def _coerce(key: str, value, type_name: str, source: str):
     if wanted is str:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{source}: {key} must be a non-empty string")
-        if key == "log_level" and value.upper() not in _LOG_LEVELS:
-            raise ConfigError(f"{source}: log_level must be one of {', '.join(sorted(_LOG_LEVELS))}")
-        return value.upper() if key == "log_level" else value
+        choices = {"log_level": (value.upper(), _LOG_LEVELS),
+                   "log_format": (value.lower(), _LOG_FORMATS)}
+        if key in choices:
+            chosen, allowed = choices[key]
+            if chosen not in allowed:
+                raise ConfigError(f"{source}: {key} must be one of {', '.join(sorted(allowed))}")
+            return chosen
+        return value
     try:
         number = wanted(value)
     except ValueError:

@@ -265,3 +265,81 @@ def test_a_system_config_that_cannot_be_checked_is_an_error_not_the_defaults(mon
     monkeypatch.setattr(config_module.os, "stat", refused)
     with pytest.raises(ConfigError, match="cannot read configuration .*: Permission denied"):
         load_config(env={})
+
+
+@pytest.mark.parametrize("given, expected", [("json", "json"), ("JSON", "json"), ("text", "text")])
+def test_log_format_is_text_or_json_in_any_case(tmp_path, given, expected):
+    assert Config().log_format == "text"
+    path = write(tmp_path / "c.yaml", f"log_format: {given}\n")
+    assert load_config(str(path), env={}).log_format == expected
+
+
+@pytest.mark.parametrize("given", ["logfmt", "''", "1"])
+def test_log_format_validated(tmp_path, given):
+    path = write(tmp_path / "c.yaml", f"log_format: {given}\n")
+    with pytest.raises(ConfigError, match="log_format"):
+        load_config(str(path), env={})
+
+
+# --- the CLI's lookup: client.yaml (deploy/install.sh writes it for CI agents) -----------
+
+
+@pytest.fixture
+def kit_etc(tmp_path, monkeypatch):
+    """An /etc/molteniron as install.sh leaves it: client.yaml and conf.yaml."""
+    etc = tmp_path / "etc"
+    client = write(etc / "client.yaml", "amqp_url: amqp://molteniron-ci@mq/molteniron\n"
+                                        "request_timeout: 7\n")
+    system = write(etc / "conf.yaml", "amqp_url: amqp://molteniron-worker@mq/molteniron\n"
+                                      "db_url: mysql+pymysql://molteniron@db/molteniron\n")
+    monkeypatch.setattr(config_module, "CLIENT_CONFIG", str(client))
+    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", str(system))
+    return etc
+
+
+def refuse_opening(monkeypatch, refused: str) -> None:
+    """What a user who may not read `refused` meets (faked: the tests run as root)."""
+    def guarded(real_open):
+        def opener(path, *args, **kwargs):
+            if str(path) == refused:
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+        return opener
+    monkeypatch.setattr(config_module.os, "open", guarded(config_module.os.open))
+    monkeypatch.setattr(config_module, "open", guarded(open), raising=False)
+
+
+def test_the_cli_reads_client_yaml_first_and_the_services_never_do(kit_etc):
+    cli = load_config(env={}, client=True)
+    assert (cli.amqp_url, cli.request_timeout) == ("amqp://molteniron-ci@mq/molteniron", 7.0)
+    service = load_config(env={})
+    assert service.amqp_url == "amqp://molteniron-worker@mq/molteniron"
+    # Told where to look, the CLI reads what it is told.
+    assert load_config(env={"MOLTENIRON_CONFIG": str(kit_etc / "conf.yaml")},
+                       client=True).amqp_url == service.amqp_url
+
+
+def test_without_client_yaml_the_cli_reads_conf_yaml_as_before(kit_etc):
+    (kit_etc / "client.yaml").unlink()
+    assert load_config(env={}, client=True).amqp_url == "amqp://molteniron-worker@mq/molteniron"
+
+
+def test_an_unreadable_conf_yaml_is_skipped_when_the_environment_names_the_broker(
+        kit_etc, monkeypatch, caplog):
+    """An agent of a kit without client.yaml: conf.yaml is not its to read, and Jenkins
+    gives it the broker; it runs, saying what it skipped."""
+    (kit_etc / "client.yaml").unlink()
+    refuse_opening(monkeypatch, str(kit_etc / "conf.yaml"))
+    env = {"MOLTENIRON_AMQP_URL": "amqp://molteniron-ci@mq/molteniron",
+           "MOLTENIRON_AMQP_PASSWORD": "from-jenkins"}
+    config = load_config(env=env, client=True)
+    assert config.amqp_url == "amqp://molteniron-ci:from-jenkins@mq/molteniron"
+    assert config.request_timeout == Config().request_timeout
+    assert f"not reading {kit_etc / 'conf.yaml'} (Permission denied)" in caplog.text
+    # Without the broker in the environment it is an error saying how to give it.
+    with pytest.raises(ConfigError, match=r"cannot read configuration .*conf\.yaml: Permission "
+                                          r"denied \(a CI agent: .*MOLTENIRON_AMQP_URL"):
+        load_config(env={"MOLTENIRON_AMQP_PASSWORD": "from-jenkins"}, client=True)
+    # The services never skip their file.
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(env=env)

@@ -8,7 +8,7 @@ import sys
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from molteniron import __version__, db, secrets
+from molteniron import __version__, db, logs, secrets
 from molteniron.config import load_config, url_list
 from molteniron.errors import ConfigError, NotActiveWorker
 
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"molteniron-worker: {exc.message}", file=sys.stderr)
             return EXIT_CONFIG
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logs.setup(config, quiet={"pika": logging.WARNING, "alembic": logging.WARNING})
     try:
         _configure_secrets(config, args.rotate_secrets)
     except ConfigError as exc:

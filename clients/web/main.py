@@ -20,7 +20,7 @@ import signal
 import sys
 from urllib.parse import unquote, urlsplit
 
-from molteniron import __version__, errors
+from molteniron import __version__, errors, logs
 from molteniron.config import load_config, url_list
 
 DEFAULT_ADDRESS = "127.0.0.1:8080"
@@ -107,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except errors.ConfigError as exc:
         print(f"molteniron-web: {exc.message}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # pika says WARNING for every refused passive declare: the pages say it once, better.
-    logging.getLogger("pika").setLevel(logging.ERROR)
+    logs.setup(config, quiet={"pika": logging.ERROR})
     return serve(config, host, port, passwords, args.refresh, args.sample_every, args.threads)
 
 
