@@ -149,6 +149,35 @@ class BrokerNotTrusted(BrokerUnusable):
     not trust, issued for another host name, expired."""
 
 
+class BrokerLost(ServiceUnavailable):
+    """The connection to RabbitMQ failed while it was in use (molteniron/broker.py): the
+    next broker of amqp_url, or the same one later, may serve. `reason` is pika's word."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class BrokerClosedChannel(ServiceUnavailable):
+    """RabbitMQ refused one operation and closed its channel: `reply_code` says why (403
+    a permission is missing, 404 no such queue or exchange, 405 a queue locked, 406
+    arguments that differ from the queue's)."""
+
+    def __init__(self, message: str, reply_code: int = 0, reply_text: str = ""):
+        super().__init__(message)
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+class BrokerReturned(ServiceUnavailable):
+    """A mandatory message reached no queue: the broker returned it."""
+
+
+class BrokerNacked(ServiceUnavailable):
+    """The broker refused a published message (a nack), e.g. while a cluster elects
+    the queue's new leader: a copy on a new connection may get through."""
+
+
 class RequestQueued(MoltenIronError):
     """No worker answered a release or cancel yet; it acts when one consumes it (client side)."""
 
@@ -171,7 +200,7 @@ _BY_KIND = {
         OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes, PoolTooSmall,
         RequestCancelled, NodesTakenBack, TooManyRequests, DeadlineExpired, InternalError,
         NotActiveWorker, ServiceUnavailable, BrokerUnusable, BrokerRefused, BrokerNotTrusted,
-        RequestQueued,
+        BrokerLost, BrokerClosedChannel, BrokerReturned, BrokerNacked, RequestQueued,
     )
 }
 _BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineExpired,
