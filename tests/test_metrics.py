@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 import pika
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.private import free_port
 from molteniron import protocol
@@ -39,6 +40,26 @@ def scrape(port: int) -> dict[str, dict[tuple, float]]:
         for sample in family.samples:
             samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return samples
+
+
+def get(port: int, path: str) -> tuple[int, str, str]:
+    """(status, content type, body) of GET path at the worker's metrics_address."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+def healthz_when(port: int, status: int, timeout: float) -> tuple[int, str, str]:
+    """GET /healthz until it answers with status (nothing listening yet counts as not yet)."""
+    def answer():
+        try:
+            response = get(port, "/healthz")
+        except urllib.error.URLError:  # refused: the worker has not started serving yet
+            return None
+        return response if response[0] == status else None
+    return wait_until(answer, timeout, f"/healthz to say {status}")
 
 
 def nodes_by_pool_and_state(samples) -> dict[tuple[str, str], int]:
@@ -267,3 +288,51 @@ def test_a_metrics_port_in_use_stops_the_worker_at_start_saying_why(stack, tmp_p
     log = stack.worker_log()
     assert f"metrics_address 127.0.0.1:{port} cannot be served" in log, log
     assert "Traceback" not in log
+
+
+def test_metrics_at_metrics_health_at_healthz_and_nothing_elsewhere(stack, tmp_path):
+    port = free_port()
+    stack.start_worker(env=metrics_config(tmp_path, "paths", port))
+
+    status, content_type, body = get(port, "/metrics")
+    assert status == 200 and content_type.startswith("text/plain"), (status, content_type)
+    assert "molteniron_worker_role" in body
+    _, content_type, body = healthz_when(port, 200, 15)
+    assert content_type == "application/json"
+    assert json.loads(body) == {"status": "ok", "role": "active"}
+    for path in ("/", "/health", "/metricsx", "/healthz/x", "/favicon.ico"):
+        status, _, body = get(port, path)
+        assert status == 404, (path, status)
+        assert "molteniron_" not in body, path
+
+
+def test_healthz_says_503_until_the_broker_answers(stack, tmp_path):
+    """A broker nobody listens at: the worker runs (it retries), /healthz says why it
+    does not serve, and /metrics still answers (role standby)."""
+    port = free_port()
+    stack.start_worker(env={**metrics_config(tmp_path, "no-broker", port),
+                            "MOLTENIRON_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/"},
+                       ready=False)
+    _, _, body = healthz_when(port, 503, 30)
+    assert json.loads(body) == {"status": "unavailable", "role": "standby",
+                                "reasons": ["not connected to the broker yet"]}
+    assert scrape(port)["molteniron_worker_role"][(("role", "standby"),)] == 1
+
+
+def test_healthz_says_503_while_the_database_refuses_writes(tmp_path, request):
+    """read_only on the worker's own private MariaDB: /healthz names the database; once
+    writes are back it says 200 again."""
+    from bench.db_refusals import set_read_only
+    from bench.private import PrivateMariaDB
+    from tests.test_read_only_database import stack_on
+    port = free_port()
+    with PrivateMariaDB() as mariadb, stack_on(mariadb, tmp_path, request) as stack:
+        stack.start_worker(env=metrics_config(tmp_path, "read-only", port))
+        healthz_when(port, 200, 15)
+
+        set_read_only(mariadb, True)
+        _, _, body = healthz_when(port, 503, 20)
+        assert "the database does not answer or refuses writes" in json.loads(body)["reasons"]
+
+        set_read_only(mariadb, False)
+        healthz_when(port, 200, 30)

@@ -10,17 +10,26 @@ lease expiries, grants undone) is tallied with its batch and added only once
 that batch committed, so a batch retried while the database is down counts once.
 With metrics_address unset nothing listens and the hooks return at once.
 Ages are by the database's clock, as the pool keeps it (workers/clock.py).
+
+The same address answers /healthz (200 while the worker serves: its loop ticks on a
+broker connection and its database takes a write; 503 naming what is wrong) and 404
+on any other path.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from pika.exceptions import ChannelClosed
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from molteniron import protocol
 from molteniron.errors import ConfigError
@@ -33,6 +42,14 @@ SNAPSHOT_EVERY = 0.5      # seconds: the most often a busy worker counts its poo
 QUEUE_DEPTH_EVERY = 5.0   # seconds between passive queue declares (one broker round trip each)
 NODE_STATES = tuple(s.value for s in State)
 DIRTY = State.DIRTY.value
+# /healthz: the worker's loop ticks every tick_interval while it holds a broker connection
+# (a lost broker, or a batch held while the database is away, stops it); past this many
+# intervals (and never under TICK_LATE_MIN seconds) without one, it is not serving.
+TICK_LATE_INTERVALS = 5
+TICK_LATE_MIN = 10.0
+DB_PROBE_EVERY = 2.0      # seconds: the most often /healthz probes the database (a write,
+                          # rolled back: keeper.database_answers)
+DB_PROBE_WAIT = 5.0       # seconds /healthz waits for a probe before it says the database hangs
 
 # A registry of our own: nothing else a library registers globally ends up on /metrics.
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -112,7 +129,7 @@ def snapshot(state, waiters, dirty_seen: dict[int, float] | None = None) -> Snap
 
 class _Tally:
     """What one batch counted, added to the metrics only when it committed."""
-    __slots__ = ("batch", "requests", "expired", "undone", "cleaned")
+    __slots__ = ("batch", "cleaned", "expired", "requests", "undone")
 
     def __init__(self, batch=None) -> None:
         self.batch = batch
@@ -139,6 +156,11 @@ class _Exporter:
         self.enqueued: dict[str, float] = {}  # waiting request id -> when it began (unix)
         self.waits_epoch = None
         self.tally = _Tally()
+        self.tick_at = 0.0           # time.monotonic() of the worker loop's latest tick
+        self.broker_open = False     # whether the broker connection was open at that tick
+        self.probe_lock = threading.Lock()
+        self.probed_at = -DB_PROBE_EVERY  # time.monotonic() of the latest database probe
+        self.database_answered = False
 
     # --- the collector (HTTP thread) ------------------------------------------
 
@@ -191,6 +213,40 @@ class _Exporter:
         for node_pool, since in latest.dirty.items():
             dirty.add_metric([node_pool], 0.0 if since is None else max(0.0, seen_now - since))
         yield dirty
+
+    def health(self, keeper) -> tuple[bool, dict]:
+        """Whether this worker serves (its loop ticks on an open broker connection and
+        its database takes a write), and the body /healthz answers with."""
+        reasons = []
+        if not self._database_answers(keeper):
+            reasons.append("the database does not answer or refuses writes")
+        late = max(TICK_LATE_MIN, TICK_LATE_INTERVALS * keeper.config.tick_interval)
+        since_tick = time.monotonic() - self.tick_at
+        if not self.tick_at:
+            reasons.append("not connected to the broker yet")
+        elif since_tick > late:
+            reasons.append(f"no tick for {since_tick:.0f} s: the broker connection is "
+                           "lost or a batch is held")
+        elif not self.broker_open:
+            reasons.append("the broker connection is closed")
+        body: dict[str, object] = {"status": "unavailable" if reasons else "ok",
+                                   "role": "standby" if keeper.epoch is None else "active"}
+        if reasons:
+            body["reasons"] = reasons
+        return not reasons, body
+
+    def _database_answers(self, keeper) -> bool:
+        """keeper.database_answers, run at most every DB_PROBE_EVERY by one request at a
+        time; False when the probe in progress has not answered within DB_PROBE_WAIT."""
+        if not self.probe_lock.acquire(timeout=DB_PROBE_WAIT):
+            return False
+        try:
+            if time.monotonic() - self.probed_at >= DB_PROBE_EVERY:
+                self.database_answered = keeper.database_answers()
+                self.probed_at = time.monotonic()
+            return self.database_answered
+        finally:
+            self.probe_lock.release()
 
     # --- bookkeeping (the worker's thread) ------------------------------------
 
@@ -252,6 +308,9 @@ class _Exporter:
     def on_tick(self, keeper, connection) -> None:
         if not self.serving:
             return
+        # Read here, in the thread that owns the connection; /healthz reads the copies.
+        self.broker_open = connection is not None and connection.is_open
+        self.tick_at = time.monotonic()
         if self.stale and keeper.epoch is not None:
             self.publish(keeper)
         if time.monotonic() - self.queues_at >= QUEUE_DEPTH_EVERY:
@@ -276,16 +335,56 @@ _EXPORTER = _Exporter()
 REGISTRY.register(_EXPORTER)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # a scrape or a probe is not an event
+        pass
+
+
+def _app(keeper):
+    """/metrics: the registry; /healthz: whether this worker serves; anything else: 404."""
+    scrape = make_wsgi_app(REGISTRY)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return scrape(environ, start_response)
+        if path == "/healthz":
+            serving, body = _EXPORTER.health(keeper)
+            status = "200 OK" if serving else "503 Service Unavailable"
+            text = (json.dumps(body) + "\n").encode()
+        else:
+            status, text = "404 Not Found", b"not found: this worker serves /metrics and /healthz\n"
+        content_type = "application/json" if path == "/healthz" else "text/plain"
+        start_response(status, [("Content-Type", content_type),
+                                ("Content-Length", str(len(text)))])
+        return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else text]
+
+    return app
+
+
+def _server(host: str, port: int, app) -> ThreadingWSGIServer:
+    """A thread-per-request HTTP server bound to host:port, IPv4 or IPv6 as host is."""
+    family, *_, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                              flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    return make_server(str(sockaddr[0]), port, app, Server, handler_class=_QuietHandler)
+
+
 def start(address: str | None, keeper) -> bool:
-    """Serve /metrics at host:port in a thread (nothing when address is None); True if
-    serving. ConfigError when the address cannot be served (a port in use, say): a
-    worker that monitoring cannot see is refused at start, not found out later."""
+    """Serve /metrics and /healthz at host:port in a thread (nothing when address is
+    None); True if serving. ConfigError when the address cannot be served (a port in
+    use, say): a worker that monitoring cannot see is refused at start, not found out
+    later."""
     _EXPORTER.keeper = keeper
     if not address:
         return False
     host, _, port = address.rpartition(":")
     try:
-        start_http_server(int(port), host.strip("[]"), registry=REGISTRY)
+        server = _server(host.strip("[]"), int(port), _app(keeper))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     except OSError as exc:
         raise ConfigError(f"metrics_address {address} cannot be served: {exc.strerror} "
                           "(another process listens there?)") from None
