@@ -19,7 +19,7 @@ from molteniron import db
 from molteniron.models import Base
 from tests import services
 
-pytest_plugins = ["tests.stack", "tests.tiers"]
+pytest_plugins = ["tests.stack", "tests.tiers", "tests.keeper"]
 
 
 TEST_DB_URL = services.current().db_url  # the containers' URL once they are started

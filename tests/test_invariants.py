@@ -29,7 +29,7 @@ from molteniron.models import Base, Node
 from molteniron.workers import keeper as keeper_module
 from molteniron.workers.batch import Batch
 from tests.conftest import empty_tables
-from tests.test_keeper import Properties
+from tests.keeper import Properties
 
 SEED = 20240517
 BATCHES = 400

@@ -12,8 +12,8 @@ from molteniron import errors, inventory, pool, protocol
 from molteniron.clients import client as client_module
 from molteniron.clients.client import MoltenIronClient
 from molteniron.models import Node
+from tests.keeper import add_node, allocate, commit, only_reply, request
 from tests.stack import node_args
-from tests.test_keeper import add_node, allocate, commit, keeper, only_reply, request  # noqa: F401
 
 
 def status(keeper, op: str = "status", **args) -> dict:

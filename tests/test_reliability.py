@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from bench import faults, soak
 from bench.private import shared_service_pids
-from tests.test_keeper import add_node, allocate, commit, commit_from, keeper, sql  # noqa: F401
+from tests.keeper import add_node, allocate, commit, commit_from, sql
 
 
 def test_soak_many_clients_random_operations_keep_every_invariant():

@@ -10,11 +10,10 @@ import pytest
 
 from molteniron import errors, protocol
 from molteniron.workers.authz import USER_OPS
-from tests.test_keeper import (  # noqa: F401
+from tests.keeper import (
     add_node,
     allocate,
     commit,
-    keeper,
     make_keeper,
     only_reply,
     request,

@@ -8,7 +8,7 @@ import weakref
 from molteniron.config import Config
 from molteniron.workers.worker import Worker
 from tests.conftest import empty_tables
-from tests.test_keeper import add_request, commit, request
+from tests.keeper import add_request, commit, request
 
 
 def tracked(record: dict) -> bool:
