@@ -3,16 +3,30 @@
 #   deploy/install.sh [--root DIR] [--python PY] [--web] [SOURCE] [-- PIP_OPTION...]
 # SOURCE: a source tree, a wheel, or anything pip takes (default: the tree this
 # script is in). PIP_OPTIONs go to pip, e.g. `-- --no-index --find-links /srv/wheels`.
+# --python PY: the interpreter the venv is made with (default: python3 on PATH). The
+# venv links to it rather than copying it, so the services' users must be able to run
+# it: install.sh refuses one they cannot (with --root: one other users cannot), such
+# as pyenv's under /root (mode 700). Then give the system's: --python /usr/bin/python3.
+# (Once the venv exists, its interpreter is the one checked: remove the venv to change it.)
 #
 # What goes where (README "Deploying"):
 #   /opt/molteniron                 a venv holding MoltenIron and its dependencies
 #                                   (Debian's system pip is blocked: PEP 668)
 #   /usr/local/bin/molteniron, molteniron-worker, molteniron-cleaner, molteniron-web
 #                                   links into it
-#   /etc/molteniron/                root:molteniron 750
+#   /opt/molteniron/hooks/          the Jenkins hooks of the installed package (pre_hook.sh,
+#                                   post_hook.sh, keep_lease.sh; MOLTENIRON_HOOKS), replaced
+#   /etc/molteniron/                root:root 755: every user may enter; each file's own
+#                                   mode says who reads it
+#   /etc/molteniron/client.yaml     root:root 644, written once: what the `molteniron` CLI
+#                                   reads first, for CI agents and people: the CI broker
+#                                   user (molteniron-ci), request_timeout, allocate_wait.
+#                                   No password, nothing of the worker's: a job gives the
+#                                   CI user's password in MOLTENIRON_AMQP_PASSWORD (a
+#                                   Jenkins credential). Point its URL at your broker
 #   /etc/molteniron/conf.yaml       root:molteniron 640, written once: the kit's users,
 #                                   vhost and database on 127.0.0.1; edit it. No
-#                                   password: worker and cleaner both read it
+#                                   password: worker, cleaner and web pages read it
 #   /etc/molteniron/conf.yaml.example   every key with its default (replaced each time)
 #   /etc/molteniron/environment     root:root 600, the worker's secrets:
 #                                   MOLTENIRON_DB_PASSWORD, MOLTENIRON_AMQP_PASSWORD
@@ -29,12 +43,13 @@
 # pages (which read conf.yaml and nothing else of the kit). Neither can read the
 # other's secrets: systemd (root) reads the environment files for them (EnvironmentFile=),
 # only the worker reads secret.keys, and one user cannot read the other's processes
-# (/proc/PID/environ). The cleaner's unit adds the group molteniron
-# (SupplementaryGroups=) so it can read conf.yaml; no secret is readable by a group.
+# (/proc/PID/environ). The cleaner's and web pages' units add the group molteniron
+# (SupplementaryGroups=) so they can read conf.yaml; no secret is readable by a group.
+# Any other user (a Jenkins agent's) reads client.yaml and nothing else of the kit.
 #
-# Idempotent: run it again to upgrade. The venv is upgraded in place and the units
-# replaced (local changes belong in `systemctl edit` drop-ins); what conf.yaml, the
-# environment files and secret.keys hold is never touched once they exist, but their
+# Idempotent: run it again to upgrade. The venv is upgraded in place, the hooks and
+# units replaced (local changes belong in `systemctl edit` drop-ins); what client.yaml,
+# conf.yaml, the environment files and secret.keys hold is never touched once they exist, but their
 # owners and modes are set again on every run (so an upgrade from a kit whose worker
 # and cleaner shared a user takes the cleaner's access away). Passwords are generated
 # on the first run: give the broker and database users the same ones (README
@@ -51,6 +66,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=""
 python=python3
+named="python3 on PATH"  # how the refusal below names the interpreter
 source=""
 pip_options=()
 web=false
@@ -58,7 +74,7 @@ usage() { echo "usage: $0 [--root DIR] [--python PY] [--web] [SOURCE] [-- PIP_OP
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) [ $# -ge 2 ] || usage; root=$(realpath -m "$2"); shift 2 ;;
-    --python) [ $# -ge 2 ] || usage; python=$2; shift 2 ;;
+    --python) [ $# -ge 2 ] || usage; python=$2; named="--python $2"; shift 2 ;;
     --web) web=true; shift ;;
     --) shift; pip_options=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
@@ -128,6 +144,48 @@ system_user molteniron "MoltenIron worker"
 system_user molteniron-cleaner "MoltenIron cleaner"
 system_user molteniron-web "MoltenIron web pages"
 
+# The venv's python is a link to the interpreter it was made with: the services' users
+# must be able to run that one (pyenv's python3 under /root, mode 700, they cannot).
+checked=$python
+[ -x "$venv/bin/python" ] && checked=$venv/bin/python
+if ! interpreter=$("$checked" -I -c 'import os, sys; print(os.path.realpath(sys._base_executable))' \
+    2>/dev/null); then
+  say "cannot run $checked: give an interpreter with --python PY, e.g. --python /usr/bin/python3"
+  exit 2
+fi
+refuse_interpreter() {  # WHO [WHY]
+  local way="--python PY naming one $1 can run, e.g. --python /usr/bin/python3"
+  [ -x /usr/bin/python3 ] || way="--python PY naming one $1 can run"
+  if [ "$checked" = "$venv/bin/python" ]; then
+    say "$1 cannot run $interpreter${2:+ ($2)}, the interpreter of the venv $venv:" \
+      "remove $venv and run install.sh again with $way"
+  else
+    say "$1 cannot run $interpreter${2:+ ($2)}, the interpreter of $named" \
+      "($(command -v "$python")), which the venv would link to: give $way"
+  fi
+  exit 2
+}
+if $real; then
+  runuser -u molteniron -- "$interpreter" -I -c '' >/dev/null 2>&1 ||
+    refuse_interpreter "the service user molteniron"
+else
+  # No service user under --root: the interpreter and its standard library must be
+  # open to other users, as a real install's users would need.
+  closed=$("$checked" -I -c '
+import os, stat, sys, sysconfig
+for target, bit in ((sys._base_executable, stat.S_IXOTH),
+                    (os.path.join(sysconfig.get_path("stdlib"), "os.py"), stat.S_IROTH)):
+    path = os.path.realpath(target)
+    parts = path.split(os.sep)
+    for where, needed in [(os.sep.join(parts[:i]) or os.sep, stat.S_IXOTH)
+                          for i in range(1, len(parts))] + [(path, bit)]:
+        mode = stat.S_IMODE(os.stat(where).st_mode)
+        if not mode & needed:
+            print(f"{where} is mode {mode:o}")
+            sys.exit()')
+  [ -z "$closed" ] || refuse_interpreter "another user" "$closed"
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
     say "$python cannot make a venv: apt-get install python3-venv"; exit 2
@@ -144,16 +202,21 @@ for command in molteniron molteniron-worker molteniron-cleaner molteniron-web; d
   ln -sfn "$venv/bin/$command" "$bin/$command"
 done
 
-# The Jenkins hooks (examples/jenkins use them from here: MOLTENIRON_HOOKS).
-if [ -d "$here/../clients/hooks" ]; then
-  install -d -m 755 "$venv/hooks"
-  install -m 755 "$here/../clients/hooks/pre_hook.sh" "$here/../clients/hooks/post_hook.sh" \
-    "$venv/hooks/"
-  say "installed the Jenkins hooks into $venv/hooks"
-fi
+# The Jenkins hooks (examples/jenkins use them from here: MOLTENIRON_HOOKS), as the
+# installed package ships them: a wheel install gets them too.
+hooks=$("$venv/bin/python" -I -c \
+  'import molteniron.clients as c, os; print(os.path.join(os.path.dirname(c.__file__), "hooks"))')
+shipped=("$hooks"/*.sh)
+[ -f "${shipped[0]}" ] || { say "the installed package has no hooks in $hooks"; exit 2; }
+install -d -m 755 "$venv/hooks"
+install -m 755 "${shipped[@]}" "$venv/hooks/"
+say "installed the Jenkins hooks into $venv/hooks"
 
 mkdir -p "$etc"
-own "$etc" 750 root:molteniron  # the cleaner gets in by its unit's SupplementaryGroups=
+# Every user may enter, for client.yaml; each file's mode guards it: conf.yaml is the group
+# molteniron's (the cleaner and web pages join it by SupplementaryGroups=), the secrets
+# root's or the worker's alone.
+own "$etc" 755 root:root
 install -m 644 "$here/conf.yaml.example" "$etc/conf.yaml.example"
 new_secret() { "$venv/bin/python" -I -c 'import secrets; print(secrets.token_hex(24))'; }
 
@@ -169,6 +232,21 @@ amqp_url: amqp://molteniron-worker@127.0.0.1:5672/molteniron
 admins: [molteniron-admin]
 secret_key_file: $etc/secret.keys
 # cleaning_command: /usr/local/bin/check-node --power-off   (then enable molteniron-cleaner)
+EOF
+
+# The `molteniron` CLI reads this before conf.yaml (molteniron/config.py): CI agents that
+# are not root, and must not read the services' files, read it.
+write_once "$etc/client.yaml" 644 root:root <<EOF
+# Written by deploy/install.sh: what the \`molteniron\` CLI reads first (before
+# conf.yaml), for CI agents and people. Every user of this machine may read it: no
+# password here, nor anything of the worker's. A job gives the CI user's password in
+# MOLTENIRON_AMQP_PASSWORD (Jenkins: a secret text credential). Point the URL at your
+# broker; every key with its default: $etc/conf.yaml.example (amqp_ca_file for amqps://).
+# The user deploy/rabbitmq-definitions.json makes for CI jobs:
+amqp_url: amqp://molteniron-ci@127.0.0.1:5672/molteniron
+# Seconds the CLI waits for a worker's answer, and an allocate for nodes (unless --wait):
+request_timeout: 30
+allocate_wait: 3600
 EOF
 
 # The environment files are read by systemd (root) for EnvironmentFile=: neither
@@ -210,11 +288,17 @@ fi
 write_once "$etc/secret.keys" 600 molteniron:molteniron < <(
   "$venv/bin/python" -I -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())')
 
-# conf.yaml is readable by the group molteniron, the cleaner's user included: a password
-# belongs in the environment files (the worker's or the cleaner's), never in a URL here.
-if grep -v '^[[:space:]]*#' "$etc/conf.yaml" | grep -Eq '://[^/@[:space:]]*:[^/@[:space:]]*@'; then
+# conf.yaml is readable by the group molteniron, the cleaner's user included, and
+# client.yaml by everyone: a password belongs in the environment files (the worker's or
+# the cleaner's) or a job's environment, never in a URL here.
+has_password() { grep -v '^[[:space:]]*#' "$1" | grep -Eq '://[^/@[:space:]]*:[^/@[:space:]]*@'; }
+if has_password "$etc/conf.yaml"; then
   say "WARNING: $etc/conf.yaml holds a password in a URL, and the cleaner's user can" \
     "read it: move it to $etc/environment (MOLTENIRON_DB_PASSWORD, MOLTENIRON_AMQP_PASSWORD)"
+fi
+if has_password "$etc/client.yaml"; then
+  say "WARNING: $etc/client.yaml holds a password in a URL, and every user of this" \
+    "machine can read it: remove it; jobs give it in MOLTENIRON_AMQP_PASSWORD"
 fi
 
 mkdir -p "$units"
@@ -229,6 +313,8 @@ cat >&2 <<EOF
 install.sh: done. Next (README "Deploying"): load deploy/rabbitmq-definitions.json and
   deploy/create-database.sql, give the users the passwords of $etc/environment and
   $etc/cleaner.environment, then: systemctl enable --now molteniron-worker
+  CI agents: amqp_url of $etc/client.yaml names the broker; give molteniron-ci a password
+  (rabbitmqctl change_password molteniron-ci) that jobs pass in MOLTENIRON_AMQP_PASSWORD
 EOF
 if $web; then
   echo "install.sh: the web pages: rabbitmqctl change_password molteniron-web with the" \

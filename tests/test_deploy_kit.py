@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import os
 import shutil
 import subprocess
 import sys
@@ -34,20 +33,22 @@ from molteniron import db, protocol, secrets
 from molteniron.config import ENV_OVERRIDES, ENV_PASSWORDS, Config, load_config
 from tests import services
 from tests.conftest import TEST_DB_URL
+from tests.kit import DEPLOY, copy_checkout, install, public_python
 from tests.stack import ROOT, TEST_AMQP_URL, node_args, wait_until
 from tests.stack import _rabbitmqctl as rabbitmqctl
 from tests.test_broker_identity import DEFINITIONS
 
-DEPLOY = ROOT / "deploy"
 UNITS = ("molteniron-worker.service", "molteniron-cleaner.service")
 PROGRAMS = ("molteniron", "molteniron-worker", "molteniron-cleaner")
 SQL = (DEPLOY / "create-database.sql").read_text()
 # What install.sh gives /etc/molteniron and its files: owner:group, mode. No secret is
 # readable by a group: the group molteniron (the worker's, and the cleaner's by its
 # unit's SupplementaryGroups=) reads conf.yaml, which holds no password; systemd (root)
-# reads the environment files for the units; only the worker reads the key.
+# reads the environment files for the units; only the worker reads the key. Everyone
+# (a CI agent) enters the folder and reads client.yaml: no password, nothing of the worker's.
 KIT_FILES = {
-    "": ("root:molteniron", 0o750),
+    "": ("root:root", 0o755),
+    "client.yaml": ("root:root", 0o644),
     "conf.yaml": ("root:molteniron", 0o640),
     "environment": ("root:root", 0o600),
     "cleaner.environment": ("root:root", 0o600),
@@ -62,31 +63,16 @@ KIT_FILES = {
 def installed(tmp_path_factory) -> Path:
     """The root that `deploy/install.sh --root ROOT SOURCE` installed this checkout into."""
     work = tmp_path_factory.mktemp("kit")
-    source = work / "source"  # a copy: pip builds in the tree, others test this one
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                             "--exclude-standard"], cwd=ROOT, check=True,
-                            capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        if (ROOT / name).is_symlink():  # molteniron/workers -> ../workers
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            (source / name).symlink_to(os.readlink(ROOT / name))
-        elif (ROOT / name).is_file():  # a tracked file deleted in the work tree is not
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, source / name)
+    source = copy_checkout(work / "source")
     root = work / "root"
     # An operator's install, dependencies and all, from the package index pip is set
-    # up with (about 20 s here).
-    done = install(root, source)
+    # up with (about 20 s here), on a python the services' users can run.
+    done = install(root, source, "--python", public_python())
     if done.returncode != 0:
         pytest.fail(f"deploy/install.sh failed (pip needs its package index):\n"
                     f"{done.stderr[-3000:]}", pytrace=False)
     (work / "install.log").write_text(done.stderr)
     return root
-
-
-def install(root: Path, source: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(DEPLOY / "install.sh"), "--root", str(root), str(source)],
-                          capture_output=True, text=True, timeout=600)
 
 
 def recorded_owners(log: str) -> dict[str, tuple[str, int]]:
@@ -115,9 +101,14 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
                             "import molteniron.clients.cli, molteniron.workers.main as m; print(m.__file__)"],
                            capture_output=True, text=True, timeout=60, cwd="/")
     assert Path(where.stdout.strip()).is_relative_to(venv), where
-    # The Jenkins examples run the hooks from MOLTENIRON_HOOKS=/opt/molteniron/hooks.
-    for hook in ("pre_hook.sh", "post_hook.sh"):
-        assert (venv / "hooks" / hook).read_bytes() == (ROOT / "clients" / "hooks" / hook).read_bytes()
+    # The Jenkins examples run the hooks from MOLTENIRON_HOOKS=/opt/molteniron/hooks:
+    # the installed package's (a wheel's too), each of them.
+    shipped = sorted(path.name for path in (ROOT / "clients" / "hooks").glob("*.sh"))
+    assert {"pre_hook.sh", "post_hook.sh", "keep_lease.sh"} <= set(shipped)
+    assert sorted(path.name for path in (venv / "hooks").iterdir()) == shipped
+    for hook in shipped:
+        assert (venv / "hooks" / hook).read_bytes() == (
+            ROOT / "clients" / "hooks" / hook).read_bytes()
         assert mode(venv / "hooks" / hook) == 0o755
 
     # The modes are set under --root too; the owners a real install sets are said.
@@ -137,6 +128,14 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
     assert config.admins == ("molteniron-admin",)
     assert config.secret_key_file == str(etc / "secret.keys")
     assert len(secrets.load_keys(config.secret_key_file)) == 1
+    # The CLI's: the kit's CI user on the same broker, and nothing of the worker's.
+    client = load_config(str(etc / "client.yaml"), env={})
+    ci = urlsplit(client.amqp_url)
+    assert (ci.username, ci.password, ci.path, ci.netloc.rpartition("@")[2]) == (
+        "molteniron-ci", None, "/" + KIT_VHOST, amqp.netloc.rpartition("@")[2])
+    assert "molteniron-ci" in {user["name"] for user in DEFINITIONS["users"]}
+    assert (client.request_timeout, client.allocate_wait) == (30, 3600)
+    assert (client.db_url, client.secret_key_file) == (Config().db_url, None)
     cleaner = urlsplit(environment_file(etc / "cleaner.environment")["MOLTENIRON_AMQP_URL"])
     assert (cleaner.username, cleaner.path, cleaner.netloc.rpartition("@")[2]) == (
         "molteniron-admin", "/" + KIT_VHOST, amqp.netloc.rpartition("@")[2])
@@ -150,17 +149,25 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
     written = (etc / "conf.yaml").read_text()
     (etc / "conf.yaml").write_text(written.replace(
         f"://{KIT_DB_USER}@", f"://{KIT_DB_USER}:hunter2@") + "log_level: DEBUG\n")
+    agents = (etc / "client.yaml").read_text()
+    (etc / "client.yaml").write_text(agents.replace("://molteniron-ci@", "://molteniron-ci:pw@"))
     for name in ("conf.yaml", "environment", "cleaner.environment"):
         (etc / name).chmod(0o644)
+    (etc / "client.yaml").chmod(0o600)
+    etc.chmod(0o750)  # an older kit's
     kept = {path: path.read_bytes() for path in etc.iterdir() if path.suffix != ".example"}
     again = install(installed, installed.parent / "source")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {path: path.read_bytes() for path in kept} == kept
     for name, (_, bits) in KIT_FILES.items():
         assert mode(etc / name) == bits, name
-    # A password put in conf.yaml is one the cleaner's user can read: install.sh says so.
+    # A password put in conf.yaml is one the cleaner's user can read, in client.yaml one
+    # everyone can: install.sh says so.
     assert re.search(r"WARNING: \S+/conf\.yaml holds a password", again.stderr), again.stderr
+    assert re.search(r"WARNING: \S+/client\.yaml holds a password in a URL, and every user",
+                     again.stderr), again.stderr
     (etc / "conf.yaml").write_text(written)
+    (etc / "client.yaml").write_text(agents)
     assert subprocess.run([str(venv / "bin" / "molteniron"), "--help"], capture_output=True,
                           timeout=60).returncode == 0
 
@@ -207,8 +214,8 @@ try:
     while marker.encode() not in open(f"/proc/{worker.pid}/environ", "rb").read():
         assert time.monotonic() < deadline and worker.poll() is None, "no worker process"
         time.sleep(0.01)
-    paths = {name: f"/etc/molteniron/{name}"
-             for name in ("conf.yaml", "environment", "cleaner.environment", "secret.keys")}
+    paths = {name: f"/etc/molteniron/{name}" for name in
+             ("client.yaml", "conf.yaml", "environment", "cleaner.environment", "secret.keys")}
     paths["the worker's /proc/PID/environ"] = f"/proc/{worker.pid}/environ"
     print(json.dumps({unit: {name: subprocess.run(
         as_unit(unit, "/usr/bin/python3", "-I", "-c", OPEN, path), capture_output=True,
@@ -237,7 +244,8 @@ def test_install_as_root_makes_the_user_and_sets_owners(installed, tmp_path):
     # `molteniron` with --no-index, its pip finds it installed and fetches nothing.
     shutil.copytree(installed / "opt" / "molteniron", tmp_path / "opt" / "molteniron",
                     symlinks=True)
-    credentials = {unit: run_as(unit) for unit in UNITS}
+    credentials = {**{unit: run_as(unit) for unit in UNITS},
+                   "nobody": ["nobody", "nogroup"]}
     done = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "bash", "-c", REAL_INSTALL],
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "WORK": str(tmp_path),
@@ -266,10 +274,17 @@ def test_install_as_root_makes_the_user_and_sets_owners(installed, tmp_path):
     # cleaner's to look into. Both read conf.yaml.
     assert json.loads(access) == {
         "molteniron-worker.service": {
+            "client.yaml": "read",
             "conf.yaml": "read", "environment": "denied", "cleaner.environment": "denied",
             "secret.keys": "read", "the worker's /proc/PID/environ": "read"},
         "molteniron-cleaner.service": {
+            "client.yaml": "read",
             "conf.yaml": "read", "environment": "denied", "cleaner.environment": "denied",
+            "secret.keys": "denied", "the worker's /proc/PID/environ": "denied"},
+        # Anyone else (a Jenkins agent's user): the client config and nothing more.
+        "nobody": {
+            "client.yaml": "read",
+            "conf.yaml": "denied", "environment": "denied", "cleaner.environment": "denied",
             "secret.keys": "denied", "the worker's /proc/PID/environ": "denied"},
     }
     # What the units name, where the install put it.
