@@ -1,4 +1,8 @@
-"""Engine and session factory, built lazily from configuration; schema migrations."""
+"""Engines, built from configuration when asked (never at import); schema migrations.
+
+Also what the worker's engine adds for speed (joined statements: run_statements) and
+the server error codes the worker tells apart (lock conflicts, refused writes, an
+unusable server). No session factory: the worker's keeper makes its sessions."""
 
 from __future__ import annotations
 
@@ -202,19 +206,6 @@ def on_galera(connection: Connection) -> bool:
     return bool(connection.info.get(_GALERA))
 
 
-def strict_writes(dbapi_connection, connection_record) -> None:
-    """A value that does not fit its column fails the statement (STRICT_ALL_TABLES),
-    whatever the server's own sql_mode. Without it MariaDB writes a NULL into a NOT NULL
-    column as 0 with a warning, and the worker's fence (Batch.fence_in_trip), which fails
-    by writing NULL, would instead set the epoch to 0."""
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("SET SESSION sql_mode = "
-                       "CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES')")
-    finally:
-        cursor.close()
-
-
 SERVER_STATUS_IN_TRANS = 1  # MySQL protocol: the server says a transaction is open
 
 
@@ -257,5 +248,5 @@ def migrate(engine: Engine) -> None:
 
 
 __all__ = ["make_engine", "create_database", "migrate", "lock_conflict", "node_unusable",
-           "writes_refused", "causal_reads", "on_galera", "strict_writes",
+           "writes_refused", "causal_reads", "on_galera",
            "rollback_if_in_transaction", "run_statements", "OperationalError"]

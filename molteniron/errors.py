@@ -32,6 +32,11 @@ class ConfigError(MoltenIronError):
     """The configuration file or environment holds an unknown key or a bad value."""
 
 
+class FenceSignalBroken(ConfigError):
+    """The worker's start check found that a tripped epoch fence would not stop its batch
+    on this database and driver (workers/fence.py): the worker refuses to start."""
+
+
 class BadRequest(MoltenIronError):
     """A request is malformed: wrong type, missing argument, unknown operation."""
 
@@ -113,7 +118,7 @@ class InternalError(MoltenIronError):
     status = 500
 
     @classmethod
-    def for_request(cls, request_id: str | None) -> "InternalError":
+    def for_request(cls, request_id: str | None) -> InternalError:
         """The reply's message names the request, never the SQL or the driver's text."""
         return cls(f"the worker could not handle request {request_id}: its log has the "
                    "details under this request id")
@@ -196,11 +201,12 @@ class Interrupted(Exception):
 _BY_KIND = {
     cls.__name__: cls
     for cls in (
-        MoltenIronError, ConfigError, BadRequest, UnknownField, Forbidden, NodeNotFound,
-        OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes, PoolTooSmall,
-        RequestCancelled, NodesTakenBack, TooManyRequests, DeadlineExpired, InternalError,
-        NotActiveWorker, ServiceUnavailable, BrokerUnusable, BrokerRefused, BrokerNotTrusted,
-        BrokerLost, BrokerClosedChannel, BrokerReturned, BrokerNacked, RequestQueued,
+        MoltenIronError, ConfigError, FenceSignalBroken, BadRequest, UnknownField,
+        Forbidden, NodeNotFound, OwnerNotFound, Conflict, DuplicateNode, NotEnoughNodes,
+        PoolTooSmall, RequestCancelled, NodesTakenBack, TooManyRequests, DeadlineExpired,
+        InternalError, NotActiveWorker, ServiceUnavailable, BrokerUnusable, BrokerRefused,
+        BrokerNotTrusted, BrokerLost, BrokerClosedChannel, BrokerReturned, BrokerNacked,
+        RequestQueued,
     )
 }
 _BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineExpired,

@@ -17,11 +17,11 @@ from sqlalchemy.exc import DBAPIError
 
 from molteniron import db, errors, protocol
 from molteniron.config import Config
+from molteniron.workers import fence
+from molteniron.workers.keeper import PoolKeeper
 from tests.conftest import statements_sent
 from tests.test_keeper import (Properties, add_node, allocate, commit, keeper,  # noqa: F401
                                owners, reply_to_of, request, sql)
-from molteniron.workers.batch import Batch, fence_tripped
-from molteniron.workers.keeper import PoolKeeper
 
 
 def count_reloads(pool_keeper) -> list[int]:
@@ -163,7 +163,7 @@ def lax_engine(database_url):
         cursor.execute("SET SESSION sql_mode = ''")
         cursor.close()
 
-    event.listen(engine, "connect", db.strict_writes)
+    event.listen(engine, "connect", fence.strict_writes)
     return engine
 
 
@@ -173,12 +173,10 @@ def test_the_fence_fails_on_a_lax_server_instead_of_writing_epoch_zero(active, d
     try:
         with engine.connect() as conn:
             assert "STRICT_ALL_TABLES" in conn.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar()
-            batch = Batch(conn, make_session=None)
-            batch.fence_in_trip(epoch + 1, [])
-            (statement, params), = batch.writes
+            statement, params = fence.trip_statement(epoch + 1, [])
             with pytest.raises(DBAPIError) as info:
                 conn.exec_driver_sql(statement, params)
-            assert fence_tripped(info.value)
+            assert fence.tripped(info.value)
             conn.rollback()
         with engine.connect() as conn:
             assert conn.execute(text("SELECT epoch FROM worker_meta WHERE id = 1")).scalar() == epoch

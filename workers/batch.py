@@ -4,9 +4,9 @@ replies it stores for redeliveries. Nothing leaves a Batch before its commit."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
@@ -107,22 +107,6 @@ class Batch:
         in one round trip, with the COMMIT (commit) or before the ORM reads (send_writes)."""
         self.writes.append((statement, params))
 
-    def fence_in_trip(self, epoch: int, request_ids: list[str]) -> None:
-        """The fence as this batch's first write, sent with the others (no read first):
-        it fails (fence_tripped) unless worker_meta still holds `epoch` and none of
-        request_ids has a stored reply, and a failed statement stops its trip before the
-        COMMIT. Like fenced_stored_replies it locks the epoch row until the transaction
-        ends: a worker taking over waits for this batch. Needs strict writes
-        (db.strict_writes): the failure is a NULL written to a NOT NULL column."""
-        if self.writes:
-            raise RuntimeError("the fence must be the batch's first write")
-        unanswered = ""
-        if request_ids:
-            unanswered = (" AND NOT EXISTS (SELECT 1 FROM processed_requests WHERE request_id "
-                          f"IN ({placeholders(request_ids)}))")
-        self.write(f"UPDATE worker_meta SET epoch = IF(epoch = %s{unanswered}, epoch, NULL) "
-                   "WHERE id = 1", (epoch, *request_ids))
-
     def send_writes(self) -> None:
         """Send the writes so far: what the ORM reads next must include them."""
         if self.writes:
@@ -201,39 +185,6 @@ class Batch:
         if self.regranted:  # after the grants' rows: one may be this batch's own
             self.write(f"UPDATE grant_outbox SET regranted = 1 WHERE request_id IN "
                        f"({placeholders(self.regranted)})", tuple(self.regranted))
-
-
-def fenced_stored_replies(connection: Connection, request_ids: list[str]
-                          ) -> tuple[int, datetime, dict[str, Stored]]:
-    """(the pool's epoch, the database's clock, the replies already stored for these
-    ids), in one round trip.
-
-    The epoch row is locked until the transaction ends (FOR UPDATE), so a worker taking
-    over waits for this batch, and this batch sees a takeover committed before it. The
-    time is the statement's start (before any wait for that lock): the batch's time."""
-    query = ("(SELECT NULL, epoch, NULL, NULL FROM worker_meta WHERE id = 1 FOR UPDATE)"
-             " UNION ALL (SELECT NULL, NULL, UTC_TIMESTAMP(6), NULL)")
-    if request_ids:
-        query += (f" UNION ALL (SELECT request_id, reply, op, user FROM processed_requests "
-                  f"WHERE request_id IN ({placeholders(request_ids)}))")
-    epoch, database_now, stored = None, None, {}
-    for request_id, value, op, user in connection.exec_driver_sql(query, tuple(request_ids)):
-        if request_id is not None:
-            stored[request_id] = Stored(op, json.loads(value), user)
-        elif value is not None:
-            epoch = int(value)
-        else:  # text when the UNION gives the column processed_requests.op's type
-            database_now = op if isinstance(op, datetime) else datetime.fromisoformat(op)
-    if epoch is None:
-        raise LookupError("worker_meta has no row 1: the schema was not migrated")
-    return epoch, database_now, stored
-
-
-def fence_tripped(exc: BaseException) -> bool:
-    """The error of Batch.fence_in_trip: another epoch, or a request answered before
-    (1048: Column 'epoch' cannot be null)."""
-    args = getattr(getattr(exc, "orig", None), "args", ())
-    return len(args) >= 2 and args[0] == 1048 and "'epoch'" in str(args[1])
 
 
 def placeholders(values) -> str:

@@ -1,7 +1,8 @@
 """The database side of the worker: one transaction per batch, fenced by an epoch.
 
 The keeper owns what the active worker decides with (PoolState, Waiters),
-checks on every transaction that its epoch is still the newest, and handles
+checks on every transaction that its epoch is still the newest (workers/fence.py: read
+first, or in the batch's write trip), and handles
 each request of a batch: replay a stored reply, dispatch it, store its reply.
 After every request, tick or undone grant it serves the waiters of each pool
 that may have changed, so nodes never sit ready while a waiter they fit waits.
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Iterator
 
 from sqlalchemy import Connection, event
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -22,16 +23,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from molteniron import compat, db, errors, pool, protocol
 from molteniron.config import Config, url_list
 from molteniron.models import EndReason, Node
-from molteniron.workers import metrics
-from molteniron.workers import authz
+from molteniron.workers import authz, fence, metrics
 from molteniron.workers.authz import Authorizer
-from molteniron.workers.batch import Batch, Stored, fence_tripped, fenced_stored_replies, placeholders
-from molteniron.workers.clock import DatabaseClock
-from molteniron.workers.limits import UserLimits
+from molteniron.workers.batch import Batch, Stored, placeholders
 from molteniron.workers.cleaning import CleaningPolicy, replayed_claim
+from molteniron.workers.clock import DatabaseClock
 from molteniron.workers.dispatch import HANDLERS, IN_MEMORY, Context
 from molteniron.workers.grants import UNDO
 from molteniron.workers.leases import LeasePolicy
+from molteniron.workers.limits import UserLimits
 from molteniron.workers.quotas import Quotas
 from molteniron.workers.state import PoolState
 from molteniron.workers.waiters import Waiters, client_gone_reply
@@ -53,6 +53,9 @@ class PoolKeeper:
         self.worker_id = worker_id
         self.databases = url_list(config.db_url)  # Galera nodes, say: tried in order
         self.database = 0  # index of the one in use
+        # Whether the fence's trip form trips on this engine (fence.check_signal): None
+        # until checked, False if the check failed after start (the read form only).
+        self.fence_trips: bool | None = None
         self.engine = self._engine()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Nodes changed through the ORM reach memory by themselves (no handler has to say so).
@@ -88,8 +91,23 @@ class PoolKeeper:
                                 joined_statements=True, pool_reset_on_return=None)
         event.listen(engine.pool, "reset", db.rollback_if_in_transaction)
         event.listen(engine, "connect", db.causal_reads)
-        event.listen(engine, "connect", db.strict_writes)
+        event.listen(engine, "connect", fence.strict_writes)
         return engine
+
+    def refuse_broken_fence(self) -> None:
+        """At the worker's start: FenceSignalBroken if the fence's trip form would not trip
+        on this database and driver (fence.check_signal). A database that cannot be asked
+        now is asked again before the first batch."""
+        try:
+            self._check_fence()
+        except (SQLAlchemyError, LookupError) as exc:
+            log.warning("event=fence_unchecked worker=%s reason=%r", self.worker_id,
+                        str(exc).splitlines()[0][:200])
+
+    def _check_fence(self) -> None:
+        fence.check_signal(self.engine)
+        self.fence_trips = True
+        log.info("event=fence_checked worker=%s", self.worker_id)
 
     def use_next_database(self, why: BaseException) -> bool:
         """The server in use cannot serve (db.node_unusable): move to the next of
@@ -100,6 +118,7 @@ class PoolKeeper:
         self.engine.dispose()
         self.database = (self.database + 1) % len(self.databases)
         self.engine = self._engine()
+        self.fence_trips = None  # another server: checked again before the next batch
         self.sessions.configure(bind=self.engine)
         self.reload_needed = True  # what the other server holds is the truth now
         log.warning("event=database_switched worker=%s to=%s reason=%r", self.worker_id,
@@ -148,6 +167,13 @@ class PoolKeeper:
         settled: grant outcomes from the broker (workers/grants.py) to write down.
         """
         settled = settled or {}
+        if self.fence_trips is None:
+            try:
+                self._check_fence()  # a database error holds the batch, as the batch's would
+            except errors.FenceSignalBroken as exc:
+                self.fence_trips = False
+                log.error("event=fence_broken worker=%s fence=read_every_batch detail=%r",
+                          self.worker_id, exc.message)
         undo = [rid for rid, outcome in settled.items() if outcome == UNDO]
         if undo and self.epoch is not None:
             self._mark_returned(undo)
@@ -155,7 +181,7 @@ class PoolKeeper:
             try:
                 return self._commit(requests, returned, settled, fence_in_trip=True)
             except DBAPIError as exc:
-                if not fence_tripped(exc):
+                if not fence.tripped(exc):
                     raise
             # Memory took the batch for new: it goes back to what the database holds,
             # and the batch runs again, fenced by a read that says why it tripped.
@@ -166,7 +192,8 @@ class PoolKeeper:
         return self._commit(requests, returned, settled, fence_in_trip=False)
 
     def _may_fence_in_trip(self, requests, returned) -> bool:
-        """The batch may skip the fence's read and check it in its write trip: the worker
+        """The batch may skip the fence's read and check it in its write trip
+        (workers/fence.py): the trip form is known to trip on this engine, the worker
         holds the pool with a memory that matches the database, every operation works on
         that memory, and no request may have been answered before (redelivered by the
         broker, or a copy its client sent again). Should one have been, the fence trips.
@@ -174,7 +201,8 @@ class PoolKeeper:
         (A worker that holds the pool keeps its connection: a failure that dropped it
         also asked for a reload.) Nor when the database's time was last read too long
         ago: the read brings it (workers/clock.py)."""
-        return (self.epoch is not None and not self.reload_needed and not returned
+        return (self.fence_trips is True and self.epoch is not None
+                and not self.reload_needed and not returned
                 and self.connection is not None and not db.on_galera(self.connection)
                 and time.monotonic() >= self.careful_until and self.clock.fresh()
                 and all(request.op in IN_MEMORY and not _maybe_answered(method, properties)
@@ -186,7 +214,7 @@ class PoolKeeper:
             request_ids = [r.id for _, _, r in requests]
             if fence_in_trip:
                 batch.at(self.clock.now())  # no read: the last one, moved on by monotonic time
-                batch.fence_in_trip(self.epoch, request_ids)
+                fence.first_write(batch, self.epoch, request_ids)
                 taking, stored = None, {}
             else:
                 taking, stored = self._fence(batch, request_ids)
@@ -257,12 +285,10 @@ class PoolKeeper:
         Returns (the epoch taken or None, the replies stored for request_ids): one round
         trip for both, which also gives the batch its time (the database's)."""
         wall_before = time.time()  # for the skew only: nothing decides by this host's clock
-        epoch, database_now, stored = fenced_stored_replies(batch.connection, request_ids)
+        epoch, database_now, stored = fence.read(batch.connection, request_ids)
         batch.at(self.clock.read(database_now, wall_before))
         if self.epoch is None:
-            batch.connection.exec_driver_sql(
-                "UPDATE worker_meta SET epoch = %s, holder = %s, taken_at = %s WHERE id = 1",
-                (epoch + 1, self.worker_id, batch.now))
+            fence.take(batch.connection, epoch + 1, self.worker_id, batch.now)
             self._load(batch.session)
             return epoch + 1, stored
         if epoch != self.epoch:

@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "keeps the node pool in MySQL/MariaDB. Start several: one is active, "
                     "the others stand by and take over when it stops.",
         epilog="Exit codes: 0 stopped by SIGTERM/SIGINT (or a one-off option done); "
-               "2 bad configuration (secret_key_file included); "
+               "2 bad configuration (secret_key_file included, or a database session on "
+               "which the epoch fence would not trip); "
                "4 database unreachable or schema upgrade failed; "
                "5 another worker took over the pool (restart to stand by again). "
                "With secret_key_file set, IPMI passwords are stored encrypted; to rotate the "
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DATABASE
     from molteniron.workers.worker import Worker  # pika and the worker only when serving
     try:
-        Worker(config, args.worker_id).run()
-    except ConfigError as exc:  # found once serving began: the metrics port, say
+        worker = Worker(config, args.worker_id)
+        worker.keeper.refuse_broken_fence()  # FenceSignalBroken: see workers/fence.py
+        worker.run()
+    except ConfigError as exc:  # found once serving began: the metrics port, the fence
         print(f"molteniron-worker: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     except NotActiveWorker as exc:
