@@ -125,6 +125,10 @@ def _forget_commit(conn, cursor, statement, parameters, context, executemany) ->
 
 
 def _commit_unless_sent(commit):
+    """Wrap the engine's Dialect.do_commit (the dialect method SQLAlchemy sends every
+    COMMIT through) so that it sends none after run_statements put one in its trip.
+    Set on this engine's dialect object only; tests/test_db.py fails if SQLAlchemy
+    stops calling it (a second COMMIT trip) or if a COMMIT goes missing."""
     def do_commit(dbapi_connection) -> None:
         # dbapi_connection is the pool's proxy: .info is the connection's own dict.
         if dbapi_connection.info.pop(_COMMIT_SENT, False):
