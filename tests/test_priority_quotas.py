@@ -129,3 +129,25 @@ def test_through_the_worker_a_stream_of_high_priority_jobs_cannot_starve_a_low_o
             break
     assert "low" in served and served.index("low") <= 10, served
     assert all(int(s.split("-")[1]) <= 10 for s in served[:-1]), served
+
+
+def test_a_wait_its_quota_held_to_the_deadline_says_so(stack, users, tmp_path):
+    """Ready nodes, but alice holds her quota: the wait ends naming the quota, what she
+    holds and her limit, not "no node became ready"."""
+    config = tmp_path / "quotas.yaml"
+    alice_name = users["alice"]["name"]
+    config.write_text(f"quotas: {{{alice_name}: 1}}\n")
+    stack.start_worker(env={"MOLTENIRON_CONFIG": str(config)})
+    for i in (1, 2, 3):
+        stack.cli("add_baremetal", *node_args(i))
+    alice = users["alice"]["env"]
+    assert stack.cli("allocate", "a-1", "1", env=alice).returncode == 0
+
+    held = stack.cli("allocate", "a-2", "1", "--wait", "2", env=alice)
+
+    assert held.returncode != 0 and held.json["error"] == "DeadlineExpired", held
+    message = held.json["message"]
+    assert "became ready" not in message, message
+    assert (f"its quota held this wait, with 2 usable node(s) ready (user {alice_name} holds "
+            f"1 node(s) and its quota (quotas: '{alice_name}') is 1: 1 more would make 2)"
+            ) in message, message

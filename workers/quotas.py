@@ -30,3 +30,13 @@ class Quotas:
     def allows(self, user: str | None, count: int, held: int) -> bool:
         limit = self.limit(user)
         return limit is None or held + count <= limit
+
+    def held_back(self, user: str | None, count: int, held: int) -> str | None:
+        """Why an allocate of `count` nodes by `user`, who holds `held`, must wait for its
+        quota (None: the quota lets it through): which quota, what is held, the limit."""
+        limit = self.limit(user)
+        if limit is None or held + count <= limit:
+            return None
+        entry = user if (user or "") in self.limits else EVERYONE
+        return (f"user {user} holds {held} node(s) and its quota (quotas: {entry!r}) is "
+                f"{limit}: {count} more would make {held + count}")

@@ -170,7 +170,7 @@ class Waiters:
         """Serve or finish one waiter: True; False if it must go on waiting for nodes;
         OVER_QUOTA if it must wait for its user to give nodes back."""
         if waiter.deadline is not None and waiter.deadline <= batch.clock:
-            self._finish(batch, waiter, _timed_out(waiter))  # its client has given up
+            self._finish(batch, waiter, self._timed_out(waiter, state))  # its client gave up
             return True
         if not self.quotas.allows(waiter.user, waiter.count, state.held_by_user[waiter.user]):
             return OVER_QUOTA
@@ -199,14 +199,15 @@ class Waiters:
                 node_pool, total, waiter.count, waiter.wants.describe()).to_reply())
         return len(hopeless)
 
-    def expire(self, batch: Batch) -> int:
-        """Answer and remove every waiter whose deadline has passed."""
+    def expire(self, batch: Batch, state: PoolState | None = None) -> int:
+        """Answer and remove every waiter whose deadline has passed (with `state`, the
+        answer of one its quota held says so)."""
         expired = 0
         while self._deadlines and self._deadlines[0][0] <= batch.clock:
             deadline, request_id = heapq.heappop(self._deadlines)
             waiter = self.by_request.get(request_id)
             if waiter is not None and waiter.deadline == deadline:
-                self._finish(batch, waiter, _timed_out(waiter))
+                self._finish(batch, waiter, self._timed_out(waiter, state))
                 expired += 1
         return expired
 
@@ -328,6 +329,20 @@ class Waiters:
         self.changes += 1
         return place
 
+    def _timed_out(self, waiter: Waiter, state: PoolState | None) -> dict:
+        """The answer to a waiter whose deadline passed: what held it, when its quota did."""
+        message = (f"no {waiter.count} node(s) of pool {waiter.node_pool} became ready "
+                   "before the deadline")
+        if state is not None:
+            held_back = self.quotas.held_back(waiter.user, waiter.count,
+                                              state.held_by_user.get(waiter.user, 0))
+            if held_back is not None:
+                ready = len(state.usable(waiter.node_pool, waiter.wants))
+                message = (f"no {waiter.count} node(s) of pool {waiter.node_pool} could be "
+                           f"taken before the deadline: its quota held this wait, with {ready} "
+                           f"usable node(s) ready ({held_back})")
+        return {"status": TIMED_OUT, "error": "DeadlineExpired", "message": message}
+
     def _forget_reply_to(self, waiter: Waiter) -> None:
         listening = self.by_reply_to[waiter.reply_to]
         listening.discard(waiter.request_id)
@@ -343,10 +358,3 @@ def client_gone_reply(why: str, reply_to: str | None) -> dict:
     Not final: a copy of the request sent again with another reply queue is served
     (PoolKeeper._handle_one)."""
     return {**errors.RequestCancelled(why).to_reply(), "client_gone": reply_to or "?"}
-
-
-def _timed_out(waiter: Waiter) -> dict:
-    return {"status": TIMED_OUT, "error": "DeadlineExpired",
-            "message": f"no {waiter.count} node(s) of pool {waiter.node_pool} became ready "
-                       "before the deadline"}
-
