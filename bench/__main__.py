@@ -73,7 +73,8 @@ def cli_wall(runs: int) -> dict:
                                   capture_output=True, text=True, cwd=ROOT)
             walls.append((time.perf_counter() - started) * 1000)
             assert done.returncode == 0, done.stderr
-            subprocess.run([*command, "release", f"cli-{i}"], env=env, capture_output=True, cwd=ROOT)
+            subprocess.run([*command, "release", f"cli-{i}"], env=env, capture_output=True,
+                           cwd=ROOT)
         walls.sort()
         return {"runs": runs, "median_ms": round(statistics.median(walls), 1),
                 "max_ms": round(walls[-1], 1)}
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 2.0 if args.quick else 10.0
     waiters = 200 if args.quick else 1000
     clients = [1, 20, 100]
-    run: dict = {"machine": machine(), "quick": args.quick, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 "original": ORIGINAL}
+    run: dict = {"machine": machine(), "quick": args.quick,
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "original": ORIGINAL}
 
     step("limit: MariaDB single-row UPDATE+COMMIT")
     run["db_commits_per_s"] = db_commit_rate(seconds)
@@ -156,7 +157,8 @@ def step(what: str) -> None:
 
 def render(run: dict) -> str:
     m = run["machine"]
-    lines = [f"MoltenIron benchmark {'(quick) ' if run['quick'] else ''}{run['date']} on {m['host']}: "
+    quick = "(quick) " if run["quick"] else ""
+    lines = [f"MoltenIron benchmark {quick}{run['date']} on {m['host']}: "
              f"{m['cores']} cores, {m['ram_gb']} GB, MariaDB {m['mariadb']}, "
              f"RabbitMQ {m['rabbitmq']}, commit {m['git_commit']}",
              f"MariaDB UPDATE+COMMIT: {run['db_commits_per_s']:.0f}/s",

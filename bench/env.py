@@ -26,7 +26,8 @@ DB_URL = os.environ.get("MOLTENIRON_TEST_DB_URL", "mysql+pymysql://root@127.0.0.
 def rabbitmqctl(*args: str) -> str:
     done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+        said = done.stderr.strip() or done.stdout.strip()
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {said}")
     return done.stdout
 
 
@@ -70,8 +71,9 @@ class Sandbox:
 
     @property
     def env(self) -> dict:
-        return {**os.environ, "MOLTENIRON_AMQP_URL": self.amqp_url, "MOLTENIRON_DB_URL": self.db_url,
-                "MOLTENIRON_CONFIG": os.devnull, "PYTHONPATH": str(ROOT),
+        return {**os.environ, "MOLTENIRON_AMQP_URL": self.amqp_url,
+                "MOLTENIRON_DB_URL": self.db_url, "MOLTENIRON_CONFIG": os.devnull,
+                "PYTHONPATH": str(ROOT),
                 "MOLTENIRON_ADMINS": os.environ.get("MOLTENIRON_ADMINS", "off")}
 
     def start_worker(self, *extra: str, env: dict | None = None,
@@ -176,7 +178,8 @@ def machine() -> dict:
             return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return "unknown"
-    mem_kb = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")))
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kb = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal")))
     commit = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = version(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
     return {

@@ -3,9 +3,10 @@
 
 `FAKETIME_DONT_FAKE_MONOTONIC=1 faketime -m -f '+7h' CMD` only puts LD_PRELOAD and
 FAKETIME in CMD's environment; these helpers put them in a worker's environment
-(tests' Stack.start_worker(env=...), bench's Sandbox.start_worker(env=...)). A clock that steps while the worker runs reads its
-offset from a file at every reading instead; the faketime command cannot do that,
-since its FAKETIME takes precedence over the file. time.monotonic() is left alone.
+(tests' Stack.start_worker(env=...), bench's Sandbox.start_worker(env=...)). A clock that
+steps while the worker runs reads its offset from a file at every reading instead; the
+faketime command cannot do that, since its FAKETIME takes precedence over the file.
+time.monotonic() is left alone.
 
 Measured with libfaketime 0.9.10: under FAKETIME_DONT_FAKE_MONOTONIC, time.sleep()
 fails with EINVAL (clock_nanosleep gets a negative absolute monotonic time), while

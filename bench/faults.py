@@ -167,10 +167,12 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
                 ended = faults[kind]()  # a window's end; restarts return once they are done
                 recovered = answered_again(sandbox, ended if kind == "db_read_only" else at)
                 recoveries.append({"fault": kind, "recovered_s": round(recovered, 2)})
-                problems += [f"after {kind} #{n}: {p}" for p in check_database(sandbox, names, False)]
+                problems += [f"after {kind} #{n}: {p}"
+                             for p in check_database(sandbox, names, False)]
             outcomes = clients_running.finish()
             wait_settled(sandbox)
-            problems += check_database(sandbox, names, settled=True) + check_clients(sandbox, outcomes)
+            problems += check_database(sandbox, names, settled=True)
+            problems += check_clients(sandbox, outcomes)
             slow = [o for o in outcomes if o.finished - o.started > LONGEST_CALL]
             problems += [f"{o.client} {o.op} took {o.finished - o.started:.1f}s" for o in slow]
             dead_lettered = logged(sandbox, "dead_lettered")

@@ -78,6 +78,8 @@ class GaleraNode:
 
     def write_config(self, cluster_name: str, cluster_address: str) -> None:
         b = self.base_port
+        provider_options = ";".join([f"base_port={b}", f"gmcast.listen_addr=tcp://127.0.0.1:{b}",
+                                     f"ist.recv_addr=127.0.0.1:{b + 1}", "gcache.size=32M"])
         self.datadir.mkdir(parents=True, exist_ok=True)
         self.cnf.write_text(f"""\
 [mysqld]
@@ -99,7 +101,7 @@ wsrep_cluster_name={cluster_name}
 wsrep_cluster_address={cluster_address}
 wsrep_node_name=node{self.index}
 wsrep_node_address={self.gcomm_address}
-wsrep_provider_options="base_port={b};gmcast.listen_addr=tcp://127.0.0.1:{b};ist.recv_addr=127.0.0.1:{b + 1};gcache.size=32M"
+wsrep_provider_options="{provider_options}"
 wsrep_sst_receive_address=127.0.0.1:{b + 2}
 wsrep_sst_method=rsync
 """)

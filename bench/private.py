@@ -139,7 +139,8 @@ class PrivateMariaDB(_Private):
                  "--bind-address=127.0.0.1", f"--socket={self.dir / 'sock'}",
                  f"--pid-file={self.dir / 'pid'}", "--user=root", "--skip-log-bin", *self.OPTIONS],
                 stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._accepts_connections, 60, f"private MariaDB on :{self.port} to accept connections")
+        wait_for(self._accepts_connections, 60,
+                 f"private MariaDB on :{self.port} to accept connections")
         return self
 
     def _accepts_connections(self) -> bool:
@@ -148,7 +149,8 @@ class PrivateMariaDB(_Private):
             raise RuntimeError(f"mariadbd exited with {self.process.returncode}:\n"
                                f"{tail(self.dir / 'mariadbd.log')}")
         try:
-            pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=1).close()
+            pymysql.connect(host="127.0.0.1", port=self.port, user="root",
+                            connect_timeout=1).close()
             return True
         except pymysql.err.OperationalError:
             return False
@@ -221,7 +223,7 @@ class PrivateRabbitMQ(_Private):
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
 
     def ctl(self, *args: str, timeout: float = 120) -> str:
-        """rabbitmqctl against this node only; RuntimeError if it fails (like bench.env.rabbitmqctl)."""
+        """rabbitmqctl on this node only; RuntimeError if it fails (as bench.env.rabbitmqctl)."""
         done = subprocess.run([str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.node, *args],
                               env=self.env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
@@ -276,7 +278,8 @@ class PrivateRabbitMQ(_Private):
         if self.pid is None:
             return
         try:
-            self.ctl("stop", str(self.pid_file))  # with the pid file it returns once the node is gone
+            # with the pid file it returns once the node is gone
+            self.ctl("stop", str(self.pid_file))
         except (RuntimeError, subprocess.TimeoutExpired):
             pass  # whatever the CLI says, make sure below
         end_process(self.pid)

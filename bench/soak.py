@@ -160,17 +160,20 @@ def check_database(sandbox: Sandbox, node_names: set[str], settled: bool) -> lis
     names = {r[0] for r in sandbox.sql("SELECT name FROM nodes")}
     if names != node_names:
         problems.append(f"nodes lost or added: {sorted(node_names ^ names)[:10]}")
-    for node_id, count in sandbox.sql("SELECT node_id, COUNT(*) FROM allocations "
-                                      "WHERE ended_at IS NULL GROUP BY node_id HAVING COUNT(*) > 1"):
+    for node_id, count in sandbox.sql(
+            "SELECT node_id, COUNT(*) FROM allocations "
+            "WHERE ended_at IS NULL GROUP BY node_id HAVING COUNT(*) > 1"):
         problems.append(f"node {node_id} has {count} open allocations")
     for name, state, owner, open_owner in sandbox.sql(
             "SELECT n.name, n.state, n.owner, a.owner FROM nodes n LEFT JOIN allocations a "
             "ON a.node_id = n.id AND a.ended_at IS NULL"):
         if state == "allocated" and (owner is None or owner != open_owner):
-            problems.append(f"{name} allocated to {owner!r} but its open history says {open_owner!r}")
+            problems.append(f"{name} allocated to {owner!r} "
+                            f"but its open history says {open_owner!r}")
         if state != "allocated" and (owner is not None or open_owner is not None):
             problems.append(f"{name} is {state} but has owner {owner!r} / open row {open_owner!r}")
-    rows = sandbox.sql("SELECT node_id, started_at, ended_at FROM allocations ORDER BY node_id, started_at, id")
+    rows = sandbox.sql("SELECT node_id, started_at, ended_at FROM allocations "
+                       "ORDER BY node_id, started_at, id")
     for (node, _, ended), (next_node, next_started, _) in zip(rows, rows[1:]):
         if node == next_node and (ended is None or ended > next_started):
             problems.append(f"node {node}: two owners at once around {next_started}")
@@ -178,7 +181,8 @@ def check_database(sandbox: Sandbox, node_names: set[str], settled: bool) -> lis
         held = sandbox.sql("SELECT COUNT(*) FROM nodes WHERE state <> 'ready'")[0][0]
         waiting = sandbox.sql("SELECT COUNT(*) FROM waiting_requests")[0][0]
         if held or waiting:
-            problems.append(f"after every client released: {held} nodes not ready, {waiting} waiting")
+            problems.append(f"after every client released: {held} nodes not ready, "
+                            f"{waiting} waiting")
     return problems
 
 
@@ -211,7 +215,8 @@ def check_clients(sandbox: Sandbox, outcomes: list[Outcome]) -> list[str]:
 
 def longest_gap(outcomes: list[Outcome]) -> float:
     """The longest time no request at all completed successfully."""
-    done = sorted(o.finished for o in outcomes if o.status in ("ok", "NotEnoughNodes", "OwnerNotFound"))
+    done = sorted(o.finished for o in outcomes
+                  if o.status in ("ok", "NotEnoughNodes", "OwnerNotFound"))
     return max((b - a for a, b in zip(done, done[1:])), default=0.0)
 
 

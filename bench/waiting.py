@@ -101,7 +101,8 @@ def run_waiting(sandbox, waiters: int, connections: int, nodes: int,
     go.wait()
     started = time.time()
     with MoltenIronClient(sandbox.amqp_url, timeout=60) as holder:
-        holder_nodes = dict(sandbox.sql("SELECT owner, name FROM nodes WHERE owner LIKE 'holder-%'"))
+        holder_nodes = dict(sandbox.sql(
+            "SELECT owner, name FROM nodes WHERE owner LIKE 'holder-%'"))
         for i in range(nodes):
             events.append(("release_sent", holder_nodes[f"holder-{i}"], time.time(), f"holder-{i}"))
             holder.release(f"holder-{i}")

@@ -22,7 +22,7 @@ from molteniron.pool import MAX_TEXT, find_node
 
 
 def claim_dirty(session: Session, cleaner: str, now: datetime, claim_seconds: float) -> Node | None:
-    """The dirty node of lowest id nobody holds a live claim on, claimed for cleaner (None: none)."""
+    """The lowest-id dirty node nobody holds a live claim on, claimed for cleaner (None: none)."""
     node = session.scalar(
         select(Node).where(Node.state == State.DIRTY,
                            or_(Node.clean_claim.is_(None), Node.clean_claimed_until <= now))

@@ -81,7 +81,8 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         Arg("cpus", _I), Arg("ram_mb", _I), Arg("disk_gb", _I),
         Arg("node_pool", _S, False, "default"), Arg("tags", _S, False, max_length=1024))),
     Operation("add_keyvalue_pairs", (
-        Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S, max_length=4096), Arg("pairs", list),
+        Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S, max_length=4096),
+        Arg("pairs", list),
         Arg("node_pool", _S, False, "default"), Arg("tags", _S, False, max_length=1024))),
     Operation("add_json_blob", (
         Arg("name", _S), Arg("ipmi_ip", _S), Arg("allocation_pool", _S, max_length=4096),
@@ -101,7 +102,8 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         Arg("priority", _I, False, 0))),  # higher first; waiting raises it (priority_aging)
     # Never expires: a release sent while no worker runs takes effect when one comes.
     Operation("release", (Arg("owner", _S, min_value=1),), expires=False),
-    Operation("renew", (Arg("owner", _S, min_value=1), Arg("lease_seconds", _I, False, min_value=1))),
+    Operation("renew", (Arg("owner", _S, min_value=1),
+                        Arg("lease_seconds", _I, False, min_value=1))),
     Operation("get_field", (Arg("owner", _S, min_value=1), Arg("field", _S, min_value=1)),
               mutates=False),
     # force: a node a cleaner is cleaning goes to ready all the same (its claim dropped).
@@ -226,7 +228,8 @@ def _validated(data: dict, request_id: str) -> Request:
     if not isinstance(args, dict):
         raise BadRequest("field args must be an object")
     deadline = data.get("deadline")
-    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+    if deadline is not None and (isinstance(deadline, bool)
+                                 or not isinstance(deadline, (int, float))
                                  or not math.isfinite(deadline)):
         raise BadRequest(f"field deadline must be a unix time or null, got {deadline!r}")
     return Request(id=request_id, op=op, args=validate_args(op, args))
@@ -243,47 +246,48 @@ def validate_args(op: str, args: dict) -> dict:
         raise BadRequest(f"{op}: unknown argument(s): {', '.join(sorted(map(str, unknown)))}")
     clean = {}
     for arg in operation.args:
+        where = f"{op}: argument {arg.name}"
         if arg.name not in args or args[arg.name] is None:
             if arg.required:
-                raise BadRequest(f"{op}: argument {arg.name} is required")
+                raise BadRequest(f"{where} is required")
             clean[arg.name] = arg.default
             continue
         value = args[arg.name]
         kinds = arg.kind if isinstance(arg.kind, tuple) else (arg.kind,)
         if isinstance(value, bool) and bool not in kinds:
-            raise BadRequest(f"{op}: argument {arg.name} must be {_kind_name(kinds)}, got {value!r}")
+            raise BadRequest(f"{where} must be {_kind_name(kinds)}, got {value!r}")
         if not isinstance(value, kinds):
-            raise BadRequest(f"{op}: argument {arg.name} must be {_kind_name(kinds)}, "
+            raise BadRequest(f"{where} must be {_kind_name(kinds)}, "
                              f"got {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise BadRequest(f"{op}: argument {arg.name} must be a finite number, got {value!r}")
+            raise BadRequest(f"{where} must be a finite number, got {value!r}")
         if isinstance(value, int) and not isinstance(value, bool) and not (
                 INT_MIN <= value <= INT_MAX):
-            raise BadRequest(f"{op}: argument {arg.name} must be between {INT_MIN} and "
+            raise BadRequest(f"{where} must be between {INT_MIN} and "
                              f"{INT_MAX} (a 32-bit integer, as the database stores it), "
                              f"got {value}")
         if (arg.min_value is not None and isinstance(value, (int, float))
                 and not isinstance(value, bool) and value < arg.min_value):
-            raise BadRequest(f"{op}: argument {arg.name} must be at least {arg.min_value}, got {value}")
+            raise BadRequest(f"{where} must be at least {arg.min_value}, got {value}")
         if (arg.max_value is not None and isinstance(value, (int, float))
                 and not isinstance(value, bool) and value > arg.max_value):
-            raise BadRequest(f"{op}: argument {arg.name} must be at most {arg.max_value}, got {value}")
+            raise BadRequest(f"{where} must be at most {arg.max_value}, got {value}")
         if arg.min_value is not None and isinstance(value, str) and len(value) < arg.min_value:
-            raise BadRequest(f"{op}: argument {arg.name} must not be empty")
+            raise BadRequest(f"{where} must not be empty")
         if isinstance(value, str) and len(value) > arg.max_length:
-            raise BadRequest(f"{op}: argument {arg.name} is longer than {arg.max_length} characters")
+            raise BadRequest(f"{where} is longer than {arg.max_length} characters")
         if not _encodable(value):
-            raise BadRequest(f"{op}: argument {arg.name} holds text that is not valid Unicode")
+            raise BadRequest(f"{where} holds text that is not valid Unicode")
         if arg.uuid and not _is_uuid(value):
-            raise BadRequest(f"{op}: argument {arg.name} must be a request id (UUID), got {value!r}")
+            raise BadRequest(f"{where} must be a request id (UUID), got {value!r}")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-            raise BadRequest(f"{op}: argument {arg.name} must be a list of strings")
+            raise BadRequest(f"{where} must be a list of strings")
         if arg.iso_time and parse_time(value) is None:
-            raise BadRequest(f"{op}: argument {arg.name} must be an ISO-8601 time "
+            raise BadRequest(f"{where} must be an ISO-8601 time "
                              f"(e.g. 2024-03-04T11:06:07 or 2024-03-04T12:06:07+01:00), "
                              f"got {value!r}")
         if arg.choices and value not in arg.choices:
-            raise BadRequest(f"{op}: argument {arg.name} must be one of "
+            raise BadRequest(f"{where} must be one of "
                              f"{', '.join(arg.choices)}, got {value!r}")
         clean[arg.name] = value
     return clean

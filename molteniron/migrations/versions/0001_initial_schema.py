@@ -12,6 +12,10 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
+PRECISE_TIME = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(
+    mysql.DATETIME(fsp=6), 'mysql')
+LONG_TEXT = sa.Text().with_variant(mysql.MEDIUMTEXT(), 'mysql', 'mariadb')
+
 
 def upgrade() -> None:
     op.create_table('allocations',
@@ -20,12 +24,15 @@ def upgrade() -> None:
     sa.Column('node_name', sa.String(length=255), nullable=False),
     sa.Column('owner', sa.String(length=255), nullable=False),
     sa.Column('request_id', sa.String(length=64), nullable=True),
-    sa.Column('started_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=False),
-    sa.Column('ended_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=True),
-    sa.Column('end_reason', sa.Enum('released', 'expired', 'cancelled', 'removed', name='end_reason', native_enum=False, length=16), nullable=True),
+    sa.Column('started_at', PRECISE_TIME, nullable=False),
+    sa.Column('ended_at', PRECISE_TIME, nullable=True),
+    sa.Column('end_reason', sa.Enum('released', 'expired', 'cancelled', 'removed',
+                                    name='end_reason', native_enum=False, length=16),
+              nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
-    op.create_index('ix_allocations_node_open', 'allocations', ['node_id', 'ended_at'], unique=False)
+    op.create_index('ix_allocations_node_open', 'allocations', ['node_id', 'ended_at'],
+                    unique=False)
     op.create_index('ix_allocations_request', 'allocations', ['request_id'], unique=False)
     op.create_table('nodes',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
@@ -39,10 +46,12 @@ def upgrade() -> None:
     sa.Column('ram_mb', sa.Integer(), nullable=False),
     sa.Column('disk_gb', sa.Integer(), nullable=False),
     sa.Column('node_pool', sa.String(length=255), nullable=False),
-    sa.Column('state', sa.Enum('ready', 'allocated', 'dirty', 'maintenance', name='node_state', native_enum=False, length=16), nullable=False),
+    sa.Column('state', sa.Enum('ready', 'allocated', 'dirty', 'maintenance',
+                               name='node_state', native_enum=False, length=16),
+              nullable=False),
     sa.Column('owner', sa.String(length=255), nullable=True),
-    sa.Column('allocated_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=True),
-    sa.Column('lease_expires_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=True),
+    sa.Column('allocated_at', PRECISE_TIME, nullable=True),
+    sa.Column('lease_expires_at', PRECISE_TIME, nullable=True),
     sa.Column('extra', sa.JSON(), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name')
@@ -52,8 +61,8 @@ def upgrade() -> None:
     op.create_table('processed_requests',
     sa.Column('request_id', sa.String(length=64), nullable=False),
     sa.Column('op', sa.String(length=32), nullable=False),
-    sa.Column('reply', sa.Text().with_variant(mysql.MEDIUMTEXT(), 'mysql', 'mariadb'), nullable=False),
-    sa.Column('processed_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=False),
+    sa.Column('reply', LONG_TEXT, nullable=False),
+    sa.Column('processed_at', PRECISE_TIME, nullable=False),
     sa.PrimaryKeyConstraint('request_id')
     )
     op.create_index('ix_processed_at', 'processed_requests', ['processed_at'], unique=False)
@@ -65,7 +74,7 @@ def upgrade() -> None:
     sa.Column('owner', sa.String(length=255), nullable=False),
     sa.Column('reply_to', sa.String(length=255), nullable=True),
     sa.Column('correlation_id', sa.String(length=255), nullable=True),
-    sa.Column('enqueued_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=False),
+    sa.Column('enqueued_at', PRECISE_TIME, nullable=False),
     sa.Column('deadline', sa.Double(), nullable=True),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('request_id')
@@ -74,14 +83,14 @@ def upgrade() -> None:
     op.create_table('worker_heartbeats',
     sa.Column('worker_id', sa.String(length=255), nullable=False),
     sa.Column('role', sa.String(length=16), nullable=False),
-    sa.Column('seen_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=False),
+    sa.Column('seen_at', PRECISE_TIME, nullable=False),
     sa.PrimaryKeyConstraint('worker_id')
     )
     op.create_table('worker_meta',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('epoch', sa.BigInteger(), nullable=False),
     sa.Column('holder', sa.String(length=255), nullable=False),
-    sa.Column('taken_at', sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(mysql.DATETIME(fsp=6), 'mysql'), nullable=True),
+    sa.Column('taken_at', PRECISE_TIME, nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
     op.execute("INSERT INTO worker_meta (id, epoch, holder) VALUES (1, 0, '')")

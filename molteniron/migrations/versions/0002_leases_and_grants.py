@@ -14,6 +14,7 @@ depends_on = None
 
 PRECISE_TIME = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), 'mariadb').with_variant(
     mysql.DATETIME(fsp=6), 'mysql')
+LONG_TEXT = sa.Text().with_variant(mysql.MEDIUMTEXT(), 'mysql', 'mariadb')
 
 
 def upgrade() -> None:
@@ -22,7 +23,7 @@ def upgrade() -> None:
     sa.Column('request_id', sa.String(length=64), nullable=False),
     sa.Column('reply_to', sa.String(length=255), nullable=False),
     sa.Column('correlation_id', sa.String(length=255), nullable=True),
-    sa.Column('reply', sa.Text().with_variant(mysql.MEDIUMTEXT(), 'mysql', 'mariadb'), nullable=False),
+    sa.Column('reply', LONG_TEXT, nullable=False),
     sa.Column('created_at', PRECISE_TIME, nullable=False),
     sa.Column('returned', sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.PrimaryKeyConstraint('request_id')
