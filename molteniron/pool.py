@@ -214,12 +214,15 @@ def set_maintenance(session: Session, ref: str | int, on: bool, reason: str | No
     """Take a node out of service (with a reason) or put it back.
 
     An allocated node stays with its job: its maintenance begins when it is
-    released (the reason is kept until then and shown by status). A node a cleaner
-    is cleaning goes back to ready only when forced (its claim is dropped).
+    released (the reason is kept until then and shown by status). Without a reason,
+    the node keeps the one it has (set again "on", it changes nothing); a new reason
+    replaces it. A node a cleaner is cleaning goes back to ready only when forced
+    (its claim is dropped).
     """
     node = find_node(session, ref)
     if on:
-        node.maintenance_reason = _text("reason", reason or "no reason given")
+        if reason or not node.maintenance_reason:
+            node.maintenance_reason = _text("reason", reason or "no reason given")
         if node.state in (State.READY, State.DIRTY):
             node.state = State.MAINTENANCE
     else:

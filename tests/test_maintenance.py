@@ -72,3 +72,30 @@ def test_a_removed_node_name_can_be_added_again_and_allocated(running):
     running.cli("remove", "node-1")
     assert running.cli("add_baremetal", *node_args(1)).returncode == 0
     assert running.cli("allocate", "job", "1").returncode == 0
+
+
+def test_maintenance_on_without_a_reason_keeps_the_reason_a_new_one_replaces_it(running):
+    running.cli("add_baremetal", *node_args(1))
+    running.cli("add_baremetal", *node_args(2))
+    assert running.cli("maintenance", "node-1", "on", "--reason", "BMC does not answer"
+                       ).returncode == 0
+
+    again = running.cli("maintenance", "node-1", "on")
+
+    assert again.returncode == 0, again
+    assert again.json["maintenance_reason"] == "BMC does not answer", again
+    assert nodes(running)[0] == ("node-1", "maintenance", None, "BMC does not answer")
+    # Allocated, its maintenance pending until the release: the same.
+    running.cli("allocate", "job", "1")
+    assert running.cli("maintenance", "node-2", "on", "--reason", "disk errors").returncode == 0
+    assert running.cli("maintenance", "node-2", "on").returncode == 0
+    assert nodes(running)[1] == ("node-2", "allocated", "job", "disk errors")
+    # A new reason replaces the old one; none ever given still says so.
+    assert running.cli("maintenance", "node-1", "on", "--reason", "PSU replaced").returncode == 0
+    assert nodes(running)[0][3] == "PSU replaced"
+    running.cli("release", "job")
+    wait_until(lambda: nodes(running)[1][1] == "maintenance", 15, "node-2's maintenance")
+    assert nodes(running)[1][3] == "disk errors"
+    assert running.cli("maintenance", "node-1", "off").returncode == 0
+    assert running.cli("maintenance", "node-1", "on").returncode == 0
+    assert nodes(running)[0][3] == "no reason given"
