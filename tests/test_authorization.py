@@ -78,7 +78,8 @@ def test_only_admins_manage_the_pool_and_see_secrets(secured, users):
         assert as_user(stack, users, "bob", *args).returncode == 0
 
     as_user(stack, users, "alice", "allocate", "job-a", "1")
-    for args in (("status", "--show-secrets", "-t", "json"), ("get_field", "job-a", "ipmi_password"),
+    for args in (("status", "--show-secrets", "-t", "json"),
+                 ("get_field", "job-a", "ipmi_password"),
                  ("set_field", "2", "status", "maintenance"), ("release", "job-a")):
         done = as_user(stack, users, "admin", *args)
         assert done.returncode == 0, (args, done)

@@ -89,7 +89,8 @@ def test_a_released_node_is_dirty_and_a_waiter_waits_for_its_cleaning(cleaning, 
     assert nodes(stack) == [("node-1", "dirty", None)]
     # Dirty counts in the pool's size: the waiter is not told the pool is too small.
     assert stack.sql("SELECT owner FROM waiting_requests") == [("job-2",)]
-    assert stack.cli("status", "--state", "dirty", "-t", "json").json["result"][0]["name"] == "node-1"
+    dirty = stack.cli("status", "--state", "dirty", "-t", "json").json["result"]
+    assert dirty[0]["name"] == "node-1"
 
     code, outcome, stderr = clean_once(stack, stack.cleaning_env)
     assert code == 0, stderr
@@ -288,8 +289,8 @@ def test_the_command_gets_path_locale_and_its_node_never_the_cleaners_login(
            "LANG": "C.UTF-8", "LANGUAGE": "en", "LC_TIME": "C", "LC_ALL": "C.UTF-8"}
     if cleaner_path is not None:
         own["PATH"] = cleaner_path
-    done = subprocess.run([sys.executable, "-m", "molteniron.clients.cleaner", "--once"], env=own, cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "molteniron.clients.cleaner", "--once"],
+                          env=own, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1])["state"] == "ready", done
 

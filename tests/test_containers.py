@@ -25,7 +25,8 @@ def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
 
 def without_test_settings() -> dict:
     return {k: v for k, v in os.environ.items()
-            if k not in (services.MODE_VARIABLE, "MOLTENIRON_TEST_AMQP_URL", "MOLTENIRON_TEST_DB_URL")}
+            if k not in (services.MODE_VARIABLE, "MOLTENIRON_TEST_AMQP_URL",
+                         "MOLTENIRON_TEST_DB_URL")}
 
 
 def test_unset_variable_means_the_local_services_without_importing_testcontainers():
@@ -67,7 +68,8 @@ def test_containers_without_a_docker_engine_stop_the_run_with_a_clear_message(tm
     assert done.returncode == pytest.ExitCode.USAGE_ERROR, done
     assert (f"MOLTENIRON_TEST_SERVICES=containers, but no Docker engine answers at {dead}"
             in done.stderr), done.stderr
-    assert "unset MOLTENIRON_TEST_SERVICES to test against the local RabbitMQ and MariaDB" in done.stderr
+    assert ("unset MOLTENIRON_TEST_SERVICES to test against the local RabbitMQ and MariaDB"
+            in done.stderr)
     assert " passed" not in done.stdout  # not one test ran on the local services instead
 
 

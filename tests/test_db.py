@@ -9,7 +9,8 @@ from sqlalchemy.exc import IntegrityError
 from molteniron import db, pool
 from tests.conftest import empty_tables, statements_sent
 
-INSERT = "INSERT INTO processed_requests (request_id, op, reply, processed_at) VALUES (%s, %s, %s, %s)"
+INSERT = ("INSERT INTO processed_requests (request_id, op, reply, processed_at) "
+          "VALUES (%s, %s, %s, %s)")
 
 
 @pytest.fixture

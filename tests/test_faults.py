@@ -43,7 +43,8 @@ def test_standby_takes_over_when_the_active_worker_is_killed(stack):
 
     assert result.returncode == 0, result
     assert "event=active worker=test-worker-1" in stack.worker_log(1)
-    assert stack.sql("SELECT epoch, holder FROM worker_meta") == [(epoch_before + 1, "test-worker-1")]
+    assert stack.sql("SELECT epoch, holder FROM worker_meta") == [
+        (epoch_before + 1, "test-worker-1")]
 
 
 def test_a_standby_serves_waiters_deadlines_without_any_new_request(stack):
@@ -145,7 +146,8 @@ def test_a_request_the_database_refuses_is_dead_lettered_and_its_batch_mates_ser
             client.send(good, expires_in=60)
             stack.start_worker(ready=False)  # both arrive in one batch
             assert client.wait(good.id, time.time() + 30)["status"] == 200
-            wait_until(lambda: stack.dead_letters() == 1, 15, "the poison request to be dead-lettered")
+            wait_until(lambda: stack.dead_letters() == 1, 15,
+                       "the poison request to be dead-lettered")
             refused = client.wait(poison.id, time.time() + 30)
             # The client learns which request failed, never the database's text.
             assert refused["status"] == 500 and poison.id in refused["message"], refused

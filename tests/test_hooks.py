@@ -207,7 +207,8 @@ def test_pre_hook_says_when_each_lease_ends(running, tmp_path):
     running.cli("add_baremetal", *node_args(1))
     result = run_hook(running, tmp_path, "pre_hook.sh", "1")
     assert result.returncode == 0, result
-    assert re.search(r"node-1 is leased to job until \d{4}-\d\d-\d\dT\d\d:\d\d", result.stderr), result
+    leased = r"node-1 is leased to job until \d{4}-\d\d-\d\dT\d\d:\d\d"
+    assert re.search(leased, result.stderr), result
 
 
 def test_the_hooks_name_the_owner_after_the_jenkins_build(running, tmp_path):
@@ -400,7 +401,8 @@ def test_a_signal_to_the_pipeline_alone_cancels_its_waiting_allocate_at_once(
 
 
 def test_the_shell_pipeline_releases_nothing_it_did_not_get(running, tmp_path):
-    """No nodes in time: the job step never runs, the pipeline fails, the other job keeps its node."""
+    """No nodes in time: the job step never runs, the pipeline fails, the other job keeps its
+    node."""
     running.cli("add_baremetal", *node_args(1))
     assert running.cli("allocate", "other-job", "1").returncode == 0
     process = run_pipeline(running, tmp_path, "touch", "ran", MOLTENIRON_COUNT="1",
@@ -414,7 +416,8 @@ def test_the_shell_pipeline_releases_nothing_it_did_not_get(running, tmp_path):
 # --- docs/migrating.md: an original database of the first releases ---------------
 
 def test_the_documented_view_imports_an_original_database_without_a_blob_column(running):
-    """The first releases kept hardware fields in columns: the guide's view makes them importable."""
+    """The first releases kept hardware fields in columns: the guide's view makes them
+    importable."""
     from sqlalchemy import create_engine, make_url, text
 
     from tests.conftest import TEST_DB_URL

@@ -33,8 +33,8 @@ def waiting_owners(stack) -> list[str]:
 def on_a_terminal(stack, *args: str) -> str:
     """The CLI's stdout when stdout is a terminal (a pty), as the terminal shows it."""
     leader, follower = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "molteniron.clients.cli", *args], env=stack.env,
-                               cwd=ROOT, stdout=follower, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-m", "molteniron.clients.cli", *args],
+                               env=stack.env, cwd=ROOT, stdout=follower, stderr=subprocess.PIPE)
     os.close(follower)
     chunks = []
     while True:

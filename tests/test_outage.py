@@ -38,14 +38,15 @@ def allocated_then_no_worker(stack, owner: str = "job") -> None:
     stack.stop_workers()
 
 
-def run_hook(stack, tmp_path: Path, hook: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+def run_hook(stack, tmp_path: Path, hook: str, *args: str,
+             **env: str) -> subprocess.CompletedProcess:
     """A hook script as Jenkins runs it: `molteniron` on PATH, a 2 s request_timeout."""
     config = tmp_path / "hook-conf.yaml"
     config.write_text("request_timeout: 2\n")
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     return subprocess.run(
-        ["bash", str(HOOKS / hook), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-        env={**stack.env, "PATH": path, "MOLTENIRON_CONFIG": str(config),
+        ["bash", str(HOOKS / hook), *args], capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env={**stack.env, "PATH": path, "MOLTENIRON_CONFIG": str(config),
              "WORKSPACE": str(tmp_path), "MOLTENIRON_OWNER": "job", **env})
 
 
@@ -168,11 +169,13 @@ def _ignore_sigint() -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_background_allocate_is_cancelled_on_a_signal(running, signum):
-    """`molteniron allocate ... &` in a script starts with SIGINT ignored; a signal must still cancel."""
+    """`molteniron allocate ... &` in a script starts with SIGINT ignored; a signal must still
+    cancel."""
     running.cli("add_baremetal", *node_args(1))
     running.cli("allocate", "holder", "1")
     waiting = RunningCli(subprocess.Popen(
-        [sys.executable, "-m", "molteniron.clients.cli", "allocate", "quitter", "1", "--wait", "60"],
+        [sys.executable, "-m", "molteniron.clients.cli",
+         "allocate", "quitter", "1", "--wait", "60"],
         env=running.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=_ignore_sigint))
     try:

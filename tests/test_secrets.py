@@ -50,7 +50,7 @@ def stored_passwords(session) -> dict[str, str]:
     """What the database holds, read with raw SQL (no decryption)."""
     session.rollback()  # a fresh snapshot: another process may have written
     rows = session.connection().exec_driver_sql("SELECT name, ipmi_password FROM nodes")
-    return dict(rows)
+    return dict(rows.all())  # not dict(rows): a result has keys(), dict() takes it for a mapping
 
 
 # --- the helpers ----------------------------------------------------------------
@@ -196,8 +196,8 @@ def worker_command(database_url: str, config: Path, *args: str,
     env = {**os.environ, "MOLTENIRON_DB_URL": database_url, "MOLTENIRON_CONFIG": str(config),
            "MOLTENIRON_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/%2F",  # never reached
            "MOLTENIRON_ADMINS": "off", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "molteniron.workers.main", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "molteniron.workers.main", *args], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def config_file(tmp_path: Path, keys: Path | None) -> Path:
@@ -279,7 +279,8 @@ def test_the_worker_refuses_to_start_without_a_key_when_passwords_are_encrypted(
 
 
 def test_generate_secret_key_prints_a_usable_key(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "molteniron.workers.main", "--generate-secret-key"],
+    done = subprocess.run([sys.executable, "-m", "molteniron.workers.main",
+                           "--generate-secret-key"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done
     Fernet(done.stdout.strip())  # raises if it is not a key

@@ -11,8 +11,10 @@ import pytest
 from molteniron import __version__
 from tests.stack import ROOT
 
-COMMANDS = {"molteniron": "molteniron.clients.cli", "molteniron-worker": "molteniron.workers.main",
-            "molteniron-cleaner": "molteniron.clients.cleaner", "molteniron-web": "molteniron.clients.web.main"}
+COMMANDS = {"molteniron": "molteniron.clients.cli",
+            "molteniron-worker": "molteniron.workers.main",
+            "molteniron-cleaner": "molteniron.clients.cleaner",
+            "molteniron-web": "molteniron.clients.web.main"}
 
 
 @pytest.mark.parametrize("prog", sorted(COMMANDS))

@@ -86,7 +86,8 @@ def test_a_killed_waiting_client_never_owns_the_node(running):
     result = patient.result()
     assert result.returncode == 0, result
     assert owners(running) == {"node-1": "patient"}
-    assert running.sql("SELECT COUNT(*) FROM allocations WHERE owner='doomed' AND ended_at IS NULL") == [(0,)]
+    assert running.sql("SELECT COUNT(*) FROM allocations "
+                       "WHERE owner='doomed' AND ended_at IS NULL") == [(0,)]
 
 
 def test_a_killed_client_served_alone_gives_the_node_back(running):

@@ -232,7 +232,8 @@ def test_many_browsers_cost_the_worker_what_one_does(running, web):
 
 
 def test_basic_auth_from_a_password_file(running, web, tmp_path):
-    made = subprocess.run([sys.executable, "-m", "molteniron.clients.web", "--hash-password", "ops"],
+    made = subprocess.run([sys.executable, "-m", "molteniron.clients.web",
+                           "--hash-password", "ops"],
                           input="correct horse battery\n", capture_output=True, text=True,
                           cwd=ROOT, env=running.env, timeout=60)
     assert made.returncode == 0, made
@@ -256,7 +257,8 @@ def test_basic_auth_from_a_password_file(running, web, tmp_path):
     assert "correct horse" not in site.log()
 
     path.write_text("ops:plain-text\n")
-    refused = subprocess.run([sys.executable, "-m", "molteniron.clients.web", "--password-file", str(path),
-                              "--address", "127.0.0.1:0"], capture_output=True, text=True,
+    refused = subprocess.run([sys.executable, "-m", "molteniron.clients.web",
+                              "--password-file", str(path), "--address", "127.0.0.1:0"],
+                             capture_output=True, text=True,
                              cwd=ROOT, env=running.env, timeout=60)
     assert refused.returncode == 2 and "scrypt or pbkdf2" in refused.stderr
