@@ -523,7 +523,7 @@ class PoolKeeper:
                 self.use_next_database(exc)
 
     def _on_tick(self, batch: Batch) -> None:
-        self.waiters.expire(batch)
+        self.waiters.expire(batch, self.state)  # a wait its quota held says so
         for owner, records in self.state.expire(batch.now).items():
             batch.touched_pools.update(r["node_pool"] for r in records)
             log.info("event=lease_expired owner=%s nodes=%d", owner, len(records))
