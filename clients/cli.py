@@ -75,7 +75,10 @@ def _terminal_columns() -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="molteniron", epilog=EPILOG, formatter_class=_EpilogFormatter,
-        description="Check bare-metal nodes out of the MoltenIron pool and back in.")
+        description="Check bare-metal nodes out of the MoltenIron pool and back in.\n\n"
+                    "The global options may also follow the command (molteniron status "
+                    "--timeout 3).\nTimes are printed in ISO 8601, in UTC with its offset "
+                    "(2024-03-04T11:00:00+00:00).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-c", "--conf-dir", metavar="DIR", help="read DIR/conf.yaml")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
@@ -160,11 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(otherwise refused with 409 until the cleaner reports)")
 
     for name, what in (("status", "the pool"), ("status_baremetal", "the pool's hardware")):
-        p = sub.add_parser(name, help=f"a table of {what}")
-        _table_option(p, "human")
+        p = sub.add_parser(name, help=f"a table of {what}", description=STATUS_COLUMNS_HELP)
+        _table_option(p, "human", "the nodes, each field named as its column is (status, "
+                                  "provisioned, lease_ends), with the fields the table leaves "
+                                  "out (allocated_at, allocation_pool, ...)")
         p.add_argument("--pool", metavar="POOL", help="only this node pool")
-        p.add_argument("--state", choices=protocol.NODE_STATES, help="only nodes in this state")
-        p.add_argument("--owner", metavar="OWNER", help="only nodes OWNER holds")
+        p.add_argument("--state", choices=protocol.NODE_STATES,
+                       help="only nodes in this state (column status)")
+        p.add_argument("--owner", metavar="OWNER",
+                       help="only nodes OWNER holds (column provisioned)")
         p.add_argument("--show-secrets", action="store_true", help="print IPMI passwords")
 
     p = sub.add_parser("waiting", help="waiting allocations, in the order they will be served")
@@ -248,7 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
                              "DB_URL shows in the process list (ps) to every user of this "
                              "machine: put it in $MOLTENIRON_ORIGINAL_DB_PASSWORD instead "
                              "(it replaces one in DB_URL)")
+    p = sub.add_parser("completion", help="print a bash completion script (install it once, "
+                                          "e.g. in /usr/share/bash-completion/completions/"
+                                          "molteniron)")
+    p.add_argument("shell", choices=("bash",))
+
+    for command_parser in sub.choices.values():
+        _accept_global_options(parser, command_parser)
     return parser
+
+
+# The top-level parser's options, accepted after the command too.
+GLOBAL_OPTIONS = ("conf_dir", "config", "output", "timeout")
+
+
+def _accept_global_options(parser: argparse.ArgumentParser,
+                           command_parser: argparse.ArgumentParser) -> None:
+    """The global options, as the top-level parser defines them, after the command too.
+
+    There they have no default (SUPPRESS): one given before the command is kept. A
+    command's own option wins a short name (export's -o is its file: --output there).
+    """
+    group = command_parser.add_argument_group("global options (also before the command)")
+    taken = command_parser._option_string_actions  # noqa: SLF001 (argparse has no accessor)
+    for action in parser._actions:  # noqa: SLF001
+        if action.dest in GLOBAL_OPTIONS:
+            group.add_argument(*(o for o in action.option_strings if o not in taken),
+                               dest=action.dest, type=action.type, choices=action.choices,
+                               metavar=action.metavar, help=action.help,
+                               default=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,27 +345,22 @@ def _print_hooks_dir(args) -> int:
     return EXIT_OK
 
 
+def _print_completion(args) -> int:
+    from molteniron.clients import completion  # only this command pays for it
+    print(completion.bash_script(build_parser()), end="")
+    return EXIT_OK
+
+
 # Commands answered here, without configuration or broker.
-LOCAL_COMMANDS = {"hooks-dir": _print_hooks_dir}
+LOCAL_COMMANDS = {"hooks-dir": _print_hooks_dir, "completion": _print_completion}
 
 
 def run_command(client, args, config) -> dict:
     command = args.command
     if command == "allocate":
         return _allocate(client, args, config)
-    if command in ("status", "status_baremetal"):
-        from molteniron import compat
-        reply = client.status(args.pool, args.show_secrets, args.state, args.owner)
-        records = reply["nodes"]
-        if args.type == "json":
-            return {"status": 200, "result": records}
-        return {"status": 200, "result": compat.status_text(
-            records, command == "status_baremetal", args.type or "human")}
-    if command == "dead-letters":
-        from molteniron.clients import dead_letters
-        return dead_letters.run(args, config)
-    if command in ("waiting", "history"):
-        return _rows_command(client, args)
+    if command in ("status", "status_baremetal", "waiting", "history", "dead-letters"):
+        return _listing(client, args, config)
     if command in ("export", "import"):
         return _inventory_command(client, args)
     calls = {
@@ -346,7 +376,8 @@ def run_command(client, args, config) -> dict:
         "remove": lambda: client.call("remove", {"node": args.node, "force": args.force}),
         "release": lambda: client.release(args.owner_name),
         "renew": lambda: client.renew(args.owner_name, args.lease),
-        "get_field": lambda: client.get_field(args.owner_name, args.field_name),
+        "get_field": lambda: _field_times(client.get_field(args.owner_name, args.field_name),
+                                          args.field_name),
         "set_field": lambda: client.set_field(args.id, args.key, args.value, args.type,
                                               force=args.force),
         "cancel": lambda: client.cancel(args.request_id),
@@ -372,7 +403,7 @@ def _inventory_command(client, args) -> dict | None:
         print(f"molteniron: wrote {len(reply['nodes'])} node(s) to {args.export_file}",
               file=sys.stderr)
         return {"status": 200, "exported": len(reply["nodes"]), "file": args.export_file}
-    if args.from_original:
+    if args.from_original is not None:
         inventory, notes = inventory_file.read_original(
             args.from_original, os.environ.get(inventory_file.ORIGINAL_DB_PASSWORD_ENV))
         for note in notes:
@@ -385,20 +416,54 @@ def _inventory_command(client, args) -> dict | None:
     return reply
 
 
-def _rows_command(client, args) -> dict:
-    """waiting / history: the reply as is, or its rows as a table (-t, or a terminal)."""
-    from molteniron import compat
-    if args.command == "waiting":
+def _listing(client, args, config) -> dict:
+    """status, status_baremetal, waiting, history, dead-letters: the reply as is (waiting,
+    history, dead-letters without -t and a terminal), -t json's rows, or a table."""
+    from molteniron.clients import output
+    command = args.command
+    table_type = args.type or ("human" if args.output == "result" else None)
+    # A table shown on a terminal fits it; in a pipe or a file every value stays whole.
+    fit_to = _terminal_columns() if args.output == "result" and sys.stdout.isatty() else None
+    if command in ("status", "status_baremetal"):
+        records = client.status(args.pool, args.show_secrets, args.state, args.owner)["nodes"]
+        if args.type == "json":
+            return {"status": 200, "result": output.status_rows(records)}
+        columns, rows = output.status_cells(records, command == "status_baremetal")
+        return {"status": 200, "result": output.table(columns, rows, args.type or "human",
+                                                      fit_to)}
+    if command == "dead-letters":
+        from molteniron.clients import dead_letters
+        if args.purge or args.requeue or table_type is None:
+            return dead_letters.run(args, config)
+        # The whole reply, whose rows are then shown here like the other listings'.
+        reply = dead_letters.run(argparse.Namespace(**{**vars(args), "type": None,
+                                                        "output": "json"}), config)
+        key, columns = "dead_letters", dead_letters.COLUMNS
+        if table_type != "json":
+            print(f"molteniron: {reply['shown']} of {reply['total']} dead letter(s), "
+                  "oldest first", file=sys.stderr)
+    elif command == "waiting":
+        from molteniron import compat
         reply, key, columns = client.waiting(args.pool), "waiting", compat.WAITING_COLUMNS
     else:
+        from molteniron import compat
         reply = client.history(args.owner, args.node, args.since, args.limit)
         key, columns = "history", compat.HISTORY_COLUMNS
-    table_type = args.type or ("human" if args.output == "result" else None)
     if table_type is None:
         return reply
     if table_type == "json":
-        return {"status": 200, "result": reply[key]}
-    return {"status": 200, "result": compat.records_text(columns, reply[key], table_type)}
+        return {"status": 200, "result": output.with_offsets(reply[key])}
+    return {"status": 200, "result": output.table(
+        columns, output.record_cells(columns, reply[key]), table_type, fit_to)}
+
+
+def _field_times(reply: dict, field_name: str) -> dict:
+    """get_field of a time (allocated_at, lease_expires_at): each value with its offset."""
+    from molteniron.clients import output
+    if field_name not in output.TIME_KEYS:
+        return reply
+    return {**reply, "result": [{**entry, "field": output.iso_time(entry["field"])}
+                                for entry in reply["result"]]}
 
 
 def _allocate(client, args, config) -> dict:
@@ -450,8 +515,9 @@ class _Progress:
 
 
 def _fail(exc: errors.MoltenIronError, args) -> int:
+    from molteniron.clients.output import with_offsets
     reply = exc.reply or exc.to_reply()
-    print(json.dumps(protocol.without_envelope(reply)))
+    print(json.dumps(with_offsets(protocol.without_envelope(reply))))
     print(f"molteniron: {exc.message}", file=sys.stderr)
     if exc.reply is None and isinstance(exc, (errors.BadRequest, errors.ConfigError)):
         return EXIT_USAGE  # refused here, before anything was sent
@@ -470,7 +536,8 @@ def _fail(exc: errors.MoltenIronError, args) -> int:
 
 
 def _print(reply: dict, output: str) -> None:
-    reply = protocol.without_envelope(reply)
+    from molteniron.clients.output import with_offsets  # every time printed has its offset
+    reply = with_offsets(protocol.without_envelope(reply))
     if output == "result" and "result" in reply:
         result = reply["result"]
         print(result if isinstance(result, str) else json.dumps(result))
@@ -481,11 +548,22 @@ def _print(reply: dict, output: str) -> None:
 ALLOCATE_OPTIONS = ("arch", "min_cpus", "min_ram_mb", "min_disk_gb", "tags", "priority")
 
 
-def _table_option(parser, default: str | None = None) -> None:
+STATUS_COLUMNS_HELP = (
+    "A table of the pool's nodes: id, name, ipmi_ip, blob (status: the hardware fields as "
+    "JSON; status_baremetal: a column each), status (the node's state, with its "
+    "maintenance reason or cleaner), provisioned (its owner), time (how long it has been "
+    "held), node_pool, lease_ends (when it goes back unless renewed), tags. On a terminal "
+    "the table fits its width (long free text is cut, and said on stderr); in a pipe or "
+    "a file every value is whole.")
+
+
+def _table_option(parser, default: str | None = None,
+                  json_rows: str = "the rows, under the table's column names") -> None:
     parser.add_argument("-t", "--type", choices=("human", "csv", "json"), default=None,
-                        help="human: a table; csv: a header row, then one row each; json: "
-                             "the rows (default: " + (default or "human on a terminal, "
-                                                      "else the JSON reply") + ")")
+                        help="human: a table (on a terminal, fitted to its width); csv: a "
+                             "header row, then one row each; json: " + json_rows +
+                             " (default: " + (default or "human on a terminal, "
+                                              "else the JSON reply") + ")")
 
 
 def _tags_option(parser) -> None:

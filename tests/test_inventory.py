@@ -164,7 +164,7 @@ def test_allocated_node_keeps_its_owner_and_pool(running, tmp_path):
     changed = running.cli("import", str(path))
     assert changed.json["changed_fields"] == {"node-1": ["cpus"]}, changed
     node = nodes(running)["node-1"]
-    assert (node["state"], node["owner"], node["cpus"]) == ("allocated", "job-1", 32)
+    assert (node["status"], node["provisioned"], node["cpus"]) == ("allocated", "job-1", 32)
 
     entry["node_pool"] = "other"
     path.write_text(yaml.safe_dump(data))
@@ -184,11 +184,11 @@ def test_state_in_the_file_moves_nodes_in_and_out_of_maintenance(running, tmp_pa
     path.write_text(yaml.safe_dump(data))
     assert running.cli("import", str(path)).json["changed_fields"] == {"node-1": ["state"]}
     node = nodes(running)["node-1"]
-    assert (node["state"], node["maintenance_reason"]) == ("maintenance", "disk swap")
+    assert (node["status"], node["maintenance_reason"]) == ("maintenance", "disk swap")
     data["nodes"][0].update(state="ready", maintenance_reason=None)
     path.write_text(yaml.safe_dump(data))
     assert running.cli("import", str(path)).json["changed"] == 1
-    assert nodes(running)["node-1"]["state"] == "ready"
+    assert nodes(running)["node-1"]["status"] == "ready"
 
 
 @pytest.fixture
@@ -231,15 +231,15 @@ def test_import_from_an_original_database(running, original_db):
     assert imported.json["added"] == 2
     assert "orig-2 (dirty, provisioned by old-job)" in imported.stderr
     pool = nodes(running, "--show-secrets")
-    assert pool["orig-1"] | {"id": None, "lease_expires_at": None} == {
+    assert pool["orig-1"] | {"id": None, "lease_ends": None} == {
         "id": None, "name": "orig-1", "ipmi_ip": "10.9.0.1", "ipmi_user": "ADMIN",
         "ipmi_password": "old-pw-1", "port_hwaddr": "52:54:00:00:00:01", "cpu_arch": "ppc64el",
         "cpus": 20, "ram_mb": 51000, "disk_gb": 500, "allocation_pool": ["10.9.1.1", "10.9.1.2"],
-        "state": "ready", "owner": None, "holder_user": None, "allocated_at": None,
-        "lease_expires_at": None, "node_pool": "default", "extra": {"rack": "r7"}, "tags": [],
+        "status": "ready", "provisioned": None, "holder_user": None, "allocated_at": None,
+        "lease_ends": None, "node_pool": "default", "extra": {"rack": "r7"}, "tags": [],
         "maintenance_reason": None, "clean_claim": None, "clean_claimed_by": None,
         "clean_claimed_until": None}
-    assert (pool["orig-2"]["state"], pool["orig-2"]["owner"]) == ("ready", None)
+    assert (pool["orig-2"]["status"], pool["orig-2"]["provisioned"]) == ("ready", None)
     assert (pool["orig-2"]["node_pool"], pool["orig-2"]["cpus"]) == ("power", 8)
     assert pool["orig-2"]["allocation_pool"] == ["10.9.2.1"]
     again = running.cli("import", "--from-original", original_db)
@@ -321,6 +321,7 @@ def test_a_mysql_url_reads_the_original_with_pymysql(running, original_db):
     "mysql+mysqldb://u:hunter2@127.0.0.1/MoltenIron",
     "sqlite:///MoltenIron.db",
     "not a url: u:hunter2@",
+    "",
 ])
 def test_an_unsupported_original_url_is_a_usage_error_naming_the_form(stack, url):
     refused = stack.cli("import", "--from-original", url)
