@@ -19,7 +19,8 @@ from molteniron import db
 from molteniron.models import Base
 from tests import services
 
-pytest_plugins = ["tests.stack", "tests.tiers", "tests.keeper"]
+pytest_plugins = ["tests.stack", "tests.tiers", "tests.keeper", "tests.definitions",
+                  "tests.tls"]
 
 
 TEST_DB_URL = services.current().db_url  # the containers' URL once they are started

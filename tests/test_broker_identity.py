@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -24,56 +23,15 @@ from pika.exceptions import ChannelClosedByBroker
 
 from molteniron import errors, protocol
 from molteniron.workers import topology
+from tests.definitions import DEFINITIONS, BrokerUser, permissions_of
 from tests.stack import ROOT, TEST_AMQP_URL, node_args, wait_until
 
-DEFINITIONS = json.loads((ROOT / "deploy" / "rabbitmq-definitions.json").read_text())
 HOOKS = ROOT / "clients" / "hooks"
 
 
 def rabbitmqctl(*args: str) -> str:
     return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True,
                           timeout=60).stdout
-
-
-def permissions_of(role: str) -> tuple[str, str, str]:
-    """(configure, write, read) that the definitions file gives the user `role`."""
-    (entry,) = [p for p in DEFINITIONS["permissions"] if p["user"] == role]
-    return entry["configure"], entry["write"], entry["read"]
-
-
-@dataclass
-class BrokerUser:
-    name: str
-    password: str
-    url: str  # amqp_url with this user's credentials, in the test run's vhost
-
-    @property
-    def env(self) -> dict:
-        return {"MOLTENIRON_AMQP_URL": self.url}
-
-    def connect(self) -> pika.BlockingConnection:
-        return pika.BlockingConnection(pika.URLParameters(self.url))
-
-
-@pytest.fixture
-def broker_users(stack):
-    """make(role) -> a new broker user with role's permissions from the definitions file."""
-    vhost = unquote(urlsplit(stack.amqp_url).path.lstrip("/"))
-    host = urlsplit(stack.amqp_url).netloc.rpartition("@")[2]
-    made: list[str] = []
-
-    def make(role: str, name: str | None = None) -> BrokerUser:
-        name = name or f"mi-test-{role.removeprefix('molteniron-')}-{uuid.uuid4().hex[:8]}"
-        password = uuid.uuid4().hex
-        rabbitmqctl("add_user", name, password)
-        made.append(name)
-        rabbitmqctl("set_permissions", "-p", vhost, name, *permissions_of(role))
-        url = f"amqp://{quote(name, safe='')}:{password}@{host}/{quote(vhost, safe='')}"
-        return BrokerUser(name, password, url)
-
-    yield make
-    for name in made:
-        subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=60)
 
 
 def test_the_definitions_hold_four_users_and_no_secrets():

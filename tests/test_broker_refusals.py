@@ -18,11 +18,10 @@ from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
+from tests.definitions import permissions_of
 from tests.stack import _rabbitmqctl, node_args
-from tests.test_broker_identity import permissions_of
-from tests.test_broker_tls import cli as plain_cli
-from tests.test_broker_tls import no_config
-from tests.test_broker_tls import tls_broker  # noqa: F401 (a fixture: its private broker)
+from tests.tls import cli as plain_cli
+from tests.tls import no_config
 
 TIMEOUT = "20"  # --timeout: what an outage would be retried for; a refusal must not wait
 # The bound "at once" is held to (the claim: one connection, about 0.1 s of a CLI's 0.1 s

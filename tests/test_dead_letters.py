@@ -8,12 +8,11 @@ import uuid
 import pika
 import pytest
 
-from molteniron.clients.dead_letters import MASK, NEEDS_ADMIN, masked
 from molteniron import protocol
-from tests.stack import node_args, wait_until
-from tests.raw import RawPublisher, valid
-from tests.test_broker_identity import broker_users  # noqa: F401 (a fixture)
+from molteniron.clients.dead_letters import MASK, NEEDS_ADMIN, masked
 from molteniron.workers import topology
+from tests.raw import RawPublisher, valid
+from tests.stack import node_args, wait_until
 
 NODE_FIELDS = ("name", "ipmi_ip", "ipmi_user", "ipmi_password", "allocation_pool",
                "port_hwaddr", "cpu_arch", "cpus", "ram_mb", "disk_gb", "node_pool")

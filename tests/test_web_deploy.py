@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
+from tests.definitions import DEFINITIONS, permissions_of
 from tests.stack import ROOT, node_args
-from tests.test_broker_identity import DEFINITIONS, broker_users, permissions_of  # noqa: F401
 from tests.test_deploy_kit import HARDENING, service_settings
 from tests.web import WebProcess
 
