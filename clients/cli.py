@@ -58,6 +58,7 @@ class _EpilogFormatter(argparse.RawDescriptionHelpFormatter, _Formatter):
     """Keeps the line breaks of the top-level description and epilog."""
 
 
+@functools.cache  # asked once: argparse makes a formatter for every add_argument
 def _terminal_columns() -> int:
     """$COLUMNS, else the terminal's width, else 80 (shutil.get_terminal_size's rules)."""
     try:

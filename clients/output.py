@@ -12,8 +12,6 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from molteniron import compat
-
 # Keys whose values are points in time, in any reply the CLI prints. The worker sends
 # them as naive ISO text in UTC (the database's clock), `at` with a Z, and `deadline`
 # (a waiting allocate's) as a unix time.
@@ -25,8 +23,6 @@ TIME_KEYS = frozenset({"allocated_at", "lease_expires_at", "lease_ends", "clean_
 # the names of the table's columns (compat.STATUS_COLUMNS).
 STATUS_NAMES = {"state": "status", "owner": "provisioned", "lease_expires_at": "lease_ends"}
 TAGS_COLUMN = ("tags", 4)  # after the original's columns, so their positions hold
-STATUS_COLUMNS = (*compat.STATUS_COLUMNS, TAGS_COLUMN)
-BAREMETAL_COLUMNS = (*compat.BAREMETAL_COLUMNS, TAGS_COLUMN)
 
 # Free text a terminal's table may cut to fit its width, and the fewest characters each
 # keeps (its header's, if longer): status keeps a whole state word. Ids, names, numbers
@@ -73,10 +69,12 @@ def status_rows(records: list[dict]) -> list[dict]:
 
 def status_cells(records: list[dict], baremetal: bool) -> tuple[tuple, list[list]]:
     """(columns, rows) of the status table: the original's, then the node's tags."""
+    from molteniron import compat  # with csv: only for tables, not for every command's reply
     now = datetime.now(timezone.utc)
     rows = [[*compat._row(r, baremetal, now), ",".join(r.get("tags") or [])]
             for r in map(with_offsets, records)]
-    return (BAREMETAL_COLUMNS if baremetal else STATUS_COLUMNS), rows
+    columns = compat.BAREMETAL_COLUMNS if baremetal else compat.STATUS_COLUMNS
+    return (*columns, TAGS_COLUMN), rows
 
 
 def record_cells(columns: tuple, records: list[dict]) -> list[list]:
@@ -90,6 +88,7 @@ def table(columns: tuple, rows: list[list], table_type: str,
           fit_to: int | None = None) -> str:
     """A boxed table (human) or csv, as compat lays them out. fit_to: a terminal's width:
     the columns as wide as their values, free text cut to fit (said on stderr)."""
+    from molteniron import compat
     if table_type == "human" and fit_to is not None:
         columns, rows = _fitted(columns, rows, fit_to)
     return compat.table_text(columns, rows, table_type)
