@@ -15,7 +15,7 @@ The check has two forms:
   decides anything. Used at takeover, after a reload, on Galera (its wsrep_sync_wait
   makes reads causal, not writes), for a batch with an operation that goes through the
   ORM or a request that may have been answered before, and whenever the trip form is
-  not known to work on this connection.
+  not known to work on this connection (every condition: PoolKeeper._may_fence_in_trip).
 - The trip (`first_write`): no read. The batch's first write is
   `UPDATE worker_meta SET epoch = IF(epoch = <ours> AND <none of its ids answered>,
   epoch, NULL) WHERE id = 1`, sent with the batch's other writes and its COMMIT in one
