@@ -8,7 +8,6 @@ when the session starts.
 from __future__ import annotations
 
 import os
-import uuid
 from contextlib import contextmanager
 
 import pytest
@@ -29,9 +28,16 @@ HOW_TO_START_DB = services.current().db_help
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
-    """Choose the services before test modules are collected (they import TEST_DB_URL)."""
+    """Choose the services before test modules are collected (they import TEST_DB_URL).
+
+    With pytest-xdist (-n N) this runs in each worker process, which makes its own
+    database and vhost (and, with containers, starts its own); the controller, which runs
+    no test, only checks the choice."""
     global TEST_DB_URL, HOW_TO_START_DB
     try:
+        if session.config.pluginmanager.hasplugin("dsession"):  # xdist's controller
+            services.wanted(os.environ)
+            return
         chosen = services.choose(os.environ)
     except services.ServicesUnavailable as exc:
         raise pytest.UsageError(str(exc)) from None
@@ -51,8 +57,9 @@ def pytest_sessionfinish(session):
 
 @contextmanager
 def fresh_database(chosen: services.Services):
-    """A database of its own on the chosen server, migrated to the newest schema; dropped afterwards."""
-    name = f"molteniron_test_{uuid.uuid4().hex[:10]}"
+    """A database of its own on the chosen server, migrated to the newest schema; dropped
+    afterwards."""
+    name = services.run_name()
     url = make_url(chosen.db_url).set(database=name).render_as_string(hide_password=False)
     try:
         db.create_database(url)
@@ -64,7 +71,8 @@ def fresh_database(chosen: services.Services):
     try:
         yield url
     finally:
-        engine = db.make_engine(make_url(url).set(database="").render_as_string(hide_password=False))
+        server = make_url(url).set(database="").render_as_string(hide_password=False)
+        engine = db.make_engine(server)
         with engine.begin() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
         engine.dispose()

@@ -8,9 +8,9 @@ import json
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
 import pytest
 
@@ -85,7 +85,7 @@ class Jobs:
 
     def cycles_since(self, moment: float) -> dict[str, int]:
         """Per job: releases completed by calls started after `moment`."""
-        done = {owner: 0 for owner in self.owners}
+        done = dict.fromkeys(self.owners, 0)
         for call in list(self.calls):
             if call.op == "release" and call.started > moment:
                 done[call.job] += 1

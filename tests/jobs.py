@@ -24,12 +24,14 @@ def job_env(stack, workspace: Path, **env: str) -> dict:
             "MOLTENIRON_OWNER": "job", **env}
 
 
-def run_hook(stack, workspace: Path, hook: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+def run_hook(stack, workspace: Path, hook: str, *args: str,
+             **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(HOOKS / hook), *args], capture_output=True, text=True,
                           timeout=120, cwd=workspace, env=job_env(stack, workspace, **env))
 
 
-def start_job_step(stack, workspace: Path, script: Path, *args: str, **env: str) -> subprocess.Popen:
+def start_job_step(stack, workspace: Path, script: Path, *args: str,
+                   **env: str) -> subprocess.Popen:
     """A hook or pipeline started as a CI system starts a step: in a process group of its
     own (os.killpg(step.pid, ...) is an abort of the whole step; step.send_signal, a
     signal to the script alone)."""

@@ -13,10 +13,12 @@ testcontainers is imported only in that mode.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from sqlalchemy import make_url
 
@@ -54,7 +56,8 @@ class Services:
 
 
 def wanted(environ: Mapping[str, str]) -> str:
-    """LOCAL or CONTAINERS, as MOLTENIRON_TEST_SERVICES says; ServicesUnavailable for anything else."""
+    """LOCAL or CONTAINERS, as MOLTENIRON_TEST_SERVICES says; ServicesUnavailable for anything
+    else."""
     mode = environ.get(MODE_VARIABLE, "").strip() or LOCAL
     if mode not in (LOCAL, CONTAINERS):
         raise ServicesUnavailable(f"{MODE_VARIABLE}={mode!r}: use {CONTAINERS!r} for Docker "
@@ -168,6 +171,14 @@ def start_containers(environ: Mapping[str, str] = os.environ) -> Services:
 
 
 # --- the services this test run uses ------------------------------------------------
+
+def run_name(prefix: str = "molteniron_test") -> str:
+    """A name no other test process uses, for a database or vhost of its own: the
+    pytest-xdist worker's id (gw0, gw1...; `main` without xdist) and a random part, so
+    that what a crashed run leaves behind says which process made it."""
+    worker = re.sub(r"\W", "", os.environ.get("PYTEST_XDIST_WORKER", "")) or "main"
+    return f"{prefix}_{worker}_{uuid.uuid4().hex[:10]}"
+
 
 _in_use: Services | None = None
 

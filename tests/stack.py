@@ -20,8 +20,8 @@ import pika
 import pytest
 
 from bench.env import stop_processes, vhost_url
-from molteniron.clients.client import MoltenIronClient
 from molteniron import protocol
+from molteniron.clients.client import MoltenIronClient
 from tests import services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,8 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 
 
 def _rabbitmqctl(*args: str, on: services.Services | None = None) -> str:
-    """rabbitmqctl on the test run's broker (local, or inside its container); fails the test if refused."""
+    """rabbitmqctl on the test run's broker (local, or inside its container); fails the test
+    if refused."""
     chosen = on or services.current()
     try:
         return chosen.rabbitmqctl(*args)
@@ -58,7 +59,7 @@ def fresh_vhost(chosen: services.Services):
         pika.BlockingConnection(params).close()
     except Exception as exc:  # any failure to connect means the same thing here
         pytest.fail(f"{chosen.broker_help}\n(connecting said: {exc!r})", pytrace=False)
-    vhost = f"molteniron_test_{uuid.uuid4().hex[:10]}"
+    vhost = services.run_name()
     _rabbitmqctl("add_vhost", vhost, on=chosen)
     try:
         _rabbitmqctl("set_permissions", "-p", vhost, params.credentials.username, ".*", ".*", ".*",
@@ -149,8 +150,9 @@ class Stack:
 
     def cli_start(self, *args: str, env: dict | None = None) -> RunningCli:
         return RunningCli(subprocess.Popen(
-            [sys.executable, "-m", "molteniron.clients.cli", *args], env={**self.env, **(env or {})},
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            [sys.executable, "-m", "molteniron.clients.cli", *args],
+            env={**self.env, **(env or {})}, cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
 
     # --- the broker, seen from outside ----------------------------------------
 
@@ -170,7 +172,8 @@ class Stack:
     def dead_letters(self) -> int:
         connection, channel = self.channel()
         try:
-            return channel.queue_declare(protocol.DEAD_LETTER_QUEUE, passive=True).method.message_count
+            declared = channel.queue_declare(protocol.DEAD_LETTER_QUEUE, passive=True)
+            return declared.method.message_count
         finally:
             connection.close()
 

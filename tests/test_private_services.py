@@ -103,5 +103,6 @@ def test_the_fault_suites_restarts_leave_the_shared_services_alone():
 
 def servers_running() -> set[int]:
     """pgrep -x mariadbd / beam.smp: read only."""
-    out = subprocess.run(["pgrep", "-x", "mariadbd|beam.smp"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-x", "mariadbd|beam.smp"], capture_output=True,
+                         text=True).stdout
     return {int(pid) for pid in out.split()}

@@ -8,6 +8,12 @@
 
 A test marked with one of them by hand keeps its mark; otherwise the fixtures it
 uses decide, and the modules in CLUSTER_MODULES are `cluster` whatever they use.
+
+Run in parallel (pytest-xdist, `-n 4 --dist loadgroup`), each worker process has its own
+database and vhost (conftest.py, stack.py: session fixtures, made once per process).
+A fixture made once per module (a private broker, a cluster, an installed kit, a
+browser) would be made again by every worker that runs one of the module's tests: the
+tests that use one get `xdist_group(<module>)`, so that one worker runs them all.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {what}")
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True)  # before xdist reads xdist_group
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if any(item.get_closest_marker(tier) for tier in TIERS):
-            continue
-        item.add_marker(getattr(pytest.mark, tier_of(item)))
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(getattr(pytest.mark, tier_of(item)))
+        group = shared_fixture_group(item)
+        if group and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def tier_of(item) -> str:
@@ -52,3 +60,16 @@ def tier_of(item) -> str:
     if "database_url" in fixtures:
         return "db"
     return "unit"
+
+
+def shared_fixture_group(item) -> str | None:
+    """The test's module name if it uses a fixture made once per module or class (its
+    tests then run on one xdist worker); None if each of its fixtures is made per test
+    or per process."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None or item.module is None:
+        return None
+    for definitions in info.name2fixturedefs.values():
+        if definitions and definitions[-1].scope in ("module", "class", "package"):
+            return item.module.__name__.rpartition(".")[2]
+    return None
