@@ -38,10 +38,13 @@ exit codes:
      have gone to another job; fail it (status 410, NodesTakenBack)
   130 interrupted (Ctrl-C/SIGTERM); a waiting allocate is cancelled first
 
-configuration: --config FILE, -c DIR (DIR/conf.yaml), $MOLTENIRON_CONFIG or
-/etc/molteniron/conf.yaml; $MOLTENIRON_AMQP_URL overrides amqp_url. amqp_url may
-list a cluster's brokers (comma-separated): a request in flight when its broker
-dies is sent again to the next one.
+configuration: --config FILE, -c DIR (DIR/conf.yaml), $MOLTENIRON_CONFIG, else
+/etc/molteniron/client.yaml (install.sh writes it for CI agents: every user may
+read it, it holds no secret), else /etc/molteniron/conf.yaml. $MOLTENIRON_AMQP_URL
+overrides amqp_url and $MOLTENIRON_AMQP_PASSWORD gives its password; when the
+former is set, a file found there that this user may not read is skipped (with a
+warning). amqp_url may list a cluster's brokers (comma-separated): a request in
+flight when its broker dies is sent again to the next one.
 """
 
 
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     and sys.stdout.isatty())
         args.output = "result" if as_table else "json"
     try:
-        config = load_config(args.config, args.conf_dir)
+        config = load_config(args.config, args.conf_dir, client=True)
     except errors.ConfigError as exc:
         print(f"molteniron: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
