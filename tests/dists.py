@@ -96,11 +96,12 @@ def extract_sdist(sdist: Path, dest: Path) -> Path:
 
 def outside_env(bin_dir: Path | None = None, **extra: str) -> dict[str, str]:
     """The environment without anything that points into this checkout: no PYTHONPATH, no
-    venv of ours on PATH, no MoltenIron settings (each test gives its own). bin_dir first."""
+    venv of ours on PATH, no MoltenIron settings (each test gives its own), nothing of this
+    pytest run (PYTEST_XDIST_WORKER, PYTEST_ADDOPTS...). bin_dir first on PATH."""
     path = [entry for entry in os.environ.get("PATH", os.defpath).split(os.pathsep)
             if entry and not Path(entry).resolve().is_relative_to(ROOT)]
     env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("PYTHON", "MOLTENIRON_")) and name != "VIRTUAL_ENV"}
+           if not name.startswith(("PYTHON", "PYTEST_", "MOLTENIRON_")) and name != "VIRTUAL_ENV"}
     env["PATH"] = os.pathsep.join(([str(bin_dir)] if bin_dir else []) + path)
     return {**env, **extra}
 

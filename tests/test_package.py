@@ -14,7 +14,6 @@ import json
 import re
 import subprocess
 import sys
-import uuid
 from email.parser import Parser
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,7 +203,7 @@ NODES = [  # an inventory file, as `molteniron export` writes one
 @pytest.fixture
 def pool(installed, tmp_path):
     chosen = services.current()
-    db_url = make_url(chosen.db_url).set(database=f"molteniron_test_{uuid.uuid4().hex[:10]}") \
+    db_url = make_url(chosen.db_url).set(database=services.run_name()) \
         .render_as_string(hide_password=False)
     with fresh_vhost(chosen) as amqp_url:
         pool = InstalledPool(installed, tmp_path, amqp_url, db_url)
