@@ -160,12 +160,14 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
             names = {r[0] for r in sandbox.sql("SELECT name FROM nodes")}
             clients_running = Clients(sandbox.amqp_url, clients, seconds, seed)
             started = time.time()
-            recoveries, problems = [], []
+            recoveries: list[dict] = []
+            problems: list[str] = []
             for n, kind in enumerate(plan):
                 time.sleep(max(0.0, started + 3 + n * (seconds - 8) / len(plan) - time.time()))
                 at = time.time()
-                ended = faults[kind]()  # a window's end; restarts return once they are done
-                recovered = answered_again(sandbox, ended if kind == "db_read_only" else at)
+                # db_read_only returns its window's end; the others return once they are done
+                ended = faults[kind]()
+                recovered = answered_again(sandbox, at if ended is None else ended)
                 recoveries.append({"fault": kind, "recovered_s": round(recovered, 2)})
                 problems += [f"after {kind} #{n}: {p}"
                              for p in check_database(sandbox, names, False)]
@@ -184,7 +186,7 @@ def run(kills: int, broker_restarts: int, db_restarts: int, clients: int = 50,
             expired = logged(sandbox, "lease_expired")  # leases last 6 h: none may end here
             if expired:
                 problems.append(f"{expired} lease expiries logged in a run of {seconds} s")
-            by_kind = {}
+            by_kind: dict[str, list[float]] = {}
             for r in recoveries:
                 by_kind.setdefault(r["fault"], []).append(r["recovered_s"])
             return {"clients": clients, "seconds": seconds, "faults": len(plan),

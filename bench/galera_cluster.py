@@ -138,8 +138,9 @@ wsrep_sst_method=rsync
 
     def synced(self) -> bool:
         if not self.alive:
+            code = None if self.process is None else self.process.returncode
             raise RuntimeError(f"galera node{self.index} (:{self.port}) exited with "
-                               f"{self.process.returncode}:\n{tail(self.dir / 'mariadbd.log')}")
+                               f"{code}:\n{tail(self.dir / 'mariadbd.log')}")
         return self.status("wsrep_local_state_comment") == "Synced"
 
     def execute(self, sql: str) -> None:
@@ -152,10 +153,11 @@ wsrep_sst_method=rsync
 
     def kill(self) -> None:
         """kill -9 the server only (what a crash does); its children, if any, stay."""
-        if self.alive:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
-        if self.process is not None:
-            self.process.wait(timeout=30)  # reap it: it is our child
+        self.process.wait(timeout=30)  # reap it: it is our child
 
     def kill_everything(self) -> None:
         """kill -9 the server and whatever it started (SST scripts, rsync daemons)."""

@@ -65,7 +65,8 @@ def run_cycles(amqp_url: str, clients: int, seconds: float, warmup: float = 1.0,
     barrier.wait()  # window published
     meter = None
     if worker_pids is not None:
-        meter = CpuMeter(worker_pids, [p.pid for p in procs])
+        # every one started above: a pid is None only before start()
+        meter = CpuMeter(worker_pids, [p.pid for p in procs if p.pid is not None])
         metering = threading.Thread(target=_measure, args=(meter, window[0], window[1]))
         metering.start()
     latencies, errors = [], 0

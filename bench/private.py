@@ -145,6 +145,7 @@ class PrivateMariaDB(_Private):
 
     def _accepts_connections(self) -> bool:
         import pymysql
+        assert self.process is not None  # start() made it
         if self.process.poll() is not None:
             raise RuntimeError(f"mariadbd exited with {self.process.returncode}:\n"
                                f"{tail(self.dir / 'mariadbd.log')}")

@@ -51,8 +51,8 @@ class PrivateRabbitCluster(_Private):
 
     def urls_for(self, vhost: str, order: list[int] | None = None) -> list[str]:
         """The nodes' URLs for `vhost`, in `order` (node indexes; default: all, in index order)."""
-        order = range(len(self.nodes)) if order is None else order
-        return [vhost_url(self.nodes[i].url, vhost) for i in order]
+        indexes = range(len(self.nodes)) if order is None else order
+        return [vhost_url(self.nodes[i].url, vhost) for i in indexes]
 
     def url_for(self, vhost: str, order: list[int] | None = None) -> str:
         """Those URLs comma-joined: an amqp_url with failover."""

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from bench.env import Sandbox, add_nodes
 
@@ -51,7 +52,7 @@ def _client_thread(amqp_url: str, owner: str, seed: int, until: float, out: list
         try:
             if op == "allocate":
                 wait = rng.choice([None, 0.5, 2.0, 5.0])
-                sent = []
+                sent: list[str] = []
                 try:
                     reply = client.allocate(owner, rng.randint(1, 2), rng.choice(POOLS), wait,
                                             on_sent=sent.append)
@@ -70,13 +71,13 @@ def _client_thread(amqp_url: str, owner: str, seed: int, until: float, out: list
                 client.send(request, 30)
                 time.sleep(rng.random() * 0.2)
                 client.cancel(request.id)
-                reply = client.wait(request.id, time.time() + 35)
-                if reply is None:
+                answer = client.wait(request.id, time.time() + 35)
+                if answer is None:
                     record.status = "NoReply"
-                elif reply["status"] == 200:
+                elif answer["status"] == 200:
                     record.status = "ServedThenCancelled"
                 else:
-                    record.status = reply.get("error", str(reply["status"]))
+                    record.status = answer.get("error", str(answer["status"]))
         except errors.MoltenIronError as exc:
             record.status = exc.kind
         record.finished = time.time()
@@ -186,11 +187,17 @@ def check_database(sandbox: Sandbox, node_names: set[str], settled: bool) -> lis
     return problems
 
 
-def check_clients(sandbox: Sandbox, outcomes: list[Outcome]) -> list[str]:
+class ReadsSql(Protocol):
+    """What the checks read the pool's database through (a Sandbox, a test's keeper)."""
+
+    def sql(self, query: str) -> list: ...
+
+
+def check_clients(sandbox: ReadsSql, outcomes: list[Outcome]) -> list[str]:
     """What clients saw agrees with the history; nobody who gave up kept nodes."""
     problems = []
     granted = {o.request_id: o for o in outcomes if o.op == "allocate" and o.status == "ok"}
-    history: dict[str, list[tuple]] = {}
+    history: dict[str | None, list[tuple]] = {}
     for request_id, owner, name, reason in sandbox.sql(
             "SELECT request_id, owner, node_name, end_reason FROM allocations"):
         history.setdefault(request_id, []).append((owner, name, reason))

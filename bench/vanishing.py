@@ -73,6 +73,7 @@ def run_vanishing(clients: int, retention: float, limit: float = 600) -> dict:
         holder = subprocess.Popen([sys.executable, "-m", "bench.vanishing", "--hold",
                                    str(clients), sandbox.amqp_url], cwd=ROOT,
                                   stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None  # stdout=PIPE
         assert holder.stdout.readline().strip() == "sent"
         _until(lambda: counts(sandbox)["waiting_requests"] >= baseline["waiting_requests"]
                + clients, limit, "every client to wait")

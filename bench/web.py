@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Any
 
 from bench.env import ROOT, Sandbox, add_nodes, machine, save_results, stop_processes
 from bench.load import percentiles, run_cycles
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sandbox.close()
     worst_first = max(v["max_ms"] for v in first.values())
-    run = {
+    run: dict[str, Any] = {
         "bench": "web", "machine": machine(),
         "settings": {"nodes": args.nodes, "clients": args.clients, "seconds": args.seconds,
                      "rounds": args.rounds, "rate_per_s": args.rate, "paths": list(paths)},

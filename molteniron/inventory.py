@@ -83,7 +83,9 @@ def check_inventory(inventory: Any) -> list[Entry]:
     raw = inventory["nodes"]
     if not isinstance(raw, list):
         raise errors.BadRequest("import: nodes must be a list of node entries")
-    entries, problems, seen = [], [], {}
+    entries: list[Entry] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}  # name: the index of its first entry
     for index, item in enumerate(raw, start=1):
         name = item.get("name") if isinstance(item, dict) else None
         label = f"entry {index} ({name if isinstance(name, str) and name else 'no name'})"
@@ -197,6 +199,7 @@ def import_nodes(session: Session, inventory: Any) -> dict:
 
 
 def _add(session: Session, entry: Entry) -> Node:
+    assert entry.ipmi_password is not None  # import_nodes refused a new node without one
     node = pool.add_baremetal(
         session, entry.name, entry.ipmi_ip, ipmi_password=entry.ipmi_password,
         allocation_pool=entry.allocation_pool, node_pool=entry.node_pool, extra=entry.extra,

@@ -16,8 +16,14 @@ def _burn(seconds: float, done) -> None:
 def test_a_process_cpu_is_counted_for_its_party_and_per_cycle():
     ctx = mp.get_context("fork")
     done, go = ctx.Event(), ctx.Event()
-    burner = ctx.Process(target=lambda: (go.wait(), _burn(0.3, done)))
+
+    def burn_when_told() -> None:
+        go.wait()
+        _burn(0.3, done)
+
+    burner = ctx.Process(target=burn_when_told)
     burner.start()
+    assert burner.pid is not None  # set by start()
     meter = CpuMeter(worker_pids=[burner.pid], client_pids=[])
     meter.start()
     go.set()

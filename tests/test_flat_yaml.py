@@ -73,7 +73,9 @@ def test_the_files_the_kit_writes_are_read_without_pyyaml():
     example = (ROOT / "deploy" / "conf.yaml.example").read_text()
     for text in (conf, example, ""):
         assert repr(flat_yaml.parse(text)) == repr(yaml.safe_load(text) or {})
-    assert flat_yaml.parse(conf)["admins"] == ["molteniron-admin"]
+    parsed = flat_yaml.parse(conf)
+    assert parsed is not None
+    assert parsed["admins"] == ["molteniron-admin"]
 
 
 def test_flat_values_are_read_here_not_left_to_pyyaml():

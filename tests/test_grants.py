@@ -130,13 +130,14 @@ def queued_ids_and_headers(stack, count: int) -> list[tuple]:
     """The id and headers of the first `count` requests in the request queue."""
     connection, channel = stack.channel()
     try:
-        seen = []
+        seen: list[tuple] = []
         for method, properties, body in channel.consume(protocol.REQUEST_QUEUE,
                                                         inactivity_timeout=10):
             assert method is not None, f"only {len(seen)} of {count} requests reached the queue"
             seen.append((json.loads(body)["id"], properties.headers))
             if len(seen) == count:
-                return seen
+                break
+        return seen
     finally:
         connection.close()
 

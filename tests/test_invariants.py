@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -138,7 +139,8 @@ class Workload:
         if not nodes or (roll < 0.10 and len(nodes) < MAX_NODES):
             req = self.add_node()
         elif roll < 0.40:
-            args = dict(owner=rng.choice(OWNERS), count=rng.choice((1, 1, 1, 2, 2, 3, 5)),
+            args: dict[str, Any] = dict(owner=rng.choice(OWNERS),
+                                        count=rng.choice((1, 1, 1, 2, 2, 3, 5)),
                         node_pool=rng.choice(POOLS), wait=rng.random() < 0.6)
             if args["wait"]:
                 args["wait_seconds"] = rng.choice((None, 0, 1, 5, 20))
@@ -310,7 +312,7 @@ def assert_consistent(keeper, engine, in_outbox: set[str]) -> None:
     assert outbox_rows == in_outbox
 
 
-def take_over(newcomer, fenced, work, engine, requests, returned, settled):
+def take_over(newcomer, fenced, work: Workload, engine, requests, returned, settled):
     """newcomer takes the pool with this batch; the keeper it replaced may not write again."""
     newcomer.stand_by()  # a new consumer: its next batch takes a new epoch
     batch = commit(newcomer, requests, returned, settled)
@@ -344,7 +346,7 @@ def test_random_batches_keep_memory_and_database_consistent(
     active, standby = keepers
     in_outbox: set[str] = set()    # grants the database keeps until the broker settles them
     settled: dict[str, str] = {}   # outcomes waiting for the next transaction
-    seen = Counter()
+    seen: Counter = Counter()  # (op, status, error) of each reply, and named events
     retry = None
 
     for step in range(BATCHES):

@@ -192,4 +192,5 @@ def test_a_skew_is_logged_once_per_change_past_the_threshold(caplog):
             clock.read(database_now, unix(database_now) + wall_ahead)
     events = [r.getMessage().split()[0] for r in caplog.records]
     assert events == ["event=clock_skew", "event=clock_skew", "event=clock_skew_ok"]
+    assert clock.skew is not None
     assert abs(clock.skew - 0.2) < 1e-3 and clock.skew < CLOCK_SKEW_WARN

@@ -46,6 +46,7 @@ def on_a_terminal(stack, *args: str) -> str:
             break
         chunks.append(chunk)
     os.close(leader)
+    assert process.stderr is not None  # stderr=PIPE
     assert process.wait(timeout=60) == 0, process.stderr.read()
     process.stderr.close()
     return b"".join(chunks).decode().replace("\r\n", "\n")
@@ -65,7 +66,7 @@ def test_history_tells_who_held_what_and_how_each_allocation_ended(running):
                "the lease to run out")
 
     with running.client() as client:  # a served allocate, then cancelled by its id
-        sent = []
+        sent: list[str] = []
         client.allocate("job-cancelled", 1, wait=None, on_sent=sent.append)
     assert running.cli("cancel", sent[0]).json["cancelled"] == "served"
 

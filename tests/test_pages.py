@@ -224,7 +224,8 @@ def renaming_between_pages(running, client, monkeypatch, listings: int) -> None:
     """After the first page of each of the first `listings` exports, node-1 (read on
     that page) and node-2 (not read yet) swap names: node-2's page then shows node-1
     again."""
-    call, swaps = client.call, []
+    call = client.call
+    swaps: list[str] = []  # the exports renamed after
 
     def call_then_rename(op, args):
         reply = call(op, args)

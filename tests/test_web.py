@@ -24,7 +24,7 @@ READ_ONLY = {"summary", "status", "waiting", "workers", "history"}
 @pytest.fixture
 def web(request, tmp_path):
     """web(env, *args): a molteniron-web process, stopped after the test."""
-    started = []
+    started: list[WebProcess] = []
 
     def start(env: dict, *args: str) -> WebProcess:
         process = WebProcess(env, tmp_path, *FAST, *args, name=f"web-{len(started)}")

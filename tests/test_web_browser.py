@@ -82,6 +82,13 @@ def text(driver, selector: str) -> str | None:
                       "return e === null ? null : e.textContent.trim();", selector)
 
 
+def shown(driver, selector: str) -> str:
+    """text() of an element that must be on the page."""
+    found = text(driver, selector)
+    assert found is not None, f"nothing matches {selector}"
+    return found
+
+
 def open_page(driver, url: str) -> None:
     """Open a page and mark its window: the mark is gone if the page is ever reloaded."""
     driver.get(url)
@@ -113,7 +120,7 @@ def test_a_node_goes_ready_to_allocated_and_shows_its_maintenance_reason_without
     open_page(browser, site.url + "/nodes")
     row = f"#node-{first}"
     assert text(browser, f"{row} td.state") == "ready"
-    assert text(browser, "#live-state").startswith("Updates every 1")  # the script runs
+    assert shown(browser, "#live-state").startswith("Updates every 1")  # the script runs
 
     assert running.cli("allocate", "job-42", "1").returncode == 0
     eventually(browser, lambda d: (text(d, f"{row} td.state"), text(d, f"{row} td.owner"))
@@ -143,7 +150,7 @@ def test_a_node_goes_ready_to_allocated_and_shows_its_maintenance_reason_without
 def test_a_waiter_appears_in_the_queue_and_leaves_it_without_reload(running, site, browser):
     assert running.cli("allocate", "holder", "2", "gpu").returncode == 0
     open_page(browser, site.url + "/queue")
-    assert "Nobody waits" in text(browser, "#queue tbody")
+    assert "Nobody waits" in shown(browser, "#queue tbody")
 
     waiting = running.cli_start("allocate", "job-7", "1", "gpu", "--wait", "600",
                                 "--priority", "5", "--tag", "gpu")
@@ -174,7 +181,7 @@ def test_a_waiter_appears_in_the_queue_and_leaves_it_without_reload(running, sit
     assert served.returncode == 0, served
     eventually(browser, lambda d: text(d, "#queue tr[data-owner=job-7]") is None,
                "job-7 to leave the queue once served")
-    assert "Nobody waits" in text(browser, "#queue tbody") and not_reloaded(browser)
+    assert "Nobody waits" in shown(browser, "#queue tbody") and not_reloaded(browser)
 
 
 def test_no_password_anywhere_in_the_pages_and_they_work_with_scripts_off(
@@ -191,7 +198,7 @@ def test_no_password_anywhere_in_the_pages_and_they_work_with_scripts_off(
             assert secret not in dom, (page, secret)
         if page == "/history":
             assert text(browser, "#history tr[data-owner=job-2] td:nth-child(3)") == ""
-            assert "released" in text(browser, "#history tr[data-owner=job-1]")
+            assert "released" in shown(browser, "#history tr[data-owner=job-1]")
             screenshot(browser, "history")
         if page == "/workers":
             assert text(browser, "#workers tr[data-worker=test-worker-0] th") == "test-worker-0"

@@ -28,7 +28,9 @@ RECORD = {
 
 
 def unix(text: str) -> float:
-    return views._unix(text)
+    seconds = views._unix(text)
+    assert seconds is not None
+    return seconds
 
 
 def test_a_node_shows_hardware_and_lease_but_nothing_that_may_be_secret():

@@ -35,7 +35,7 @@ def test_the_pool_loaded_at_takeover_is_frozen_once_per_load(engine, database_ur
         assert not tracked(record)
         del cyclic
 
-        made_since = {"made after the freeze": []}  # a list in it: tracked
+        made_since: dict[str, list] = {"made after the freeze": []}  # a list in it: tracked
         commit(worker.keeper, request("status"))  # no load: nothing more to freeze
         worker._freeze_after_load()
         assert tracked(made_since)

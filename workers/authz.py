@@ -116,7 +116,7 @@ class Authorizer:
                 raise forbidden(op, user, "the request belongs to another user")
 
 
-def forbidden(op: str, user: str, why: str) -> errors.Forbidden:
+def forbidden(op: str, user: str | None, why: str) -> errors.Forbidden:
     return errors.Forbidden(f"{op} refused for user {user}: {why}")
 
 

@@ -40,6 +40,7 @@ class CleaningPolicy:
 def clean_claim(ctx: Context, req: Request) -> dict:
     """A dirty node for the cleaner, with its fields (IPMI password included) and a claim token."""
     cleaner = req.args["cleaner"] or req.user or "cleaner"
+    assert ctx.batch.now is not None  # given by Batch.at() before any operation runs
     node = cleaning.claim_dirty(ctx.batch.session, cleaner, ctx.batch.now,
                                 ctx.cleaning.claim_seconds)
     if node is None:

@@ -69,12 +69,12 @@ class DatabaseClock:
 
     def now(self) -> datetime:
         """The database's time now, from the last read (fresh() says whether it is recent)."""
-        if self.anchor is None:
-            raise RuntimeError("the database's time was never read")
         return self._not_before(self.estimate())
 
     def estimate(self) -> datetime:
         """now() without remembering it: for another thread (metrics)."""
+        if self.anchor is None:
+            raise RuntimeError("the database's time was never read")
         database_then, monotonic_then = self.anchor
         return database_then + timedelta(seconds=time.monotonic() - monotonic_then)
 

@@ -17,6 +17,7 @@ def taken_back(batch: Batch, state: PoolState, owner: str) -> errors.NodesTakenB
     """NodesTakenBack when the owner's latest allocation ended without the owner giving
     it back; None when it never had one or released it (a read: only once the owner is
     known to hold nothing). The batch's own writes are sent first."""
+    assert batch.now is not None  # given by Batch.at() before any operation runs
     state.flush(batch.orm_session, batch.now, batch.write)
     batch.send_writes()
     rows = batch.connection.exec_driver_sql(

@@ -72,9 +72,11 @@ def well_typed(arg: Arg, kinds: frozenset) -> st.SearchStrategy:
              dict: st.dictionaries(st.text(max_size=8), json_values(), max_size=4)}
     strategy = st.one_of(*(typed[k] for k in kinds_of_arg))
     special = contextual(arg, kinds)
+    if special is None:
+        return strategy
     if arg.name == "request_id":
         return special
-    return strategy if special is None else special | special | strategy
+    return special | special | strategy
 
 
 def op_requests(op: Operation, kinds: frozenset) -> st.SearchStrategy:
@@ -129,7 +131,7 @@ class HypothesisTally:
     first: dict = field(default_factory=dict)    # problem -> the first request that showed it
     stopped: str | None = None
 
-    def problem(self, what: str, request: protocol.Request, detail: Any = None) -> None:
+    def problem(self, what: str, request: EnvelopeRequest, detail: Any = None) -> None:
         self.problems[what] += 1
         self.first.setdefault(what, {"op": request.op, "args": repr(request.args)[:300],
                                      "deadline": request.deadline, "detail": detail})
@@ -170,7 +172,7 @@ def exchange(client: MoltenIronClient, worker, drawn: tuple, tally: HypothesisTa
         tally.problem(f"status {final.get('status')}", request, final.get("message", "")[:200])
 
 
-def final_reply(client: MoltenIronClient, request: protocol.Request,
+def final_reply(client: MoltenIronClient, request: EnvelopeRequest,
                 tally: HypothesisTally) -> dict | None:
     """The one final reply, waiting past a queued one until its deadline and a tick."""
     inbox = client.replies.get(request.id, [])

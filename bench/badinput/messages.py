@@ -169,11 +169,12 @@ class Kinds:
 
     def wrong_envelope_types(self) -> Message:
         name = self.rng.choice(["v", "id", "op", "args", "deadline"])
-        bad = {"v": ["1", 2, 0, None, [1], {}, "v1"], "id": [1, None, [], {}, True, 1.5],
-               "op": [None, 1, ["status"], {}, True], "args": [[], "x", 1, True, [{}]],
-               "deadline": ["soon", True, [], {}, "1700000000"]}[name]
+        bad: dict[str, list[Any]] = {
+            "v": ["1", 2, 0, None, [1], {}, "v1"], "id": [1, None, [], {}, True, 1.5],
+            "op": [None, 1, ["status"], {}, True], "args": [[], "x", 1, True, [{}]],
+            "deadline": ["soon", True, [], {}, "1700000000"]}
         data = self._valid_request()
-        data[name] = self.rng.choice(bad)
+        data[name] = self.rng.choice(bad[name])
         return Message("wrong_envelope_types", dumps(data))
 
     def missing_args(self) -> Message:
@@ -253,11 +254,12 @@ class Kinds:
             message.reply_to = self.rng.choice([None, ""])
         elif message.expect == MALFORMED:
             message.route = "elsewhere"
-            message.reply_to, message.dead_letters = self.rng.choice([
+            elsewhere: list[tuple[str | bytes, int]] = [
                 (f"amq.gen-no-such-queue-{uuid.uuid4().hex}", 0), ("no.such.queue", 0),
                 (b"\xff\xfe\xfd", 0), ("x" * 255, 0),
                 # The 400 reply lands on the request queue; having no reply_to it is dead-lettered.
-                (protocol.REQUEST_QUEUE, 1)])
+                (protocol.REQUEST_QUEUE, 1)]
+            message.reply_to, message.dead_letters = self.rng.choice(elsewhere)
         else:
             message.route = "ours"
         return message

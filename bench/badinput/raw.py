@@ -186,7 +186,9 @@ def tally_raw(messages, expected, replies, dead, dead_expected, publisher,
     got: dict[Any, list[int | None]] = {}
     for correlation_id, status in replies:
         got.setdefault(correlation_id, []).append(status)
-    missing, duplicates, unexpected = Counter(), Counter(), Counter()
+    missing: Counter[str] = Counter()
+    duplicates: Counter[str] = Counter()
+    unexpected: Counter[str] = Counter()
     examples: dict[str, str] = {}
     unanswered = []
     for correlation_id, indexes in expected.items():

@@ -14,8 +14,10 @@ import re
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 from flask import Flask, Response, g, render_template, request, url_for
+from flask.json.provider import DefaultJSONProvider
 
 from molteniron import errors
 from molteniron.clients.web import charts, openapi, views
@@ -76,7 +78,7 @@ def create_app(reader: PoolReader, series: Series, passwords=None, refresh: floa
     refresh: seconds between live updates; scrub(text): text with any credential this
     process knows masked (applied to every error shown or logged)."""
     app = Flask(__name__)
-    app.json.sort_keys = False
+    app.json = _UnsortedJSON(app)
     rendered = Rendered()
 
     def now() -> float:
@@ -178,7 +180,7 @@ def create_app(reader: PoolReader, series: Series, passwords=None, refresh: floa
             return page("nodes.html", "_nodes.html", exc, nodes=[], filters=filters,
                         pools=[], matching=0, next_url=None, total=0)
         next_url = None if next_after is None else url_for(
-            "nodes_page", **{k: v for k, v in filters.items() if v}, after=next_after)
+            "nodes_page", **_given(filters), after=next_after)
         return page("nodes.html", "_nodes.html", nodes=found, filters=filters,
                     pools=[p["node_pool"] for p in summary["pools"]], matching=matching,
                     next_url=next_url, total=summary["nodes"])
@@ -202,8 +204,7 @@ def create_app(reader: PoolReader, series: Series, passwords=None, refresh: floa
             return page("history.html", "_history.html", exc, rows=[], filters=filters,
                         next_url=None)
         next_url = None if reply["next_after"] is None else url_for(
-            "history_page", **{k: v for k, v in filters.items() if v},
-            after=reply["next_after"])
+            "history_page", **_given(filters), after=reply["next_after"])
         return page("history.html", "_history.html", rows=reply["history"], filters=filters,
                     next_url=next_url)
 
@@ -337,11 +338,21 @@ def create_app(reader: PoolReader, series: Series, passwords=None, refresh: floa
     return app
 
 
+class _UnsortedJSON(DefaultJSONProvider):
+    sort_keys = False  # keys in the order the answer was built
+
+
+def _given(filters: dict) -> dict[str, Any]:
+    """The filters that were given: the query of a link to the next page."""
+    return {k: v for k, v in filters.items() if v}
+
+
 def _end_of(text: str) -> str:
     """An `until` as the worker takes it: a time given to the second means the end of
     that second, as answers show times to the second: until=12:00:18 keeps what started
     at 12:00:18.4. (Naive UTC, as the worker keeps times.)"""
     when = parse_time(text)
+    assert when is not None  # _history checked it
     if when.microsecond == 0 and "." not in text:
         when += timedelta(seconds=1) - timedelta(microseconds=1)
     return when.isoformat(timespec="microseconds")

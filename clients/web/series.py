@@ -61,7 +61,7 @@ class Series:
                                                     float | None]]:
         """(at, waiting, p50, p95) of one pool; None where the worker did not answer.
         Nobody waiting (or a pool missing from an answered sample): 0, 0, 0."""
-        rows = []
+        rows: list[tuple[float, int | None, float | None, float | None]] = []
         for sample in self.samples():
             if sample.pools is None:
                 rows.append((sample.at, None, None, None))
