@@ -285,7 +285,7 @@ def _accept_global_options(parser: argparse.ArgumentParser,
     for action in parser._actions:  # noqa: SLF001
         if action.dest in GLOBAL_OPTIONS:
             group.add_argument(*(o for o in action.option_strings if o not in taken),
-                               dest=action.dest, type=action.type, choices=action.choices,
+                               dest=action.dest, type=action.type or str, choices=action.choices,
                                metavar=action.metavar, help=action.help,
                                default=argparse.SUPPRESS)
 

@@ -76,9 +76,13 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
     for action in parser._actions:  # noqa: SLF001 (argparse has no public walk)
         if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
             commands.update(action.choices)
-    options, valued, values = [], [], []
+    options: list[str] = []
+    valued: list[str] = []
+    values: list[str] = []
     for name, command_parser in commands.items():
-        flags, with_value, position = [], [], 0
+        flags: list[str] = []
+        with_value: list[str] = []
+        position = 0
         for action in command_parser._actions:  # noqa: SLF001
             if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
                 continue
