@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from bench.env import ROOT, Sandbox, add_nodes, machine, save_results
+from bench.env import ROOT, Sandbox, add_nodes, machine, pump, save_results
 from bench.limits import db_commit_rate
 from bench.load import run_cycles
 from bench.vanishing import render as render_vanishing
@@ -97,7 +97,7 @@ def worker_memory(nodes: int, waiters: int) -> dict:
                 client.send(request, 600)
                 ids.append(request.id)
             while sandbox.sql("SELECT COUNT(*) FROM waiting_requests")[0][0] < waiters:
-                client.connection.process_data_events(time_limit=0.1)
+                pump(client, 0.1)
         return {"nodes": nodes, "waiters": waiters, "rss_mb": sandbox.worker_rss_mb()}
     finally:
         sandbox.close()

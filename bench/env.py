@@ -12,11 +12,15 @@ import uuid
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from sqlalchemy import make_url, text
 
 from molteniron import db
+
+if TYPE_CHECKING:
+    from molteniron.clients.client import MoltenIronClient
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("MOLTENIRON_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -126,6 +130,13 @@ class Sandbox:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{self.name}`"))
         server.dispose()
         self.rabbitmqctl("delete_vhost", self.name)
+
+
+def pump(client: MoltenIronClient, seconds: float) -> None:
+    """Let a connected client's connection take in what arrives for up to `seconds`."""
+    connection = client.connection
+    assert connection is not None, "the client is not connected"
+    connection.process_data_events(time_limit=seconds)
 
 
 def stop_processes(processes: list[subprocess.Popen], grace: float = 20) -> None:

@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-from bench.env import ROOT, Sandbox, add_nodes, machine, save_results
+from bench.env import ROOT, Sandbox, add_nodes, machine, pump, save_results
 from bench.load import percentiles, run_cycles
 from bench.waiting import StampingClient
 from molteniron import protocol
@@ -53,7 +53,7 @@ def fill_queue(client: StampingClient, waiters: int) -> list[str]:
         client.send(request, 600)
         ids.append(request.id)
     while sum(1 for i in ids if client.replies.get(i)) < waiters:  # every 202 is back
-        client.connection.process_data_events(time_limit=0.2)
+        pump(client, 0.2)
     return ids
 
 
@@ -151,8 +151,8 @@ def run(nodes: int, waiters: int, seconds: float, rounds: int) -> dict:
         result: dict = {"nodes": nodes, "waiters": waiters,
                         "takeover_s": round(time.perf_counter() - started, 2)}
         result.update(cycles_beside_reference(sandbox, seconds))
-        with MoltenIronClient(sandbox.amqp_url, timeout=300) as admin, \
-                StampingClient(sandbox.amqp_url, timeout=300).connect() as waiter:
+        waiter = StampingClient(sandbox.amqp_url, timeout=300)
+        with MoltenIronClient(sandbox.amqp_url, timeout=300) as admin, waiter.connect():
             admin.allocate("holder-queue", QUEUE_NODES, node_pool="queue", wait=None)
             started = time.perf_counter()
             ids = fill_queue(waiter, waiters)

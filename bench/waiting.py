@@ -12,6 +12,7 @@ import multiprocessing as mp
 import threading
 import time
 
+from bench.env import pump
 from bench.load import percentiles
 from molteniron import protocol
 from molteniron.clients.client import MoltenIronClient
@@ -34,7 +35,8 @@ class StampingClient(MoltenIronClient):
 
 
 def _connection_thread(amqp_url: str, owners: list[str], ready, go, events: list) -> None:
-    client = StampingClient(amqp_url, timeout=60).connect()
+    client = StampingClient(amqp_url, timeout=60)
+    client.connect()
     arrivals = client.arrivals
     pending = {}
     for owner in owners:
@@ -44,9 +46,9 @@ def _connection_thread(amqp_url: str, owners: list[str], ready, go, events: list
         pending[request.id] = owner
     ready.wait()
     go.wait()
-    releases = {}
+    releases: dict[str, str] = {}
     while pending or releases:
-        client.connection.process_data_events(time_limit=0.05)
+        pump(client, 0.05)
         for request_id in list(pending):
             inbox = client.replies.get(request_id, [])
             final = next((r for r in inbox if r.get("status") != protocol.QUEUED), None)
@@ -139,7 +141,8 @@ def _release_to_reply(events: list) -> list[float]:
 
 def run_single_waiter(sandbox, rounds: int) -> dict:
     """One node, one waiter at a time: release -> the waiter's reply, with nothing else going on."""
-    waiter = StampingClient(sandbox.amqp_url, timeout=60).connect()
+    waiter = StampingClient(sandbox.amqp_url, timeout=60)
+    waiter.connect()
     releaser = MoltenIronClient(sandbox.amqp_url, timeout=60).connect()
     releaser.allocate("w-0", 1, wait=None)
     latencies = []
@@ -148,7 +151,7 @@ def run_single_waiter(sandbox, rounds: int) -> dict:
                                                     "wait_seconds": 60})
         waiter.send(request, 60)
         while not waiter.replies.get(request.id):  # the 202: it waits now
-            waiter.connection.process_data_events(time_limit=0.5)
+            pump(waiter, 0.5)
         sent = time.time()
         releaser.release(f"w-{k - 1}")
         reply = waiter.wait(request.id, time.time() + 30)

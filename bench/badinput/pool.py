@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from bench.env import Sandbox
+from bench.env import Sandbox, pump
 from molteniron import protocol
 from molteniron.clients.client import MoltenIronClient
 
@@ -52,4 +52,4 @@ def populate(client: MoltenIronClient) -> None:
     while not any(r.get("status") == protocol.QUEUED for r in client.replies[waiter.id]):
         if time.monotonic() > deadline:
             raise RuntimeError("the waiting allocate was not queued")
-        client.connection.process_data_events(0.05)
+        pump(client, 0.05)
