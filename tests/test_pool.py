@@ -13,7 +13,7 @@ import json
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from molteniron import errors, pool
 from molteniron.models import Allocation, EndReason, Node, NodeIP, State
@@ -553,7 +553,8 @@ def test_delete_db_on_empty_pool(session):
 
 def test_set_field_dirty_node_can_be_made_ready_or_maintenance(session):
     a, b = add_many(session, 2)
-    session.execute(Node.__table__.update().values(state=State.DIRTY.value))
+    session.execute(update(Node).values(state=State.DIRTY.value),
+                    execution_options={"synchronize_session": False})
     session.commit()
     session.expire_all()
     pool.set_field(session, a.id, "status", "ready")
