@@ -34,10 +34,12 @@ def copy_checkout(source: Path) -> Path:
     return source
 
 
-def install(root: Path, source: Path, *options: str) -> subprocess.CompletedProcess:
-    """deploy/install.sh --root ROOT [OPTION...] SOURCE, its output captured."""
+def install(root: Path, source: Path | str, *options: str,
+            pip_options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """deploy/install.sh --root ROOT [OPTION...] SOURCE [-- PIP_OPTION...], output captured."""
     return subprocess.run(["bash", str(DEPLOY / "install.sh"), "--root", str(root), *options,
-                           str(source)], capture_output=True, text=True, timeout=600)
+                           str(source), *(("--", *pip_options) if pip_options else ())],
+                          capture_output=True, text=True, timeout=600)
 
 
 def public_python() -> str:

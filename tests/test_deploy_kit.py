@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from pika.exceptions import ChannelClosedByBroker
 from sqlalchemy import make_url, text
 
 from bench.env import stop_processes
-from molteniron import db, protocol, secrets
+from molteniron import db, flat_yaml, protocol, secrets
 from molteniron.config import ENV_OVERRIDES, ENV_PASSWORDS, Config, load_config
 from tests import services
 from tests.conftest import TEST_DB_URL
@@ -136,6 +137,8 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
     assert "molteniron-ci" in {user["name"] for user in DEFINITIONS["users"]}
     assert (client.request_timeout, client.allocate_wait) == (30, 3600)
     assert (client.db_url, client.secret_key_file) == (Config().db_url, None)
+    # Read at every command: without pyyaml (molteniron/flat_yaml.py), so the CLI starts quick.
+    assert flat_yaml.parse((etc / "client.yaml").read_text()) is not None
     cleaner = urlsplit(environment_file(etc / "cleaner.environment")["MOLTENIRON_AMQP_URL"])
     assert (cleaner.username, cleaner.path, cleaner.netloc.rpartition("@")[2]) == (
         "molteniron-admin", "/" + KIT_VHOST, amqp.netloc.rpartition("@")[2])
@@ -170,6 +173,30 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
     (etc / "client.yaml").write_text(agents)
     assert subprocess.run([str(venv / "bin" / "molteniron"), "--help"], capture_output=True,
                           timeout=60).returncode == 0
+
+
+def test_install_refuses_a_python_the_service_user_could_not_run():
+    """A venv links to its interpreter: one under a folder closed to other users (pyenv's
+    under /root, mode 700) would leave the services unable to start. Refused before any
+    venv is made, saying how to choose another."""
+    base = Path(tempfile.mkdtemp(prefix="molteniron-python-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        private = base / "private"
+        (private / "bin").mkdir(parents=True)
+        private.chmod(0o700)
+        python = private / "bin" / "python3"  # runs, with the system's standard library
+        shutil.copy2(Path(public_python()).resolve(), python)
+        root = base / "root"
+        done = install(root, "molteniron==0.0.0", "--python", str(python),
+                       pip_options=("--no-index",))
+        assert done.returncode == 2, done
+        assert re.search(rf"another user cannot run {re.escape(str(python))} "
+                         rf"\({re.escape(str(private))} is mode 700\)", done.stderr), done.stderr
+        assert "--python /usr/bin/python3" in done.stderr or "--python PY" in done.stderr
+        assert not root.exists()
+    finally:
+        shutil.rmtree(base)
 
 
 def mode(path: Path) -> int:
