@@ -21,10 +21,10 @@ from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
+from tests.definitions import permissions_of
 from tests.kit import copy_checkout, install, public_python
 from tests.stack import _rabbitmqctl as rabbitmqctl
 from tests.stack import node_args
-from tests.test_broker_identity import DEFINITIONS
 
 AGENT = "nobody"  # a user of no group of the kit's: any Jenkins agent's
 SERVICE_FILES = ("conf.yaml", "environment", "cleaner.environment", "secret.keys")
@@ -73,13 +73,11 @@ def kit_root():
 def ci_user(running, amqp_url):
     """A broker user with the rights deploy/rabbitmq-definitions.json gives molteniron-ci,
     in the test run's vhost: name, password."""
-    (rights,) = [p for p in DEFINITIONS["permissions"] if p["user"] == "molteniron-ci"]
     name, password = f"molteniron-ci-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     vhost = unquote(amqp_url.rsplit("/", 1)[1])
     rabbitmqctl("add_user", name, password)
     try:
-        rabbitmqctl("set_permissions", "-p", vhost, name, rights["configure"], rights["write"],
-                    rights["read"])
+        rabbitmqctl("set_permissions", "-p", vhost, name, *permissions_of("molteniron-ci"))
         yield name, password
     finally:
         rabbitmqctl("delete_user", name)

@@ -34,10 +34,10 @@ from molteniron import db, flat_yaml, protocol, secrets
 from molteniron.config import ENV_OVERRIDES, ENV_PASSWORDS, Config, load_config
 from tests import services
 from tests.conftest import TEST_DB_URL
+from tests.definitions import DEFINITIONS
 from tests.kit import DEPLOY, copy_checkout, install, public_python
 from tests.stack import ROOT, TEST_AMQP_URL, node_args, wait_until
 from tests.stack import _rabbitmqctl as rabbitmqctl
-from tests.test_broker_identity import DEFINITIONS
 
 UNITS = ("molteniron-worker.service", "molteniron-cleaner.service")
 PROGRAMS = ("molteniron", "molteniron-worker", "molteniron-cleaner")
