@@ -4,10 +4,14 @@
   MariaDB unreachable);
 - db: the test run's MariaDB database (fixtures `database_url`, `engine`, `session`...);
 - stack: the test run's RabbitMQ vhost too, and worker processes (`amqp_url`, `stack`...);
-- cluster: private brokers or databases the test starts, stops and breaks itself.
+- cluster: private brokers or databases the test starts, stops and breaks itself;
+- install: the package built, or installed into a venv of its own (pip: slow, and it
+  may need the package index), the fixtures in INSTALL_FIXTURES.
 
-A test marked with one of them by hand keeps its mark; otherwise the fixtures it
-uses decide, and the modules in CLUSTER_MODULES are `cluster` whatever they use.
+The markers are registered in pyproject.toml ([tool.pytest.ini_options] markers,
+with --strict-markers). A test marked with one of them by hand keeps its mark;
+otherwise the fixtures it uses decide, and the modules in CLUSTER_MODULES are
+`cluster` whatever they use.
 
 Run in parallel (pytest-xdist, `-n 4 --dist loadgroup`), each worker process has its own
 database and vhost (conftest.py, stack.py: session fixtures, made once per process).
@@ -20,12 +24,7 @@ from __future__ import annotations
 
 import pytest
 
-TIERS = {
-    "unit": "needs no service: runs with RabbitMQ and MariaDB unreachable",
-    "db": "needs the test run's MariaDB database",
-    "stack": "needs the test run's RabbitMQ vhost (and usually a worker) too",
-    "cluster": "starts private RabbitMQ or MariaDB instances of its own",
-}
+TIERS = ("unit", "db", "stack", "cluster", "install")
 # Modules that start private services (bench/private.py) or run the bench against
 # services of their own.
 CLUSTER_MODULES = frozenset({
@@ -33,11 +32,9 @@ CLUSTER_MODULES = frozenset({
     "test_broker_tls", "test_broker_limits", "test_read_only_database", "test_reliability",
     "test_reliability_badinput", "test_faults", "test_containers", "test_one_clock",
 })
-
-
-def pytest_configure(config):
-    for name, what in TIERS.items():
-        config.addinivalue_line("markers", f"{name}: {what}")
+# Module-scoped fixtures that build the package (tests/test_package.py) or install it
+# with deploy/install.sh (tests/test_deploy_kit.py).
+INSTALL_FIXTURES = frozenset({"dists", "installed"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads xdist_group
@@ -55,6 +52,8 @@ def tier_of(item) -> str:
     fixtures = set(getattr(item, "fixturenames", ()))
     if module in CLUSTER_MODULES:
         return "cluster"
+    if fixtures & INSTALL_FIXTURES:
+        return "install"
     if "amqp_url" in fixtures:
         return "stack"
     if "database_url" in fixtures:
