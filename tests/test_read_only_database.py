@@ -13,14 +13,11 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import make_url
 
 from bench.db_refusals import (
     SmallDiskMariaDB,
-    add_worker_user,
     fill_disk,
     fill_table_pages,
     free_disk,
@@ -29,35 +26,12 @@ from bench.db_refusals import (
     set_read_only,
 )
 from bench.private import PrivateMariaDB
-from molteniron import db
 from molteniron.config import Config
 from molteniron.workers.keeper import PoolKeeper
-from tests import services
-from tests.stack import Stack, fresh_vhost, node_args, wait_until
+from tests.private_stack import DATABASE, stack_on
+from tests.stack import node_args, wait_until
 
-DATABASE = "molteniron"
 HELD_FOR = 3  # the CLI's --timeout while writes are refused: it gives up, the worker holds on
-
-
-@contextmanager
-def stack_on(mariadb: PrivateMariaDB, tmp_path, request):
-    """The schema (migrated as root), a worker user without SUPER, a fresh vhost; the
-    stack's sql() reads as root, which read_only does not stop."""
-    root_url = make_url(mariadb.url).set(database=DATABASE).render_as_string(hide_password=False)
-    db.create_database(root_url)
-    engine = db.make_engine(root_url)
-    db.migrate(engine)
-    worker_url = add_worker_user(mariadb, DATABASE)
-    with fresh_vhost(services.current()) as amqp_url:
-        stack = Stack(amqp_url, worker_url, engine, tmp_path)
-        try:
-            yield stack
-        finally:
-            stack.stop_workers()
-            engine.dispose()
-            if getattr(request.node, "rep_call", None) and request.node.rep_call.failed:
-                for i in range(len(stack.workers)):
-                    print(f"--- worker {i} log ---\n{stack.worker_log(i)[-8000:]}")
 
 
 @pytest.fixture
