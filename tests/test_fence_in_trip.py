@@ -101,7 +101,7 @@ def test_a_request_answered_before_and_sent_again_unmarked_gets_its_stored_reply
     with caplog.at_level(logging.INFO, logger="molteniron.workers.keeper"):
         batch = commit(pool_keeper, first, second)
     assert "event=fence_tripped" in caplog.text
-    replies = {out.request_id: out for out in batch.outbox}
+    replies = {out.request_id: out for out in batch.replies}
     assert replies[first.id].mandatory is False  # a replay: its bounce would undo nothing
     assert replies[first.id].reply["status"] == 200 and not replies[first.id].grant
     assert replies[second.id].grant and replies[second.id].reply["status"] == 200
@@ -115,7 +115,7 @@ def test_copies_sent_again_and_again_cost_one_reload_not_one_each(active, caplog
     loads = count_reloads(pool_keeper)
     with caplog.at_level(logging.INFO, logger="molteniron.workers.keeper"):
         for _ in range(5):
-            (out,) = commit(pool_keeper, first).outbox
+            (out,) = commit(pool_keeper, first).replies
             assert out.reply["status"] == 200 and not out.grant
     assert caplog.text.count("event=fence_tripped") == 1 and loads == [1]
     assert owners(pool_keeper) == {active.node: None}
@@ -134,7 +134,7 @@ def test_a_copy_its_client_marked_is_checked_before_it_is_handled(active, caplog
     loads = count_reloads(pool_keeper)
     with caplog.at_level(logging.INFO, logger="molteniron.workers.keeper"):
         batch = pool_keeper.commit([(None, copy, first)], [], None)
-    (out,) = batch.outbox
+    (out,) = batch.replies
     assert out.reply["status"] == 200 and not out.grant and out.mandatory is False
     assert owners(pool_keeper) == {active.node: None}
     assert "event=fence_tripped" not in caplog.text and loads == []  # no reload needed
@@ -148,7 +148,7 @@ def test_a_redelivered_request_is_checked_before_it_is_handled(active, caplog):
     with caplog.at_level(logging.INFO, logger="molteniron.workers.keeper"):
         batch = pool_keeper.commit(
             [(redelivered, Properties(reply_to_of(first), first.id), first)], [], None)
-    assert [out.grant for out in batch.outbox] == [False]
+    assert [out.grant for out in batch.replies] == [False]
     assert owners(pool_keeper) == {active.node: None}
     assert "event=fence_tripped" not in caplog.text
 

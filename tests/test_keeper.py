@@ -231,7 +231,7 @@ def test_an_undone_grant_puts_the_nodes_back_and_serves_the_next_waiter(
 def test_a_delivered_grant_leaves_the_outbox_and_keeps_its_nodes(keeper, granted_and_waiting):
     node, first, second = granted_and_waiting
     batch = commit(keeper, settled={first.id: "delivered"})
-    assert batch.outbox == []
+    assert batch.replies == []
     assert owners(keeper) == {node: "first"}
     assert sql(keeper, "SELECT request_id FROM grant_outbox") == []
     assert waiting(keeper) == ["second"]
@@ -257,10 +257,10 @@ def test_an_undone_grant_is_served_again_to_a_copy_from_another_reply_queue(keep
     commit(keeper, settled={first.id: "undo"})  # its reply queue died with a broker node
     assert owners(keeper) == {node: None}
     # The copy to the dead queue, redelivered, stays refused ...
-    (out,) = commit(keeper, first).outbox
+    (out,) = commit(keeper, first).replies
     assert out.reply["error"] == "RequestCancelled" and owners(keeper) == {node: None}
     # ... the copy the client sent again from its new queue gets the node.
-    (out,) = commit_from(keeper, first, "new-queue").outbox
+    (out,) = commit_from(keeper, first, "new-queue").replies
     assert (out.reply_to, out.grant, out.reply["status"]) == ("new-queue", True, 200)
     assert owners(keeper) == {node: "first"}
     assert sql(keeper, "SELECT reply_to FROM grant_outbox") == [("new-queue",)]
@@ -285,7 +285,7 @@ def test_a_grant_answered_again_to_a_copy_is_undone_by_no_worker(keeper):
     by this worker or by one that stood by meanwhile, must not take them back."""
     node = add_node(keeper, "n1")
     first, reply = allocate(keeper, "first", 1)
-    (out,) = commit_from(keeper, first, "new-queue").outbox
+    (out,) = commit_from(keeper, first, "new-queue").replies
     assert (out.reply_to, out.reply["status"]) == ("new-queue", 200)
     assert sql(keeper, "SELECT regranted FROM grant_outbox") == [(1,)]
     commit(keeper, settled={first.id: "undo"})
@@ -298,7 +298,7 @@ def test_a_grant_and_its_copy_in_one_batch_are_written_down_as_answered_again(ke
     first = request("allocate", owner="first", count=1, node_pool="p")
     batch = keeper.commit([(None, Properties(reply_to_of(first), first.id), first),
                            (None, Properties("new-queue", first.id), first)], [], None)
-    assert [(out.reply_to, out.reply["status"]) for out in batch.outbox] == [
+    assert [(out.reply_to, out.reply["status"]) for out in batch.replies] == [
         (reply_to_of(first), 200), ("new-queue", 200)]
     assert sql(keeper, "SELECT regranted FROM grant_outbox") == [(1,)]
     commit(keeper, settled={first.id: "undo"})
@@ -314,7 +314,7 @@ def test_a_takeover_adopts_no_grant_it_settles_in_the_same_batch(keeper):
     unsettled, _ = allocate(keeper, "unsettled", 1)
     keeper.stand_by()
     batch = commit(keeper, settled={settled.id: "delivered"})
-    assert [grant[0] for grant in batch.adopted_grants] == [unsettled.id]
+    assert [row.request_id for row in batch.adopted_grants] == [unsettled.id]
     assert sql(keeper, "SELECT request_id FROM grant_outbox") == [(unsettled.id,)]
 
 
@@ -322,14 +322,14 @@ def test_a_waiting_allocate_sent_again_from_another_queue_is_served_there(keeper
     node = add_node(keeper, "n1")
     allocate(keeper, "holder", 1)
     waiter = wait_for(keeper, "waiter", 1)
-    (out,) = commit_from(keeper, waiter, "new-queue").outbox
+    (out,) = commit_from(keeper, waiter, "new-queue").replies
     assert (out.reply_to, out.reply["status"]) == ("new-queue", protocol.QUEUED)
     assert sql(keeper, "SELECT reply_to FROM waiting_requests") == [("new-queue",)]
     # The interim reply bouncing from the old queue no longer drops it.
     commit(keeper, returned=[(reply_to_of(waiter), {"id": waiter.id, "status": protocol.QUEUED})])
     assert waiting(keeper) == ["waiter"]
     batch = commit(keeper, request("release", owner="holder"))
-    (grant,) = [out for out in batch.outbox if out.request_id == waiter.id]
+    (grant,) = [out for out in batch.replies if out.request_id == waiter.id]
     assert (grant.reply_to, grant.grant) == ("new-queue", True)
     assert owners(keeper) == {node: "waiter"}
 
@@ -345,12 +345,12 @@ def test_a_waiter_whose_client_moved_waits_again_when_the_bounce_and_the_copy_me
         (reply_to_of(waiter), {"id": waiter.id, "status": protocol.QUEUED})])
     # The old queue is told the waiter was dropped (nobody listens there); the new one
     # that the copy waits.
-    assert [(out.reply_to, out.reply["status"]) for out in batch.outbox] == [
+    assert [(out.reply_to, out.reply["status"]) for out in batch.replies] == [
         (reply_to_of(waiter), 409), ("new-queue", protocol.QUEUED)]
     assert sql(keeper, "SELECT request_id, reply_to FROM waiting_requests") == [
         (waiter.id, "new-queue")]
     batch = commit(keeper, request("release", owner="holder"))
-    (grant,) = [out for out in batch.outbox if out.request_id == waiter.id]
+    (grant,) = [out for out in batch.replies if out.request_id == waiter.id]
     assert (grant.reply_to, grant.grant) == ("new-queue", True)
     assert owners(keeper) == {node: "waiter"}
 
@@ -359,7 +359,7 @@ def test_a_grant_sent_again_to_another_queue_is_marked_regranted(keeper):
     add_node(keeper, "n1")
     first, _ = allocate(keeper, "first", 1)
     batch = commit_from(keeper, first, "new-queue")
-    (out,) = batch.outbox
+    (out,) = batch.replies
     (node,) = out.reply["nodes"].values()
     assert out.reply_to == "new-queue" and '"ipmi_password": "p"' in node["blob"]  # in full
     assert batch.regranted == {first.id}

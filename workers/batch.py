@@ -1,5 +1,11 @@
 """One unit of work: the connection of one transaction, the replies it will send, the
-replies it stores for redeliveries. Nothing leaves a Batch before its commit."""
+replies it stores for redeliveries. Nothing leaves a Batch before its commit.
+
+Words used here: a batch's `replies` are published after its commit (the worker); its
+`stored_replies` go to processed_requests, for copies of the same request; `defer` keeps
+a write of driver SQL until `send_writes` or `commit` sends it. The grants among the
+replies have rows of their own (grant_outbox, written by workers/grants.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
@@ -14,8 +21,10 @@ from sqlalchemy.orm import Session
 
 from molteniron import db
 from molteniron.compat import reply_without_secrets
-from molteniron.protocol import reply_body
 from molteniron.workers.clock import unix
+
+if TYPE_CHECKING:
+    from molteniron.workers.grants import OutboxRow
 
 
 @dataclass
@@ -45,8 +54,8 @@ class Batch:
     # decides by it: now as naive UTC, clock as unix seconds. Never the host's wall clock.
     now: datetime | None = None
     clock: float | None = None
-    outbox: list[Outgoing] = field(default_factory=list)
-    to_store: dict[str, Stored] = field(default_factory=dict)
+    replies: list[Outgoing] = field(default_factory=list)  # published after the commit
+    stored_replies: dict[str, Stored] = field(default_factory=dict)  # written at the commit
     touched_pools: set[str] = field(default_factory=set)  # their waiters may be servable
     touched_nodes: set[int] = field(default_factory=set)  # changed through the ORM (keeper)
     withdrawn_grants: set[str] = field(default_factory=set)  # not to be sent (again)
@@ -54,10 +63,16 @@ class Batch:
     # the replayed copy reached a live client, so an earlier copy's bounce undoes nothing.
     regranted: set[str] = field(default_factory=set)
     reload_pool: bool = False  # a bulk statement changed nodes: reload them all
-    adopted_grants: list[tuple] | None = None  # the outbox as found at takeover
-    writes: list[tuple[str, tuple | None]] = field(default_factory=list)  # not sent yet
+    adopted_grants: list[OutboxRow] | None = None  # the outbox as found at takeover
+    writes: list[tuple[str, tuple | None]] = field(default_factory=list)  # deferred, not sent
     orm_session: Session | None = None  # made by the first use of .session
-    looked_up: dict[str, Stored | None] = field(default_factory=dict)  # look_up_stored's reads
+    looked_up: dict[str, Stored | None] = field(default_factory=dict)  # read_stored_reply's
+
+    @property
+    def outbox(self) -> list[Outgoing]:
+        """The old name of `replies` (not grant_outbox's rows), still read by worker.py,
+        metrics.py and tests/keeper.py: to go once they read `replies`."""
+        return self.replies
 
     def at(self, now: datetime) -> None:
         """Give the batch its time (the keeper: the database's), unless it was made with
@@ -93,19 +108,21 @@ class Batch:
 
     def mark(self) -> tuple:
         """What rollback_to needs to undo one request's additions."""
-        return (len(self.outbox), dict(self.to_store), set(self.touched_pools),
+        return (len(self.replies), dict(self.stored_replies), set(self.touched_pools),
                 set(self.touched_nodes), set(self.withdrawn_grants), len(self.writes))
 
     def rollback_to(self, mark: tuple) -> None:
-        (outbox_len, self.to_store, self.touched_pools, self.touched_nodes,
+        (replies_len, self.stored_replies, self.touched_pools, self.touched_nodes,
          self.withdrawn_grants, writes_len) = mark
-        del self.outbox[outbox_len:]
+        del self.replies[replies_len:]
         del self.writes[writes_len:]
 
-    def write(self, statement: str, params: tuple) -> None:
+    def defer(self, statement: str, params: tuple) -> None:
         """A driver-SQL write of this transaction, sent later with the others: all of them
         in one round trip, with the COMMIT (commit) or before the ORM reads (send_writes)."""
         self.writes.append((statement, params))
+
+    write = defer  # the old name, still used by fence.py and taken_back.py: to go with them
 
     def send_writes(self) -> None:
         """Send the writes so far: what the ORM reads next must include them."""
@@ -124,29 +141,29 @@ class Batch:
               request_id: str | None, reply: dict, mandatory: bool = True,
               grant: bool = False) -> None:
         if reply_to:
-            self.outbox.append(Outgoing(reply_to, correlation_id, request_id, reply, mandatory,
+            self.replies.append(Outgoing(reply_to, correlation_id, request_id, reply, mandatory,
                                         grant))
 
     def withdraw_grant(self, request_id: str) -> None:
         """The grant's nodes went back: never send it again (cancel, undo)."""
         self.withdrawn_grants.add(request_id)
 
-    def store(self, request_id: str, op: str, reply: dict, user: str | None) -> None:
+    def store_reply(self, request_id: str, op: str, reply: dict, user: str | None) -> None:
         """Keep the reply so a redelivered request gets it again (written at commit), for
         `user` (the broker user of the request) only.
 
         Without IPMI passwords: a replayed grant is rendered again from the pool."""
-        self.to_store[request_id] = Stored(op, reply_without_secrets(reply), user)
+        self.stored_replies[request_id] = Stored(op, reply_without_secrets(reply), user)
 
-    def stored(self, request_id: str, preloaded: dict[str, Stored]) -> Stored | None:
+    def stored_reply(self, request_id: str, fenced: dict[str, Stored]) -> Stored | None:
         """What is stored under request_id: this batch's, else as the fence read it."""
-        return self.to_store.get(request_id) or preloaded.get(request_id)
+        return self.stored_replies.get(request_id) or fenced.get(request_id)
 
-    def look_up_stored(self, request_id: str) -> Stored | None:
+    def read_stored_reply(self, request_id: str) -> Stored | None:
         """What is stored under request_id, this batch's or earlier (a read: not for
         every request)."""
-        if request_id in self.to_store:
-            return self.to_store[request_id]
+        if request_id in self.stored_replies:
+            return self.stored_replies[request_id]
         if request_id not in self.looked_up:  # cancel's authorization, then its handler
             row = self.connection.exec_driver_sql(
                 "SELECT op, reply, user FROM processed_requests WHERE request_id = %s",
@@ -155,36 +172,14 @@ class Batch:
                                           else Stored(row[0], json.loads(row[1]), row[2]))
         return self.looked_up[request_id]
 
-    def _stored_copy(self, grant: Outgoing) -> dict:
-        """The grant without passwords: the copy store() made already, when there is one."""
-        stored = self.to_store.get(grant.request_id)
-        return stored.reply if stored else reply_without_secrets(grant.reply)
-
-    def grants(self) -> list[Outgoing]:
-        return [out for out in self.outbox if out.grant]
-
-    def write_stored(self) -> None:
-        """Write this batch's stored replies and grants, a statement each (driver SQL: hot path)."""
-        if self.to_store:
+    def defer_stored_replies(self) -> None:
+        """Defer the INSERT of this batch's stored replies (one statement: hot path)."""
+        if self.stored_replies:
             rows, params = values([(rid, s.op, json.dumps(s.reply), self.now, s.user)
-                                   for rid, s in self.to_store.items()])
-            self.write("INSERT INTO processed_requests (request_id, op, reply, processed_at, "
+                                   for rid, s in self.stored_replies.items()])
+            self.defer("INSERT INTO processed_requests (request_id, op, reply, processed_at, "
                        f"user) VALUES {rows} ON DUPLICATE KEY UPDATE reply = VALUES(reply), "
                        "processed_at = VALUES(processed_at), user = VALUES(user)", params)
-        grants = self.grants()
-        if grants:
-            rows, params = values([(g.request_id, g.reply_to, g.correlation_id,
-                                    reply_body(g.request_id, self._stored_copy(g)).decode(),
-                                    self.now) for g in grants])
-            self.write("INSERT INTO grant_outbox (request_id, reply_to, correlation_id, reply, "
-                       f"created_at) VALUES {rows} ON DUPLICATE KEY UPDATE reply = VALUES(reply)",
-                       params)
-        if self.withdrawn_grants:
-            self.write(f"DELETE FROM grant_outbox WHERE request_id IN "
-                       f"({placeholders(self.withdrawn_grants)})", tuple(self.withdrawn_grants))
-        if self.regranted:  # after the grants' rows: one may be this batch's own
-            self.write(f"UPDATE grant_outbox SET regranted = 1 WHERE request_id IN "
-                       f"({placeholders(self.regranted)})", tuple(self.regranted))
 
 
 def placeholders(values) -> str:

@@ -1,9 +1,9 @@
 """Operation name -> handler. A handler returns the reply or raises MoltenIronError.
 
-Two kinds: the IN_MEMORY handlers work on the worker's PoolState and Waiters
-and check everything before they change anything (no savepoint needed); the
-rest call the ORM pool operations inside a savepoint, and the nodes they
-change reach the PoolState by themselves (a session event, see keeper.py).
+Two kinds: the NO_SAVEPOINT handlers work on the worker's PoolState and Waiters
+and check everything before they change anything, so they need no savepoint (nor
+the ORM); the rest call the ORM pool operations inside a savepoint, and the nodes
+they change reach the PoolState by themselves (a session event, see keeper.py).
 Pools that may have ready nodes again go in `batch.touched_pools`; the keeper
 serves their waiters after every request.
 """
@@ -13,28 +13,28 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from operator import itemgetter
-from typing import Callable
 
 from sqlalchemy import select
 
 from molteniron import compat, errors, inventory, pool
+from molteniron.config import ADMINS_OFF
 from molteniron.history import allocation_history
 from molteniron.models import EndReason, WorkerHeartbeat
 from molteniron.protocol import OPERATIONS, Request, parse_time
 from molteniron.workers import cleaning
-from molteniron.config import ADMINS_OFF
 from molteniron.workers.authz import Authorizer
 from molteniron.workers.batch import Batch
 from molteniron.workers.cleaning import CleaningPolicy
 from molteniron.workers.clock import skew_warning
-from molteniron.workers.limits import UserLimits
-from molteniron.workers.taken_back import taken_back
 from molteniron.workers.constraints import Constraints
 from molteniron.workers.leases import LeasePolicy
+from molteniron.workers.limits import UserLimits
 from molteniron.workers.state import PoolState
+from molteniron.workers.taken_back import taken_back
 from molteniron.workers.waiters import Waiters
 
 
@@ -203,8 +203,8 @@ def waiting(ctx: Context, req: Request) -> dict:
     """The waiting allocates in serving order; the ids of other users' requests hidden
     from a user who is not an admin (an id is not a permission, but need not be shown)."""
     now = ctx.batch.now
-    rows = [{"request_id": _shown_id(ctx, req, w.user, w.request_id), "owner": w.owner, "node_pool": w.node_pool,
-             "count": w.count, "position": place,
+    rows = [{"request_id": _shown_id(ctx, req, w.user, w.request_id), "owner": w.owner,
+             "node_pool": w.node_pool, "count": w.count, "position": place,
              "waited_s": round((now - w.enqueued_at).total_seconds(), 3),
              "deadline": w.deadline,
              # For molteniron-web's queue page: who asked, for what, how urgently.
@@ -263,7 +263,7 @@ def cancel(ctx: Context, req: Request) -> dict:
     if target in ctx.waiters.by_request:
         ctx.waiters.cancel(batch, target, "cancelled by its client")
         return {**OK, "cancelled": "waiting"}
-    stored = batch.look_up_stored(target)
+    stored = batch.read_stored_reply(target)
     if stored is not None and stored.op != "allocate":
         # Not an allocate: it cannot have granted nodes, and its reply must stay.
         return {**OK, "cancelled": "not_an_allocate", "released": 0}
@@ -274,7 +274,7 @@ def cancel(ctx: Context, req: Request) -> dict:
     batch.touched_pools.update(r["node_pool"] for r in released)
     batch.withdraw_grant(target)
     # Stored as the request's reply: served -> a redelivery is refused; unseen -> tombstone.
-    batch.store(target, "allocate", errors.RequestCancelled(
+    batch.store_reply(target, "allocate", errors.RequestCancelled(
         "the request was cancelled by its client").to_reply(), sender)
     return {**OK, "cancelled": "served" if released else "not_waiting", "released": len(released)}
 
@@ -361,8 +361,9 @@ def _nearest_rank(ordered: list[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-# Handlers that use only the in-memory state and check before they change anything.
-IN_MEMORY = frozenset({"allocate", "release", "renew", "status", "waiting", "cancel",
+# Handlers that work on the worker's memory (PoolState, Waiters) and check before they
+# change anything: they run without a savepoint, and without the ORM.
+NO_SAVEPOINT = frozenset({"allocate", "release", "renew", "status", "waiting", "cancel",
                        "export", "summary"})
 HANDLERS: dict[str, Handler] = {
     "add_baremetal": add_baremetal,

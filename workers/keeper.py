@@ -1,11 +1,16 @@
 """The database side of the worker: one transaction per batch, fenced by an epoch.
 
-The keeper owns what the active worker decides with (PoolState, Waiters),
-checks on every transaction that its epoch is still the newest (workers/fence.py: read
-first, or in the batch's write trip), and handles
-each request of a batch: replay a stored reply, dispatch it, store its reply.
-After every request, tick or undone grant it serves the waiters of each pool
-that may have changed, so nodes never sit ready while a waiter they fit waits.
+The keeper owns what the active worker decides with (PoolState, Waiters) and does one
+job: it commits a batch. It checks that its epoch is still the newest (workers/fence.py:
+read first, or in the batch's write trip), handles each request of the batch (replay a
+stored reply, redirect its waiter, or dispatch it and store its reply), and flushes
+memory's changes with the stored replies in the batch's COMMIT. After every request,
+tick or undone grant it serves the waiters of each pool that may have changed, so nodes
+never sit ready while a waiter they fit waits.
+
+Around that job, in modules of their own: the database servers and the move to the next
+one (workers/database.py), the grant outbox (workers/grants.py), the heartbeat and the
+pruning (workers/housekeeping.py), the handlers (workers/dispatch.py).
 """
 
 from __future__ import annotations
@@ -14,33 +19,30 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from molteniron import compat, db, errors, pool, protocol
-from molteniron.config import Config, url_list
-from molteniron.models import EndReason, Node
-from molteniron.workers import authz, fence, metrics
+from molteniron import compat, db, errors, protocol
+from molteniron.config import Config
+from molteniron.models import Node
+from molteniron.workers import authz, fence, grants, metrics
 from molteniron.workers.authz import Authorizer
-from molteniron.workers.batch import Batch, Stored, placeholders
+from molteniron.workers.batch import Batch, Stored
 from molteniron.workers.cleaning import CleaningPolicy, replayed_claim
 from molteniron.workers.clock import DatabaseClock
-from molteniron.workers.dispatch import HANDLERS, IN_MEMORY, Context
-from molteniron.workers.grants import UNDO
+from molteniron.workers.database import Servers
+from molteniron.workers.dispatch import HANDLERS, NO_SAVEPOINT, Context
+from molteniron.workers.housekeeping import Housekeeping
 from molteniron.workers.leases import LeasePolicy
 from molteniron.workers.limits import UserLimits
 from molteniron.workers.quotas import Quotas
 from molteniron.workers.state import PoolState
-from molteniron.workers.waiters import Waiters, client_gone_reply
+from molteniron.workers.waiters import Waiters
 
 log = logging.getLogger(__name__)
 
-PRUNE_EVERY = 5.0            # seconds between prunes of stored replies and history
-PRUNE_CHUNK = 10_000         # rows deleted per table per prune, so a prune never stalls a batch
-HEARTBEAT_EVERY = 5.0        # seconds between a worker's heartbeat rows (active and standby)
 # After the fence in a write trip tripped, batches read the fence first for this long:
 # a client that keeps sending answered requests again costs a reload of the pool at
 # most this often, not one per copy.
@@ -51,12 +53,10 @@ class PoolKeeper:
     def __init__(self, config: Config, worker_id: str):
         self.config = config
         self.worker_id = worker_id
-        self.databases = url_list(config.db_url)  # Galera nodes, say: tried in order
-        self.database = 0  # index of the one in use
+        self.servers = Servers(config.db_url, worker_id)  # db_url's, tried in order
         # Whether the fence's trip form trips on this engine (fence.check_signal): None
         # until checked, False if the check failed after start (the read form only).
         self.fence_trips: bool | None = None
-        self.engine = self._engine()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Nodes changed through the ORM reach memory by themselves (no handler has to say so).
         event.listen(self.sessions, "before_flush", _send_writes_first)
@@ -73,8 +73,8 @@ class PoolKeeper:
         self.epoch: int | None = None   # None while standing by
         self.reload_needed = False       # in-memory state may differ from the database
         self.clock = DatabaseClock(worker_id)  # the time every decision is made by
-        self.last_prune = 0.0            # time.monotonic() of the last prune
-        self.last_heartbeat = 0.0
+        self.housekeeping = Housekeeping(worker_id, config.reply_retention,
+                                         config.history_retention)
         self.careful_until = 0.0  # time.monotonic() until which batches read the fence first
         self.connection: Connection | None = None  # kept from batch to batch (_transaction)
 
@@ -83,16 +83,14 @@ class PoolKeeper:
         self.epoch = None
         self._drop_connection()  # a standby may idle for longer than the server keeps it
 
-    def heartbeat_due(self) -> bool:
-        return time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY
+    @property
+    def engine(self) -> Engine:
+        """The engine of the database server in use."""
+        return self.servers.engine
 
-    def _engine(self):
-        engine = db.make_engine(self.databases[self.database], pre_ping=False,
-                                joined_statements=True, pool_reset_on_return=None)
-        event.listen(engine.pool, "reset", db.rollback_if_in_transaction)
-        event.listen(engine, "connect", db.causal_reads)
-        event.listen(engine, "connect", fence.strict_writes)
-        return engine
+    def heartbeat_due(self) -> bool:
+        """A standby's heartbeat is due (the worker asks between deliveries)."""
+        return self.housekeeping.heartbeat_due()
 
     def refuse_broken_fence(self) -> None:
         """At the worker's start: FenceSignalBroken if the fence's trip form would not trip
@@ -112,43 +110,19 @@ class PoolKeeper:
     def use_next_database(self, why: BaseException) -> bool:
         """The server in use cannot serve (db.node_unusable): move to the next of
         db_url's servers. False when there is no other one to move to."""
-        if len(self.databases) < 2:
+        if len(self.servers.urls) < 2:
             return False
         self._drop_connection()
-        self.engine.dispose()
-        self.database = (self.database + 1) % len(self.databases)
-        self.engine = self._engine()
+        self.servers.use_next(why)
         self.fence_trips = None  # another server: checked again before the next batch
         self.sessions.configure(bind=self.engine)
         self.reload_needed = True  # what the other server holds is the truth now
-        log.warning("event=database_switched worker=%s to=%s reason=%r", self.worker_id,
-                    self.engine.url.render_as_string(hide_password=True),
-                    str(why).splitlines()[0][:200])
         return True
 
     def database_answers(self) -> bool:
-        """The server serves this worker's tables and accepts writes to them; changes nothing.
-
-        A read alone says too little: a Galera node outside the primary component answers
-        SELECT 1 but refuses any read of a table (1047), and a read-only server answers
-        every read but refuses every write (1290). So the probe also updates this
-        worker's heartbeat row to its own value, in a transaction it rolls back: read_only
-        refuses the statement before it looks at a row (even when no row matches), and
-        the row is one no other worker writes, so the probe waits on nobody's lock. A
-        full disk passes (nothing grows): the batch's own retry finds that out."""
-        try:
-            with self.engine.connect() as conn:
-                transaction = conn.begin()
-                try:
-                    conn.exec_driver_sql("SELECT epoch FROM worker_meta WHERE id = 1")
-                    conn.exec_driver_sql(
-                        "UPDATE worker_heartbeats SET seen_at = seen_at WHERE worker_id = %s",
-                        (self.worker_id,))
-                finally:
-                    transaction.rollback()
-            return True
-        except SQLAlchemyError:
-            return False
+        """The server in use serves this worker's tables and accepts writes to them
+        (workers/database.py Servers.answers); changes nothing."""
+        return self.servers.answers()
 
     def close(self) -> None:
         try:
@@ -160,11 +134,12 @@ class PoolKeeper:
         self._drop_connection()
         self.engine.dispose()
 
-    def commit(self, requests, returned, settled: dict[str, str] | None = None) -> Batch:
+    def commit(self, requests, bounced, settled: dict[str, str] | None = None) -> Batch:
         """Handle a batch in one transaction; the batch holds the replies to send after it.
 
-        returned: interim replies that came back (their waiter's client is gone);
-        settled: grant outcomes from the broker (workers/grants.py) to write down.
+        bounced: (reply queue, interim reply) that the broker returned: the waiters'
+        client is gone; settled: grant outcomes from the broker (workers/grants.py) to
+        write down.
         """
         settled = settled or {}
         if self.fence_trips is None:
@@ -174,12 +149,12 @@ class PoolKeeper:
                 self.fence_trips = False
                 log.error("event=fence_broken worker=%s fence=read_every_batch detail=%r",
                           self.worker_id, exc.message)
-        undo = [rid for rid, outcome in settled.items() if outcome == UNDO]
+        undo = [rid for rid, outcome in settled.items() if outcome == grants.UNDO]
         if undo and self.epoch is not None:
-            self._mark_returned(undo)
-        if self._may_fence_in_trip(requests, returned):
+            self._mark_to_undo(undo)
+        if self._may_fence_in_trip(requests, bounced):
             try:
-                return self._commit(requests, returned, settled, fence_in_trip=True)
+                return self._commit(requests, bounced, settled, fence_in_trip=True)
             except DBAPIError as exc:
                 if not fence.tripped(exc):
                     raise
@@ -189,9 +164,9 @@ class PoolKeeper:
             self.careful_until = time.monotonic() + CAREFUL_AFTER_TRIP
             log.info("event=fence_tripped worker=%s requests=%d undone=all", self.worker_id,
                      len(requests))
-        return self._commit(requests, returned, settled, fence_in_trip=False)
+        return self._commit(requests, bounced, settled, fence_in_trip=False)
 
-    def _may_fence_in_trip(self, requests, returned) -> bool:
+    def _may_fence_in_trip(self, requests, bounced) -> bool:
         """The batch may skip the fence's read and check it in its write trip
         (workers/fence.py): the trip form is known to trip on this engine, the worker
         holds the pool with a memory that matches the database, every operation works on
@@ -202,13 +177,13 @@ class PoolKeeper:
         also asked for a reload.) Nor when the database's time was last read too long
         ago: the read brings it (workers/clock.py)."""
         return (self.fence_trips is True and self.epoch is not None
-                and not self.reload_needed and not returned
+                and not self.reload_needed and not bounced
                 and self.connection is not None and not db.on_galera(self.connection)
                 and time.monotonic() >= self.careful_until and self.clock.fresh()
-                and all(request.op in IN_MEMORY and not _maybe_answered(method, properties)
+                and all(request.op in NO_SAVEPOINT and not _maybe_answered(method, properties)
                         for method, properties, request in requests))
 
-    def _commit(self, requests, returned, settled: dict[str, str],
+    def _commit(self, requests, bounced, settled: dict[str, str],
                 fence_in_trip: bool) -> Batch:
         with self._transaction() as batch:
             request_ids = [r.id for _, _, r in requests]
@@ -219,11 +194,13 @@ class PoolKeeper:
             else:
                 taking, stored = self._fence(batch, request_ids)
             if taking is not None:  # not those this batch settles: their rows go now
-                batch.adopted_grants = [grant for grant in self._adopt_grants(batch)
-                                        if grant[0] not in settled]
-            self._settle_grants(batch, settled)
-            for reply_to, reply in returned:
-                self._undo_returned(batch, reply_to, reply)
+                batch.adopted_grants = [row for row in grants.adopt_outbox(batch, self.state)
+                                        if row.request_id not in settled]
+            if settled:
+                grants.settle(batch, self.state, settled, self._holder_of_request)
+                self._serve_waiters(batch)
+            for reply_to, reply in bounced:
+                self._cancel_waiters_of(batch, reply_to, reply)
             ticked = False
             for _, properties, request in requests:
                 if request.op == "tick":
@@ -239,12 +216,13 @@ class PoolKeeper:
             if ticked:
                 self._on_tick(batch)
             self._serve_waiters(batch)
-            self.state.flush(batch.orm_session, batch.now, batch.write)
-            batch.write_stored()
+            self.state.flush(batch.orm_session, batch.now, batch.defer)
+            batch.defer_stored_replies()
+            grants.write_outbox(batch)
             batch.commit()  # its writes and the COMMIT: one round trip
         if taking is not None:
             self.epoch = taking
-            self.last_heartbeat = 0.0  # say at the next tick that this worker is active now
+            self.housekeeping.took_over()
             log.info("event=active worker=%s epoch=%d waiting=%d",
                      self.worker_id, taking, len(self.waiters))
         return batch
@@ -307,7 +285,7 @@ class PoolKeeper:
     def _handle_one(self, batch: Batch, request: protocol.Request, properties,
                     stored: dict[str, Stored]) -> tuple[dict, str]:
         started = time.perf_counter()
-        previous = batch.stored(request.id, stored)
+        previous = batch.stored_reply(request.id, stored)
         waiter = self.waiters.by_request.get(request.id)
         if previous is not None and previous.reply.get("client_gone") not in (
                 None, properties.reply_to) and previous.user == request.user:
@@ -338,7 +316,7 @@ class PoolKeeper:
                 self._serve_waiters(batch)
         if (outcome == "handled" and protocol.OPERATIONS[request.op].mutates
                 and reply["status"] != protocol.QUEUED):
-            batch.store(request.id, request.op, reply, request.user)
+            batch.store_reply(request.id, request.op, reply, request.user)
         seconds = time.perf_counter() - started
         metrics.request_handled(batch, request.op, reply["status"], seconds)
         log.info("op=%s id=%s user=%s owner=%s status=%s outcome=%s ms=%.2f", request.op,
@@ -371,7 +349,7 @@ class PoolKeeper:
         holder = self._holder_of_request(request_id)
         if holder is not None:
             return holder
-        stored = batch.look_up_stored(request_id)
+        stored = batch.read_stored_reply(request_id)
         return None if stored is None else stored.user
 
     def _dispatch(self, batch: Batch, request: protocol.Request, properties) -> dict:
@@ -383,13 +361,13 @@ class PoolKeeper:
         context = Context(batch, self.state, self.waiters, self.leases, properties.reply_to,
                           properties.correlation_id, self.cleaning, self.authz, self.limits)
         handler = HANDLERS[request.op]
-        if request.op in IN_MEMORY:  # these check before they change: no savepoint needed
+        if request.op in NO_SAVEPOINT:  # these check before they change
             try:
                 return handler(context, request)
             except errors.MoltenIronError as exc:
                 return exc.to_reply()
         # The ORM must see this batch's changes.
-        self.state.flush(batch.orm_session, batch.now, batch.write)
+        self.state.flush(batch.orm_session, batch.now, batch.defer)
         batch.send_writes()
         mark = batch.mark()
         changes = self.waiters.changes
@@ -419,20 +397,6 @@ class PoolKeeper:
             self.waiters.load(batch.session)
         return failure
 
-    def _adopt_grants(self, batch: Batch) -> list[tuple]:
-        """The outbox as found at takeover, each grant rendered again from the pool (the
-        row holds no password); a grant whose nodes went back meanwhile is dropped."""
-        adopted = []
-        for request_id, reply_to, correlation_id, returned in load_grant_outbox(batch.connection):
-            held = self.state.granted.get(request_id)
-            if not held:
-                batch.withdraw_grant(request_id)
-                continue
-            body = protocol.reply_body(request_id, compat.nodes_reply(
-                [self.state.nodes[i] for i in sorted(held)]))
-            adopted.append((request_id, reply_to, correlation_id, body, returned))
-        return adopted
-
     def _absorb_orm_changes(self, batch: Batch) -> None:
         """Bring nodes changed through the ORM into memory; their pools may serve waiters."""
         if batch.reload_pool:
@@ -456,9 +420,9 @@ class PoolKeeper:
             if self.waiters.has_waiting(node_pool):
                 self.waiters.serve(batch, self.state, node_pool)
 
-    def _undo_returned(self, batch: Batch, reply_to: str, reply: dict) -> None:
-        """An interim reply came back: its reply queue is gone, and with it the client
-        of every waiter that listens there."""
+    def _cancel_waiters_of(self, batch: Batch, reply_to: str, reply: dict) -> None:
+        """An interim reply bounced from reply_to: that queue is gone, and with it the
+        client of every waiter that listens there."""
         if reply.get("status") != protocol.QUEUED:
             return
         cancelled = self.waiters.cancel_reply_queue(batch, reply_to, "its client went away")
@@ -467,55 +431,17 @@ class PoolKeeper:
                      cancelled)
             self._serve_waiters(batch)
 
-    def _mark_returned(self, request_ids: list[str]) -> None:
+    def _mark_to_undo(self, request_ids: list[str]) -> None:
         """Write down, before undoing anything, that these grants never reached anyone."""
         with self._transaction() as batch:
             self._fence(batch, [])
-            batch.connection.exec_driver_sql(
-                f"UPDATE grant_outbox SET returned = 1 WHERE request_id IN "
-                f"({placeholders(request_ids)})", tuple(request_ids))
-
-    def _settle_grants(self, batch: Batch, settled: dict[str, str]) -> None:
-        """Grants the broker confirmed or returned: out of the outbox; undone if returned."""
-        if not settled:
-            return
-        settled_undo = [request_id for request_id, outcome in settled.items() if outcome == UNDO]
-        rows = batch.connection.exec_driver_sql(
-            f"SELECT request_id, reply_to, regranted FROM grant_outbox WHERE request_id IN "
-            f"({placeholders(settled_undo)})", tuple(settled_undo)).all() if settled_undo else []
-        bounced_from = {request_id: reply_to for request_id, reply_to, _ in rows}
-        # Undone only while it is in the outbox and no copy was answered with it: this
-        # worker may have learnt of the bounce, stood by, and meanwhile another worker
-        # settled the grant or gave it to a copy's live client.
-        undone = [request_id for request_id, _, regranted in rows if not regranted]
-        for request_id in sorted(set(settled_undo) - set(undone)):
-            log.info("event=undo_skipped id=%s reason=%s", request_id,
-                     "answered again" if request_id in bounced_from else "settled elsewhere")
-        for request_id in undone:
-            user = self._holder_of_request(request_id)
-            released = self.state.release_request(request_id, EndReason.CLIENT_GONE, batch.now)
-            if released:
-                batch.store(request_id, "allocate", client_gone_reply(
-                    "its client went away before the reply reached it",
-                    bounced_from.get(request_id)), user)
-                batch.touched_pools.update(r["node_pool"] for r in released)
-                metrics.grant_undone(batch)
-            log.info("event=client_gone id=%s undone=allocation nodes=%d",
-                     request_id, len(released))
-        batch.write(f"DELETE FROM grant_outbox WHERE request_id IN ({placeholders(settled)})",
-                    tuple(settled))
-        self._serve_waiters(batch)
+            grants.mark_to_undo(batch.connection, request_ids)
 
     def standby_heartbeat(self) -> None:
-        """A standby gets no deliveries, so it says it is alive on its own (and reads the
-        database's time, so that it knows its clock's skew before it takes over)."""
-        self.last_heartbeat = time.monotonic()
+        """A standby gets no deliveries, so it says it is alive on its own
+        (workers/housekeeping.py)."""
         try:
-            with self.engine.begin() as conn:
-                wall_before = time.time()
-                self.clock.read(conn.exec_driver_sql("SELECT UTC_TIMESTAMP(6)").scalar(),
-                                wall_before)
-                write_heartbeat(conn, self.worker_id, "standby", self.clock.skew)
+            self.housekeeping.standby_heartbeat(self.engine, self.clock)
         except SQLAlchemyError as exc:
             log.warning("event=heartbeat_failed worker=%s error=%r", self.worker_id,
                         str(exc).splitlines()[0][:200])
@@ -530,19 +456,7 @@ class PoolKeeper:
             metrics.lease_expired(batch, len(records))
         self._serve_waiters(batch)  # before probing: a waiter served now needs no reminder
         self.waiters.probe_reply_queues(batch)
-        if time.monotonic() - self.last_heartbeat >= HEARTBEAT_EVERY:
-            self.last_heartbeat = time.monotonic()
-            write_heartbeat(batch.connection, self.worker_id, "active", self.clock.skew)
-        if time.monotonic() - self.last_prune >= PRUNE_EVERY:
-            self.last_prune = time.monotonic()
-            replies = pool.prune_processed(
-                batch.session, batch.now - timedelta(seconds=self.config.reply_retention),
-                PRUNE_CHUNK)
-            history = pool.prune_history(
-                batch.session, batch.now - timedelta(seconds=self.config.history_retention),
-                PRUNE_CHUNK)
-            if replies or history:
-                log.info("event=pruned stored_replies=%d allocations=%d", replies, history)
+        self.housekeeping.on_tick(batch, self.clock.skew)
 
 
 def _maybe_answered(method, properties) -> bool:
@@ -554,14 +468,6 @@ def _maybe_answered(method, properties) -> bool:
 
 def _is_grant(op: str, reply: dict) -> bool:
     return op == "allocate" and reply.get("status") == 200
-
-
-def load_grant_outbox(connection: Connection) -> list[tuple]:
-    """Grants committed but not known to have reached their client (oldest first)."""
-    return [(rid, reply_to, corr, bool(returned)) for rid, reply_to, corr, returned
-            in connection.exec_driver_sql(
-                "SELECT request_id, reply_to, correlation_id, returned FROM grant_outbox "
-                "ORDER BY created_at")]
 
 
 def _send_writes_first(session: Session, flush_context, instances) -> None:
@@ -587,13 +493,3 @@ def _notice_bulk_node_changes(orm_execute_state) -> None:
             and (orm_execute_state.is_update or orm_execute_state.is_delete)):
         batch.reload_pool = True
 
-
-def write_heartbeat(connection: Connection, worker_id: str, role: str,
-                    clock_skew: float | None) -> None:
-    """The worker is alive, as of the database's clock; clock_skew: its own wall clock's
-    offset from the database's (workers/clock.py), shown by `molteniron workers`."""
-    connection.exec_driver_sql(
-        "INSERT INTO worker_heartbeats (worker_id, role, seen_at, clock_skew_s) "
-        "VALUES (%s, %s, UTC_TIMESTAMP(6), %s) ON DUPLICATE KEY UPDATE role = VALUES(role), "
-        "seen_at = VALUES(seen_at), clock_skew_s = VALUES(clock_skew_s)",
-        (worker_id, role, clock_skew))

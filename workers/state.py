@@ -235,7 +235,7 @@ class PoolState:
 
         Plain driver SQL: this runs once per batch on the hot path, where building
         SQLAlchemy statements cost more than the database round trips. write(sql,
-        params) runs each statement (the worker's Batch.write defers them to its
+        params) runs each statement (the worker's Batch.defer keeps them for its
         COMMIT); by default they run at once on the session's connection. The ORM
         objects the session holds are expired: the statements changed their rows.
         """

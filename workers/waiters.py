@@ -16,13 +16,14 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from molteniron import compat, errors, pool
 from molteniron.models import WaitingRequest
-from molteniron.protocol import QUEUED, TIMED_OUT
+from molteniron.protocol import QUEUED
 from molteniron.workers.batch import Batch
 from molteniron.workers.constraints import ANY, Constraints
 from molteniron.workers.leases import LeasePolicy
@@ -31,6 +32,13 @@ from molteniron.workers.quotas import Quotas
 from molteniron.workers.state import PoolState
 
 log = logging.getLogger(__name__)
+
+
+class Tried(Enum):
+    """What one attempt to serve a waiter came to (Waiters._try)."""
+    DONE = "done"                # served, or answered (its deadline passed, the pool shrank)
+    NO_NODES = "no_nodes"        # it goes on waiting for nodes it could use
+    OVER_QUOTA = "over_quota"    # it goes on waiting for its user to give nodes back
 
 
 @dataclass
@@ -132,9 +140,9 @@ class Waiters:
         while queue:
             head = queue.head()
             outcome = self._try(batch, state, head, frozenset())
-            if outcome is True:
+            if outcome is Tried.DONE:
                 continue
-            if outcome is OVER_QUOTA:  # it keeps nothing from anyone: look behind it
+            if outcome is Tried.OVER_QUOTA:  # it keeps nothing from anyone: look behind it
                 self._serve_behind(batch, state, node_pool, set())
             elif not head.wants.any:
                 self._serve_behind(batch, state, node_pool, state.usable(node_pool, head.wants))
@@ -148,7 +156,7 @@ class Waiters:
             if waiter.request_id not in self.by_request:
                 continue
             outcome = self._try(batch, state, waiter, blocked)
-            if outcome is False:
+            if outcome is Tried.NO_NODES:
                 if waiter.wants.any:
                     return  # it could use every node left: nobody behind it may pass
                 blocked |= state.usable(node_pool, waiter.wants)
@@ -166,26 +174,25 @@ class Waiters:
             blocked |= state.usable(node_pool, waiter.wants)
         return blocked
 
-    def _try(self, batch: Batch, state: PoolState, waiter: Waiter, skip):
-        """Serve or finish one waiter: True; False if it must go on waiting for nodes;
-        OVER_QUOTA if it must wait for its user to give nodes back."""
+    def _try(self, batch: Batch, state: PoolState, waiter: Waiter, skip) -> Tried:
+        """Serve or answer one waiter, or say why it goes on waiting."""
         if waiter.deadline is not None and waiter.deadline <= batch.clock:
             self._finish(batch, waiter, self._timed_out(waiter, state))  # its client gave up
-            return True
+            return Tried.DONE
         if not self.quotas.allows(waiter.user, waiter.count, state.held_by_user[waiter.user]):
-            return OVER_QUOTA
+            return Tried.OVER_QUOTA
         try:
             records = state.allocate(waiter.owner, waiter.count, waiter.node_pool,
                                      waiter.request_id, batch.now,
                                      self.leases.until(batch.now, waiter.lease_seconds),
                                      waiter.user, waiter.wants, skip)
         except errors.NotEnoughNodes:
-            return False
+            return Tried.NO_NODES
         except errors.PoolTooSmall as exc:  # the pool shrank below what it asks for
             self._finish(batch, waiter, exc.to_reply())
-            return True
+            return Tried.DONE
         self._finish(batch, waiter, compat.nodes_reply(records), grant=True)
-        return True
+        return Tried.DONE
 
     def refuse_impossible(self, batch: Batch, state: PoolState, node_pool: str) -> int:
         """409 to every waiter asking for more nodes than the pool now has outside
@@ -259,7 +266,7 @@ class Waiters:
         self._forget_reply_to(waiter)
         waiter.reply_to, waiter.correlation_id = reply_to, correlation_id
         self.by_reply_to[reply_to].add(request_id)
-        batch.write("UPDATE waiting_requests SET reply_to = %s, correlation_id = %s "
+        batch.defer("UPDATE waiting_requests SET reply_to = %s, correlation_id = %s "
                     "WHERE id = %s", (reply_to, correlation_id, waiter.row_id))
         self.changes += 1
 
@@ -290,8 +297,8 @@ class Waiters:
                 for place, w in enumerate(queue.ordered(), 1)]
 
     def _finish(self, batch: Batch, waiter: Waiter, reply: dict, grant: bool = False) -> None:
-        batch.write("DELETE FROM waiting_requests WHERE id = %s", (waiter.row_id,))
-        batch.store(waiter.request_id, "allocate", reply, waiter.user)
+        batch.defer("DELETE FROM waiting_requests WHERE id = %s", (waiter.row_id,))
+        batch.store_reply(waiter.request_id, "allocate", reply, waiter.user)
         batch.reply(waiter.reply_to, waiter.correlation_id, waiter.request_id, reply, grant=grant)
         queue = self.by_pool[waiter.node_pool]
         queue.remove(waiter.request_id)
@@ -341,16 +348,13 @@ class Waiters:
                 message = (f"no {waiter.count} node(s) of pool {waiter.node_pool} could be "
                            f"taken before the deadline: its quota held this wait, with {ready} "
                            f"usable node(s) ready ({held_back})")
-        return {"status": TIMED_OUT, "error": "DeadlineExpired", "message": message}
+        return errors.DeadlineExpired(message).to_reply()
 
     def _forget_reply_to(self, waiter: Waiter) -> None:
         listening = self.by_reply_to[waiter.reply_to]
         listening.discard(waiter.request_id)
         if not listening:
             del self.by_reply_to[waiter.reply_to]
-
-
-OVER_QUOTA = "over_quota"
 
 
 def client_gone_reply(why: str, reply_to: str | None) -> dict:
