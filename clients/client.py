@@ -33,20 +33,11 @@ sent at all, a release or cancel is left queued.
 from __future__ import annotations
 
 import json
-import ssl
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from molteniron.clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
-from pika.adapters.utils.connection_workflow import (AMQPConnectorException,
-                                                     AMQPConnectorStackTimeout)
-from pika.exceptions import (AMQPError, ChannelClosedByBroker, NackError,
-                             ProbableAccessDeniedError, ProbableAuthenticationError,
-                             UnroutableError)
-
-from molteniron import errors, protocol
-from molteniron.broker_params import NO_TLS_FILES, connection_parameters
-from molteniron.config import url_list
+from molteniron import broker, errors, protocol
+from molteniron.broker_params import NO_TLS_FILES
 
 GRACE = 5.0  # seconds past a deadline to wait for the worker's own answer
 RECONNECT_FOR = 30.0  # seconds an allocate cut off from the broker keeps trying to cancel
@@ -63,24 +54,75 @@ NO_CONSUMER_FOR = 1.0
 PROBE_EVERY = 0.25  # seconds between those questions
 CONSUMED_PROBE_EVERY = 5.0  # ... and while a worker consumes but has not answered yet
 # Nodes per status or export reply: about 5 ms of the worker's time, and 0.5 MB, a page.
+PAGE_SIZE = 1000
+EXPORT_TRIES = 3  # listings read again when a node name showed twice
 # The broker errors live with the others; importable from here as before.
 BrokerUnusable, BrokerRefused = errors.BrokerUnusable, errors.BrokerRefused
 BrokerNotTrusted = errors.BrokerNotTrusted
-PAGE_SIZE = 1000
-EXPORT_TRIES = 3  # listings read again when a node name showed twice
+
+__all__ = ["MoltenIronClient", "BrokerUnusable", "BrokerRefused", "BrokerNotTrusted"]
 
 
 class MoltenIronClient:
+    """MoltenIron for Python callers: a scheduler (Zuul, say), the CLI, the web pages.
+
+        from molteniron import errors
+        from molteniron.clients.client import MoltenIronClient
+
+        with MoltenIronClient("amqp://ci:PASSWORD@mq.example:5672/molteniron") as client:
+            nodes = client.allocate("job-42", 2, wait=600)["nodes"]  # {"node_<id>": {...}}
+            ...
+            client.release("job-42")
+
+    One broker connection and one reply queue, opened by `connect` (or `with`) and
+    used from the thread that opened them; `close` (or leaving `with`) closes them and
+    the nodes stay where they are. Methods return the worker's reply, a dict whose
+    "status" is 200, or raise one of these public classes of molteniron.errors (every
+    one an errors.MoltenIronError, with .status, .kind and .message; .reply is the
+    worker's reply when it sent one), and nothing else:
+
+    - errors.ServiceUnavailable (503): no broker answered, no worker consumes the
+      request queue (said at once, as the broker tells it), or no worker answered in
+      `timeout`. Worth trying again later. Nothing was sent, or an allocate sent was
+      cancelled: no nodes are held for it.
+    - errors.BrokerUnusable, a ServiceUnavailable: errors.BrokerRefused (the broker
+      refused the login, the vhost or a permission) or errors.BrokerNotTrusted (its TLS
+      certificate). Said at once; no retry helps until the configuration changes.
+    - errors.RequestQueued (202): a release, cancel or renew that no worker answered
+      yet; it stays queued and takes effect when one comes.
+    - errors.DeadlineExpired (408): an allocate's `wait` ran out before enough nodes
+      were free.
+    - errors.BadRequest (400; errors.UnknownField among them): wrong arguments.
+    - errors.Forbidden (403): this broker user may not do this (authorization on).
+    - errors.NodeNotFound, errors.OwnerNotFound (404): no such node; the owner holds
+      no nodes.
+    - errors.Conflict (409), and its errors.NotEnoughNodes (allocate with wait=None
+      and too few nodes free), errors.PoolTooSmall (more than the pool could ever
+      give), errors.DuplicateNode, errors.RequestCancelled.
+    - errors.NodesTakenBack (410): the owner's nodes were taken back (lease expired,
+      an admin); .taken_back says which and why.
+    - errors.TooManyRequests (429): this user has as many allocates waiting as allowed.
+    - errors.InternalError (500): the worker failed; its log has the request id.
+    - errors.ConfigError: amqp_url or a TLS file cannot be used (nothing was sent).
+    - errors.Interrupted: only if the caller's own signal handler sets `interrupted`
+      and raises it (as the CLI does on SIGTERM and SIGINT); not a MoltenIronError.
+    """
+
     def __init__(self, amqp_url: str, timeout: float = 30.0, tls=NO_TLS_FILES):
-        """tls: for amqps:// URLs, the configuration (or a TlsFiles) whose amqp_ca_file,
-        amqp_cert_file and amqp_key_file to use; by default the system's CAs, no
-        client certificate."""
+        """amqp_url: amqp:// or amqps://USER:PASSWORD@HOST:PORT/VHOST, or several,
+        comma-separated (a cluster's nodes, tried in order). timeout: seconds to wait
+        for a worker's answer (an allocate that waits for nodes waits `wait` more).
+        tls: for amqps://, the configuration (or a molteniron.broker_params.TlsFiles)
+        whose amqp_ca_file, amqp_cert_file and amqp_key_file to use; by default the
+        system's CAs and no client certificate. Nothing is connected yet."""
         self.amqp_url = amqp_url
         self.timeout = timeout
         self.tls = tls
-        self.connection = None
-        self.channel = None
-        self.reply_queue = None
+        self.brokers = broker.Brokers(amqp_url, tls, connect_timeout=min(timeout, CONNECT_TIMEOUT),
+                                      blocked_timeout=timeout)
+        self.connection: broker.Connection | None = None
+        self.channel: broker.Channel | None = None
+        self.reply_queue: str | None = None
         # The broker login, sent as user_id on every request (None: no user name in
         # the credentials, e.g. an EXTERNAL login by certificate).
         self.user_id: str | None = None
@@ -88,88 +130,62 @@ class MoltenIronClient:
         # Requests awaiting a reply, kept to send again after a lost connection:
         # id -> (request, seconds its copies live in the queue or None).
         self.sent: dict[str, tuple[protocol.Request, float | None]] = {}
-        self.broker = 0  # index in url_list(amqp_url) of the broker to try first
         self.where = "the broker"  # host:port (and vhost) of the broker last connected to
         self.interrupted = False  # set by a signal handler before it raises errors.Interrupted
 
     # --- connection ------------------------------------------------------------
 
-    def connect(self) -> "MoltenIronClient":
-        """Connect to the first broker that answers, from self.broker on, and open the
-        reply queue. If none does: BrokerUnusable if any refused this client or was not
-        trusted (a cluster shares its users and vhosts), else ServiceUnavailable; either
-        names each broker and its failure."""
+    def connect(self) -> MoltenIronClient:
+        """Connect to the first broker of amqp_url that answers (from the one that worked
+        last) and open the reply queue; a no-op while connected. If none answers:
+        BrokerRefused or BrokerNotTrusted if any refused this client or was not trusted,
+        else ServiceUnavailable; either names each broker and its failure. ConfigError if
+        amqp_url or a TLS file cannot be used."""
         if self.connection is not None and self.connection.is_open:
             return self
-        urls = url_list(self.amqp_url)
-        if not urls:
-            raise errors.ConfigError("amqp_url names no broker")
-        failures: list[errors.ServiceUnavailable] = []
-        for step in range(len(urls)):
-            index = (self.broker + step) % len(urls)
-            try:
-                self._open(_parameters(urls[index], self.tls))
-            except errors.ServiceUnavailable as exc:
-                failures.append(exc)
-                continue
-            self.broker = index
-            return self
-        if self.interrupted:
-            raise errors.Interrupted()
-        message = "; ".join(failure.message for failure in failures)
-        unusable = [f for f in failures if isinstance(f, BrokerUnusable)]
-        raise (type(unusable[0]) if unusable else errors.ServiceUnavailable)(message)
-
-    def _open(self, params: pika.URLParameters) -> None:
-        """Connect to one broker and open the reply queue, or raise what went wrong,
-        naming the broker: BrokerUnusable or ServiceUnavailable."""
-        params.connection_attempts = 1
-        params.socket_timeout = params.stack_timeout = min(self.timeout, CONNECT_TIMEOUT)
-        params.blocked_connection_timeout = self.timeout
-        self.user_id = getattr(params.credentials, "username", None)
+        self.connection = None
         try:
-            self.connection = pika.BlockingConnection(params)
-        except (AMQPError, OSError, AMQPConnectorException) as exc:
-            self.connection = None
-            raise _connect_failure(exc, params) from None
-        self.where = _safe(params)
+            self.connection = self.brokers.connect(self._open_replies)
+        except errors.ServiceUnavailable:
+            if self.interrupted:
+                raise errors.Interrupted() from None
+            raise
+        self.where, self.user_id = self.connection.where, self.connection.login
+        return self
+
+    def _open_replies(self, connection: broker.Connection) -> None:
+        """Open the channel (confirm mode) and the reply queue, consumed; BrokerRefused or
+        ServiceUnavailable naming the broker if that fails."""
         right = None
         try:
-            self.channel = self.connection.channel()
+            self.channel = connection.channel()
             self.channel.confirm_delivery()
             right = "configure"
             declared = self.channel.queue_declare("", exclusive=True, auto_delete=True)
             self.reply_queue = declared.method.queue
             right = "read"
             self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
-        except ChannelClosedByBroker as exc:
-            self.close()
-            raise _channel_refusal(exc, params, right, "its reply queue (amq.gen-*)") from None
-        except (AMQPError, OSError) as exc:
-            self.close()
+        except errors.BrokerClosedChannel as exc:
+            raise _channel_refusal(exc, connection, right, "its reply queue (amq.gen-*)") from None
+        except errors.BrokerLost as exc:
             raise errors.ServiceUnavailable(
-                f"cannot reach RabbitMQ at {_safe(params)}: the connection failed while the "
-                f"reply queue was set up: {_why(exc)}") from None
+                f"cannot reach RabbitMQ at {connection.where}: the connection failed while the "
+                f"reply queue was set up: {exc.reason}") from None
 
     def _drop(self) -> None:
         """Forget a connection that failed; the next connect tries the next broker first."""
-        try:
-            if self.connection is not None and self.connection.is_open:
-                self.connection.close()
-        except (AMQPError, OSError):
-            pass
-        self.connection = None
-        self.broker += 1
+        self.close()
+        self.brokers.lost()
 
     def close(self) -> None:
-        try:
-            if self.connection is not None and self.connection.is_open:
-                self.connection.close()
-        except (AMQPError, OSError):
-            pass
+        """Close the connection (its reply queue goes with it); the next call connects
+        again. Never raises."""
+        if self.connection is not None:
+            self.connection.close()
         self.connection = None
 
-    def __enter__(self) -> "MoltenIronClient":
+    def __enter__(self) -> MoltenIronClient:
+        """connect(), and close() on the way out."""
         return self.connect()
 
     def __exit__(self, *exc) -> None:
@@ -180,10 +196,13 @@ class MoltenIronClient:
     def send(self, request: protocol.Request, expires_in: float | None,
              until: float | None = None) -> None:
         """Publish a request (persistent, confirmed); its reply is collected by `wait`.
+        A lower-level step than the operations below, for a caller that sends several
+        requests before it awaits their replies.
 
         expires_in: seconds after which the broker drops it unseen (None: never).
         A nack or a lost connection sends it again, on the next broker, until
-        `until` (unix time; default: the client's timeout from now).
+        `until` (unix time; default: the client's timeout from now). Raises
+        ServiceUnavailable (BrokerRefused, BrokerNotTrusted) if it could not be sent.
         """
         until = time.time() + self.timeout if until is None else until
         copy = request.id in self.sent  # sent before: it may have been answered
@@ -192,28 +211,29 @@ class MoltenIronClient:
         while True:
             try:
                 self.connect()
-                self._publish(request, expires_in, copy)
+                with broker.translated(self.where):
+                    self._publish(request, expires_in, copy)
                 return
-            except UnroutableError:
+            except errors.BrokerReturned:
                 raise errors.ServiceUnavailable(
                     "the request queue does not exist on this broker/vhost: no MoltenIron "
                     "worker has ever started here (start molteniron-worker)") from None
-            except ChannelClosedByBroker as exc:
+            except errors.BrokerClosedChannel as exc:
                 # Refused, not lost: the broker dropped the request, and would drop a copy.
                 self.close()
                 raise _publish_refusal(exc, self.where, self.user_id) from None
-            except NackError:
+            except errors.BrokerNacked:
                 # While a cluster elects the queue's new leader, a channel that got a nack
                 # keeps getting them (RabbitMQ 3.10); a new connection gets through.
                 self._drop()
                 failure = "the broker refused the request (nack)"
+            except errors.BrokerLost as exc:
+                self._drop()
+                failure = f"lost RabbitMQ while sending: {exc.reason}"
             except BrokerUnusable:
                 raise
-            except errors.ServiceUnavailable as exc:
+            except errors.ServiceUnavailable as exc:  # no broker answered the connect
                 failure = exc.message
-            except (AMQPError, OSError) as exc:
-                self._drop()
-                failure = f"lost RabbitMQ while sending: {_why(exc)}"
             if self.interrupted:
                 raise errors.Interrupted()
             if time.time() + RESEND_PAUSE >= until:
@@ -224,21 +244,23 @@ class MoltenIronClient:
     def _publish(self, request: protocol.Request, expires_in: float | None,
                  copy: bool = False) -> None:
         expiration = None if expires_in is None else str(max(1, int(expires_in * 1000)))
-        properties = pika.BasicProperties(
+        self.channel.publish(
+            protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY, request.to_body(), mandatory=True,
             reply_to=self.reply_queue, correlation_id=request.id, delivery_mode=2,
             content_type="application/json", expiration=expiration, user_id=self.user_id,
             headers={protocol.COPY_HEADER: True} if copy else None)
-        self.channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY,
-                                   request.to_body(), properties, mandatory=True)
 
     def wait(self, request_id: str, until: float,
              on_progress: Callable[[dict | None], None] | None = None,
              interim: bool = False) -> dict | None:
-        """The final reply to request_id, or None if `until` (unix time) passes first.
+        """The final reply to request_id (sent by `send`), or None if `until` (unix time)
+        passes first. The reply is returned as it came, errors included (its "status"
+        is not 200): it is not raised.
 
         Interim replies (queued, position k) and, once a second, None are passed
         to on_progress so a terminal can show the wait. interim: return the
-        first reply of any kind, "queued" included.
+        first reply of any kind, "queued" included. A lost connection sends the
+        request again (ServiceUnavailable if it cannot be).
         """
         inbox = self.replies.setdefault(request_id, [])
         try:
@@ -257,7 +279,7 @@ class MoltenIronClient:
                     return None
                 try:
                     self.connection.process_data_events(time_limit=min(remaining, 1.0))
-                except (AMQPError, OSError) as exc:
+                except errors.ServiceUnavailable as exc:  # lost, or its channel closed
                     self._resend_after_loss(request_id, until, exc)
                 if on_progress and not inbox:
                     on_progress(None)
@@ -265,7 +287,8 @@ class MoltenIronClient:
             if request_id not in self.replies:
                 self.sent.pop(request_id, None)
 
-    def _resend_after_loss(self, request_id: str, until: float, exc: BaseException) -> None:
+    def _resend_after_loss(self, request_id: str, until: float,
+                           exc: errors.ServiceUnavailable) -> None:
         """The connection died while a reply was awaited: its reply queue went with it.
         Send the same request again on another broker, so its answer comes to the new one."""
         self._drop()
@@ -273,7 +296,7 @@ class MoltenIronClient:
             raise errors.Interrupted()
         entry = self.sent.get(request_id)
         if entry is None:
-            raise self._lost(f"lost RabbitMQ while waiting: {_why(exc)}")
+            raise self._lost(f"lost RabbitMQ while waiting: {_reason(exc)}")
         request, expires_in = entry
         # An expiring copy lives as long as a worker is given to answer: no less than the
         # first one did, even when little of the wait is left.
@@ -288,11 +311,13 @@ class MoltenIronClient:
         return errors.ServiceUnavailable(message)
 
     def call(self, op: str, args: dict | None = None, timeout: float | None = None) -> dict:
-        """Send a request that does not wait for nodes; return its reply or raise its error.
+        """Send a request of any operation in molteniron.protocol.OPERATIONS that does
+        not wait for nodes (args: its arguments by name); return its reply or raise
+        the error it carries, as its own type (errors.from_reply).
 
-        No answer within the timeout, or none coming because no worker consumes the
-        request queue: RequestQueued for an op that never expires (it is still in the
-        queue and takes effect later), else ServiceUnavailable.
+        No answer within `timeout` (default: the client's), or none coming because no
+        worker consumes the request queue: RequestQueued for an op that never expires
+        (it is still in the queue and takes effect later), else ServiceUnavailable.
         """
         timeout = timeout or self.timeout
         request = protocol.new_request(op, args)
@@ -338,19 +363,18 @@ class MoltenIronClient:
         if self.connection is None or not self.connection.is_open:
             return None
         try:
-            declared = self.channel.queue_declare(protocol.REQUEST_QUEUE, passive=True)
-        except ChannelClosedByBroker as exc:
+            return self.channel.queue_counts(protocol.REQUEST_QUEUE)[1]
+        except errors.BrokerClosedChannel as exc:
             self.close()  # the channel is gone, the reply consumer with it
             if exc.reply_code == 404:
                 return -1
             raise errors.ServiceUnavailable(
                 f"RabbitMQ at {self.where} would not say whether a worker consumes "
                 f"{protocol.REQUEST_QUEUE}: {exc.reply_text}") from None
-        except (AMQPError, OSError):
+        except errors.ServiceUnavailable:
             if self.interrupted:
                 raise errors.Interrupted() from None
             return None
-        return declared.method.consumer_count
 
     def _nobody_consumes(self, consumers: int) -> str:
         if consumers < 0:
@@ -370,30 +394,46 @@ class MoltenIronClient:
         return errors.ServiceUnavailable(message)
 
     def queue_counts(self, queue: str = protocol.REQUEST_QUEUE) -> tuple[int | None, int | None]:
-        """(messages queued but not delivered, consumers) of a queue; None: unknown."""
+        """(messages queued but not delivered, consumers) of a queue, as the broker says;
+        (None, None) if it cannot be asked or the queue does not exist. Never raises."""
         try:
             self.connect()
-            declared = self.channel.queue_declare(queue, passive=True)
         except errors.ServiceUnavailable:
             return None, None
-        except (AMQPError, OSError):
+        try:
+            return self.channel.queue_counts(queue)
+        except errors.ServiceUnavailable:
             self.close()  # a refused passive declare closes the channel
             return None, None
-        return declared.method.message_count, declared.method.consumer_count
 
     # --- operations -----------------------------------------------------------
 
-    def allocate(self, owner: str, count: int, node_pool: str = "default", wait: float | None = 3600.0,
-                 lease_seconds: int | None = None, constraints: dict | None = None,
+    def allocate(self, owner: str, count: int, node_pool: str = "default",
+                 wait: float | None = 3600.0, lease_seconds: int | None = None,
+                 constraints: dict | None = None,
                  on_progress: Callable[[dict | None], None] | None = None,
                  on_sent: Callable[[str], None] | None = None) -> dict:
-        """Nodes for owner; waits up to `wait` seconds (None: fail at once if too few).
+        """`count` nodes of node_pool for owner, all or none; waits up to `wait` seconds
+        for them (None: NotEnoughNodes at once if too few are free).
 
+        Returns {"status": 200, "nodes": {"node_<id>": {"name", "ipmi_ip", "blob" (a JSON
+        string: ipmi_user, ipmi_password, port_hwaddr, cpu_arch, cpus, ram_mb,
+        disk_gb), "allocation_pool", "node_pool", ...}}}, the original MoltenIron's
+        reply. lease_seconds: how long they are held unless renewed (None: the
+        worker's default). constraints: what each node must have, by the names of
+        molteniron.protocol's allocate (arch, min_cpus, min_ram_mb, min_disk_gb, tags),
+        and priority (higher first). on_progress(reply or None): each interim
+        "queued" reply, and None once a second while waiting. on_sent(request_id):
+        before it is published.
+
+        Raises ServiceUnavailable at once when no worker consumes the requests (the
+        allocate is not sent), DeadlineExpired when `wait` runs out, PoolTooSmall,
+        NotEnoughNodes, Forbidden, TooManyRequests, BadRequest as the worker says.
         A live worker answers at once (nodes, queued, or an error), so the first
         answer is awaited only `timeout` seconds; after "queued", up to `wait`
         more. Whatever goes wrong after the request may have left (no answer,
         lost broker), it is cancelled, so this client never ends up owning nodes
-        it was not told about. on_sent gets the request id before it is published.
+        it was not told about.
         """
         request = protocol.new_request("allocate", {
             "owner": owner, "count": count, "node_pool": node_pool, "wait": wait is not None,
@@ -440,17 +480,21 @@ class MoltenIronClient:
             time.sleep(PROBE_EVERY)
 
     def withdraw(self, request_id: str) -> None:
-        """Queue a cancel without awaiting its answer: it acts whenever a worker comes."""
+        """Queue a cancel of request_id without awaiting its answer: it acts whenever a
+        worker comes. Never raises ServiceUnavailable: it keeps trying for
+        RECONNECT_FOR seconds, then the request expires by itself."""
         try:
             self.send(protocol.new_request("cancel", {"request_id": request_id}), expires_in=None)
         except errors.ServiceUnavailable:
             self.cancel_after_reconnect(request_id, until=time.time() + RECONNECT_FOR)
 
     def cancel(self, request_id: str, quiet: bool = False) -> dict | None:
-        """Take back a request: waiting -> removed, served -> released, unseen -> refused later.
+        """Take back an allocate by its request id: waiting -> removed, served ->
+        released, unseen -> refused later. Returns the worker's reply.
 
         The cancel itself never expires: if no worker answers now (RequestQueued),
-        it still takes effect when one comes, however long the queue.
+        it still takes effect when one comes, however long the queue. quiet: return
+        None instead of raising any MoltenIronError.
         """
         try:
             return self.call("cancel", {"request_id": request_id},
@@ -461,7 +505,9 @@ class MoltenIronClient:
             raise
 
     def cancel_after_reconnect(self, request_id: str, until: float) -> bool:
-        """Reconnect and cancel, retrying until `until`; True once it is confirmed or queued."""
+        """Reconnect and cancel request_id, retrying until `until` (unix time); True once
+        the cancel is confirmed or queued, False if it could not be sent. Never raises
+        a MoltenIronError."""
         while time.time() < until:
             self.close()
             try:
@@ -477,28 +523,41 @@ class MoltenIronClient:
         return False
 
     def release(self, owner: str) -> dict:
-        """Every node of owner back to the pool; RequestQueued if no worker answered yet."""
+        """Every node of owner back to the pool, and its waiting allocates cancelled:
+        {"status": 200, "released": N, "cancelled_waiting": M}. OwnerNotFound if it
+        holds nothing, NodesTakenBack if what it held was taken back, RequestQueued if
+        no worker answered yet (it takes effect when one comes)."""
         return self.call("release", {"owner": owner})
 
     def renew(self, owner: str, lease_seconds: int | None = None) -> dict:
-        """Extend the lease of every node owner holds (None: the worker's default lease)."""
+        """Lease every node owner holds again, from now, for lease_seconds (None: the
+        worker's default lease). OwnerNotFound or NodesTakenBack as for release."""
         return self.call("renew", {"owner": owner, "lease_seconds": lease_seconds})
 
     def get_field(self, owner: str, field: str) -> dict:
+        """A field of each node owner holds: {"status": 200, "result": [{"id": ID,
+        "field": VALUE}, ...]}. OwnerNotFound; UnknownField for a field nodes lack."""
         return self.call("get_field", {"owner": owner, "field": field})
 
     def set_field(self, node_id: int, key: str, value: str | int, type_name: str = "string",
                   force: bool = False) -> dict:
+        """Set a field of node node_id (type_name "string" or "int"); force: a node a
+        cleaner is cleaning may be set to ready (its claim is dropped). NodeNotFound,
+        UnknownField, BadRequest; Forbidden unless an admin."""
         return self.call("set_field", {"id": node_id, "key": key, "value": value,
                                        "type": type_name, "force": force})
 
     def status(self, node_pool: str | None = None, show_secrets: bool = False,
                state: str | None = None, owner: str | None = None,
                page_size: int = PAGE_SIZE) -> dict:
+        """Every node, optionally only those of one pool, state or owner: {"status":
+        200, "nodes": [{...}, ...]}, read page_size nodes at a time. IPMI passwords only
+        with show_secrets, which only admins may ask (else Forbidden)."""
         return self._paged("status", {"node_pool": node_pool, "show_secrets": show_secrets,
                                       "state": state, "owner": owner}, page_size)
 
     def waiting(self, node_pool: str | None = None) -> dict:
+        """The allocates waiting for nodes, oldest first: {"status": 200, "waiting": [...]}."""
         return self.call("waiting", {"node_pool": node_pool})
 
     def workers(self) -> dict:
@@ -506,7 +565,8 @@ class MoltenIronClient:
 
         The broker part comes from passive declares, so it answers with no worker
         running; then `workers` is None and `worker_error` says why. With no consumer
-        on the request queue nobody is asked: nobody could answer.
+        on the request queue nobody is asked: nobody could answer. ServiceUnavailable
+        only if no broker answers.
         """
         queued, consumers = self.queue_counts()
         broker = {"queued_requests": queued, "consumers": consumers,
@@ -528,27 +588,37 @@ class MoltenIronClient:
 
     def history(self, owner: str | None = None, node: str | None = None,
                 since: str | None = None, limit: int = 100) -> dict:
-        """Allocations newest first (node: a name or id; since: an ISO-8601 time)."""
+        """Allocations newest first, at most `limit`: {"status": 200, "history": [...]}
+        (node: a name or id; since: an ISO-8601 time)."""
         return self.call("history", {"owner": owner, "node": node, "since": since,
                                      "limit": limit})
 
     def delete_db(self) -> dict:
+        """Remove every node from the pool (admins only: else Forbidden)."""
         return self.call("delete_db")
 
     def add_baremetal(self, **fields) -> dict:
+        """Add a node: name, ipmi_ip, ipmi_user, ipmi_password, allocation_pool (IPs,
+        comma-separated), port_hwaddr, cpu_arch, cpus, ram_mb, disk_gb, node_pool.
+        DuplicateNode for a name taken, BadRequest, Forbidden unless an admin."""
         return self.call("add_baremetal", fields)
 
     def add_keyvalue_pairs(self, **fields) -> dict:
+        """Add a node from name, ipmi_ip, allocation_pool and KEY=VALUE words (as the
+        original CLI's add_keyvalue_pairs). Raises as add_baremetal."""
         return self.call("add_keyvalue_pairs", fields)
 
     def add_json_blob(self, **fields) -> dict:
+        """Add a node from name, ipmi_ip, allocation_pool and a JSON blob of its hardware
+        fields (as the original CLI's add_json_blob). Raises as add_baremetal."""
         return self.call("add_json_blob", fields)
 
     def export(self, show_secrets: bool = False, page_size: int = PAGE_SIZE) -> dict:
-        """Every node as an inventory entry, by name; passwords "********" unless
-        show_secrets. A node renamed, or removed and added again, while the pages are
-        read could show twice under one name, and `import` would refuse the file: the
-        pages are read again then."""
+        """Every node as an inventory entry, by name: {"status": 200, "nodes": [...]};
+        passwords "********" unless show_secrets (only admins may ask). A node renamed, or
+        removed and added again, while the pages are read could show twice under one
+        name, and `import` would refuse the file: the pages are read again then
+        (Conflict if they keep changing)."""
         for _ in range(EXPORT_TRIES):
             reply = self._paged("export", {"show_secrets": show_secrets}, page_size)
             names = [entry["name"] for entry in reply["nodes"]]
@@ -579,14 +649,16 @@ class MoltenIronClient:
                 return {**reply, "nodes": nodes}
 
     def import_inventory(self, inventory: dict) -> dict:
-        """Add or update nodes by name from {"nodes": [entry...]}: all of them, or none."""
+        """Add or update nodes by name from {"nodes": [entry...]} (as `export` gives
+        them): all of them, or none. BadRequest for an entry that is not valid, or an
+        inventory larger than a request may be; Forbidden unless an admin."""
         args = {"inventory": inventory}
         if len(json.dumps(args)) > protocol.MAX_BODY_BYTES - 1000:  # room for the envelope
             raise errors.BadRequest(f"the inventory is larger than a request may be "
                                     f"({protocol.MAX_BODY_BYTES} bytes): import it in parts")
         return self.call("import", args)
 
-    def _on_reply(self, channel, method, properties, body) -> None:
+    def _on_reply(self, method, properties, body: bytes) -> None:
         inbox = self.replies.get(properties.correlation_id)
         if inbox is None:
             return  # a late duplicate of a reply already taken
@@ -611,83 +683,22 @@ def _checked(reply: dict) -> dict:
     return reply
 
 
-def _why(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+def _reason(exc: errors.ServiceUnavailable) -> str:
+    """What failed, in pika's words where the connection was lost."""
+    return exc.reason if isinstance(exc, errors.BrokerLost) else exc.message
 
 
-def _causes(exc: BaseException):
-    """exc and the exceptions pika wrapped inside it (in its args, or as .exception)."""
-    seen = [exc]
-    for current in seen:
-        inner = [getattr(current, "exception", None), *getattr(current, "args", ())]
-        seen.extend(e for e in inner if isinstance(e, BaseException) and e not in seen)
-    return seen
-
-
-def _connect_failure(exc: BaseException, params) -> errors.ServiceUnavailable:
-    """What a failed connection to one broker means, in words that name the broker: a
-    refusal or an untrusted certificate (BrokerUnusable: retrying cannot help), or an
-    outage (ServiceUnavailable: worth retrying until the deadline)."""
-    where, user = _safe(params), getattr(params.credentials, "username", None)
-    server = f"{params.host}:{params.port}"
-    vhost = params.virtual_host
-    causes = _causes(exc)
-    # pika says "probable" for any connection closed at that stage: only the broker's own
-    # refusal (not a broker going down just then) is one.
-    said = _broker_said(exc)
-    if isinstance(exc, ProbableAuthenticationError) and said.startswith("ACCESS_REFUSED"):
-        return BrokerRefused(f"RabbitMQ at {where} refused the login of user {user!r}: wrong "
-                             "user name or password (amqp_url, MOLTENIRON_AMQP_PASSWORD)")
-    if isinstance(exc, ProbableAccessDeniedError) and said.startswith("NOT_ALLOWED"):
-        if "not found" in said:
-            return BrokerRefused(f"RabbitMQ at {server} has no vhost {vhost!r} (the vhost "
-                                 f"amqp_url names; the broker said: {said})")
-        return BrokerRefused(f"RabbitMQ at {server} refused user {user!r} access to vhost "
-                             f"{vhost!r}: the user has no permissions there (the broker said: "
-                             f"{said})")
-    for cause in causes:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return BrokerNotTrusted(
-                f"the TLS certificate of RabbitMQ at {where} is not trusted: certificate "
-                f"verify failed: {cause.verify_message} (amqp_ca_file must hold the CA that "
-                "signed it, and amqp_url name a host the certificate names)")
-    seconds = f"{params.socket_timeout:g}s"
-    if any(isinstance(cause, TimeoutError) for cause in causes):
-        return errors.ServiceUnavailable(
-            f"cannot reach RabbitMQ at {where}: no TCP connection within {seconds}")
-    if any(isinstance(cause, AMQPConnectorStackTimeout) for cause in causes):
-        return errors.ServiceUnavailable(
-            f"cannot reach RabbitMQ at {where}: connected, but no AMQP handshake within "
-            f"{seconds} (a broker overloaded, or something else listens there)")
-    refused = [cause for cause in causes if isinstance(cause, ConnectionRefusedError)]
-    if refused:
-        return errors.ServiceUnavailable(f"cannot reach RabbitMQ at {where}: connection refused")
-    return errors.ServiceUnavailable(f"cannot reach RabbitMQ at {where}: {_why(exc)}")
-
-
-def _broker_said(exc: BaseException) -> str:
-    """The broker's refusal in a connection it closed while opening (pika keeps it only
-    as text), e.g. "NOT_ALLOWED - vhost x not found"; "" if it refused nothing."""
-    text = _why(exc.args[0]) if exc.args else ""
-    start = max(text.find("NOT_ALLOWED"), text.find("ACCESS_REFUSED"))
-    if start < 0:
-        return ""
-    quote = text[start - 1:start]  # the repr's quote around the broker's words
-    return text[start:-1] if quote in ("'", '"') and text.endswith(quote) else text[start:]
-
-
-def _channel_refusal(exc: ChannelClosedByBroker, params, right: str | None,
-                     resource: str) -> errors.ServiceUnavailable:
+def _channel_refusal(exc: errors.BrokerClosedChannel, connection: broker.Connection,
+                     right: str | None, resource: str) -> errors.ServiceUnavailable:
     """A channel the broker closed while the reply queue was set up."""
-    user = getattr(params.credentials, "username", None)
     if exc.reply_code == 403 and right:
-        return BrokerRefused(f"RabbitMQ at {_safe(params)} refused user {user!r} "
+        return BrokerRefused(f"RabbitMQ at {connection.where} refused user {connection.login!r} "
                              f"the {right} permission on {resource}: {exc.reply_text}")
-    return BrokerRefused(f"RabbitMQ at {_safe(params)} refused user {user!r}: "
+    return BrokerRefused(f"RabbitMQ at {connection.where} refused user {connection.login!r}: "
                          f"{exc.reply_code} {exc.reply_text}")
 
 
-def _publish_refusal(exc: ChannelClosedByBroker, where: str,
+def _publish_refusal(exc: errors.BrokerClosedChannel, where: str,
                      user: str | None) -> errors.ServiceUnavailable:
     """A request the broker refused: it dropped it, and would drop a copy."""
     if exc.reply_code == 404:
@@ -699,15 +710,3 @@ def _publish_refusal(exc: ChannelClosedByBroker, where: str,
                              f"permission on exchange {protocol.EXCHANGE!r}: {exc.reply_text}")
     return BrokerRefused(f"RabbitMQ at {where} refused the request: {exc.reply_code} "
                          f"{exc.reply_text}")
-
-
-def _parameters(url: str, tls=NO_TLS_FILES) -> pika.URLParameters:
-    """The connection parameters of an amqp(s):// URL (TLS from `tls`, a Config or
-    TlsFiles); ConfigError if the URL or a TLS file cannot be used."""
-    return connection_parameters(url, tls)
-
-
-def _safe(params: pika.ConnectionParameters) -> str:
-    """Where the broker is, without the credentials."""
-    vhost = "" if params.virtual_host == "/" else f" vhost {params.virtual_host}"
-    return f"{params.host}:{params.port}{vhost}"

@@ -27,13 +27,9 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from molteniron.clients.amqp import pika  # before pika.exceptions: see clients/amqp.py
-from pika.exceptions import AMQPError, ChannelClosedByBroker, NackError, UnroutableError
-
-from molteniron import errors, protocol
-from molteniron.broker_params import NO_TLS_FILES, connection_parameters
+from molteniron import broker, errors, protocol
+from molteniron.broker_params import NO_TLS_FILES
 from molteniron.compat import SECRET_FIELDS
-from molteniron.config import url_list
 
 MASK = "********"
 BODY_CHARS = 200  # how much of each body is shown
@@ -77,7 +73,7 @@ class DeadLetter:
     malformed: bool      # the worker would reject it again
 
 
-def describe(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
+def describe(properties: broker.Properties, body: bytes) -> DeadLetter:
     """What a dead-lettered message is, why it died, and its body without passwords."""
     try:
         data = json.loads(body)
@@ -111,7 +107,7 @@ def describe(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
         malformed=why_malformed is not None)
 
 
-def _why_malformed(properties: pika.BasicProperties, body: bytes) -> str | None:
+def _why_malformed(properties: broker.Properties, body: bytes) -> str | None:
     """Why the worker's _decode would reject this message, or None if it would take it."""
     try:
         request = protocol.decode_request(body)
@@ -197,38 +193,24 @@ class DeadLetterQueue:
 
     def __init__(self, amqp_url: str, timeout: float = 30.0, tls=NO_TLS_FILES):
         """tls: the configuration (or a TlsFiles) whose TLS files amqps:// URLs use."""
-        self.brokers = [connection_parameters(url, tls) for url in url_list(amqp_url)]
-        for params in self.brokers:
-            params.connection_attempts = 1
-            params.socket_timeout = min(timeout, 10.0)
-        self.params = self.brokers[0]
-        self.login = getattr(self.params.credentials, "username", None)
-        self.connection = None
+        self.brokers = broker.Brokers(amqp_url, tls, connect_timeout=min(timeout, 10.0))
+        self.connection: broker.Connection | None = None
+        self.login: str | None = None  # the broker user, once connected
 
-    def __enter__(self) -> "DeadLetterQueue":
-        """Connect to the first of amqp_url's brokers that answers."""
-        for params in self.brokers:
-            self.params = params
-            try:
-                self.connection = pika.BlockingConnection(params)
-                return self
-            except (AMQPError, OSError) as exc:
-                if isinstance(exc, pika.exceptions.ProbableAccessDeniedError) \
-                        or params is self.brokers[-1]:
-                    with _broker_errors(params):
-                        raise
+    def __enter__(self) -> DeadLetterQueue:
+        """Connect to the first of amqp_url's brokers that answers: BrokerRefused,
+        BrokerNotTrusted or ServiceUnavailable if none does, as for every command."""
+        self.connection = self.brokers.connect()
+        self.login = self.connection.login
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            if self.connection is not None and self.connection.is_open:
-                self.connection.close()
-        except AMQPError:
-            pass
+        if self.connection is not None:
+            self.connection.close()
 
     def show(self, limit: int) -> tuple[list[DeadLetter], int]:
         """The oldest `limit` dead letters and how many there are, leaving the queue as it was."""
-        with _broker_errors(self.params):
+        with _broker_errors(self.connection.where):
             channel = self.connection.channel()
             letters, total = [], None
             for _ in range(limit):
@@ -249,7 +231,7 @@ class DeadLetterQueue:
         """Republish the oldest dead letter with this id to the request exchange, then
         remove it; the others stay in order. Returns it, how many are left, and the
         user the copy acts for ("" for none)."""
-        with _broker_errors(self.params):
+        with _broker_errors(self.connection.where):
             channel = self.connection.channel()
             channel.confirm_delivery()
             held = 0  # read before it, given back afterwards
@@ -277,19 +259,18 @@ class DeadLetterQueue:
             # caller; the worker acts for the user named here, not for the caller. The
             # broker removed its expiration when it dead-lettered it.
             headers[protocol.ON_BEHALF_HEADER] = acting_for
-            republished = pika.BasicProperties(**{
-                **{name: getattr(properties, name) for name in (
-                    "content_type", "content_encoding", "delivery_mode", "priority",
-                    "correlation_id", "reply_to", "message_id", "timestamp", "type", "app_id")},
-                "headers": headers or None, "user_id": self.login})
+            republished = {name: getattr(properties, name) for name in (
+                "content_type", "content_encoding", "delivery_mode", "priority",
+                "correlation_id", "reply_to", "message_id", "timestamp", "type", "app_id")}
             try:
-                channel.basic_publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY, body,
-                                      republished, mandatory=True)
-            except UnroutableError:
+                channel.publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY, body,
+                                mandatory=True, **republished, headers=headers or None,
+                                user_id=self.login)
+            except errors.BrokerReturned:
                 raise errors.ServiceUnavailable(
                     f"{protocol.EXCHANGE} routes nowhere: the request queue does not exist "
                     f"(start molteniron-worker once); the dead letter stays") from None
-            except NackError:
+            except errors.BrokerNacked:
                 raise errors.ServiceUnavailable(
                     "the broker refused the republished message (nack); the dead letter "
                     "stays") from None
@@ -300,12 +281,12 @@ class DeadLetterQueue:
 
     def purge(self) -> int:
         """Empty the dead-letter queue; how many messages went."""
-        with _broker_errors(self.params):
+        with _broker_errors(self.connection.where):
             channel = self.connection.channel()
-            return channel.queue_purge(protocol.DEAD_LETTER_QUEUE).method.message_count
+            return channel.queue_purge(protocol.DEAD_LETTER_QUEUE)
 
 
-def _acting_for(letter: DeadLetter, properties: pika.BasicProperties, login: str | None):
+def _acting_for(letter: DeadLetter, properties: broker.Properties, login: str | None):
     """Whom a requeued copy acts for: the user_id the dead message was sent with ("" if
     none), or, if it is a copy this login requeued before, the user that copy acted for.
 
@@ -333,25 +314,22 @@ def _text(value) -> str:
 
 
 @contextmanager
-def _broker_errors(params):
-    """pika's errors as MoltenIron's: refused (403) means not the admin user."""
-    from molteniron.clients.client import _safe, _why
+def _broker_errors(where: str):
+    """The broker's refusals in this tool's words: refused (403) means not the admin user."""
     try:
         yield
-    except ChannelClosedByBroker as exc:
+    except errors.BrokerClosedChannel as exc:
         if exc.reply_code == 403:
             raise errors.Forbidden(NEEDS_ADMIN) from None
         if exc.reply_code == 404:
             raise errors.ServiceUnavailable(
-                f"{protocol.DEAD_LETTER_QUEUE} does not exist on {_safe(params)}: no "
+                f"{protocol.DEAD_LETTER_QUEUE} does not exist on {where}: no "
                 f"MoltenIron worker has ever started here") from None
-        raise errors.ServiceUnavailable(f"the broker refused: {_why(exc)}") from None
-    except (AMQPError, OSError) as exc:
-        if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
-            raise errors.Forbidden(f"{NEEDS_ADMIN}; this login may not use "
-                                   f"{_safe(params)}") from None
+        raise errors.ServiceUnavailable(f"the broker refused: {exc.reply_code} "
+                                        f"{exc.reply_text}") from None
+    except errors.BrokerLost as exc:
         raise errors.ServiceUnavailable(
-            f"cannot reach RabbitMQ at {_safe(params)}: {_why(exc)}") from None
+            f"cannot reach RabbitMQ at {where}: {exc.reason}") from None
 
 
 def run(args, config) -> dict:

@@ -1,22 +1,18 @@
-"""pika's connection parameters for a broker URL: amqp://, or amqps:// with TLS that
-checks the broker's certificate and host name.
+"""The TLS files of a broker connection: the client's ssl.SSLContext for amqps:// URLs.
 
-The worker, MoltenIronClient (so the CLI) and `molteniron dead-letters` all connect
-through `connection_parameters`, so they trust the same CAs and present the same
-client certificate. For amqps:// the broker's certificate must chain to amqp_ca_file
-(else to the system's CAs) and name the URL's host; amqp_cert_file and amqp_key_file,
-when given, are the client certificate the broker may ask for. A file that cannot be
-used is a ConfigError naming it, found before any connection is tried.
-
-pika and ssl are imported when called, not here: the CLI imports pika through
-clients/amqp.py, which keeps pika's asyncio adapter out of its start, and every
-caller has imported pika by then.
+molteniron/broker.py, through which the worker, MoltenIronClient (so the CLI) and
+`molteniron dead-letters` all connect, builds its amqps:// parameters with
+`tls_context`, so they trust the same CAs and present the same client certificate.
+The broker's certificate must chain to amqp_ca_file (else to the system's CAs) and
+name the URL's host; amqp_cert_file and amqp_key_file, when given, are the client
+certificate the broker may ask for. A file that cannot be used is a ConfigError
+naming it, found before any connection is tried. No pika here: ssl only, imported
+when called.
 """
 
 from __future__ import annotations
 
 from collections import namedtuple
-from urllib.parse import urlsplit
 
 from molteniron.errors import ConfigError
 
@@ -28,33 +24,9 @@ NO_TLS_FILES = TlsFiles()
 
 
 def connection_parameters(url: str, tls=NO_TLS_FILES):
-    """pika.URLParameters for an amqp(s):// URL, TLS set up from `tls` (TlsFiles or a
-    Config) for amqps; ConfigError if the URL or a TLS file cannot be used."""
-    import pika  # see the module's docstring
-
-    files = TlsFiles(*(getattr(tls, name, None) for name in TlsFiles._fields))
-    try:
-        scheme = urlsplit(url).scheme
-        if scheme not in ("amqp", "amqps"):
-            raise ValueError("it must start with amqp:// or amqps://")
-        params = pika.URLParameters(url)
-    except (ValueError, TypeError, IndexError, KeyError) as exc:
-        # The URL itself is not repeated: it may hold a password.
-        raise ConfigError(
-            f"amqp_url is not a valid AMQP URL (amqp://USER:PASSWORD@HOST:PORT/VHOST): "
-            f"{str(exc) or type(exc).__name__}") from None
-    if scheme == "amqp":
-        given = [name for name, value in files._asdict().items() if value is not None]
-        if given:
-            # Files for TLS beside a plain-text URL: the login would cross the network in
-            # clear while the configuration says TLS was wanted.
-            raise ConfigError(f"{' and '.join(given)} set, but amqp_url {params.host}:"
-                              f"{params.port} is amqp:// (plain text): use amqps://")
-        return params
-    # pika would verify against the system's CAs by itself; this context adds the CA
-    # file and the client certificate, and keeps the checks whatever the URL's query says.
-    params.ssl_options = pika.SSLOptions(tls_context(files), server_hostname=params.host)
-    return params
+    """molteniron.broker.connection_parameters (its old home; workers/main.py still asks here)."""
+    from molteniron.broker import connection_parameters
+    return connection_parameters(url, tls)
 
 
 def tls_context(files: TlsFiles):

@@ -68,10 +68,11 @@ def test_without_the_ca_file_the_self_signed_broker_is_refused(tls_broker, tmp_p
     assert "certificate verify failed: self-signed certificate in certificate chain" in \
         refused.value.message
 
-    # The CLI: refused (exit 4) without amqp_ca_file, through with it.
+    # The CLI: refused (exit 2, BrokerNotTrusted, as for every command) without
+    # amqp_ca_file, through with it.
     env = {**no_config(tmp_path), "MOLTENIRON_AMQP_URL": tls_broker.url()}
     done = cli("--timeout", "3", "dead-letters", env=env)
-    assert done.returncode == 4, done
+    assert done.returncode == 2, done
     assert "certificate verify failed" in done.stderr and "Traceback" not in done.stderr
     done = cli("dead-letters", env={**env, **tls_broker.env()})
     assert done.returncode == 0, done

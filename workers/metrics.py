@@ -26,13 +26,12 @@ import time
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from pika.exceptions import ChannelClosed
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from molteniron import protocol
-from molteniron.errors import ConfigError
+from molteniron.errors import BrokerClosedChannel, ConfigError
 from molteniron.models import State
 from molteniron.workers.clock import unix
 
@@ -324,10 +323,10 @@ class _Exporter:
             channel = self.queue_channel = connection.channel()
         try:
             for name in (protocol.REQUEST_QUEUE, protocol.DEAD_LETTER_QUEUE):
-                ok = channel.queue_declare(name, passive=True)
-                self.queues = {**self.queues, name: ok.method.message_count}
-        except ChannelClosed as exc:  # not declared (yet): try again next time
-            log.warning("event=queue_depth_unavailable error=%r", exc)
+                messages, _ = channel.queue_counts(name)
+                self.queues = {**self.queues, name: messages}
+        except BrokerClosedChannel as exc:  # not declared (yet): try again next time
+            log.warning("event=queue_depth_unavailable error=%r", exc.message)
             self.queue_channel = None
 
 

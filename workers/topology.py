@@ -1,19 +1,25 @@
-"""Declares MoltenIron's exchanges and queues (idempotent; names from molteniron.protocol)."""
+"""Declares MoltenIron's exchanges and queues (idempotent; names from molteniron.protocol).
+
+On a molteniron.broker.Channel, or on pika's own BlockingChannel (the tests' and the
+bench's raw connections): the two share these methods' names and arguments."""
 
 from __future__ import annotations
 
-from pika.adapters.blocking_connection import BlockingChannel
+from typing import TYPE_CHECKING
 
 from molteniron import protocol
 
+if TYPE_CHECKING:
+    from molteniron.broker import Channel
 
-def declare(channel: BlockingChannel) -> None:
+
+def declare(channel: Channel) -> None:
     """Request exchange -> quorum request queue; dead-letter exchange -> dead-letter queue."""
     declare_requests(channel)
     declare_dead_letters(channel)
 
 
-def declare_requests(channel: BlockingChannel) -> None:
+def declare_requests(channel: Channel) -> None:
     """What serving needs: both exchanges, the request queue and its binding."""
     channel.exchange_declare(protocol.EXCHANGE, "direct", durable=True)
     channel.exchange_declare(protocol.DEAD_LETTER_EXCHANGE, "fanout", durable=True)
@@ -23,7 +29,7 @@ def declare_requests(channel: BlockingChannel) -> None:
                        routing_key=protocol.REQUEST_ROUTING_KEY)
 
 
-def declare_dead_letters(channel: BlockingChannel) -> None:
+def declare_dead_letters(channel: Channel) -> None:
     """The dead-letter queue. A classic queue lives on one node of a cluster: while that
     node is down, declaring it fails (404) on every other node."""
     channel.queue_declare(protocol.DEAD_LETTER_QUEUE, durable=True,

@@ -18,15 +18,11 @@ import threading
 import time
 import uuid
 
-import pika
-from pika.exceptions import (AMQPChannelError, AMQPConnectionError, AMQPError,
-                              ChannelClosedByBroker)
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from molteniron import db, errors, protocol
-from molteniron.broker_params import connection_parameters
-from molteniron.config import Config, url_list
+from molteniron import broker, db, errors, protocol
+from molteniron.config import Config
 from molteniron.workers import metrics, topology
 from molteniron.workers.batch import Batch
 from molteniron.workers.grants import Grant, GrantTracker
@@ -93,13 +89,14 @@ class Worker:
         self.returned: list[tuple[str, dict]] = []  # interim replies whose client is gone
         self.grants = GrantTracker()
         self.stopping = False
-        self.connection = None
-        self.channel = None
-        self.reply_channel = None
+        self.connection: broker.Connection | None = None
+        self.channel: broker.Channel | None = None
+        self.reply_channel: broker.ReplyChannel | None = None
         self.reply_seq = 0  # publish sequence number on reply_channel (confirm mode)
-        self.brokers = url_list(config.amqp_url)  # a cluster's nodes, tried in order
-        self.broker = 0  # the one to try first: after a loss, the next one
-        self.login = pika.URLParameters(self.brokers[0]).credentials.username
+        # A cluster's nodes, tried in order; after a loss, the next one first.
+        self.brokers = broker.Brokers(config.amqp_url, config, heartbeat=30,
+                                      name=f"molteniron-worker {self.worker_id}")
+        self.login = broker.login_of(config.amqp_url)
         self.frozen_loads = 0  # keeper.state.loads when the heap was last frozen
 
     # --- lifecycle -----------------------------------------------------------
@@ -119,7 +116,7 @@ class Worker:
                 self._connect()
                 pause = RECONNECT_PAUSE
                 self._serve()
-            except (AMQPConnectionError, AMQPChannelError, AMQPError, OSError) as exc:
+            except (errors.ServiceUnavailable, OSError) as exc:  # the broker's, translated
                 if self.stopping:
                     break
                 log.warning("event=broker_lost worker=%s error=%r retry_in=%.1fs",
@@ -136,17 +133,19 @@ class Worker:
         self.stopping = True
 
     def _connect(self) -> None:
-        self.connection = self._open_connection()
+        """Connect to the first broker that answers, declare what serving needs, and
+        consume the request queue."""
+        self.connection = self.brokers.connect(on_failure=self._broker_unreachable)
+        if self.brokers.count > 1:
+            log.info("event=broker_connected worker=%s broker=%s", self.worker_id,
+                     self.connection.server)
         self.channel = self.connection.channel()
         topology.declare_requests(self.channel)
         self._declare_dead_letters()
         self.channel.basic_qos(prefetch_count=self.config.prefetch)
-        # pika's private _impl (pika<2, bounded in setup.py): the blocking wrapper would
-        # wait for each confirm, and it delays returns until after the confirm they
-        # precede; the underlying channel calls both back in the broker's order.
-        self.reply_channel = self.connection.channel()
-        self.reply_channel._impl.add_on_return_callback(self._on_returned_reply)
-        self.reply_channel._impl.confirm_delivery(self._on_confirm)
+        # Replies are buffered, their returns and confirms called back (broker.ReplyChannel).
+        self.reply_channel = self.connection.reply_channel(self._on_returned_reply,
+                                                           self._on_confirm)
         self.reply_seq = 0
         self.consumer_tag = self.channel.basic_consume(
             protocol.REQUEST_QUEUE, self._on_delivery, auto_ack=False)
@@ -160,35 +159,16 @@ class Worker:
         try:
             topology.declare_dead_letters(channel)
             channel.close()
-        except ChannelClosedByBroker as exc:
+        except errors.BrokerClosedChannel as exc:
             if exc.reply_code != 404:
                 raise
             log.warning("event=dead_letter_queue_unavailable worker=%s detail=%r", self.worker_id,
                         f"{exc.reply_text}: until its node is back, what would be dead-lettered "
                         "is dropped")
 
-    def _open_connection(self) -> pika.BlockingConnection:
-        """A connection to the first broker that answers, from self.broker on."""
-        failure = None
-        for step in range(len(self.brokers)):
-            index = (self.broker + step) % len(self.brokers)
-            params = connection_parameters(self.brokers[index], self.config)  # TLS too
-            params.heartbeat = 30
-            params.connection_attempts = 1
-            params.client_properties = {"connection_name": f"molteniron-worker {self.worker_id}"}
-            try:
-                connection = pika.BlockingConnection(params)
-            except (AMQPError, OSError) as exc:
-                failure = exc
-                log.warning("event=broker_unreachable worker=%s broker=%s:%s error=%r",
-                            self.worker_id, params.host, params.port, exc)
-                continue
-            self.broker = index
-            if len(self.brokers) > 1:
-                log.info("event=broker_connected worker=%s broker=%s:%s", self.worker_id,
-                         params.host, params.port)
-            return connection
-        raise failure
+    def _broker_unreachable(self, server: str, exc: errors.ServiceUnavailable) -> None:
+        log.warning("event=broker_unreachable worker=%s broker=%s error=%r", self.worker_id,
+                    server, exc.message)
 
     def _forget_connection(self) -> None:
         # Deliveries of a lost channel cannot be acked; the broker redelivers them.
@@ -197,13 +177,10 @@ class Worker:
         self.deliveries.clear()
         self.grants.connection_lost()
         self.keeper.stand_by()
-        try:
-            if self.connection and self.connection.is_open:
-                self.connection.close()
-        except AMQPError:
-            pass
+        if self.connection is not None:
+            self.connection.close()
         self.connection = self.channel = self.reply_channel = None
-        self.broker += 1  # the one that failed is tried last
+        self.brokers.lost()  # the one that failed is tried last
 
     def _close(self) -> None:
         try:
@@ -220,8 +197,8 @@ class Worker:
                     self._handle_batch()
             if self.connection and self.connection.is_open:
                 self.connection.close()
-        except AMQPError as exc:
-            log.warning("event=close_failed worker=%s error=%r", self.worker_id, exc)
+        except errors.ServiceUnavailable as exc:
+            log.warning("event=close_failed worker=%s error=%r", self.worker_id, exc.message)
         self.keeper.close()
 
     # --- the loop ------------------------------------------------------------
@@ -254,10 +231,10 @@ class Worker:
         # again: a transaction of its own would take the pool from the active worker.
         return self.keeper.epoch is not None
 
-    def _on_delivery(self, channel, method, properties, body) -> None:
+    def _on_delivery(self, method, properties, body: bytes) -> None:
         self.deliveries.append((method, properties, body))
 
-    def _on_returned_reply(self, channel, method, properties, body) -> None:
+    def _on_returned_reply(self, method, properties, body: bytes) -> None:
         """A mandatory reply came back: its client's reply queue is gone with it."""
         try:
             reply = json.loads(body)
@@ -269,10 +246,8 @@ class Worker:
                 and reply.get("status") == protocol.QUEUED):
             self.returned.append((method.routing_key, reply))
 
-    def _on_confirm(self, frame) -> None:
-        method = frame.method
-        self.grants.on_confirm(method.delivery_tag, method.multiple,
-                               isinstance(method, pika.spec.Basic.Ack))
+    def _on_confirm(self, delivery_tag: int, multiple: bool, acked: bool) -> None:
+        self.grants.on_confirm(delivery_tag, multiple, acked)
 
     def _send_grants(self) -> None:
         for grant in self.grants.to_send():
@@ -281,10 +256,9 @@ class Worker:
 
     def _publish_tick(self) -> None:
         tick = protocol.new_request("tick")
-        self.channel.basic_publish(
-            protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY, tick.to_body(),
-            pika.BasicProperties(delivery_mode=1, content_type="application/json",
-                                 user_id=self.login))
+        self.channel.publish(protocol.EXCHANGE, protocol.REQUEST_ROUTING_KEY, tick.to_body(),
+                             delivery_mode=1, content_type="application/json",
+                             user_id=self.login)
 
     # --- one batch -----------------------------------------------------------
 
@@ -376,16 +350,8 @@ class Worker:
     def _queue_reply(self, reply_to: str, correlation_id: str | None, body: bytes,
                      mandatory: bool = True) -> int:
         """Queue a reply; the next ack or event loop pass sends them all. Returns its
-        publish sequence number (what the broker's confirm will name).
-
-        The blocking channel's basic_publish writes to the socket once per message,
-        which was 40% of the worker's time at 20 clients; its underlying channel
-        only buffers, and the same connection sends the buffer in order.
-        """
-        self.reply_channel._impl.basic_publish(
-            "", reply_to, body, pika.BasicProperties(correlation_id=correlation_id,
-                                                     content_type="application/json"),
-            mandatory=mandatory)
+        publish sequence number (what the broker's confirm will name)."""
+        self.reply_channel.publish(reply_to, body, correlation_id, mandatory)
         self.reply_seq += 1
         return self.reply_seq
 

@@ -15,12 +15,12 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime, timezone
-from typing import Callable
 
-from molteniron.clients.client import MoltenIronClient
 from molteniron import errors
+from molteniron.clients.client import MoltenIronClient
 
 log = logging.getLogger(__name__)
 
@@ -157,5 +157,5 @@ class PoolReader:
             return
         try:
             connection.process_data_events(time_limit=0)
-        except Exception:  # a lost connection: the next call reconnects
+        except errors.ServiceUnavailable:  # a lost connection: the next call reconnects
             self._client.close()
