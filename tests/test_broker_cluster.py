@@ -143,7 +143,7 @@ def test_killing_the_leader_of_the_request_queue_loses_no_request_and_fails_no_c
     nothing_owned(brokers)
     status = brokers.cli("status", "--pool", POOL, "-t", "json")
     assert status.returncode == 0, status
-    assert {(n["name"], n["state"], n["owner"]) for n in status.json["result"]} == {
+    assert {(n["name"], n["status"], n["provisioned"]) for n in status.json["result"]} == {
         (name, "ready", None) for name in names}
     assert worker.poll() is None and standby.poll() is None  # both moved on by themselves
     # The worker whose node died consumes again from a survivor (as the standby now).

@@ -166,7 +166,7 @@ def test_a_cleaner_killed_mid_clean_leaves_a_claim_that_lapses(stack, tmp_path):
         token = stack.sql("SELECT clean_claim FROM nodes")[0][0]
         assert token.startswith("first#")
         status = stack.cli("status", "-t", "json").json["result"][0]
-        assert (status["state"], status["clean_claimed_by"]) == ("dirty", "first")
+        assert (status["status"], status["clean_claimed_by"]) == ("dirty", "first")
         assert status["clean_claim"] == "********"  # the token would let anyone report the node
         assert "dirty (cleaning by first until" in stack.cli(
             "-o", "result", "status", "-t", "csv").stdout

@@ -457,12 +457,12 @@ def test_the_documented_view_imports_an_original_database_without_a_blob_column(
         (node,) = running.cli("status", "-t", "json", "--show-secrets").json["result"]
         assert {k: node[k] for k in ("name", "ipmi_ip", "ipmi_user", "ipmi_password", "port_hwaddr",
                                      "cpu_arch", "cpus", "ram_mb", "disk_gb", "allocation_pool",
-                                     "node_pool", "state", "owner")} == {
+                                     "node_pool", "status", "provisioned")} == {
             "name": "old-1", "ipmi_ip": "10.228.0.41", "ipmi_user": "ADMIN",
             "ipmi_password": "pw-41", "port_hwaddr": "52:54:00:00:00:41", "cpu_arch": "ppc64el",
             "cpus": 16, "ram_mb": 32000, "disk_gb": 300,
             "allocation_pool": ["10.228.1.41", "10.228.1.42"], "node_pool": "default",
-            "state": "ready", "owner": None}
+            "status": "ready", "provisioned": None}
     finally:
         with server.begin() as conn:
             for database in (blob, old):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from tests.stack import node_args, wait_until
 
@@ -17,15 +17,15 @@ def lease_of(stack, name):
 
 def test_allocate_reply_shows_when_the_default_lease_ends(running):
     running.cli("add_baremetal", *node_args(1))
-    before = datetime.utcnow()
+    before = datetime.now(timezone.utc)
     result = running.cli("allocate", "job-1", "1")
     assert result.returncode == 0, result
     node = result.json["nodes"]["node_1"]
     ends = datetime.fromisoformat(node["lease_expires_at"])
     # The default lease_seconds is 6 hours.
     assert before + timedelta(hours=6) - timedelta(seconds=5) <= ends
-    assert ends <= datetime.utcnow() + timedelta(hours=6, seconds=5)
-    assert lease_of(running, "node-1").replace(microsecond=0) == ends
+    assert ends <= datetime.now(timezone.utc) + timedelta(hours=6, seconds=5)
+    assert lease_of(running, "node-1").replace(microsecond=0, tzinfo=timezone.utc) == ends
 
 
 def test_an_expired_lease_takes_the_nodes_back_and_serves_the_next_waiter(running):
@@ -55,17 +55,17 @@ def test_renew_extends_every_node_of_the_owner_from_now(running):
     for name in ("node-1", "node-2"):
         assert lease_of(running, name) > first + timedelta(seconds=7000)
     assert renewed.json["lease_expires_at"] == lease_of(running, "node-1").isoformat(
-        timespec="seconds")
+        timespec="seconds") + "+00:00"
 
 
 def test_get_field_and_status_show_when_the_lease_ends(running):
     running.cli("add_baremetal", *node_args(1))
     running.cli("allocate", "job-1", "1", "--lease", "600")
-    expected = lease_of(running, "node-1").isoformat(timespec="seconds")
+    expected = lease_of(running, "node-1").isoformat(timespec="seconds") + "+00:00"
     field = running.cli("get_field", "job-1", "lease_expires_at")
     assert field.json["result"] == [{"id": 1, "field": expected}]
     status = running.cli("status", "-t", "json")
-    assert status.json["result"][0]["lease_expires_at"] == expected
+    assert status.json["result"][0]["lease_ends"] == expected
     assert expected in running.cli("status").json["result"]
 
 

@@ -69,7 +69,7 @@ def nodes_by_pool_and_state(samples) -> dict[tuple[str, str], int]:
 
 def status_counts(stack) -> dict[tuple[str, str], int]:
     records = stack.cli("status", "-t", "json").json["result"]
-    return dict(Counter((r["node_pool"], r["state"]) for r in records))
+    return dict(Counter((r["node_pool"], r["status"]) for r in records))
 
 
 def requests_total(samples, op: str, status: str) -> float:
