@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from tests.definitions import DEFINITIONS, permissions_of
+from tests.kit import copy_checkout, install, public_python
 from tests.stack import ROOT, node_args
 from tests.test_deploy_kit import HARDENING, service_settings
 from tests.web import WebProcess
@@ -60,18 +61,9 @@ def test_the_unit_runs_as_its_own_user_hardened_and_out_of_the_others_secrets():
 
 
 def test_install_web_writes_the_login_and_the_unit_verifies(tmp_path):
-    source = tmp_path / "source"  # a copy: pip builds in the tree
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                             "--exclude-standard"], cwd=ROOT, check=True,
-                            capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        if (ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, source / name)
     root = tmp_path / "root"
-    done = subprocess.run(["bash", str(DEPLOY / "install.sh"), "--root", str(root), "--web",
-                           str(source), "--", "--no-deps"],
-                          capture_output=True, text=True, timeout=600)
+    done = install(root, copy_checkout(tmp_path / "source"), "--web", "--python",
+                   public_python(), pip_options=("--no-deps",))
     if done.returncode != 0:
         pytest.fail(f"install.sh --web failed (pip needs its package index):\n"
                     f"{done.stderr[-3000:]}", pytrace=False)
