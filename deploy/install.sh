@@ -14,6 +14,8 @@
 #                                   (Debian's system pip is blocked: PEP 668)
 #   /usr/local/bin/molteniron, molteniron-worker, molteniron-cleaner, molteniron-web
 #                                   links into it
+#   /usr/local/share/bash-completion/completions/molteniron
+#                                   bash completion (`molteniron completion bash`), replaced
 #   /opt/molteniron/hooks/          the Jenkins hooks of the installed package (pre_hook.sh,
 #                                   post_hook.sh, keep_lease.sh; MOLTENIRON_HOOKS), replaced
 #   /etc/molteniron/                root:root 755: every user may enter; each file's own
@@ -201,6 +203,16 @@ mkdir -p "$bin"
 for command in molteniron molteniron-worker molteniron-cleaner molteniron-web; do
   ln -sfn "$venv/bin/$command" "$bin/$command"
 done
+
+# Bash completion, made once by the installed CLI from its own parser; bash-completion
+# loads it on the first TAB after `molteniron`, so no shell and no run of the CLI pays
+# for it.
+completions=$root/usr/local/share/bash-completion/completions
+install -d -m 755 "$completions"
+"$venv/bin/molteniron" completion bash >"$completions/molteniron.new"
+mv "$completions/molteniron.new" "$completions/molteniron"
+chmod 644 "$completions/molteniron"
+say "wrote $completions/molteniron (bash completion)"
 
 # The Jenkins hooks (examples/jenkins use them from here: MOLTENIRON_HOOKS), as the
 # installed package ships them: a wheel install gets them too.
