@@ -13,12 +13,10 @@ an error as for the services (a silent fall-back to amqp://guest@127.0.0.1
 would be a surprise).
 """
 
-from __future__ import annotations
-
 import os
 import shlex
-from collections import namedtuple
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from molteniron import flat_yaml
@@ -31,65 +29,68 @@ ADMINS_OFF = "off"  # config admins: authorization switched off on purpose
 MAX_PRIORITY_LIMIT = 1_000_000
 
 
-# Every key and its default. Types follow the defaults; the keys whose default is
-# None have their own checks in _validated.
-DEFAULTS = {
+class Config(NamedTuple):
+    """Every key, its type and its default. Values are checked by _validated: the
+    plain int, float and str keys by their default's type, the others by checks of
+    their own.
+
+    A named tuple, not a dataclass: importing and applying dataclasses would cost
+    every `molteniron` command about 10 ms of its start (typing is imported anyway).
+    No `from __future__ import annotations` in this module: NamedTuple would compile
+    each field's annotation string at import, another millisecond."""
+
     # db_url and amqp_url may name several servers (a YAML list, or comma-separated):
     # they are kept comma-joined and tried in order (url_list splits them).
-    "db_url": "mysql+pymysql://root@127.0.0.1:3306/molteniron",
-    "amqp_url": "amqp://guest:guest@127.0.0.1:5672/%2F",
-    "allocate_wait": 3600.0,         # seconds an allocate waits for nodes by default
-    "request_timeout": 30.0,         # seconds the CLI waits for a worker to answer
-    "reply_retention": 86400.0,      # seconds stored replies are kept for redeliveries
-    "history_retention": 7776000.0,  # seconds ended allocations are kept (90 days)
-    "lease_seconds": 21600,          # an allocation's lease unless allocate/renew says --lease
-    "max_lease_seconds": 604800,     # the longest lease anyone may ask for (7 days)
-    "prefetch": 128,                 # requests the worker drains into one transaction
-    "tick_interval": 1.0,            # seconds between a worker's timer ticks
-    "log_level": "INFO",
+    db_url: str = "mysql+pymysql://root@127.0.0.1:3306/molteniron"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    allocate_wait: float = 3600.0         # seconds an allocate waits for nodes by default
+    request_timeout: float = 30.0         # seconds the CLI waits for a worker to answer
+    reply_retention: float = 86400.0      # seconds stored replies are kept for redeliveries
+    history_retention: float = 7776000.0  # seconds ended allocations are kept (90 days)
+    lease_seconds: int = 21600            # an allocation's lease unless allocate/renew says --lease
+    max_lease_seconds: int = 604800       # the longest lease anyone may ask for (7 days)
+    prefetch: int = 128                   # requests the worker drains into one transaction
+    tick_interval: float = 1.0            # seconds between a worker's timer ticks
+    log_level: str = "INFO"
     # text: one `time level logger event=... key=...` line per event (no time under
     # journald, which adds its own); json: one JSON object per line (molteniron/logs.py).
-    "log_format": "text",
-    # Broker user names allowed to manage the pool, or "off" for no authorization at
-    # all (everyone may do everything, as in the original). None (unset): the worker
-    # refuses to start, so authorization is never off by accident.
-    "admins": None,
+    log_format: str = "text"
+    # Broker user names allowed to manage the pool, or "off" (ADMINS_OFF) for no
+    # authorization at all (everyone may do everything, as in the original). None
+    # (unset): the worker refuses to start, so authorization is never off by accident.
+    admins: tuple[str, ...] | str | None = None
     # A file of Fernet keys, one per line, newest first: IPMI passwords are stored
     # encrypted with the first; any of them decrypts (rotation). None: plain text.
-    "secret_key_file": None,
+    secret_key_file: str | None = None
     # Effective priority a waiting allocate gains per minute, so a low one is not starved.
-    "priority_aging": 1.0,
+    priority_aging: float = 1.0
     # The most nodes each broker user may hold at once, e.g. {ci-team-a: 10}; "*" for
     # everyone else. None: no quotas.
-    "quotas": None,
+    quotas: dict[str, int] | None = None
     # host:port where the worker serves Prometheus metrics (workers/metrics.py), e.g.
     # 127.0.0.1:9464 or [::]:9464. None or empty: no metrics endpoint.
-    "metrics_address": None,
+    metrics_address: str | None = None
     # host:port where molteniron-web serves the status page and its JSON API.
-    "web_address": "127.0.0.1:8080",
+    web_address: str | None = "127.0.0.1:8080"
     # Run by molteniron-cleaner on every released node before it is ready again, with
     # the node's fields in MOLTENIRON_* environment variables (no shell). None: released
     # nodes go straight back to ready. Set in the worker's config, it makes them dirty.
-    "cleaning_command": None,
+    cleaning_command: str | None = None
     # Seconds a cleaning may take: the cleaner kills the command after this, and the
     # worker lets another cleaner claim a node whose cleaner has not reported by then.
-    "cleaning_timeout": 1800.0,
+    cleaning_timeout: float = 1800.0
     # Limits on what one broker user who is not an admin may ask for, so that nobody
     # crowds the pool out: the highest allocate priority, how many allocates may wait
     # at once, and the longest wait (seconds).
-    "max_priority": 100,
-    "max_waiting_per_user": 20,
-    "max_wait_seconds": 86400.0,
+    max_priority: int = 100
+    max_waiting_per_user: int = 20
+    max_wait_seconds: float = 86400.0
     # TLS to the broker (amqps:// URLs): a CA bundle to check the broker's certificate
     # against (None: the system's CAs), and a client certificate and its key where the
     # broker asks for one.
-    "amqp_ca_file": None,
-    "amqp_cert_file": None,
-    "amqp_key_file": None,
-}
-# A named tuple, not a dataclass: importing and applying dataclasses would cost
-# every `molteniron` command about 10 ms of its start.
-Config = namedtuple("Config", DEFAULTS, defaults=DEFAULTS.values())
+    amqp_ca_file: str | None = None
+    amqp_cert_file: str | None = None
+    amqp_key_file: str | None = None
 
 
 # Environment variable -> key; secrets can live here instead of in the file.
@@ -162,7 +163,8 @@ def load_config(path: str | None = None, conf_dir: str | None = None,
     for var, key in ENV_PASSWORDS.items():
         if env.get(var):
             urls = [with_password(url, env[var]) for url in url_list(getattr(config, key))]
-            config = config._replace(**{key: ",".join(urls)})
+            with_passwords: dict[str, Any] = {key: ",".join(urls)}
+            config = config._replace(**with_passwords)
     return config
 
 
@@ -210,10 +212,10 @@ def _read_yaml(source: str) -> dict:
 
 def _validated(values: dict, source: str) -> Config:
     for key in values:
-        if key not in DEFAULTS:
+        if key not in Config._fields:
             raise ConfigError(f"{source}: unknown configuration key {key!r} "
-                              f"(known: {', '.join(sorted(DEFAULTS))})")
-    clean = {}
+                              f"(known: {', '.join(sorted(Config._fields))})")
+    clean: dict[str, Any] = {}
     for key, value in values.items():
         if key == "admins":
             clean[key] = _user_names(key, value, source)
@@ -228,7 +230,7 @@ def _validated(values: dict, source: str) -> Config:
         elif key in ("db_url", "amqp_url"):
             clean[key] = _urls(key, value, source)
         else:
-            clean[key] = _coerce(key, value, type(DEFAULTS[key]).__name__, source)
+            clean[key] = _coerce(key, value, type(Config._field_defaults[key]).__name__, source)
     config = Config(**clean)
     if not 0 <= config.max_priority <= MAX_PRIORITY_LIMIT:
         raise ConfigError(f"{source}: max_priority must be between 0 and {MAX_PRIORITY_LIMIT}, "

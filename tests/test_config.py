@@ -134,12 +134,14 @@ def test_db_password_keeps_an_ipv6_host():
     assert cfg.db_url == "mysql+pymysql://mi:pw@[::1]:3306/pool"
 
 
-def test_unknown_key_names_the_key(tmp_path):
+def test_unknown_key_names_the_key_and_every_known_one(tmp_path):
     path = write(tmp_path / "c.yaml", "prefetch: 4\ndb_uri: mysql://x\n")
     with pytest.raises(ConfigError) as info:
         load_config(str(path), env={})
     assert "db_uri" in info.value.message
     assert str(path) in info.value.message
+    assert f"(known: {', '.join(sorted(Config._fields))})" in info.value.message
+    assert "db_url, history_retention" in info.value.message  # the fields, not NamedTuple's
     assert info.value.status == 400
 
 
