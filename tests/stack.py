@@ -109,6 +109,7 @@ class Stack:
         self.engine = engine
         self.logdir = logdir
         self.workers: list[subprocess.Popen] = []
+        self.background: list[subprocess.Popen] = []  # cli_start's, stopped with the workers
         self.env = {**os.environ, "MOLTENIRON_AMQP_URL": amqp_url,
                     "MOLTENIRON_DB_URL": database_url, "PYTHONPATH": str(ROOT),
                     # A worker refuses to start without `admins`: tests that check
@@ -137,6 +138,11 @@ class Stack:
     def stop_workers(self) -> None:
         stop_processes(self.workers)
 
+    def stop_background(self) -> None:
+        """Whatever cli_start started and the test left running: a CLI still sending its
+        request would put it (or its dead letter) in the next test's queues."""
+        stop_processes(self.background)
+
     # --- clients -------------------------------------------------------------
 
     def client(self, timeout: float = 10.0) -> MoltenIronClient:
@@ -149,10 +155,12 @@ class Stack:
         return CliResult(done)
 
     def cli_start(self, *args: str, env: dict | None = None) -> RunningCli:
-        return RunningCli(subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "molteniron.clients.cli", *args],
             env={**self.env, **(env or {})}, cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True))
+            stderr=subprocess.PIPE, text=True)
+        self.background.append(process)
+        return RunningCli(process)
 
     # --- the broker, seen from outside ----------------------------------------
 
@@ -199,6 +207,7 @@ def stack(amqp_url, database_url, engine, tmp_path, request):
     stack = Stack(amqp_url, database_url, engine, tmp_path)
     stack.purge_queues()
     yield stack
+    stack.stop_background()
     stack.stop_workers()
     if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
         for i in range(len(stack.workers)):
