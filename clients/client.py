@@ -658,7 +658,7 @@ class MoltenIronClient:
                                     f"({protocol.MAX_BODY_BYTES} bytes): import it in parts")
         return self.call("import", args)
 
-    def _on_reply(self, method, properties, body: bytes) -> None:
+    def _on_reply(self, channel, method, properties, body) -> None:
         inbox = self.replies.get(properties.correlation_id)
         if inbox is None:
             return  # a late duplicate of a reply already taken

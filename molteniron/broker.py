@@ -17,7 +17,8 @@ imports this, never pika: tests/test_broker_boundary.py fails if another module 
 - Channel and Connection keep pika's method names and arguments for what MoltenIron
   uses (so workers/topology.py declares on either, as the tests do with pika's own);
   what they return is pika's (frames and properties, read by attribute); what they
-  raise is MoltenIron's. Callbacks get (method, properties, body).
+  raise is MoltenIron's. Callbacks get (channel, method, properties, body) as pika's
+  do, the channel being this module's.
 
 pika is imported here without its asyncio adapter, which MoltenIron never uses:
 `import pika` runs pika/adapters/__init__.py, which imports the asyncio adapter and
@@ -73,7 +74,8 @@ Properties = pika.BasicProperties  # a message's AMQP properties, read by attrib
 # pika's errors of an open connection, and the socket's: what `_failure` translates.
 _PIKA_ERRORS = (AMQPError, OSError)
 
-Callback = Callable[[object, object, bytes], None]  # (method, properties, body)
+# (channel, method, properties, body), as pika calls its own callbacks
+Callback = Callable[[object, object, object, bytes], None]
 
 
 def connection_parameters(url: str, tls=NO_TLS_FILES) -> pika.URLParameters:
@@ -223,8 +225,9 @@ class Connection:
     def reply_channel(self, on_return: Callback,
                       on_confirm: Callable[[int, bool, bool], None]) -> ReplyChannel:
         """A channel in confirm mode whose publishes are buffered, not awaited:
-        on_return(method, properties, body) for each mandatory message that reached no
-        queue, on_confirm(delivery_tag, multiple, acked) for the broker's confirms."""
+        on_return(channel, method, properties, body) for each mandatory message that
+        reached no queue, on_confirm(delivery_tag, multiple, acked) for the broker's
+        confirms."""
         try:
             return ReplyChannel(self, self._connection.channel(), on_return, on_confirm)
         except _PIKA_ERRORS as exc:
@@ -321,10 +324,10 @@ class Channel:
             raise self._failure(exc) from exc
 
     def basic_consume(self, queue: str, callback: Callback, auto_ack: bool = False) -> str:
-        """Consume a queue: callback(method, properties, body) for each delivery, run
-        from process_data_events. Returns the consumer tag."""
+        """Consume a queue: callback(channel, method, properties, body) for each
+        delivery, run from process_data_events. Returns the consumer tag."""
         def deliver(_channel, method, properties, body):
-            callback(method, properties, body)
+            callback(self, method, properties, body)
         try:
             return self._channel.basic_consume(queue, deliver, auto_ack=auto_ack)
         except _PIKA_ERRORS as exc:
@@ -400,7 +403,7 @@ class ReplyChannel:
         self._impl = channel._impl
 
         def returned(_channel, method, properties, body):
-            on_return(method, properties, body)
+            on_return(self, method, properties, body)
 
         def confirmed(frame):
             method = frame.method

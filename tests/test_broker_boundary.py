@@ -185,10 +185,10 @@ def test_the_reply_channel_buffers_and_hears_returns_and_confirms_in_order(amqp_
         consumer = connection.channel()
         queue = consumer.queue_declare("", exclusive=True, auto_delete=True).method.queue
         received = []
-        consumer.basic_consume(queue, lambda method, properties, body: received.append(
+        consumer.basic_consume(queue, lambda channel, method, properties, body: received.append(
             (properties.correlation_id, body)), auto_ack=True)
         replies = connection.reply_channel(
-            on_return=lambda method, properties, body: events.append(
+            on_return=lambda channel, method, properties, body: events.append(
                 ("returned", method.routing_key, body)),
             on_confirm=lambda tag, multiple, acked: events.append(
                 ("confirmed", tag, multiple, acked)))

@@ -231,10 +231,10 @@ class Worker:
         # again: a transaction of its own would take the pool from the active worker.
         return self.keeper.epoch is not None
 
-    def _on_delivery(self, method, properties, body: bytes) -> None:
+    def _on_delivery(self, channel, method, properties, body) -> None:
         self.deliveries.append((method, properties, body))
 
-    def _on_returned_reply(self, method, properties, body: bytes) -> None:
+    def _on_returned_reply(self, channel, method, properties, body) -> None:
         """A mandatory reply came back: its client's reply queue is gone with it."""
         try:
             reply = json.loads(body)
