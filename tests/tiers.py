@@ -11,7 +11,8 @@
 The markers are registered in pyproject.toml ([tool.pytest.ini_options] markers,
 with --strict-markers). A test marked with one of them by hand keeps its mark;
 otherwise the fixtures it uses decide, and the modules in CLUSTER_MODULES are
-`cluster` whatever they use.
+`cluster` whatever they use. A test that starts a private service itself, with no
+fixture that says so, is marked `cluster` by hand.
 
 Run in parallel (pytest-xdist, `-n 4 --dist loadgroup`), each worker process has its own
 database and vhost (conftest.py, stack.py: session fixtures, made once per process).
@@ -35,6 +36,8 @@ CLUSTER_MODULES = frozenset({
 # Module-scoped fixtures that build the package (tests/test_package.py) or install it
 # with deploy/install.sh (tests/test_deploy_kit.py).
 INSTALL_FIXTURES = frozenset({"dists", "installed"})
+# Fixtures that start a private broker or database (tests/tls.py), in whatever module.
+CLUSTER_FIXTURES = frozenset({"tls_broker"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads xdist_group
@@ -50,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
 def tier_of(item) -> str:
     module = item.module.__name__.rpartition(".")[2] if item.module else ""
     fixtures = set(getattr(item, "fixturenames", ()))
-    if module in CLUSTER_MODULES:
+    if module in CLUSTER_MODULES or fixtures & CLUSTER_FIXTURES:
         return "cluster"
     if fixtures & INSTALL_FIXTURES:
         return "install"
