@@ -3,7 +3,7 @@
 Two kinds: the NO_SAVEPOINT handlers work on the worker's PoolState and Waiters
 and check everything before they change anything, so they need no savepoint (nor
 the ORM); the rest call the ORM pool operations inside a savepoint, and the nodes
-they change reach the PoolState by themselves (a session event, see keeper.py).
+they change reach the PoolState by themselves (session events, workers/savepoint.py).
 Pools that may have ready nodes again go in `batch.touched_pools`; the keeper
 serves their waiters after every request.
 """

@@ -10,7 +10,8 @@ never sit ready while a waiter they fit waits.
 
 Around that job, in modules of their own: the database servers and the move to the next
 one (workers/database.py), the grant outbox (workers/grants.py), the heartbeat and the
-pruning (workers/housekeeping.py), the handlers (workers/dispatch.py).
+pruning (workers/housekeeping.py), the handlers (workers/dispatch.py) and the savepoint
+of those that go through the ORM (workers/savepoint.py).
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from molteniron import compat, db, errors, protocol
 from molteniron.config import Config
-from molteniron.models import Node
-from molteniron.workers import authz, fence, grants, metrics
+from molteniron.workers import authz, fence, grants, metrics, savepoint
 from molteniron.workers.authz import Authorizer
 from molteniron.workers.batch import Batch, Stored
 from molteniron.workers.cleaning import CleaningPolicy, replayed_claim
@@ -58,10 +58,7 @@ class PoolKeeper:
         # until checked, False if the check failed after start (the read form only).
         self.fence_trips: bool | None = None
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # Nodes changed through the ORM reach memory by themselves (no handler has to say so).
-        event.listen(self.sessions, "before_flush", _send_writes_first)
-        event.listen(self.sessions, "after_flush", _collect_changed_nodes)
-        event.listen(self.sessions, "do_orm_execute", _notice_bulk_node_changes)
+        savepoint.install_hooks(self.sessions)
         self.leases = LeasePolicy(config.lease_seconds, config.max_lease_seconds)
         self.authz = Authorizer(config.admins)
         self.limits = UserLimits(config.max_priority, config.max_waiting_per_user,
@@ -187,12 +184,15 @@ class PoolKeeper:
                 fence_in_trip: bool) -> Batch:
         with self._transaction() as batch:
             request_ids = [r.id for _, _, r in requests]
+            taking: int | None = None
+            stored: dict[str, Stored] = {}
             if fence_in_trip:
+                assert self.epoch is not None  # only a worker that holds the pool (_may_...)
                 batch.at(self.clock.now())  # no read: the last one, moved on by monotonic time
                 fence.first_write(batch, self.epoch, request_ids)
-                taking, stored = None, {}
             else:
                 taking, stored = self._fence(batch, request_ids)
+            assert batch.now is not None  # the batch's time, given by the fence
             if taking is not None:  # not those this batch settles: their rows go now
                 batch.adopted_grants = [row for row in grants.adopt_outbox(batch, self.state)
                                         if row.request_id not in settled]
@@ -258,15 +258,17 @@ class PoolKeeper:
             except SQLAlchemyError:
                 pass  # a dead connection: the pool discards it
 
-    def _fence(self, batch: Batch, request_ids: list[str]) -> tuple[int | None, dict]:
+    def _fence(self, batch: Batch, request_ids: list[str]
+               ) -> tuple[int | None, dict[str, Stored]]:
         """Check the epoch is ours; on the first batch after standing by, take a new one.
         Returns (the epoch taken or None, the replies stored for request_ids): one round
         trip for both, which also gives the batch its time (the database's)."""
         wall_before = time.time()  # for the skew only: nothing decides by this host's clock
         epoch, database_now, stored = fence.read(batch.connection, request_ids)
-        batch.at(self.clock.read(database_now, wall_before))
+        now = self.clock.read(database_now, wall_before)
+        batch.at(now)
         if self.epoch is None:
-            fence.take(batch.connection, epoch + 1, self.worker_id, batch.now)
+            fence.take(batch.connection, epoch + 1, self.worker_id, batch.now or now)
             self._load(batch.session)
             return epoch + 1, stored
         if epoch != self.epoch:
@@ -366,49 +368,7 @@ class PoolKeeper:
                 return handler(context, request)
             except errors.MoltenIronError as exc:
                 return exc.to_reply()
-        # The ORM must see this batch's changes.
-        self.state.flush(batch.orm_session, batch.now, batch.defer)
-        batch.send_writes()
-        mark = batch.mark()
-        changes = self.waiters.changes
-        savepoint = batch.session.begin_nested()
-        memory_touched = False  # handlers check before changing; the refresh changes memory
-        try:
-            reply = handler(context, request)
-            batch.send_writes()
-            batch.session.flush()  # so that _collect_changed_nodes sees every change
-            memory_touched = True
-            self._absorb_orm_changes(batch)
-            savepoint.commit()
-            return reply
-        except errors.MoltenIronError as exc:
-            failure = exc.to_reply()
-        except DBAPIError as exc:
-            if exc.connection_invalidated or db.lock_conflict(exc) or db.node_unusable(exc):
-                raise  # not this request's fault: the whole batch is retried
-            log.exception("event=internal_error op=%s id=%s", request.op, request.id)
-            failure = errors.InternalError.for_request(request.id).to_reply()
-        savepoint.rollback()
-        batch.rollback_to(mark)
-        if memory_touched:
-            # Flushed just before the savepoint: the database now holds what memory should.
-            self.state.load(batch.session)
-        if self.waiters.changes != changes:
-            self.waiters.load(batch.session)
-        return failure
-
-    def _absorb_orm_changes(self, batch: Batch) -> None:
-        """Bring nodes changed through the ORM into memory; their pools may serve waiters."""
-        if batch.reload_pool:
-            self.state.load(batch.session)
-            changed = set(self.waiters.by_pool)
-            batch.reload_pool = False
-        else:
-            changed = self.state.refresh(batch.session, batch.touched_nodes)
-        batch.touched_nodes.clear()
-        for node_pool in changed:  # a pool that shrank may never serve some waiters now
-            self.waiters.refuse_impossible(batch, self.state, node_pool)
-        batch.touched_pools.update(changed)
+        return savepoint.run(handler, context, request)
 
     def _serve_waiters(self, batch: Batch) -> None:
         while self.state.shrunk:  # a node went into maintenance at its release
@@ -449,6 +409,9 @@ class PoolKeeper:
                 self.use_next_database(exc)
 
     def _on_tick(self, batch: Batch) -> None:
+        """The tick's pool work: waiter deadlines, leases that ended, reply-queue probes;
+        then the housekeeping (heartbeat, pruning)."""
+        assert batch.now is not None  # given by the fence
         self.waiters.expire(batch, self.state)  # a wait its quota held says so
         for owner, records in self.state.expire(batch.now).items():
             batch.touched_pools.update(r["node_pool"] for r in records)
@@ -468,28 +431,4 @@ def _maybe_answered(method, properties) -> bool:
 
 def _is_grant(op: str, reply: dict) -> bool:
     return op == "allocate" and reply.get("status") == 200
-
-
-def _send_writes_first(session: Session, flush_context, instances) -> None:
-    """The batch's deferred writes go before anything the ORM writes, in the order the
-    batch decided them (a row it deleted may be written again by the ORM)."""
-    batch = session.info.get("batch")
-    if batch is not None:
-        batch.send_writes()
-
-
-def _collect_changed_nodes(session: Session, flush_context) -> None:
-    batch = session.info.get("batch")
-    if batch is not None:
-        batch.touched_nodes.update(obj.id for obj in (*session.new, *session.dirty,
-                                                      *session.deleted)
-                                   if isinstance(obj, Node))
-
-
-def _notice_bulk_node_changes(orm_execute_state) -> None:
-    batch = orm_execute_state.session.info.get("batch")
-    mapper = orm_execute_state.bind_mapper
-    if (batch is not None and mapper is not None and mapper.class_ is Node
-            and (orm_execute_state.is_update or orm_execute_state.is_delete)):
-        batch.reload_pool = True
 
