@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 from molteniron import __version__, errors, logs, protocol
 from molteniron.config import load_config

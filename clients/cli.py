@@ -61,6 +61,14 @@ class _EpilogFormatter(argparse.RawDescriptionHelpFormatter, _Formatter):
     """Keeps the line breaks of the top-level description and epilog."""
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: its help formatted by _Formatter."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 @functools.cache  # asked once: argparse makes a formatter for every add_argument
 def _terminal_columns() -> int:
     """$COLUMNS, else the terminal's width, else 80 (shutil.get_terminal_size's rules)."""
@@ -70,8 +78,11 @@ def _terminal_columns() -> int:
         columns = 0
     if columns > 0:
         return columns
+    stdout = sys.__stdout__  # None when Python started without one
+    if stdout is None:
+        return 80
     try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+        return os.get_terminal_size(stdout.fileno()).columns or 80
     except (AttributeError, ValueError, OSError):
         return 80
 
@@ -92,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_positive, metavar="SECONDS",
                         help="how long to wait for the worker to answer (default from config, 30)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                parser_class=functools.partial(argparse.ArgumentParser,
-                                                               formatter_class=_Formatter))
+                                parser_class=_CommandParser)
 
     p = sub.add_parser("add_baremetal", help="add a node from its fields")
     for name in ("name", "ipmi_ip", "ipmi_user", "ipmi_password"):
@@ -111,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ipmi_ip")
     p.add_argument("allocation_pool")
     p.add_argument("pairs", nargs="+", metavar="KEY=VALUE",
-                   help="hardware fields (ipmi_user=..., cpus=8, node_pool=...); JSON values allowed")
+                   help="hardware fields (ipmi_user=..., cpus=8, node_pool=...); "
+                        "JSON values allowed")
     _tags_option(p)
 
     p = sub.add_parser("add_json_blob", help="add a node from a JSON object of hardware fields")
@@ -150,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease", type=_positive_int, metavar="SECONDS",
                    help="the new lease, from now (default: the worker's lease_seconds)")
 
-    p = sub.add_parser("release", help="return every node of OWNER (and cancel its waiting allocates)")
+    p = sub.add_parser("release",
+                       help="return every node of OWNER (and cancel its waiting allocates)")
     p.add_argument("owner_name")
 
     p = sub.add_parser("get_field", help="a field of every node OWNER holds")
@@ -182,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", metavar="POOL", help="only this node pool")
     _table_option(p)
 
-    sub.add_parser("workers", help="running workers (active, standby), waiting allocates, queue depth")
+    sub.add_parser("workers",
+                   help="running workers (active, standby), waiting allocates, queue depth")
 
     p = sub.add_parser("cancel", help="cancel a request by id (waiting, served or not yet seen)")
     p.add_argument("request_id")
@@ -359,7 +372,8 @@ def _print_completion(args) -> int:
 LOCAL_COMMANDS = {"hooks-dir": _print_hooks_dir, "completion": _print_completion}
 
 
-def run_command(client, args, config) -> dict:
+def run_command(client, args, config) -> dict | None:
+    """The command's reply; None: the command printed its result itself (export's YAML)."""
     command = args.command
     if command == "allocate":
         return _allocate(client, args, config)

@@ -7,6 +7,7 @@ unusable server). No session factory: the worker's keeper makes its sessions."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pymysql.constants import CLIENT
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
@@ -38,7 +39,10 @@ def make_engine(db_url: str, pre_ping: bool = True, joined_statements: bool = Fa
         event.listen(engine, "do_execute", _read_every_result)
         event.listen(engine, "before_cursor_execute", _forget_commit)
         event.listen(engine, "handle_error", _hide_joined_values)
-        engine.dialect.do_commit = _commit_unless_sent(engine.dialect.do_commit)
+        # Patched on this engine's dialect object, on purpose (see _commit_unless_sent):
+        # typed as Any because mypy refuses any assignment to a method.
+        dialect: Any = engine.dialect
+        dialect.do_commit = _commit_unless_sent(dialect.do_commit)
     return engine
 
 
@@ -69,7 +73,7 @@ def run_statements(connection: Connection, statements: list[tuple[str, tuple | N
         for statement, params in statements:
             connection.exec_driver_sql(statement, params)
         return
-    cursor = connection.connection.dbapi_connection.cursor()
+    cursor = connection.connection.cursor()  # the pool's proxy: the driver's own cursor
     try:
         texts = [cursor.mogrify(statement, params) for statement, params in statements]
     finally:

@@ -7,10 +7,11 @@ input before they change anything, so an error leaves the session as it was.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import CursorResult, Executable, delete, select, update
 from sqlalchemy.orm import Session
 
 from molteniron import errors
@@ -253,7 +254,8 @@ def _change_state(node: Node, value: Any, now: datetime, force: bool) -> None:
     try:
         target = State(str(value))
     except ValueError:
-        raise errors.BadRequest(f"status must be one of {', '.join(s.value for s in State)}")
+        raise errors.BadRequest(
+            f"status must be one of {', '.join(s.value for s in State)}") from None
     if target == node.state:
         return
     if target not in _STATE_CHANGES[node.state]:
@@ -320,23 +322,29 @@ def delete_db(session: Session, now: datetime | None = None) -> int:
     session.execute(update(Allocation).where(Allocation.ended_at.is_(None))
                     .values(ended_at=now, end_reason=EndReason.REMOVED))
     session.execute(delete(NodeIP))
-    removed = session.execute(delete(Node)).rowcount
+    removed = _rowcount(session, delete(Node))
     session.expunge_all()
     return removed
 
 
 def prune_processed(session: Session, older_than: datetime, limit: int = 10_000) -> int:
     """Forget up to `limit` stored replies older than the retention."""
-    return session.execute(delete(ProcessedRequest)
-                           .where(ProcessedRequest.processed_at < older_than)
-                           .with_dialect_options(mysql_limit=limit)).rowcount
+    return _rowcount(session, delete(ProcessedRequest)
+                     .where(ProcessedRequest.processed_at < older_than)
+                     .with_dialect_options(mysql_limit=limit))
 
 
 def prune_history(session: Session, older_than: datetime, limit: int = 10_000) -> int:
     """Forget up to `limit` allocations that ended before the retention."""
-    return session.execute(delete(Allocation)
-                           .where(Allocation.ended_at < older_than)
-                           .with_dialect_options(mysql_limit=limit)).rowcount
+    return _rowcount(session, delete(Allocation)
+                     .where(Allocation.ended_at < older_than)
+                     .with_dialect_options(mysql_limit=limit))
+
+
+def _rowcount(session: Session, statement: Executable) -> int:
+    """The rows a DELETE matched. Session.execute runs it on a cursor and returns its
+    CursorResult, but is typed as returning any Result, which has no rowcount."""
+    return cast(CursorResult, session.execute(statement)).rowcount
 
 
 # --- input checking ----------------------------------------------------------
@@ -365,7 +373,8 @@ def _hardware(values: dict) -> dict:
     clean = {}
     for key in HARDWARE_FIELDS:
         value = values[key]
-        clean[key] = _non_negative(key, value) if key in INT_FIELDS else _text(key, value, empty=True)
+        clean[key] = (_non_negative(key, value) if key in INT_FIELDS
+                      else _text(key, value, empty=True))
     return clean
 
 
