@@ -4,6 +4,7 @@ directory, and an interpreter every user may run (what install.sh --python needs
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,13 @@ DEPLOY = ROOT / "deploy"
 # Where a system keeps the python3 every user runs: the first of these, that another
 # user can start and that makes venvs, is the one the kit's tests install with.
 SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
+
+
+def first_group(pattern: str, text: str, flags: int = 0) -> str:
+    """Group 1 of pattern's first match in text (a shipped file must hold one)."""
+    found = re.search(pattern, text, flags)
+    assert found, f"no {pattern!r} in the shipped file"
+    return found.group(1)
 
 
 def copy_checkout(source: Path) -> Path:

@@ -31,6 +31,7 @@ def on_a_terminal(env: dict, *args: str, columns: int = 80) -> tuple[str, str]:
             break
         chunks.append(chunk)
     os.close(leader)
+    assert process.stderr is not None  # stderr=PIPE
     stderr = process.stderr.read().decode()
     process.stderr.close()
     assert process.wait(timeout=60) == 0, stderr

@@ -32,7 +32,8 @@ def test_original_sequence_prints_the_original_json(running):
     assert node["timestamp"]
 
     field = running.cli("get_field", "job-1", "port_hwaddr")
-    assert field.json == {"status": 200, "result": [{"id": node["id"], "field": "aa:bb:cc:dd:ee:01"}]}
+    assert field.json == {"status": 200,
+                          "result": [{"id": node["id"], "field": "aa:bb:cc:dd:ee:01"}]}
 
     released = running.cli("release", "job-1")
     assert released.returncode == 0 and released.json["status"] == 200
@@ -64,7 +65,8 @@ def test_add_keyvalue_pairs_and_json_blob_and_set_field(running):
     assert added.json["status"] == 200, added
     blob = json.dumps({"ipmi_user": "u", "ipmi_password": "p", "port_hwaddr": "bb:00",
                        "cpu_arch": "x86_64", "cpus": 4, "ram_mb": 8192, "disk_gb": 100})
-    assert running.cli("add_json_blob", "blob-1", "10.0.0.6", "10.2.0.2", blob, "big").json["status"] == 200
+    blob_added = running.cli("add_json_blob", "blob-1", "10.0.0.6", "10.2.0.2", blob, "big")
+    assert blob_added.json["status"] == 200
 
     kv_id = running.sql("SELECT id FROM nodes WHERE name='kv-1'")[0][0]
     assert running.cli("set_field", str(kv_id), "cpus", "24", "int").json == {"status": 200}
@@ -75,7 +77,8 @@ def test_add_keyvalue_pairs_and_json_blob_and_set_field(running):
     assert missing.returncode == 1 and missing.json["status"] == 404
 
     running.cli("allocate", "job-kv", "1")
-    assert running.cli("get_field", "job-kv", "rack").json["result"] == [{"id": kv_id, "field": "7"}]
+    rack = running.cli("get_field", "job-kv", "rack")
+    assert rack.json["result"] == [{"id": kv_id, "field": "7"}]
     assert running.cli("allocate", "job-big", "1", "big").json["nodes"]
 
 
@@ -116,7 +119,8 @@ def test_output_result_prints_only_the_result(running):
 
 def test_usage_errors_exit_2_without_traceback(running):
     for args in (["allocate", "job"], ["allocate", "job", "zero"], ["allocate", "job", "0"],
-                 ["frobnicate"], ["add_baremetal", "n", "ip"], ["allocate", "j", "1", "--wait", "-3"]):
+                 ["frobnicate"], ["add_baremetal", "n", "ip"],
+                 ["allocate", "j", "1", "--wait", "-3"]):
         result = running.cli(*args)
         assert result.returncode == 2, (args, result)
         assert "Traceback" not in result.stderr

@@ -35,7 +35,7 @@ from molteniron.config import ENV_OVERRIDES, ENV_PASSWORDS, Config, load_config
 from tests import services
 from tests.conftest import TEST_DB_URL
 from tests.definitions import DEFINITIONS
-from tests.kit import DEPLOY, copy_checkout, install, public_python
+from tests.kit import DEPLOY, copy_checkout, first_group, install, public_python
 from tests.stack import ROOT, TEST_AMQP_URL, node_args, wait_until
 from tests.stack import _rabbitmqctl as rabbitmqctl
 
@@ -99,7 +99,8 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
         assert helped.returncode == 0 and "usage:" in helped.stdout, (program, helped)
     # The venv's own copy runs, not this checkout.
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import molteniron.clients.cli, molteniron.workers.main as m; print(m.__file__)"],
+                            "import molteniron.clients.cli, molteniron.workers.main as m; "
+                            "print(m.__file__)"],
                            capture_output=True, text=True, timeout=60, cwd="/")
     assert Path(where.stdout.strip()).is_relative_to(venv), where
     # The Jenkins examples run the hooks from MOLTENIRON_HOOKS=/opt/molteniron/hooks:
@@ -416,10 +417,11 @@ def test_the_units_verify_against_the_install(installed, tmp_path):
 
 KIT_VHOST = DEFINITIONS["vhosts"][0]["name"]
 _STATEMENTS = re.sub(r"^--.*\n", "", SQL, flags=re.M)
-KIT_DATABASE = re.search(r"^CREATE DATABASE IF NOT EXISTS (\w+)", _STATEMENTS, re.M).group(1)
-KIT_DB_USER = re.search(r"^CREATE USER IF NOT EXISTS '([^']+)'", _STATEMENTS, re.M).group(1)
-KIT_GRANTS = [grant.strip() for grant in re.search(
-    r"^GRANT (.+?)\s+ON", _STATEMENTS, re.M | re.S).group(1).split(",")]
+
+KIT_DATABASE = first_group(r"^CREATE DATABASE IF NOT EXISTS (\w+)", _STATEMENTS, re.M)
+KIT_DB_USER = first_group(r"^CREATE USER IF NOT EXISTS '([^']+)'", _STATEMENTS, re.M)
+KIT_GRANTS = [grant.strip() for grant in first_group(
+    r"^GRANT (.+?)\s+ON", _STATEMENTS, re.M | re.S).split(",")]
 
 
 @dataclass
@@ -646,7 +648,8 @@ def test_the_migrations_need_each_schema_grant(database_url, missing):
                 f"'{password}'; GRANT {fewer} ON {database}.* TO '{user}'@'%';")
         with pytest.raises(db.OperationalError) as refused:
             db.migrate(engine)
-        assert refused.value.orig.args[0] == 1142, refused.value  # command denied
+        orig = refused.value.orig
+        assert orig is not None and orig.args[0] == 1142, refused.value  # command denied
     finally:
         engine.dispose()
         mariadb(f"DROP DATABASE IF EXISTS {database}; DROP USER IF EXISTS '{user}'@'%';")
@@ -691,7 +694,7 @@ def test_compose_runs_the_commands_and_settings_the_code_has():
     assert services["worker"]["depends_on"]["migrate"]["condition"] == (
         "service_completed_successfully")
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    cmd = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
+    cmd = json.loads(first_group(r"^CMD (.+)$", dockerfile, re.M))
     assert cmd == ["molteniron-worker"]
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert {".git", ".venv"} <= set(ignored)

@@ -17,12 +17,12 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, make_url, text
 
-from molteniron.clients import inventory_file
 from molteniron import errors, inventory
+from molteniron.clients import inventory_file
 from molteniron.protocol import Request
+from molteniron.workers.authz import Authorizer
 from tests.conftest import TEST_DB_URL
 from tests.stack import ROOT, node_args
-from molteniron.workers.authz import Authorizer
 
 
 def add_pool(stack) -> None:

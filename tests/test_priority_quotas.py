@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from tests.stack import node_args, wait_until
-from tests.test_keeper import keeper  # noqa: F401  (the fixture)
+from molteniron.pool import utcnow
+from molteniron.workers import keeper as keeper_module
+from molteniron.workers.batch import Batch
 from molteniron.workers.queue import PoolQueue
+from tests.keeper import add_node, commit, request
+from tests.stack import node_args, wait_until
 
 
 @dataclass
@@ -53,6 +56,7 @@ def test_a_low_priority_waiter_is_passed_only_by_those_that_came_within_the_boun
     for minute in range(1, 30):  # a job arrives each minute; the node serves one a minute
         queue.add(W(minute + 1, f"high-{minute}", 10, T0 + timedelta(minutes=minute)))
         head = queue.head()
+        assert head is not None
         served.append(head.request_id)
         queue.remove(head.request_id)
         if head.request_id == "low":
@@ -68,7 +72,8 @@ def test_equal_priorities_keep_arrival_order_and_places_are_cheap_to_give():
     assert queue.add(W(9, "urgent", 100, T0 + timedelta(seconds=9))) == 1
     assert [w.request_id for w in queue.ordered()] == ["urgent", "w1", "w2", "w3", "w4", "w5"]
     queue.remove("urgent")
-    assert queue.head().request_id == "w1"
+    head = queue.head()
+    assert head is not None and head.request_id == "w1"
 
 
 def test_a_quota_makes_its_user_wait_without_keeping_nodes_from_others(stack, users, tmp_path):
@@ -105,14 +110,10 @@ def test_through_the_worker_a_stream_of_high_priority_jobs_cannot_starve_a_low_o
     """The same bound through PoolKeeper.commit and the real database, one job a
     minute on a virtual clock: the priority-0 job is served after at most the
     priority-10 jobs that arrived in its first 10 minutes."""
-    from molteniron.workers import keeper as keeper_module
-    from molteniron.workers.batch import Batch
-    from molteniron.pool import utcnow
-    from tests.test_keeper import add_node, commit, request
-
     now = [utcnow()]
     monkeypatch.setattr(keeper_module, "Batch",
-                        lambda *unit: Batch(*unit, now=now[0], clock=now[0].timestamp()))
+                        lambda connection, make_session: Batch(
+                            connection, make_session, now=now[0], clock=now[0].timestamp()))
     add_node(keeper, "n1")
     commit(keeper, request("allocate", owner="holder", count=1, node_pool="p"))
     commit(keeper, request("allocate", owner="low", count=1, node_pool="p", wait=True))
