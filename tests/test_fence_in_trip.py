@@ -20,8 +20,19 @@ from molteniron.config import Config
 from molteniron.workers import fence
 from molteniron.workers.keeper import PoolKeeper
 from tests.conftest import statements_sent
-from tests.test_keeper import (Properties, add_node, allocate, commit, keeper,  # noqa: F401
-                               owners, reply_to_of, request, sql)
+from tests.test_keeper import (  # noqa: F401
+    Properties,
+    add_node,
+    allocate,
+    commit,
+    keeper,
+    owners,
+    reply_to_of,
+    request,
+    sql,
+)
+
+FENCE_READ = "(SELECT NULL, epoch, NULL, NULL FROM worker_meta WHERE id = 1 FOR UPDATE)"
 
 
 def count_reloads(pool_keeper) -> list[int]:
@@ -179,7 +190,8 @@ def test_the_fence_fails_on_a_lax_server_instead_of_writing_epoch_zero(active, d
             assert fence.tripped(info.value)
             conn.rollback()
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT epoch FROM worker_meta WHERE id = 1")).scalar() == epoch
+            now_held = conn.execute(text("SELECT epoch FROM worker_meta WHERE id = 1")).scalar()
+            assert now_held == epoch
     finally:
         engine.dispose()
 
@@ -201,7 +213,7 @@ def test_a_batch_that_may_not_skip_the_read_reads_the_fence_first(active, why):
         req = request("get_field", owner="job", field="name")
     with statements_sent(pool_keeper.engine) as sent:
         commit(pool_keeper, req)
-    assert sent[0].startswith("(SELECT NULL, epoch, NULL, NULL FROM worker_meta WHERE id = 1 FOR UPDATE)")
+    assert sent[0].startswith(FENCE_READ)
     assert not any(s.startswith("UPDATE worker_meta") for s in sent)
 
 
@@ -227,5 +239,5 @@ def test_on_a_galera_node_a_batch_reads_the_fence_first(active):
     assert db.on_galera(pool_keeper.connection)
     with statements_sent(pool_keeper.engine) as sent:
         commit(pool_keeper, request("release", owner="j"))
-    assert sent[0].startswith("(SELECT NULL, epoch, NULL, NULL FROM worker_meta WHERE id = 1 FOR UPDATE)")
+    assert sent[0].startswith(FENCE_READ)
     assert not any(s.startswith("UPDATE worker_meta") for s in sent)
