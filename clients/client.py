@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 from molteniron import broker, errors, protocol
 from molteniron.broker_params import NO_TLS_FILES
@@ -120,8 +121,10 @@ class MoltenIronClient:
         self.tls = tls
         self.brokers = broker.Brokers(amqp_url, tls, connect_timeout=min(timeout, CONNECT_TIMEOUT),
                                       blocked_timeout=timeout)
-        self.connection: broker.Connection | None = None
-        self.channel: broker.Channel | None = None
+        # broker.Connection and Channel while connected, else None: Any, so the methods
+        # that run only after connect() need not say so at each use.
+        self.connection: Any = None
+        self.channel: Any = None
         self.reply_queue: str | None = None
         # The broker login, sent as user_id on every request (None: no user name in
         # the credentials, e.g. an EXTERNAL login by certificate).
@@ -451,7 +454,7 @@ class MoltenIronClient:
             if queued:
                 # The worker started the clock when it took the request; it answers by itself
                 # when `wait` runs out, so GRACE only covers a worker that died meanwhile.
-                reply = self.wait(request.id, time.time() + wait + GRACE, on_progress)
+                reply = self.wait(request.id, time.time() + (wait or 0) + GRACE, on_progress)
         except BrokerUnusable:
             raise  # refused before it reached the queue; a cancel would be refused the same way
         except errors.ServiceUnavailable:

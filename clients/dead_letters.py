@@ -26,6 +26,7 @@ import re
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from molteniron import broker, errors, protocol
 from molteniron.broker_params import NO_TLS_FILES
@@ -194,7 +195,7 @@ class DeadLetterQueue:
     def __init__(self, amqp_url: str, timeout: float = 30.0, tls=NO_TLS_FILES):
         """tls: the configuration (or a TlsFiles) whose TLS files amqps:// URLs use."""
         self.brokers = broker.Brokers(amqp_url, tls, connect_timeout=min(timeout, 10.0))
-        self.connection: broker.Connection | None = None
+        self.connection: Any = None  # a broker.Connection once entered
         self.login: str | None = None  # the broker user, once connected
 
     def __enter__(self) -> DeadLetterQueue:
@@ -212,18 +213,17 @@ class DeadLetterQueue:
         """The oldest `limit` dead letters and how many there are, leaving the queue as it was."""
         with _broker_errors(self.connection.where):
             channel = self.connection.channel()
-            letters, total = [], None
+            letters: list[DeadLetter] = []
+            total = 0  # when nothing is read; the read right is checked all the same
             for _ in range(limit):
                 method, properties, body = channel.basic_get(protocol.DEAD_LETTER_QUEUE)
                 if method is None:
                     break
-                if total is None:  # message_count: those left after this one
+                if not letters:  # message_count: those left after this one
                     total = method.message_count + 1
                 letters.append(describe(properties, body))
             if letters:
                 channel.basic_nack(0, multiple=True, requeue=True)  # all back, in order
-            else:  # nothing to read; the read right is checked all the same
-                total = 0
             channel.close()
             return letters, total
 

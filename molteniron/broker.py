@@ -35,6 +35,7 @@ import sys
 import types
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 from molteniron import errors
 from molteniron.broker_params import NO_TLS_FILES, TlsFiles, tls_context
@@ -75,7 +76,7 @@ Properties = pika.BasicProperties  # a message's AMQP properties, read by attrib
 _PIKA_ERRORS = (AMQPError, OSError)
 
 # (channel, method, properties, body), as pika calls its own callbacks
-Callback = Callable[[object, object, object, bytes], None]
+Callback = Callable[[Any, Any, Any, bytes], None]
 
 
 def connection_parameters(url: str, tls=NO_TLS_FILES) -> pika.URLParameters:

@@ -167,8 +167,8 @@ def test_a_connection_closed_by_the_broker_is_broker_lost(amqp_url):
                 if name in line:
                     return line.split()[0]
             return None
-        wait_until(pid, 10, "the broker to list the connection")
-        _rabbitmqctl("close_connection", pid(), "closed by test_broker_boundary")
+        found = wait_until(pid, 10, "the broker to list the connection")
+        _rabbitmqctl("close_connection", found, "closed by test_broker_boundary")
         with pytest.raises(errors.BrokerLost) as lost:
             wait_until(lambda: connection.process_data_events(0.2), 10, "the close to arrive")
         assert "closed by test_broker_boundary" in lost.value.message
@@ -180,11 +180,11 @@ def test_the_reply_channel_buffers_and_hears_returns_and_confirms_in_order(amqp_
     """broker.ReplyChannel uses pika's private BlockingChannel._impl: this fails if a
     pika release changes what the worker's replies rely on."""
     connection = broker.Brokers(amqp_url).connect()
-    events = []
+    events: list[tuple] = []
     try:
         consumer = connection.channel()
         queue = consumer.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        received = []
+        received: list[tuple] = []
         consumer.basic_consume(queue, lambda channel, method, properties, body: received.append(
             (properties.correlation_id, body)), auto_ack=True)
         replies = connection.reply_channel(

@@ -16,6 +16,7 @@ import pytest
 from molteniron import errors
 from molteniron.clients import client as client_module
 from molteniron.clients.client import MoltenIronClient
+from molteniron.workers import topology
 from tests.stack import ROOT, node_args
 
 EXAMPLE = ROOT / "examples" / "python" / "allocate_and_release.py"
@@ -70,6 +71,9 @@ def raised(call) -> tuple[errors.MoltenIronError, float]:
 
 
 def test_no_worker_consuming_is_service_unavailable_at_once(stack):
+    connection, channel = stack.channel()
+    topology.declare(channel)  # as a worker that ran once left them
+    connection.close()
     with MoltenIronClient(stack.amqp_url, timeout=20) as client:
         refused, took = raised(lambda: client.allocate("job", 1))
         assert type(refused) is errors.ServiceUnavailable and refused.status == 503
@@ -99,7 +103,8 @@ def test_a_pool_too_small_and_too_few_ready_nodes_are_conflicts_of_their_own_typ
         assert client.allocate("job-1", 1, wait=None)["status"] == 200
         busy, _ = raised(lambda: client.allocate("job-2", 2, wait=None))
         assert type(busy) is errors.NotEnoughNodes and busy.status == 409
-        assert isinstance(busy, errors.Conflict) and busy.reply["error"] == "NotEnoughNodes"
+        assert isinstance(busy, errors.Conflict) and busy.reply is not None
+        assert busy.reply["error"] == "NotEnoughNodes"  # as the worker sent it
         never, _ = raised(lambda: client.allocate("job-2", 3, wait=None))
         assert type(never) is errors.PoolTooSmall and never.status == 409
         nobody, _ = raised(lambda: client.release("job-3"))

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import uuid
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -89,9 +90,11 @@ class Worker:
         self.returned: list[tuple[str, dict]] = []  # interim replies whose client is gone
         self.grants = GrantTracker()
         self.stopping = False
-        self.connection: broker.Connection | None = None
-        self.channel: broker.Channel | None = None
-        self.reply_channel: broker.ReplyChannel | None = None
+        # broker.Connection, Channel and ReplyChannel while connected, else None: Any, so
+        # the serving loop (which runs only while connected) need not say so at each use.
+        self.connection: Any = None
+        self.channel: Any = None
+        self.reply_channel: Any = None
         self.reply_seq = 0  # publish sequence number on reply_channel (confirm mode)
         # A cluster's nodes, tried in order; after a loss, the next one first.
         self.brokers = broker.Brokers(config.amqp_url, config, heartbeat=30,
