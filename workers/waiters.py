@@ -64,7 +64,7 @@ class Waiters:
         self.leases = leases
         self.priority_aging = priority_aging
         self.quotas = quotas or Quotas(None)
-        self.by_pool: dict[str, PoolQueue] = {}  # each pool's waiters, in serving order
+        self.by_pool: dict[str, PoolQueue[Waiter]] = {}  # each pool's waiters, in serving order
         self.by_request: dict[str, Waiter] = {}
         self.by_owner: dict[str, set[str]] = defaultdict(set)
         # Quotas: where a user who gave nodes back has waiters (user -> pool -> how many).
@@ -107,6 +107,7 @@ class Waiters:
                 wait_seconds: float | None, lease_seconds: int | None,
                 user: str | None = None, wants: Constraints = ANY, priority: int = 0) -> dict:
         """Make the allocate a waiting row; return the interim reply."""
+        assert batch.now is not None and batch.clock is not None  # given by Batch.at()
         # By the database's clock, like every deadline: a step of this host's wall
         # clock (or another worker's, after a takeover) ends no wait early or late.
         deadline = None if wait_seconds is None else batch.clock + wait_seconds
@@ -139,6 +140,7 @@ class Waiters:
         queue = self.by_pool.get(node_pool)
         while queue:
             head = queue.head()
+            assert head is not None  # a queue that is not empty has a head
             outcome = self._try(batch, state, head, frozenset())
             if outcome is Tried.DONE:
                 continue
@@ -176,6 +178,7 @@ class Waiters:
 
     def _try(self, batch: Batch, state: PoolState, waiter: Waiter, skip) -> Tried:
         """Serve or answer one waiter, or say why it goes on waiting."""
+        assert batch.now is not None and batch.clock is not None  # given by Batch.at()
         if waiter.deadline is not None and waiter.deadline <= batch.clock:
             self._finish(batch, waiter, self._timed_out(waiter, state))  # its client gave up
             return Tried.DONE
@@ -209,6 +212,7 @@ class Waiters:
     def expire(self, batch: Batch, state: PoolState | None = None) -> int:
         """Answer and remove every waiter whose deadline has passed (with `state`, the
         answer of one its quota held says so)."""
+        assert batch.clock is not None  # given by Batch.at()
         expired = 0
         while self._deadlines and self._deadlines[0][0] <= batch.clock:
             deadline, request_id = heapq.heappop(self._deadlines)
