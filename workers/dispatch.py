@@ -15,7 +15,7 @@ from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from operator import itemgetter
 
 from sqlalchemy import select
@@ -50,6 +50,12 @@ class Context:
     cleaning: CleaningPolicy = CleaningPolicy()
     authz: Authorizer = Authorizer(ADMINS_OFF)
     limits: UserLimits = UserLimits(2**31 - 1, 2**31 - 1, float("inf"))
+
+    @property
+    def now(self) -> datetime:
+        """The batch's time (the database's): given by Batch.at() before any handler runs."""
+        assert self.batch.now is not None
+        return self.batch.now
 
 
 Handler = Callable[[Context, Request], dict]
@@ -93,8 +99,8 @@ def allocate(ctx: Context, req: Request) -> dict:
                if ctx.waiters.has_waiting(node_pool) else set())
     if blocked is not None:
         try:
-            records = ctx.state.allocate(a["owner"], a["count"], node_pool, req.id, ctx.batch.now,
-                                         ctx.leases.until(ctx.batch.now, a["lease_seconds"]),
+            records = ctx.state.allocate(a["owner"], a["count"], node_pool, req.id, ctx.now,
+                                         ctx.leases.until(ctx.now, a["lease_seconds"]),
                                          req.user, wants, blocked)
             return compat.nodes_reply(records)
         except errors.NotEnoughNodes:
@@ -119,7 +125,7 @@ def release(ctx: Context, req: Request) -> dict:
     owner = req.args["owner"]
     cancelled = ctx.waiters.cancel_owner(ctx.batch, owner)
     try:
-        records = ctx.state.release_owner(owner, EndReason.RELEASED, ctx.batch.now)
+        records = ctx.state.release_owner(owner, EndReason.RELEASED, ctx.now)
     except errors.OwnerNotFound:
         if cancelled:  # it held nothing, but it was waiting: that is a release too
             return {**OK, "released": 0, "cancelled_waiting": cancelled}
@@ -140,7 +146,7 @@ def renew(ctx: Context, req: Request) -> dict:
     """Every node of the owner leased again, counted from now."""
     asked = req.args["lease_seconds"]
     ctx.leases.check(asked)
-    until = ctx.leases.until(ctx.batch.now, asked)
+    until = ctx.leases.until(ctx.now, asked)
     try:
         records = ctx.state.renew(req.args["owner"], until)
     except errors.OwnerNotFound:
@@ -156,7 +162,7 @@ def get_field(ctx: Context, req: Request) -> dict:
 def set_field(ctx: Context, req: Request) -> dict:
     a = req.args
     pool.set_field(ctx.batch.session, a["id"], a["key"], a["value"], a["type"],
-                   ctx.batch.now, a["force"])
+                   ctx.now, a["force"])
     return dict(OK)
 
 
@@ -202,7 +208,7 @@ def _page(state: PoolState, ids: list[int], after_id: int | None, limit: int | N
 def waiting(ctx: Context, req: Request) -> dict:
     """The waiting allocates in serving order; the ids of other users' requests hidden
     from a user who is not an admin (an id is not a permission, but need not be shown)."""
-    now = ctx.batch.now
+    now = ctx.now
     rows = [{"request_id": _shown_id(ctx, req, w.user, w.request_id), "owner": w.owner,
              "node_pool": w.node_pool, "count": w.count, "position": place,
              "waited_s": round((now - w.enqueued_at).total_seconds(), 3),
@@ -219,7 +225,7 @@ def workers(ctx: Context, req: Request) -> dict:
     Times by the database's clock, as the heartbeats are written; clock_skew_s is each
     worker's own wall clock minus the database's, with a clock_warning past the
     threshold (workers/clock.py)."""
-    now = ctx.batch.now
+    now = ctx.now
     rows = ctx.batch.session.execute(
         select(WorkerHeartbeat.worker_id, WorkerHeartbeat.role, WorkerHeartbeat.seen_at,
                WorkerHeartbeat.clock_skew_s)
@@ -241,19 +247,19 @@ def workers(ctx: Context, req: Request) -> dict:
 def maintenance(ctx: Context, req: Request) -> dict:
     a = req.args
     node = pool.set_maintenance(ctx.batch.session, a["node"], a["mode"] == "on", a["reason"],
-                                ctx.batch.now, a["force"])
+                                ctx.now, a["force"])
     return {**OK, "node": node.name, "state": node.state.value,
             "maintenance_reason": node.maintenance_reason}
 
 
 def remove(ctx: Context, req: Request) -> dict:
-    node = pool.remove_node(ctx.batch.session, req.args["node"], req.args["force"], ctx.batch.now)
+    node = pool.remove_node(ctx.batch.session, req.args["node"], req.args["force"], ctx.now)
     return {**OK, "removed": node.name}
 
 
 def delete_db(ctx: Context, req: Request) -> dict:
     ctx.waiters.cancel_all(ctx.batch, "delete_db emptied the pool")
-    return {**OK, "removed": pool.delete_db(ctx.batch.session, now=ctx.batch.now)}
+    return {**OK, "removed": pool.delete_db(ctx.batch.session, now=ctx.now)}
 
 
 def cancel(ctx: Context, req: Request) -> dict:
@@ -270,7 +276,7 @@ def cancel(ctx: Context, req: Request) -> dict:
     held = ctx.state.granted.get(target)
     sender = (ctx.state.nodes[next(iter(held))]["holder_user"] if held
               else stored.user if stored is not None else req.user)
-    released = ctx.state.release_request(target, EndReason.CANCELLED, batch.now)
+    released = ctx.state.release_request(target, EndReason.CANCELLED, ctx.now)
     batch.touched_pools.update(r["node_pool"] for r in released)
     batch.withdraw_grant(target)
     # Stored as the request's reply: served -> a redelivery is refused; unseen -> tombstone.
@@ -324,7 +330,7 @@ def summary(ctx: Context, req: Request) -> dict:
     and its waiting allocates: how many, the oldest wait, and the median and 95th
     percentile of how long they have waited so far. One walk of the pool in memory (about
     15 ms at 100,000 nodes): a page of status holds the worker 5 ms but shows 1,000 nodes."""
-    now = ctx.batch.now
+    now = ctx.now
     stamp = now.isoformat(timespec="seconds")  # the records' own format: compared as text
     pools: dict[str, dict] = {}
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol
 
 
 class Queued(Protocol):
@@ -30,18 +30,15 @@ class Queued(Protocol):
     enqueued_at: datetime
 
 
-W = TypeVar("W", bound=Queued)  # what a queue holds (workers/waiters.py Waiter)
-
-
 def rank(waiter: Queued, aging: float) -> tuple[float, int]:
     minutes = waiter.enqueued_at.replace(tzinfo=timezone.utc).timestamp() / 60
     return (aging * minutes - waiter.priority, waiter.row_id)
 
 
-class PoolQueue(Generic[W]):
+class PoolQueue:
     def __init__(self, aging: float):
         self.aging = aging
-        self.members: dict[str, W] = {}
+        self.members: dict[str, Queued] = {}
         self.ranks: dict[str, tuple[float, int]] = {}  # computed once, at arrival
         self._heap: list[tuple[tuple[float, int], str]] = []  # may hold removed ones
         self._last: tuple[float, int] | None = None  # the largest rank added
@@ -52,7 +49,7 @@ class PoolQueue(Generic[W]):
     def __bool__(self) -> bool:
         return bool(self.members)
 
-    def add(self, waiter: W) -> int:
+    def add(self, waiter: Queued) -> int:
         """Add a waiter; return its 1-based place (cheap when it goes last, the usual case)."""
         key = self.ranks[waiter.request_id] = rank(waiter, self.aging)
         self.members[waiter.request_id] = waiter
@@ -69,13 +66,13 @@ class PoolQueue(Generic[W]):
             self._heap.clear()
             self._last = None
 
-    def head(self) -> W | None:
+    def head(self) -> Queued | None:
         heap = self._heap
         while heap and heap[0][1] not in self.members:
             heapq.heappop(heap)
         return self.members[heap[0][1]] if heap else None
 
-    def ordered(self) -> list[W]:
+    def ordered(self) -> list[Queued]:
         """Every waiter in the order they will be served (a sort: not for the hot path)."""
         ranks = self.ranks
         return sorted(self.members.values(), key=lambda w: ranks[w.request_id])
@@ -84,6 +81,6 @@ class PoolQueue(Generic[W]):
         return next(place for place, w in enumerate(self.ordered(), 1)
                     if w.request_id == request_id)
 
-    def values(self) -> Iterator[W]:
+    def values(self) -> Iterator[Queued]:
         """Every waiter, in no particular order."""
         return iter(self.members.values())

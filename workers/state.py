@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from collections.abc import Set
 from datetime import datetime
 
 from sqlalchemy import select
@@ -112,7 +113,7 @@ class PoolState:
 
     def allocate(self, owner: str, count: int, node_pool: str, request_id: str | None,
                  now: datetime, lease_until: datetime, user: str | None = None,
-                 wants: Constraints = ANY, skip: set[int] = frozenset()) -> list[dict]:
+                 wants: Constraints = ANY, skip: Set[int] = frozenset()) -> list[dict]:
         """All or nothing, lowest ids first, only nodes meeting `wants` and not in `skip`
         (nodes an earlier waiter could use); each node leased until lease_until."""
         ready = self.ready.get(node_pool, set())
@@ -128,7 +129,7 @@ class PoolState:
             raise pool.not_enough_nodes(node_pool, available, count)
         if wants.any and not skip:
             heap = self._ready_heap[node_pool]
-            taken = []
+            taken: list[int] = []
             while len(taken) < count:
                 node_id = heapq.heappop(heap)
                 if node_id in ready:
@@ -241,7 +242,10 @@ class PoolState:
         """
         if not (self._node_writes or self._to_close or self._lease_writes):
             return
-        sql = write or session.connection().exec_driver_sql
+        if write is None:
+            assert session is not None, "flush needs a session or a write"
+            write = session.connection().exec_driver_sql
+        sql = write
         for reason, node_ids in self._to_close.items():
             if node_ids:
                 sql(f"UPDATE allocations SET ended_at = %s, end_reason = %s "
