@@ -215,7 +215,8 @@ _BY_STATUS = {400: BadRequest, 403: Forbidden, 404: NodeNotFound, 408: DeadlineE
 
 def from_reply(reply: dict) -> MoltenIronError:
     """Rebuild the error a worker's error reply describes."""
-    cls = _BY_KIND.get(reply.get("error")) or _BY_STATUS.get(reply.get("status"), MoltenIronError)
+    cls = _BY_KIND.get(reply.get("error", "")) or _BY_STATUS.get(reply.get("status", 0),
+                                                                  MoltenIronError)
     err = cls(str(reply.get("message", "error without a message")))
     err.status = reply.get("status", err.status)
     err.reply = reply

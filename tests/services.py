@@ -127,11 +127,12 @@ def start_containers(environ: Mapping[str, str] = os.environ) -> Services:
             f"an engine), or unset {MODE_VARIABLE} to test against the local RabbitMQ and MariaDB.")
     from testcontainers.community.mysql import MySqlContainer
     from testcontainers.community.rabbitmq import RabbitMqContainer
+    from testcontainers.core.container import DockerContainer
 
     rabbitmq = RabbitMqContainer(environ.get("MOLTENIRON_TEST_RABBITMQ_IMAGE", RABBITMQ_IMAGE))
     mariadb = MySqlContainer(environ.get("MOLTENIRON_TEST_MARIADB_IMAGE", MARIADB_IMAGE),
                              dialect="pymysql", username="root", password=MARIADB_ROOT_PASSWORD)
-    started = []
+    started: list[DockerContainer] = []
 
     def stop() -> None:
         for container in reversed(started):
@@ -191,6 +192,7 @@ def use(services: Services) -> None:
 
 def current() -> Services:
     """The services this test run uses: the local ones unless conftest chose others."""
+    global _in_use
     if _in_use is None:
-        use(local())
+        _in_use = local()
     return _in_use

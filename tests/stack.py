@@ -14,6 +14,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypedDict
 from urllib.parse import quote, unquote
 
 import pika
@@ -215,13 +216,18 @@ def stack(amqp_url, database_url, engine, tmp_path, request):
     stack.purge_queues()
 
 
+class BrokerUser(TypedDict):
+    name: str             # its login
+    env: dict[str, str]   # MOLTENIRON_AMQP_URL with its login, for stack.cli(env=...)
+
+
 @pytest.fixture
 def users(stack, amqp_url):
     """Three broker users in the test run's vhost: two CI users and an admin.
 
     Each: {"name": login, "env": {"MOLTENIRON_AMQP_URL": its URL}} for stack.cli(env=...)."""
     vhost = unquote(amqp_url.rsplit("/", 1)[1])
-    made = {}
+    made: dict[str, BrokerUser] = {}
     for role in ("alice", "bob", "admin"):
         name, password = f"mi-{role}-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
         _rabbitmqctl("add_user", name, password)

@@ -21,8 +21,16 @@ from bench.rabbit_cluster import PrivateRabbitCluster
 from bench.soak import check_database
 from molteniron import protocol
 from tests.conftest import empty_tables
-from tests.failover import (Jobs, add_nodes, failed_calls, history_problems, nothing_owned,
-                            pauses, run_jobs_through, running)
+from tests.failover import (
+    Jobs,
+    add_nodes,
+    failed_calls,
+    history_problems,
+    nothing_owned,
+    pauses,
+    run_jobs_through,
+    running,
+)
 from tests.stack import ROOT, Stack, wait_until
 
 POOL = "brokers"
@@ -136,8 +144,9 @@ def test_killing_the_leader_of_the_request_queue_loses_no_request_and_fails_no_c
     figures = pauses(calls, killed_at)
     failed = [c for c in calls if c.returncode != 0]
     assert not failed, "\n".join(
-        f"started {c.started - killed_at:+.2f}s after the kill, took {c.finished - c.started:.2f}s: "
-        f"{line}" for c, line in zip(failed, failed_calls(failed)))
+        f"started {c.started - killed_at:+.2f}s after the kill, "
+        f"took {c.finished - c.started:.2f}s: {line}"
+        for c, line in zip(failed, failed_calls(failed)))
     assert history_problems(brokers, calls) == []
     assert check_database(brokers, names, settled=True) == []
     nothing_owned(brokers)

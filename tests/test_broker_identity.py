@@ -388,7 +388,7 @@ def test_every_request_the_cli_sends_carries_its_login_as_user_id(running, broke
 
 def _drain(channel, queue: str) -> list[tuple[str, str | None]]:
     """(op, user_id) of every client request in the tap queue (the worker's ticks left out)."""
-    seen = []
+    seen: list[tuple[str, str | None]] = []
     while True:
         method, properties, body = channel.basic_get(queue, auto_ack=True)
         if method is None:

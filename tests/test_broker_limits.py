@@ -22,8 +22,8 @@ from pika.exceptions import ChannelClosedByBroker
 
 from bench.private import PrivateRabbitMQ
 from molteniron import protocol
-from tests.stack import ROOT, wait_until
 from molteniron.workers import topology
+from tests.stack import ROOT, wait_until
 
 KIT_CONF = ROOT / "deploy" / "rabbitmq.conf"
 DEFINITIONS = json.loads((ROOT / "deploy" / "rabbitmq-definitions.json").read_text())

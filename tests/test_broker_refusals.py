@@ -147,6 +147,7 @@ def test_a_broker_whose_certificate_is_not_trusted_exits_2_at_once_naming_it_and
                     "certificate verify failed: self-signed certificate in certificate chain",
                     error="BrokerNotTrusted")
     # The right CA, but the certificate names "localhost", not the address in the URL.
-    refused_at_once(tls_cli({**tls_broker.env(), "MOLTENIRON_AMQP_URL": tls_broker.url("127.0.0.1")}),
+    by_address = {**tls_broker.env(), "MOLTENIRON_AMQP_URL": tls_broker.url("127.0.0.1")}
+    refused_at_once(tls_cli(by_address),
                     f"the TLS certificate of RabbitMQ at 127.0.0.1:{port} is not trusted",
                     "certificate is not valid for '127.0.0.1'", error="BrokerNotTrusted")

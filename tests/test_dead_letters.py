@@ -19,7 +19,7 @@ NODE_FIELDS = ("name", "ipmi_ip", "ipmi_user", "ipmi_password", "allocation_pool
 
 
 def add_baremetal(i: int, password: str | None = None) -> dict:
-    fields = dict(zip(NODE_FIELDS, node_args(i)))
+    fields: dict[str, str | int] = dict(zip(NODE_FIELDS, node_args(i)))
     fields.update(cpus=8, ram_mb=16384, disk_gb=200)
     if password:
         fields["ipmi_password"] = password

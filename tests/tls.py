@@ -119,7 +119,8 @@ class TlsBroker:
     def connections(self) -> list[tuple[str, str]]:
         """(ssl, peer_cert_subject) of each open connection, as the broker sees them."""
         out = self.rabbit.ctl("list_connections", "-s", "ssl", "peer_cert_subject")
-        return [tuple((line.split("\t") + [""])[:2]) for line in out.splitlines() if line]
+        rows = [line.split("\t") + [""] for line in out.splitlines() if line]
+        return [(row[0], row[1]) for row in rows]
 
 
 @pytest.fixture(scope="module")

@@ -313,7 +313,9 @@ class Worker:
         metrics.batch_committed(self.keeper, requests, batch)
         for out in batch.outbox:
             body = protocol.reply_body(out.request_id, out.reply)
-            if out.grant and out.request_id not in batch.withdrawn_grants:
+            # Every grant answers a request id (an allocate's, or its waiter's).
+            if (out.grant and out.request_id is not None
+                    and out.request_id not in batch.withdrawn_grants):
                 self.grants.add(Grant(out.request_id, out.reply_to, out.correlation_id, body))
             else:  # a grant cancelled in the same batch is only news: nothing to undo
                 self._queue_reply(out.reply_to, out.correlation_id, body, out.mandatory)
@@ -488,8 +490,8 @@ class Worker:
                 and requests[0][2].op in HELD_ON_DATABASE_ERRORS):
             return "db_refuses_batch"
         if logged:
-            log.exception("event=batch_refused worker=%s requests=%d", self.worker_id,
-                          len(requests))
+            log.error("event=batch_refused worker=%s requests=%d", self.worker_id,
+                      len(requests), exc_info=exc)
         cause = getattr(exc, "orig", None) or exc
         raise RefusedBatch(f"{type(cause).__name__}: {str(cause)[:300]}") from exc
 
