@@ -24,7 +24,8 @@ NO_TLS_FILES = TlsFiles()
 
 
 def connection_parameters(url: str, tls=NO_TLS_FILES):
-    """molteniron.broker.connection_parameters (its old home; workers/main.py still asks here)."""
+    """molteniron.broker.connection_parameters (its old home; tests/test_broker_tls.py
+    still asks here)."""
     from molteniron.broker import connection_parameters
     return connection_parameters(url, tls)
 

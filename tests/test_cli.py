@@ -210,7 +210,7 @@ def test_a_bad_amqp_url_is_a_clear_error(stack):
 
 
 def test_the_cli_client_loads_pika_without_asyncio_and_asyncio_still_works_after():
-    # About 20 ms of every `molteniron allocate` (clients/amqp.py).
+    # About 20 ms of every `molteniron allocate` (molteniron/broker.py).
     done = subprocess.run([sys.executable, "-c",
                            "import sys, molteniron.clients.client; print('asyncio' in sys.modules);"
                            "import pika.adapters.asyncio_connection as a;"

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check_broker_urls(config) -> None:
     """ConfigError now, not a traceback at the first connection, for an amqp_url or a TLS
     file (amqp_ca_file, amqp_cert_file, amqp_key_file) that cannot be used."""
-    from molteniron.broker_params import connection_parameters
+    from molteniron.broker import connection_parameters
     for url in url_list(config.amqp_url):
         connection_parameters(url, config)
 
