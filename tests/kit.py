@@ -66,3 +66,30 @@ def public_python() -> str:
         tried.append(f"{candidate}: {runs.stderr.strip()[-200:] or runs.returncode}")
     pytest.fail("no python3 that another user can run and that makes venvs (install "
                 "python3-venv): " + "; ".join(tried), pytrace=False)
+
+
+# --- the shipped systemd units ---------------------------------------------------
+
+def service_settings(unit: str) -> dict[str, list[str]]:
+    """The [Service] section of a shipped unit: key -> its values, in order."""
+    settings: dict[str, list[str]] = {}
+    section = None
+    for line in (DEPLOY / unit).read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip()
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+# The units' hardening (README "Deploying"), checked here as written, since
+# systemd-analyze, which rates it, is not on every machine that runs these tests.
+HARDENING = {
+    "NoNewPrivileges": "yes", "CapabilityBoundingSet": "", "AmbientCapabilities": "",
+    "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
+    "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectProc": "invisible",
+    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "RestrictNamespaces": "yes",
+    "RestrictSUIDSGID": "yes", "LockPersonality": "yes", "RemoveIPC": "yes", "UMask": "0077",
+}

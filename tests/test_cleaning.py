@@ -20,6 +20,7 @@ import pytest
 from bench.private import process_gone
 from molteniron import errors
 from molteniron.clients.cleaner import NODE_ENV
+from tests.cleaning import clean_once, cleaner, script
 from tests.stack import ROOT, node_args, wait_until
 
 
@@ -28,26 +29,6 @@ def config(tmp_path: Path, command: str, timeout: float = 30) -> dict:
     path = tmp_path / "cleaning.yaml"
     path.write_text(json.dumps({"cleaning_command": command, "cleaning_timeout": timeout}))
     return {"MOLTENIRON_CONFIG": str(path)}
-
-
-def script(tmp_path: Path, name: str, body: str) -> str:
-    path = tmp_path / name
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(0o755)
-    return str(path)
-
-
-def cleaner(stack, env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "molteniron.clients.cleaner", *args],
-                            env={**stack.env, **env}, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-
-
-def clean_once(stack, env: dict) -> tuple[int, dict, str]:
-    done = cleaner(stack, env, "--once")
-    stdout, stderr = done.communicate(timeout=60)
-    return done.returncode, json.loads(stdout.strip().splitlines()[-1]), stderr
 
 
 def dirty_node(stack, env: dict) -> None:

@@ -35,7 +35,15 @@ from molteniron.config import ENV_OVERRIDES, ENV_PASSWORDS, Config, load_config
 from tests import services
 from tests.conftest import TEST_DB_URL
 from tests.definitions import DEFINITIONS
-from tests.kit import DEPLOY, copy_checkout, first_group, install, public_python
+from tests.kit import (
+    DEPLOY,
+    HARDENING,
+    copy_checkout,
+    first_group,
+    install,
+    public_python,
+    service_settings,
+)
 from tests.stack import ROOT, TEST_AMQP_URL, node_args, wait_until
 from tests.stack import _rabbitmqctl as rabbitmqctl
 
@@ -326,36 +334,11 @@ def test_install_as_root_makes_the_user_and_sets_owners(installed, tmp_path):
 # --- the units --------------------------------------------------------------------
 
 
-def service_settings(unit: str) -> dict[str, list[str]]:
-    """The [Service] section of a shipped unit: key -> its values, in order."""
-    settings: dict[str, list[str]] = {}
-    section = None
-    for line in (DEPLOY / unit).read_text().splitlines():
-        if line.startswith("["):
-            section = line.strip()
-        elif section == "[Service]" and "=" in line and not line.startswith("#"):
-            key, value = line.split("=", 1)
-            settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
-
-
 def run_as(unit: str) -> list[str]:
     """Who a shipped unit's processes run as: User=, Group=, then SupplementaryGroups=."""
     settings = service_settings(unit)
     return [*settings["User"], *settings["Group"],
             *" ".join(settings.get("SupplementaryGroups", [])).split()]
-
-
-# Both units' hardening (README "Deploying"), checked here as written, since
-# systemd-analyze, which rates it, is not on every machine that runs these tests.
-HARDENING = {
-    "NoNewPrivileges": "yes", "CapabilityBoundingSet": "", "AmbientCapabilities": "",
-    "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-    "PrivateDevices": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-    "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectProc": "invisible",
-    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX", "RestrictNamespaces": "yes",
-    "RestrictSUIDSGID": "yes", "LockPersonality": "yes", "RemoveIPC": "yes", "UMask": "0077",
-}
 
 
 def test_the_cleaner_runs_as_a_user_of_its_own_and_both_units_stay_hardened():

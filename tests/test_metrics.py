@@ -13,33 +13,17 @@ from pathlib import Path
 import pika
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.private import free_port
 from molteniron import protocol
 from molteniron.config import load_config
 from molteniron.errors import ConfigError
+from tests.cleaning import clean_once, script
+from tests.metrics import metrics_config, scrape
+from tests.private_stack import stack_on
 from tests.stack import node_args, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def metrics_config(tmp_path: Path, name: str, port: int | None) -> dict:
-    """Worker env whose config file serves metrics at port (db/amqp URLs still from env)."""
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"metrics_address": f"127.0.0.1:{port}" if port else ""}))
-    return {"MOLTENIRON_CONFIG": str(path)}
-
-
-def scrape(port: int) -> dict[str, dict[tuple, float]]:
-    """{sample name: {sorted label items: value}} from /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return samples
 
 
 def get(port: int, path: str) -> tuple[int, str, str]:
@@ -233,7 +217,6 @@ def test_metrics_address_off_when_empty_and_kept_when_given(tmp_path):
 
 
 def test_cleaning_outcomes_are_counted(stack, tmp_path):
-    from tests.test_cleaning import clean_once, script
     port = free_port()
     failing = script(tmp_path, "fails.sh", "echo 'BMC unreachable' >&2; exit 3\n")
     path = tmp_path / "clean-metrics.yaml"
@@ -255,7 +238,6 @@ def test_cleaning_outcomes_are_counted(stack, tmp_path):
 
 def test_how_long_nodes_wait_for_their_cleaning_is_a_gauge(stack, tmp_path):
     """No cleaner runs: the dirty node's age grows, and its cleaning sets it back to 0."""
-    from tests.test_cleaning import clean_once
     port = free_port()
     path = tmp_path / "dirty-metrics.yaml"
     path.write_text(yaml.safe_dump({"metrics_address": f"127.0.0.1:{port}",
@@ -319,12 +301,12 @@ def test_healthz_says_503_until_the_broker_answers(stack, tmp_path):
     assert scrape(port)["molteniron_worker_role"][(("role", "standby"),)] == 1
 
 
+@pytest.mark.cluster  # a private MariaDB, started by the test itself
 def test_healthz_says_503_while_the_database_refuses_writes(tmp_path, request):
     """read_only on the worker's own private MariaDB: /healthz names the database; once
     writes are back it says 200 again."""
     from bench.db_refusals import set_read_only
     from bench.private import PrivateMariaDB
-    from tests.test_read_only_database import stack_on
     port = free_port()
     with PrivateMariaDB() as mariadb, stack_on(mariadb, tmp_path, request) as stack:
         stack.start_worker(env=metrics_config(tmp_path, "read-only", port))

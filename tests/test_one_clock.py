@@ -17,8 +17,8 @@ import pytest
 from bench.faked_clock import SteppedWallClock, wall_clock_off_by
 from bench.private import free_port
 from molteniron.workers.clock import CLOCK_SKEW_WARN, DatabaseClock, unix
+from tests.metrics import metrics_config, scrape
 from tests.stack import node_args, wait_until
-from tests.test_metrics import metrics_config, scrape
 
 SIX_HOURS = 6 * 3600
 SEVEN_HOURS = 7 * 3600

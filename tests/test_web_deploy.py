@@ -11,12 +11,10 @@ import subprocess
 import pytest
 
 from tests.definitions import DEFINITIONS, permissions_of
-from tests.kit import copy_checkout, install, public_python
-from tests.stack import ROOT, node_args
-from tests.test_deploy_kit import HARDENING, service_settings
+from tests.kit import DEPLOY, HARDENING, copy_checkout, install, public_python, service_settings
+from tests.stack import node_args
 from tests.web import WebProcess
 
-DEPLOY = ROOT / "deploy"
 UNIT = "molteniron-web.service"
 
 
@@ -60,6 +58,7 @@ def test_the_unit_runs_as_its_own_user_hardened_and_out_of_the_others_secrets():
     assert "WantedBy=multi-user.target" in (DEPLOY / UNIT).read_text()
 
 
+@pytest.mark.install  # pip-installs the package into a venv of its own
 def test_install_web_writes_the_login_and_the_unit_verifies(tmp_path):
     root = tmp_path / "root"
     done = install(root, copy_checkout(tmp_path / "source"), "--web", "--python",
