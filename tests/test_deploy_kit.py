@@ -33,6 +33,7 @@ from bench.env import stop_processes
 from molteniron import db, flat_yaml, protocol, secrets
 from molteniron.config import ENV_OVERRIDES, ENV_PASSWORDS, Config, load_config
 from tests import services
+from tests.completion import complete, registered
 from tests.conftest import TEST_DB_URL
 from tests.definitions import DEFINITIONS
 from tests.kit import (
@@ -182,6 +183,17 @@ def test_install_gives_a_venv_the_commands_and_private_config(installed):
     (etc / "client.yaml").write_text(agents)
     assert subprocess.run([str(venv / "bin" / "molteniron"), "--help"], capture_output=True,
                           timeout=60).returncode == 0
+
+
+def test_install_writes_bash_completion_for_every_user(installed):
+    """bash-completion loads /usr/local/share/bash-completion/completions/molteniron on
+    the first TAB after `molteniron`: the installed CLI's own completion, for every user."""
+    script = installed / "usr" / "local" / "share" / "bash-completion" / "completions" / (
+        "molteniron")
+    assert script.is_file(), f"install.sh wrote no bash completion at {script}"
+    assert mode(script) == 0o644
+    assert registered(str(script)) == "complete -F _molteniron molteniron"
+    assert "allocate" in complete(str(script), "molteniron", "al")
 
 
 def test_install_refuses_a_python_the_service_user_could_not_run():
