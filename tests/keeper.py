@@ -50,15 +50,15 @@ def reply_to_of(req):
     return f"reply-{req.id}"
 
 
-def commit(keeper, *requests, returned=(), settled=None):
+def commit(keeper, *requests, bounced=(), settled=None):
     """One batch, the way the worker hands it over: (method, properties, request)."""
     items = [(None, Properties(None if r.op == "tick" else reply_to_of(r), r.id), r)
              for r in requests]
-    return keeper.commit(items, list(returned), settled)
+    return keeper.commit(items, list(bounced), settled)
 
 
 def replies(batch, req):
-    return [out for out in batch.outbox if out.request_id == req.id]
+    return [out for out in batch.replies if out.request_id == req.id]
 
 
 def only_reply(batch, req):
@@ -82,7 +82,7 @@ def assert_granted(batch, req, node_count):
 
 def add_node(keeper, name, node_pool="p"):
     batch = commit(keeper, add_request(name, node_pool))
-    assert [out.reply["status"] for out in batch.outbox] == [200]
+    assert [out.reply["status"] for out in batch.replies] == [200]
     return sql(keeper, "SELECT id FROM nodes WHERE name = :name", name=name)[0][0]
 
 
@@ -114,7 +114,7 @@ def waiting(keeper):
 
 
 
-def commit_from(keeper, req, reply_to, returned=()):
+def commit_from(keeper, req, reply_to, bounced=()):
     """One batch holding a copy of req sent from another reply queue."""
-    return keeper.commit([(None, Properties(reply_to, req.id), req)], list(returned), None)
+    return keeper.commit([(None, Properties(reply_to, req.id), req)], list(bounced), None)
 

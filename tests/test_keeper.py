@@ -94,13 +94,13 @@ def test_releasing_an_owner_cancels_its_waiting_allocate_and_serves_the_next(
 def test_a_head_waiter_whose_client_is_gone_is_dropped_and_the_next_served(
         keeper, big_ahead_of_small):
     big, small = big_ahead_of_small
-    batch = commit(keeper, returned=[(reply_to_of(big), {"id": big.id, "status": 202})])
+    batch = commit(keeper, bounced=[(reply_to_of(big), {"id": big.id, "status": 202})])
     assert_small_served(keeper, batch, small)
 
 
 def test_a_returned_interim_reply_of_another_queue_drops_no_waiter(keeper, big_ahead_of_small):
     big, small = big_ahead_of_small
-    commit(keeper, returned=[("reply-someone-else", {"id": big.id, "status": 202})])
+    commit(keeper, bounced=[("reply-someone-else", {"id": big.id, "status": 202})])
     assert waiting(keeper) == ["big", "small"]
 
 
@@ -326,7 +326,7 @@ def test_a_waiting_allocate_sent_again_from_another_queue_is_served_there(keeper
     assert (out.reply_to, out.reply["status"]) == ("new-queue", protocol.QUEUED)
     assert sql(keeper, "SELECT reply_to FROM waiting_requests") == [("new-queue",)]
     # The interim reply bouncing from the old queue no longer drops it.
-    commit(keeper, returned=[(reply_to_of(waiter), {"id": waiter.id, "status": protocol.QUEUED})])
+    commit(keeper, bounced=[(reply_to_of(waiter), {"id": waiter.id, "status": protocol.QUEUED})])
     assert waiting(keeper) == ["waiter"]
     batch = commit(keeper, request("release", owner="holder"))
     (grant,) = [out for out in batch.replies if out.request_id == waiter.id]
@@ -341,7 +341,7 @@ def test_a_waiter_whose_client_moved_waits_again_when_the_bounce_and_the_copy_me
     node = add_node(keeper, "n1")
     allocate(keeper, "holder", 1)
     waiter = wait_for(keeper, "waiter", 1)
-    batch = commit_from(keeper, waiter, "new-queue", returned=[
+    batch = commit_from(keeper, waiter, "new-queue", bounced=[
         (reply_to_of(waiter), {"id": waiter.id, "status": protocol.QUEUED})])
     # The old queue is told the waiter was dropped (nobody listens there); the new one
     # that the copy waits.

@@ -123,7 +123,7 @@ def test_through_the_worker_a_stream_of_high_priority_jobs_cannot_starve_a_low_o
         commit(keeper, request("allocate", owner=f"high-{minute}", count=1, node_pool="p",
                                wait=True, priority=10))
         batch = commit(keeper, request("release", owner=holder))
-        (granted,) = [o for o in batch.outbox if o.grant]
+        (granted,) = [o for o in batch.replies if o.grant]
         holder = granted.reply["nodes"]["node_1"]["provisioned"]
         served.append(holder)
         if holder == "low":

@@ -41,7 +41,7 @@ def test_the_clients_check_accepts_a_grant_served_again_after_its_first_bounced(
     commit(keeper, settled={first.id: "undo"})  # its reply queue died with the broker
     other, _ = allocate(keeper, "other", 1)  # n1 went to another job meanwhile
     add_node(keeper, "n2")
-    (again,) = commit_from(keeper, first, "new-queue").outbox
+    (again,) = commit_from(keeper, first, "new-queue").replies
     assert [n["name"] for n in again.reply["nodes"].values()] == ["n2"]
 
     def saw(nodes):

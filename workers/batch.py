@@ -68,12 +68,6 @@ class Batch:
     orm_session: Session | None = None  # made by the first use of .session
     looked_up: dict[str, Stored | None] = field(default_factory=dict)  # read_stored_reply's
 
-    @property
-    def outbox(self) -> list[Outgoing]:
-        """The old name of `replies` (not grant_outbox's rows), still read by worker.py,
-        metrics.py and tests/keeper.py: to go once they read `replies`."""
-        return self.replies
-
     def at(self, now: datetime) -> None:
         """Give the batch its time (the keeper: the database's), unless it was made with
         one (a test's virtual clock)."""
@@ -121,8 +115,6 @@ class Batch:
         """A driver-SQL write of this transaction, sent later with the others: all of them
         in one round trip, with the COMMIT (commit) or before the ORM reads (send_writes)."""
         self.writes.append((statement, params))
-
-    write = defer  # the old name, still used by fence.py and taken_back.py: to go with them
 
     def send_writes(self) -> None:
         """Send the writes so far: what the ORM reads next must include them."""

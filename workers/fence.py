@@ -121,7 +121,7 @@ def first_write(batch: Batch, epoch: int, request_ids: list[str]) -> None:
     """The trip form, as the batch's first write (sent with the others, no read first)."""
     if batch.writes:
         raise RuntimeError("the fence must be the batch's first write")
-    batch.write(*trip_statement(epoch, request_ids))
+    batch.defer(*trip_statement(epoch, request_ids))
 
 
 def tripped(exc: BaseException) -> bool:

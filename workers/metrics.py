@@ -284,7 +284,7 @@ class _Exporter:
             enqueued.clear()
             for request_id, waiter in keeper.waiters.by_request.items():
                 enqueued[request_id] = unix(waiter.enqueued_at)
-        for out in batch.outbox:
+        for out in batch.replies:
             if out.reply.get("status") == protocol.QUEUED:
                 if out.request_id not in enqueued:
                     waiter = keeper.waiters.by_request.get(out.request_id)

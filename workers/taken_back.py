@@ -18,7 +18,7 @@ def taken_back(batch: Batch, state: PoolState, owner: str) -> errors.NodesTakenB
     it back; None when it never had one or released it (a read: only once the owner is
     known to hold nothing). The batch's own writes are sent first."""
     assert batch.now is not None  # given by Batch.at() before any operation runs
-    state.flush(batch.orm_session, batch.now, batch.write)
+    state.flush(batch.orm_session, batch.now, batch.defer)
     batch.send_writes()
     rows = batch.connection.exec_driver_sql(
         "SELECT node_name, end_reason, ended_at, started_at FROM allocations "

@@ -87,7 +87,7 @@ class Worker:
         self.worker_id = worker_id or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.keeper = PoolKeeper(config, self.worker_id)
         self.deliveries: list[tuple] = []
-        self.returned: list[tuple[str, dict]] = []  # interim replies whose client is gone
+        self.bounced: list[tuple[str, dict]] = []  # interim replies whose client is gone
         self.grants = GrantTracker()
         self.stopping = False
         # broker.Connection, Channel and ReplyChannel while connected, else None: Any, so
@@ -190,7 +190,7 @@ class Worker:
             if self.channel and self.channel.is_open:
                 self.channel.basic_cancel(self.consumer_tag)
                 self.connection.process_data_events(0)
-                if self.deliveries or self.returned:
+                if self.deliveries or self.bounced:
                     self._handle_batch()
                 # Learn what became of the grants in flight, and write it down.
                 give_up = time.monotonic() + CLOSE_CONFIRM_WAIT
@@ -226,7 +226,7 @@ class Worker:
     def _urgent(self) -> bool:
         """Work that cannot wait for the next tick: requests, gone clients, grants to undo.
         (Delivered grants are written down with whatever transaction comes next.)"""
-        return bool(self.deliveries or (self._active() and (self.returned
+        return bool(self.deliveries or (self._active() and (self.bounced
                                                             or self.grants.needs_undo())))
 
     def _active(self) -> bool:
@@ -247,7 +247,7 @@ class Worker:
             return
         if (not self.grants.on_return(reply["id"], method.routing_key)
                 and reply.get("status") == protocol.QUEUED):
-            self.returned.append((method.routing_key, reply))
+            self.bounced.append((method.routing_key, reply))
 
     def _on_confirm(self, delivery_tag: int, multiple: bool, acked: bool) -> None:
         self.grants.on_confirm(delivery_tag, multiple, acked)
@@ -267,20 +267,20 @@ class Worker:
 
     def _handle_batch(self) -> None:
         deliveries, self.deliveries = self.deliveries, []
-        returned, self.returned = self.returned, []
+        bounced, self.bounced = self.bounced, []
         requests = []
         for method, properties, body in deliveries:
             request = self._decode(method, properties, body)
             if request is not None:
                 requests.append((method, properties, request))
-        if requests or ((returned or self.grants.settled) and self._active()):
-            self._process(requests, returned, whole_batch=True)
+        if requests or ((bounced or self.grants.settled) and self._active()):
+            self._process(requests, bounced, whole_batch=True)
             if not self.stopping:
                 self._freeze_after_load()
         else:
-            self.returned[:0] = returned  # kept for when this worker is active
+            self.bounced[:0] = bounced  # kept for when this worker is active
 
-    def _process(self, requests, returned, whole_batch: bool) -> None:
+    def _process(self, requests, bounced, whole_batch: bool) -> None:
         """Commit, then reply, then ack. A batch the database refuses is split up
         so that only the request that causes it is dead-lettered."""
         # Grant outcomes ride along with whole batches only: a split must not let
@@ -288,7 +288,7 @@ class Worker:
         settled = self.grants.take_settled() if whole_batch else {}
         batch = refused = None
         try:
-            batch = self._commit_with_retry(requests, returned, settled)
+            batch = self._commit_with_retry(requests, bounced, settled)
         except RefusedBatch as exc:
             refused = exc
         finally:
@@ -298,8 +298,8 @@ class Worker:
             if batch is None:
                 self.grants.unsettle(settled)
         if refused is not None:
-            if requests or returned:
-                self._split_or_dead_letter(requests, returned, refused)
+            if requests or bounced:
+                self._split_or_dead_letter(requests, bounced, refused)
             return
         if batch is None:
             return  # stopping while the database was down: the broker redelivers
@@ -311,7 +311,7 @@ class Worker:
             self.grants.adopt(batch.adopted_grants)
         self.grants.withdraw(batch.withdrawn_grants)
         metrics.batch_committed(self.keeper, requests, batch)
-        for out in batch.outbox:
+        for out in batch.replies:
             body = protocol.reply_body(out.request_id, out.reply)
             # Every grant answers a request id (an allocate's, or its waiter's).
             if (out.grant and out.request_id is not None
@@ -333,12 +333,12 @@ class Worker:
             self.frozen_loads = self.keeper.state.loads
             freeze_heap()
 
-    def _split_or_dead_letter(self, requests, returned, exc: RefusedBatch) -> None:
+    def _split_or_dead_letter(self, requests, bounced, exc: RefusedBatch) -> None:
         """Retry each request alone; one that is refused alone is dead-lettered."""
-        if len(requests) + len(returned) > 1:
+        if len(requests) + len(bounced) > 1:
             for request in requests:
                 self._process([request], [], whole_batch=False)
-            for item in returned:
+            for item in bounced:
                 self._process([], [item], whole_batch=False)
             return
         for method, properties, request in requests:
@@ -409,7 +409,7 @@ class Worker:
             self.channel.basic_reject(method.delivery_tag, requeue=False)
             return None
 
-    def _commit_with_retry(self, requests, returned, settled) -> Batch | None:
+    def _commit_with_retry(self, requests, bounced, settled) -> Batch | None:
         """The batch, committed; None if the worker began stopping before it could be
         (nothing acked: the broker redelivers).
 
@@ -434,18 +434,18 @@ class Worker:
                 event, why = "db_refuses_writes", "the probe's write is still refused"
             else:
                 try:
-                    batch = self.keeper.commit(requests, returned, settled)
+                    batch = self.keeper.commit(requests, bounced, settled)
                 except errors.NotActiveWorker:
                     raise
                 except Exception as exc:  # held, or RefusedBatch from _held_for: never passed on
                     self.keeper.reload_needed = True
-                    event, failures = self._held_for(exc, requests, returned, failures)
+                    event, failures = self._held_for(exc, requests, bounced, failures)
                     why = str(exc).splitlines()[0][:200]
                     probe_first = event == "db_refuses_writes"
                 else:
                     if held_since is not None:
                         log.info("event=db_hold_ended worker=%s requests=%d held_s=%.1f",
-                                 self.worker_id, len(requests) + len(returned),
+                                 self.worker_id, len(requests) + len(bounced),
                                  time.monotonic() - held_since)
                     return batch
             if held_since is None:
@@ -453,7 +453,7 @@ class Worker:
             self._tell_held(requests, told)
             log.log(logging.ERROR if event == "db_refuses_batch" else logging.WARNING,
                     "event=%s worker=%s held=%d held_s=%.1f error=%r retry_in=%.1fs", event,
-                    self.worker_id, len(requests) + len(returned),
+                    self.worker_id, len(requests) + len(bounced),
                     time.monotonic() - held_since, why, pause)
             # While the probe's write is refused, the probe (cheap) ends the pause as soon
             # as writes are back; the batch's own retries (and the log) keep to the backoff.
@@ -461,7 +461,7 @@ class Worker:
                 return None
             pause = min(pause * 2, DB_RETRY_MAX)
 
-    def _held_for(self, exc: Exception, requests, returned, failures: int) -> tuple[str, int]:
+    def _held_for(self, exc: Exception, requests, bounced, failures: int) -> tuple[str, int]:
         """Why a batch that failed with exc is held (its log event), and the failures so
         far that nothing explained; RefusedBatch if the failure is the batch's own."""
         if db.writes_refused(exc):  # whatever class the driver gave it
@@ -476,17 +476,17 @@ class Worker:
             event = "db_unavailable"
             if failures >= FAILURES_BEFORE_PROBE and self.keeper.database_answers():
                 # It answers and takes writes, yet refuses this batch: the batch is the problem.
-                event = self._refused(exc, requests, returned, logged=False)
+                event = self._refused(exc, requests, bounced, logged=False)
         else:  # anything else is this batch's own doing
-            event = self._refused(exc, requests, returned, logged=True)
+            event = self._refused(exc, requests, bounced, logged=True)
         if db.node_unusable(exc):
             self.keeper.use_next_database(exc)
         return event, failures
 
-    def _refused(self, exc: Exception, requests, returned, logged: bool) -> str:
+    def _refused(self, exc: Exception, requests, bounced, logged: bool) -> str:
         """RefusedBatch; but "db_refuses_batch" (held) for a database error on a lone
         operation that must never be dead-lettered for one."""
-        if (isinstance(exc, DBAPIError) and not returned and len(requests) == 1
+        if (isinstance(exc, DBAPIError) and not bounced and len(requests) == 1
                 and requests[0][2].op in HELD_ON_DATABASE_ERRORS):
             return "db_refuses_batch"
         if logged:
