@@ -12,6 +12,7 @@ import sys
 from datetime import datetime
 
 from molteniron.clients import cli, output
+from tests.completion import complete
 from tests.raw import RawPublisher
 from tests.stack import ROOT, node_args, wait_until
 from tests.terminal import on_a_terminal
@@ -188,15 +189,6 @@ def test_times_are_given_their_offset():
 
 
 # --- completion ---------------------------------------------------------------------------
-
-def complete(script: str, *words: str) -> list[str]:
-    """What bash completes for the words typed so far (the last one being completed)."""
-    probe = ('source "$1"; shift; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _molteniron; '
-             'printf "%s\\n" "${COMPREPLY[@]}"')
-    done = subprocess.run(["bash", "-c", probe, "bash", script, *words], capture_output=True,
-                          text=True, check=True, timeout=30)
-    return done.stdout.split()
-
 
 def test_completion_bash_completes_commands_options_and_choices(tmp_path):
     done = cli_alone("completion", "bash")

@@ -5,17 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import pty
 import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 import uuid
 
 from molteniron import protocol
-from tests.stack import ROOT, _rabbitmqctl, node_args, wait_until
+from tests.stack import _rabbitmqctl, node_args, wait_until
+from tests.terminal import on_a_terminal
 
 
 def history(stack, *args: str) -> list[dict]:
@@ -37,30 +34,13 @@ def requests_queued(stack) -> int:
     return int(counts.get(protocol.REQUEST_QUEUE, 0))
 
 
+def shown(stack, *args: str) -> str:
+    """The CLI's stdout on a terminal wide enough for every table here."""
+    return on_a_terminal(stack.env, *args, columns=400)[0]
+
+
 def waiting_owners(stack) -> list[str]:
     return [r[0] for r in stack.sql("SELECT owner FROM waiting_requests ORDER BY id")]
-
-
-def on_a_terminal(stack, *args: str) -> str:
-    """The CLI's stdout when stdout is a terminal (a pty), as the terminal shows it."""
-    leader, follower = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "molteniron.clients.cli", *args],
-                               env=stack.env, cwd=ROOT, stdout=follower, stderr=subprocess.PIPE)
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the process closed its end
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    assert process.stderr is not None  # stderr=PIPE
-    assert process.wait(timeout=60) == 0, process.stderr.read()
-    process.stderr.close()
-    return b"".join(chunks).decode().replace("\r\n", "\n")
 
 
 # --- history -------------------------------------------------------------------
@@ -248,14 +228,14 @@ def test_on_a_terminal_tables_are_printed_and_without_one_the_json_reply(running
     running.cli("add_baremetal", *node_args(1))
     running.cli("allocate", "job-1", "1")
 
-    status = on_a_terminal(running, "status")
+    status = shown(running, "status")
     assert status.startswith("+---") and "| node-1 " in status and "job-1" in status
-    assert "+ ipmi_user " in on_a_terminal(running, "status_baremetal")
-    table = on_a_terminal(running, "history")
+    assert "+ ipmi_user " in shown(running, "status_baremetal")
+    table = shown(running, "history")
     assert table.splitlines()[1].split()[:3] == ["+", "started_at", "+"]
     assert "job-1" in table
-    assert "+ position " in on_a_terminal(running, "waiting")
-    assert json.loads(on_a_terminal(running, "status", "-t", "json"))["status"] == 200
+    assert "+ position " in shown(running, "waiting")
+    assert json.loads(shown(running, "status", "-t", "json"))["status"] == 200
 
     # Without a terminal: exactly what scripts got before, the JSON reply.
     piped = running.cli("status")
