@@ -50,7 +50,7 @@ def test_a_low_priority_waiter_is_passed_only_by_those_that_came_within_the_boun
     waiters of priority P that arrived less than P / A minutes after it. Against a
     stream of priority-10 jobs arriving one a minute with A = 1, the priority-0 job
     is served after at most the 10 that came in its first 10 minutes."""
-    queue = PoolQueue(aging=1.0)
+    queue: PoolQueue[W] = PoolQueue(aging=1.0)
     queue.add(W(1, "low", 0, T0))
     served = []
     for minute in range(1, 30):  # a job arrives each minute; the node serves one a minute
@@ -66,7 +66,7 @@ def test_a_low_priority_waiter_is_passed_only_by_those_that_came_within_the_boun
 
 
 def test_equal_priorities_keep_arrival_order_and_places_are_cheap_to_give():
-    queue = PoolQueue(aging=1.0)
+    queue: PoolQueue[W] = PoolQueue(aging=1.0)
     places = [queue.add(W(i, f"w{i}", 0, T0 + timedelta(seconds=i))) for i in range(1, 6)]
     assert places == [1, 2, 3, 4, 5]
     assert queue.add(W(9, "urgent", 100, T0 + timedelta(seconds=9))) == 1

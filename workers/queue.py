@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 
 class Queued(Protocol):
@@ -35,10 +35,15 @@ def rank(waiter: Queued, aging: float) -> tuple[float, int]:
     return (aging * minutes - waiter.priority, waiter.row_id)
 
 
-class PoolQueue:
+Q = TypeVar("Q", bound=Queued)
+
+
+class PoolQueue(Generic[Q]):
+    """Hands back the very items added to it, so a caller keeps their own type."""
+
     def __init__(self, aging: float):
         self.aging = aging
-        self.members: dict[str, Queued] = {}
+        self.members: dict[str, Q] = {}
         self.ranks: dict[str, tuple[float, int]] = {}  # computed once, at arrival
         self._heap: list[tuple[tuple[float, int], str]] = []  # may hold removed ones
         self._last: tuple[float, int] | None = None  # the largest rank added
@@ -49,7 +54,7 @@ class PoolQueue:
     def __bool__(self) -> bool:
         return bool(self.members)
 
-    def add(self, waiter: Queued) -> int:
+    def add(self, waiter: Q) -> int:
         """Add a waiter; return its 1-based place (cheap when it goes last, the usual case)."""
         key = self.ranks[waiter.request_id] = rank(waiter, self.aging)
         self.members[waiter.request_id] = waiter
@@ -66,13 +71,13 @@ class PoolQueue:
             self._heap.clear()
             self._last = None
 
-    def head(self) -> Queued | None:
+    def head(self) -> Q | None:
         heap = self._heap
         while heap and heap[0][1] not in self.members:
             heapq.heappop(heap)
         return self.members[heap[0][1]] if heap else None
 
-    def ordered(self) -> list[Queued]:
+    def ordered(self) -> list[Q]:
         """Every waiter in the order they will be served (a sort: not for the hot path)."""
         ranks = self.ranks
         return sorted(self.members.values(), key=lambda w: ranks[w.request_id])
@@ -81,6 +86,6 @@ class PoolQueue:
         return next(place for place, w in enumerate(self.ordered(), 1)
                     if w.request_id == request_id)
 
-    def values(self) -> Iterator[Queued]:
+    def values(self) -> Iterator[Q]:
         """Every waiter, in no particular order."""
         return iter(self.members.values())

@@ -64,7 +64,7 @@ class Waiters:
         self.leases = leases
         self.priority_aging = priority_aging
         self.quotas = quotas or Quotas(None)
-        self.by_pool: dict[str, PoolQueue] = {}  # each pool's waiters, in serving order
+        self.by_pool: dict[str, PoolQueue[Waiter]] = {}  # each pool's waiters, in serving order
         self.by_request: dict[str, Waiter] = {}
         self.by_owner: dict[str, set[str]] = defaultdict(set)
         # Quotas: where a user who gave nodes back has waiters (user -> pool -> how many).
