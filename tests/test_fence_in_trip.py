@@ -39,7 +39,12 @@ def count_reloads(pool_keeper) -> list[int]:
     """A list that grows by one at each reload of the keeper's memory of the pool."""
     loads = []
     load = pool_keeper.state.load
-    pool_keeper.state.load = lambda session: loads.append(1) or load(session)
+
+    def counted_load(session):
+        loads.append(1)
+        return load(session)
+
+    pool_keeper.state.load = counted_load
     return loads
 
 

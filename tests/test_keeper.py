@@ -151,7 +151,8 @@ def test_a_lease_ending_on_tick_serves_a_waiter_in_the_same_batch(
     # The next batch runs a minute later (no sleeping: the batch is told the time).
     later, clock = pool.utcnow() + timedelta(seconds=61), time.time() + 61
     monkeypatch.setattr(keeper_module, "Batch",
-                        lambda *unit: Batch(*unit, now=later, clock=clock))
+                        lambda connection, make_session: Batch(connection, make_session,
+                                                               now=later, clock=clock))
     batch = commit(keeper, request("tick"))
     assert_granted(batch, small, 1)
     assert sql(keeper, "SELECT owner, end_reason FROM allocations ORDER BY id") == [
@@ -370,8 +371,12 @@ def test_a_batch_costs_no_rollback_round_trip_and_an_open_read_is_still_rolled_b
     import pymysql.connections
     rollbacks = []
     real_rollback = pymysql.connections.Connection.rollback
-    monkeypatch.setattr(pymysql.connections.Connection, "rollback",
-                        lambda conn: rollbacks.append(conn) or real_rollback(conn))
+
+    def counted_rollback(conn):
+        rollbacks.append(conn)
+        return real_rollback(conn)
+
+    monkeypatch.setattr(pymysql.connections.Connection, "rollback", counted_rollback)
     add_node(keeper, "n1")  # reads the node's id through keeper.engine: one rollback
     rollbacks.clear()
     allocate(keeper, "a", 1)
@@ -448,9 +453,16 @@ def test_a_deadlock_in_an_operations_savepoint_surfaces_as_a_lock_conflict(keepe
 def test_a_batch_after_its_connection_died_runs_on_a_fresh_one_and_loses_nothing(keeper):
     from sqlalchemy.exc import DBAPIError
 
+    def kept_connection_id():
+        """The server's id of the connection the keeper keeps between batches."""
+        connection = keeper.connection
+        assert connection is not None
+        connection_id = connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+        connection.commit()
+        return connection_id
+
     node = add_node(keeper, "n1")
-    connection_id = keeper.connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
-    keeper.connection.commit()
+    connection_id = kept_connection_id()
     with keeper.engine.connect() as other:
         other.exec_driver_sql(f"KILL CONNECTION {connection_id}")
     held = request("allocate", owner="job", count=1, node_pool="p")
@@ -460,5 +472,4 @@ def test_a_batch_after_its_connection_died_runs_on_a_fresh_one_and_loses_nothing
     keeper.reload_needed = True
     assert only_reply(commit(keeper, held), held).reply["status"] == 200
     assert owners(keeper) == {node: "job"}
-    assert keeper.connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar() != connection_id
-    keeper.connection.commit()
+    assert kept_connection_id() != connection_id
