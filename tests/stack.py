@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypedDict
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlparse
 
 import pika
 import pytest
@@ -177,6 +178,27 @@ class Stack:
             except pika.exceptions.ChannelClosedByBroker:  # not declared yet
                 channel = connection.channel()
         connection.close()
+
+    def requests_queued(self) -> int:
+        """Requests in the request queue, those a worker was given and has not acked
+        included (a stopped worker's prefetch takes them at once)."""
+        vhost = unquote(urlparse(self.amqp_url).path[1:])
+        listed = _rabbitmqctl("list_queues", "-q", "-p", vhost, "name", "messages")
+        counts = dict(line.split("\t") for line in listed.splitlines() if "\t" in line)
+        return int(counts.get(protocol.REQUEST_QUEUE, 0))
+
+    @contextmanager
+    def worker_stopped(self, index: int = 0):
+        """The worker stopped (SIGSTOP) for the block, so that what happens meanwhile (a
+        client dying, a request queued) reaches it together when it goes on: a queued
+        release is then served before its next tick can find a dead client's reply queue
+        gone and cancel that client's wait."""
+        worker = self.workers[index]
+        worker.send_signal(signal.SIGSTOP)
+        try:
+            yield worker
+        finally:
+            worker.send_signal(signal.SIGCONT)
 
     def dead_letters(self) -> int:
         connection, channel = self.channel()

@@ -50,13 +50,16 @@ def test_a_returned_grant_is_undone_even_when_the_worker_dies_during_the_undo(st
     stack.cli("allocate", "holder", "1")
     doomed = stack.cli_start("allocate", "doomed", "1", "--wait", "600")
     wait_until(lambda: waiting_owners(stack) == ["doomed"], 15, "doomed to wait")
-    doomed.process.kill()
-    doomed.process.wait()
     with stack.engine.begin() as conn:  # hold the undo's commit open for 10 s
         conn.execute(text("CREATE TRIGGER slow_undo BEFORE UPDATE ON allocations FOR EACH ROW "
                           "IF NEW.end_reason = 'client_gone' THEN SET @x = SLEEP(10); END IF"))
     try:
-        stack.cli("release", "holder")  # serves doomed; the grant comes back unroutable
+        with stack.worker_stopped():  # else a tick may cancel doomed's wait before the grant
+            doomed.process.kill()
+            doomed.process.wait()
+            releasing = stack.cli_start("release", "holder")  # serves doomed; it bounces
+            wait_until(lambda: stack.requests_queued() >= 1, 15, "the release to be queued")
+        assert releasing.result().returncode == 0
         wait_until(lambda: stack.sql("SELECT returned FROM grant_outbox") == [(1,)], 15,
                    "the return to be written down")
         stack.workers[0].kill()  # while the undo is still blocked in its commit

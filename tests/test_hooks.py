@@ -38,7 +38,8 @@ from tests.stack import ROOT, node_args, wait_until
 
 # The bound a signal's effect is held to where it used to wait for the allocate to return
 # (MOLTENIRON_WAIT, 600 s in these tests): what is claimed is 2 s, what is measured is printed.
-PROMPTLY = 5.0
+# 5 s was once missed with the suite in 4 processes on 2 loaded cores.
+PROMPTLY = 15.0
 # Every result a Jenkins build can end with: the post-hook must run on each.
 BUILD_RESULTS = {"SUCCESS", "UNSTABLE", "FAILURE", "NOT_BUILT", "ABORTED"}
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import signal
 import time
-import urllib.parse
 import uuid
 
 from molteniron import protocol
-from tests.stack import _rabbitmqctl, node_args, wait_until
+from tests.stack import node_args, wait_until
 from tests.terminal import on_a_terminal
 
 
@@ -23,15 +21,6 @@ def history(stack, *args: str) -> list[dict]:
 
 def ended(stack, owner: str) -> list[tuple]:
     return [(r["node_name"], r["end_reason"]) for r in history(stack, "--owner", owner)]
-
-
-def requests_queued(stack) -> int:
-    """Requests in the request queue, those delivered to a worker and not yet acked too
-    (a stopped worker's prefetch takes them at once)."""
-    vhost = urllib.parse.unquote(urllib.parse.urlparse(stack.amqp_url).path[1:])
-    listed = _rabbitmqctl("list_queues", "-q", "-p", vhost, "name", "messages")
-    counts = dict(line.split("\t") for line in listed.splitlines() if "\t" in line)
-    return int(counts.get(protocol.REQUEST_QUEUE, 0))
 
 
 def shown(stack, *args: str) -> str:
@@ -68,15 +57,11 @@ def test_history_tells_who_held_what_and_how_each_allocation_ended(running):
     # The worker's next tick would find the reply queue gone and cancel the wait before
     # any grant: the worker is stopped while the client dies and the release is queued,
     # so it takes the release before it can tell the client is gone.
-    worker = running.workers[0]
-    worker.send_signal(signal.SIGSTOP)
-    try:
+    with running.worker_stopped():
         gone.process.kill()
         gone.process.wait()
         releasing = running.cli_start("release", "holder")
-        wait_until(lambda: requests_queued(running) >= 1, 15, "the release to be queued")
-    finally:
-        worker.send_signal(signal.SIGCONT)
+        wait_until(lambda: running.requests_queued() >= 1, 15, "the release to be queued")
     assert releasing.result().returncode == 0
     wait_until(lambda: ended(running, "job-gone") and ended(running, "job-gone")[0][1],
                30, "the returned grant to be undone")
