@@ -34,10 +34,18 @@ def start_job_step(stack, workspace: Path, script: Path, *args: str,
                    **env: str) -> subprocess.Popen:
     """A hook or pipeline started as a CI system starts a step: in a process group of its
     own (os.killpg(step.pid, ...) is an abort of the whole step; step.send_signal, a
-    signal to the script alone)."""
+    signal to the script alone), with SIGINT and SIGTERM at their defaults whatever this
+    test run inherited: bash cannot trap a signal ignored when it started, and a run
+    started in the background (`cmd &` in a script, nohup) ignores SIGINT."""
     return subprocess.Popen(["bash", str(script), *args], cwd=workspace,
                             env=job_env(stack, workspace, **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def group_alive(step: subprocess.Popen) -> bool:
