@@ -200,6 +200,34 @@ class Stack:
         finally:
             worker.send_signal(signal.SIGCONT)
 
+    def kill_waiting_client(self, running: RunningCli, owner: str) -> None:
+        """Kill a CLI waiting for `owner` and return once the broker has deleted its reply
+        queue. The broker drops an exclusive queue a moment after its connection dies; a
+        grant routed in that moment reaches the queue and is lost with it, a grant the
+        worker keeps (the lease takes the nodes back). A test about a client already gone
+        must not race that moment."""
+        [(reply_to,)] = self.sql(
+            f"SELECT reply_to FROM waiting_requests WHERE owner = '{owner}'")
+        running.process.kill()
+        running.process.wait()
+        wait_until(lambda: not self.queue_exists(reply_to), 15,
+                   f"the broker to delete {owner}'s reply queue")
+
+    def queue_exists(self, name: str) -> bool:
+        connection, channel = self.channel()
+        try:
+            channel.queue_declare(name, passive=True)
+            return True
+        except pika.exceptions.ChannelClosedByBroker as closed:
+            if closed.reply_code == 404:
+                return False
+            if closed.reply_code == 405:  # exclusive to a connection still open
+                return True
+            raise
+        finally:
+            if connection.is_open:
+                connection.close()
+
     def dead_letters(self) -> int:
         connection, channel = self.channel()
         try:

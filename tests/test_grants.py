@@ -55,8 +55,7 @@ def test_a_returned_grant_is_undone_even_when_the_worker_dies_during_the_undo(st
                           "IF NEW.end_reason = 'client_gone' THEN SET @x = SLEEP(10); END IF"))
     try:
         with stack.worker_stopped():  # else a tick may cancel doomed's wait before the grant
-            doomed.process.kill()
-            doomed.process.wait()
+            stack.kill_waiting_client(doomed, "doomed")
             releasing = stack.cli_start("release", "holder")  # serves doomed; it bounces
             wait_until(lambda: stack.requests_queued() >= 1, 15, "the release to be queued")
         assert releasing.result().returncode == 0
@@ -83,8 +82,7 @@ def test_a_grant_to_a_client_gone_before_the_grant_is_undone_and_the_next_waiter
     wait_until(lambda: waiting_owners(stack) == ["gone"], 15, "gone to wait")
     patient = stack.cli_start("allocate", "patient", "1", "--wait", "60")
     wait_until(lambda: waiting_owners(stack) == ["gone", "patient"], 15, "patient to wait")
-    gone.process.kill()
-    gone.process.wait()
+    stack.kill_waiting_client(gone, "gone")
 
     stack.cli("release", "holder")
 

@@ -52,8 +52,7 @@ def test_head_interrupted(running, how):
 
 def test_head_killed(running):
     big, small = big_then_small(running)
-    big.process.kill()  # no cancel: only a bounced reply can tell the worker it is gone
-    big.process.wait()
+    running.kill_waiting_client(big, "big")  # no cancel: only a bounce tells the worker
     assert_small_got_the_ready_node(running, small)
     assert running.sql("SELECT owner, end_reason FROM allocations WHERE owner = 'big'") == []
 

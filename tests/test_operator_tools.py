@@ -58,8 +58,7 @@ def test_history_tells_who_held_what_and_how_each_allocation_ended(running):
     # any grant: the worker is stopped while the client dies and the release is queued,
     # so it takes the release before it can tell the client is gone.
     with running.worker_stopped():
-        gone.process.kill()
-        gone.process.wait()
+        running.kill_waiting_client(gone, "job-gone")
         releasing = running.cli_start("release", "holder")
         wait_until(lambda: running.requests_queued() >= 1, 15, "the release to be queued")
     assert releasing.result().returncode == 0

@@ -79,8 +79,7 @@ def test_a_killed_waiting_client_never_owns_the_node(running):
     wait_until(lambda: waiting_owners(running) == ["doomed"], 15, "doomed to wait")
     patient = running.cli_start("allocate", "patient", "1", "--wait", "60")
     wait_until(lambda: waiting_owners(running) == ["doomed", "patient"], 15, "patient to wait")
-    doomed.process.kill()
-    doomed.process.wait()
+    running.kill_waiting_client(doomed, "doomed")
 
     running.cli("release", "holder")
     result = patient.result()
@@ -95,8 +94,7 @@ def test_a_killed_client_served_alone_gives_the_node_back(running):
     running.cli("allocate", "holder", "1")
     doomed = running.cli_start("allocate", "doomed", "1", "--wait", "60")
     wait_until(lambda: waiting_owners(running) == ["doomed"], 15, "doomed to wait")
-    doomed.process.kill()
-    doomed.process.wait()
+    running.kill_waiting_client(doomed, "doomed")
     running.cli("release", "holder")
     wait_until(lambda: owners(running) == {"node-1": None}, 15, "the node to come back")
     assert running.cli("allocate", "later", "1", "--no-wait").returncode == 0
