@@ -86,12 +86,17 @@ def ci_user(running, amqp_url):
 def as_agent(kit_root: Path, password: str, *command: str,
              amqp_url: str = "") -> subprocess.CompletedProcess:
     """command run as the agent, over the kit's /etc; amqp_url: a job's MOLTENIRON_AMQP_URL."""
-    return subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "bash", "-c", AS_AGENT, "agent", *command],
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "KIT_ROOT": str(kit_root), "AGENT": AGENT,
-             "CI_PASSWORD": password, "CI_AMQP_URL": amqp_url, "OWNER": "agent-job-1",
-             "WORKSPACE": str(kit_root.parent / "workspace")},
-        capture_output=True, text=True, timeout=180)
+    try:
+        return subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "bash", "-c", AS_AGENT, "agent",
+             *command],
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "KIT_ROOT": str(kit_root),
+                 "AGENT": AGENT, "CI_PASSWORD": password, "CI_AMQP_URL": amqp_url,
+                 "OWNER": "agent-job-1", "WORKSPACE": str(kit_root.parent / "workspace")},
+            capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"as the agent, {' '.join(command)} did not end in 180 s;\n"
+                    f"stdout: {hung.stdout!r}\nstderr: {hung.stderr!r}", pytrace=False)
 
 
 def point_client_config_at(kit_root: Path, amqp_url: str, user: str) -> str:
