@@ -22,12 +22,13 @@ trap 'rm -f "$marker"' EXIT
 
 "$@" &
 step=$!
+# The renewer's sleep keeps none of the build's output open, and is killed and reaped
+# with the renewer: Jenkins waits for every process holding the step's output.
 (
-  nap=
-  trap 'kill $nap 2>/dev/null; exit 0' TERM
+  trap 'kill $(jobs -p) 2>/dev/null; wait; exit 0' TERM
   while true; do
-    sleep "$every" & nap=$!
-    wait "$nap"
+    sleep "$every" < /dev/null > /dev/null 2>&1 &
+    wait $!
     kill -0 "$step" 2>/dev/null || exit 0
     molteniron renew "$owner" ${lease:+--lease "$lease"} > /dev/null
     case $? in
