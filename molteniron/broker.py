@@ -82,13 +82,19 @@ Callback = Callable[[Any, Any, Any, bytes], None]
 def connection_parameters(url: str, tls=NO_TLS_FILES) -> pika.URLParameters:
     """pika's parameters for an amqp(s):// URL, TLS set up from `tls` (TlsFiles or a
     Config) for amqps; ConfigError if the URL or a TLS file cannot be used."""
-    from urllib.parse import urlsplit
+    from urllib.parse import unquote, urlsplit
 
     files = TlsFiles(*(getattr(tls, name, None) for name in TlsFiles._fields))
     try:
-        scheme = urlsplit(url).scheme
+        parts = urlsplit(url)
+        scheme = parts.scheme
         if scheme not in ("amqp", "amqps"):
             raise ValueError("it must start with amqp:// or amqps://")
+        if parts.username and parts.password is None:
+            raise errors.ConfigError(
+                f"amqp_url names the user {unquote(parts.username)} but no password: set "
+                "$MOLTENIRON_AMQP_PASSWORD (a CI agent: from the job's credential), or give "
+                "it in the URL")
         params = pika.URLParameters(url)
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         # The URL itself is not repeated: it may hold a password.

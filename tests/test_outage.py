@@ -199,6 +199,18 @@ def test_a_malformed_amqp_url_is_a_usage_error(stack, url):
     assert "Traceback" not in result.stderr
 
 
+def test_a_url_naming_a_user_without_a_password_says_where_the_password_goes(stack):
+    """client.yaml names the CI user and no password; an agent whose job forgot the
+    password credential learns what to set, not a driver's TypeError."""
+    stack.env["MOLTENIRON_AMQP_URL"] = "amqp://molteniron-ci@127.0.0.1:5672/%2F"
+    stack.env.pop("MOLTENIRON_AMQP_PASSWORD", None)
+    result = stack.cli("status")
+    assert result.returncode == 2, result
+    assert ("amqp_url names the user molteniron-ci but no password: set "
+            "$MOLTENIRON_AMQP_PASSWORD") in result.stderr, result.stderr
+    assert "NoneType" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_allocate_lease_and_renew(running):
     """Needs the worker side: --lease, renew, nodes.lease_expires_at."""
     for i in (1, 2):
