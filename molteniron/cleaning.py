@@ -18,17 +18,23 @@ from sqlalchemy.orm import Session
 
 from molteniron import errors
 from molteniron.models import Node, State
+from molteniron.node_states import Event, next_state, sources
 from molteniron.pool import MAX_TEXT, find_node
+
+CLAIMABLE = sources(Event.CLEAN_CLAIM)
 
 
 def claim_dirty(session: Session, cleaner: str, now: datetime, claim_seconds: float) -> Node | None:
     """The lowest-id dirty node nobody holds a live claim on, claimed for cleaner (None: none)."""
     node = session.scalar(
-        select(Node).where(Node.state == State.DIRTY,
+        select(Node).where(Node.state.in_(CLAIMABLE),
                            or_(Node.clean_claim.is_(None), Node.clean_claimed_until <= now))
         .order_by(Node.id).limit(1))
     if node is None:
         return None
+    after = next_state(node, Event.CLEAN_CLAIM)
+    assert after is not None
+    node.state = after
     node.clean_claim = f"{cleaner[:200]}#{uuid.uuid4().hex}"
     node.clean_claimed_until = now + timedelta(seconds=claim_seconds)
     session.flush()
@@ -41,51 +47,51 @@ def finish(session: Session, node_id: int, claim: str, ok: bool, detail: str | N
     Accepted while the token is still the node's claim, even past the claim's time
     (nobody took it over); refused with 409 otherwise, changing nothing.
     """
-    node = _claimed(session, node_id, claim, "clean_done")
+    node, after = _claimed(session, node_id, claim, "clean_done",
+                           Event.CLEAN_DONE_OK if ok else Event.CLEAN_DONE_FAILED)
     node.clean_claim = None
     node.clean_claimed_until = None
-    if ok:
-        node.state = State.READY
-        node.maintenance_reason = None
-    else:
-        node.state = State.MAINTENANCE
-        reason = f"cleaning failed: {detail or 'no detail given'}"
-        node.maintenance_reason = reason[:MAX_TEXT]
+    node.state = after
+    reason = None if ok else f"cleaning failed: {detail or 'no detail given'}"[:MAX_TEXT]
+    node.maintenance_reason = reason
     session.flush()
     return node
 
 
 def abandon(session: Session, node_id: int, claim: str) -> Node:
     """A cleaner gives its claim back unfinished: the node stays dirty, for the next one."""
-    node = _claimed(session, node_id, claim, "clean_abandon")
+    node, after = _claimed(session, node_id, claim, "clean_abandon", Event.CLEAN_ABANDON)
     node.clean_claim = None
     node.clean_claimed_until = None
+    node.state = after
     session.flush()
     return node
 
 
-def _claimed(session: Session, node_id: int, claim: str, op: str) -> Node:
-    """The dirty node that claim still holds; NodeNotFound, or 409 for a stale claim."""
+def _claimed(session: Session, node_id: int, claim: str, op: str,
+             event: Event) -> tuple[Node, State]:
+    """The node that claim still holds and the state event moves it to; NodeNotFound,
+    or 409 for a stale claim (the node moved on, or the claim is not its own)."""
     node = session.get(Node, node_id)
     if node is None:
         raise errors.NodeNotFound(f"Node with id of {node_id} does not exist!")
-    if node.state != State.DIRTY or node.clean_claim != claim:
-        now_held = (f"it is {node.state.value}" if node.state != State.DIRTY
-                    else "another cleaner claimed it since" if node.clean_claim
-                    else "its claim was dropped")
+    after = next_state(node, event)
+    if node.clean_claim != claim:
+        now_held = "another cleaner claimed it since" if node.clean_claim \
+            else "its claim was dropped"
         raise errors.Conflict(f"{op} for node {node.name}: the claim is stale ({now_held}); "
                               "nothing changed")
-    return node
+    assert after is not None
+    return node, after
 
 
 def requeue(session: Session, ref: str | int) -> Node:
     """A ready or maintenance node (by name or id) back to dirty, to be cleaned again."""
     node = find_node(session, ref)
-    if node.state == State.ALLOCATED:
-        raise errors.Conflict(f"node {node.name} is allocated to {node.owner}; it is cleaned "
-                              "when it is released")
-    if node.state != State.DIRTY:
-        node.state = State.DIRTY
+    after = next_state(node, Event.CLEAN)
+    assert after is not None
+    if after != node.state:
+        node.state = after
         node.maintenance_reason = None
         node.clean_claim = None
         node.clean_claimed_until = None
@@ -95,7 +101,7 @@ def requeue(session: Session, ref: str | int) -> Node:
 
 def live_claim(record: dict, claim: str) -> bool:
     """Whether a node record (pool.node_record) is dirty and still claimed with this token."""
-    return record["state"] == State.DIRTY.value and record.get("clean_claim") == claim
+    return record["state"] in CLAIMABLE and record.get("clean_claim") == claim
 
 
 def cleaning_refused() -> errors.Conflict:

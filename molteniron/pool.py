@@ -1,7 +1,8 @@
 """Pool operations: plain functions over a Session. The caller owns the transaction.
 
-Every change of a node's state happens here. Functions validate all their
-input before they change anything, so an error leaves the session as it was.
+A node's state changes as molteniron/node_states.py's table says (`_move`).
+Functions validate all their input before they change anything, so an error
+leaves the session as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 from molteniron import errors
 from molteniron.compat import HARDWARE_FIELDS, SECRET_FIELDS
 from molteniron.models import Allocation, EndReason, Node, NodeIP, ProcessedRequest, State
+from molteniron.node_states import SET_STATUS, Event, next_state, refused_mid_cleaning
 
 DEFAULT_POOL = "default"
 INT_FIELDS = frozenset({"cpus", "ram_mb", "disk_gb"})
@@ -31,12 +33,6 @@ READABLE_FIELDS = {
     "lease_expires_at": "lease_expires_at", "allocation_pool": "allocation_pool",
     "tags": "tags", "maintenance_reason": "maintenance_reason",
     **{f: f for f in HARDWARE_FIELDS},
-}
-_STATE_CHANGES = {  # what set_field may do to a node's state
-    State.READY: {State.MAINTENANCE},
-    State.DIRTY: {State.READY, State.MAINTENANCE},
-    State.MAINTENANCE: {State.READY},
-    State.ALLOCATED: set(),
 }
 MAX_TEXT = 255
 
@@ -58,7 +54,7 @@ def add_baremetal(session: Session, name: str, ipmi_ip: str, ipmi_user: str,
                           "cpus": cpus, "ram_mb": ram_mb, "disk_gb": disk_gb})
     node = Node(name=_text("name", name), ipmi_ip=_text("ipmi_ip", ipmi_ip),
                 node_pool=_text("node_pool", node_pool or DEFAULT_POOL),
-                state=State.READY, owner=None, extra=dict(extra or {}),
+                state=next_state(None, Event.ADD), owner=None, extra=dict(extra or {}),
                 tags=parse_tags(tags), **hardware)
     node.ips = [NodeIP(position=i, ip=ip) for i, ip in enumerate(parse_ips(allocation_pool))]
     if session.scalar(select(Node.id).where(Node.name == node.name)) is not None:
@@ -222,14 +218,12 @@ def set_maintenance(session: Session, ref: str | int, on: bool, reason: str | No
     """
     node = find_node(session, ref)
     if on:
+        text = _text("reason", reason or "no reason given")
+        _move(node, Event.MAINTENANCE_ON, now, force, "maintenance on")
         if reason or not node.maintenance_reason:
-            node.maintenance_reason = _text("reason", reason or "no reason given")
-        if node.state in (State.READY, State.DIRTY):
-            node.state = State.MAINTENANCE
+            node.maintenance_reason = text
     else:
-        if node.state == State.MAINTENANCE:
-            _refuse_mid_cleaning(node, now or utcnow(), force, "maintenance off")
-            node.state = State.READY
+        _move(node, Event.MAINTENANCE_OFF, now, force, "maintenance off")
         node.maintenance_reason = None
     session.flush()
     return node
@@ -238,10 +232,8 @@ def set_maintenance(session: Session, ref: str | int, on: bool, reason: str | No
 def remove_node(session: Session, ref: str | int, force: bool, now: datetime) -> Node:
     """Remove a node that is not allocated; force: end its allocation (history: removed)."""
     node = find_node(session, ref)
-    if node.state == State.ALLOCATED:
-        if not force:
-            raise errors.Conflict(f"node {node.name} is allocated to {node.owner}; "
-                                  "release it first or remove it with --force")
+    next_state(node, Event.REMOVE_FORCED if force else Event.REMOVE)
+    if node.state == State.ALLOCATED:  # its open allocation ends with it
         session.execute(update(Allocation).where(
             Allocation.node_id == node.id, Allocation.ended_at.is_(None)
         ).values(ended_at=now, end_reason=EndReason.REMOVED))
@@ -256,16 +248,23 @@ def _change_state(node: Node, value: Any, now: datetime, force: bool) -> None:
     except ValueError:
         raise errors.BadRequest(
             f"status must be one of {', '.join(s.value for s in State)}") from None
-    if target == node.state:
-        return
-    if target not in _STATE_CHANGES[node.state]:
-        raise errors.Conflict(f"node {node.id} cannot go from {node.state.value} to "
-                              f"{target.value} by set_field")
-    if target == State.READY:
-        _refuse_mid_cleaning(node, now, force, "set_field status ready")
-    node.state = target
-    node.maintenance_reason = "set_field status maintenance" if target == State.MAINTENANCE \
-        else None
+    event = SET_STATUS[target]
+    if _move(node, event, now, force, f"set_field status {target.value}"):
+        node.maintenance_reason = ("set_field status maintenance"
+                                   if event is Event.SET_STATUS_MAINTENANCE else None)
+
+
+def _move(node: Node, event: Event, now: datetime | None, force: bool, action: str) -> bool:
+    """Set node's state to what event moves it to; whether it changed. Conflict (nothing
+    changed) for a move the table does not hold or a cleaner's claim forbids."""
+    after = next_state(node, event)
+    if after == node.state:
+        return False
+    assert after is not None, "a node is removed by remove_node, not moved"
+    if refused_mid_cleaning(node.state, event):
+        _refuse_mid_cleaning(node, now or utcnow(), force, action)
+    node.state = after
+    return True
 
 
 def _refuse_mid_cleaning(node: Node, now: datetime, force: bool, action: str) -> None:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from molteniron import errors, pool
 from molteniron.models import EndReason, Node, State
+from molteniron.node_states import ENDED_BY, Event, next_state
 from molteniron.workers.batch import placeholders, values
 from molteniron.workers.constraints import ANY, Constraints
 
@@ -141,13 +142,15 @@ class PoolState:
         stamp = now.isoformat(timespec="seconds")
         for node_id in taken:
             record = self.nodes[node_id]
-            record.update(state=State.ALLOCATED.value, owner=owner, allocated_at=stamp,
+            after = next_state(record, Event.ALLOCATE)  # taken from the ready: allocated
+            assert after is not None
+            record.update(state=after.value, owner=owner, allocated_at=stamp,
                           holder_user=user)
             self.held_by_user[user] += 1
             self.owned[owner].add(node_id)
             self._held_by(node_id, request_id)
             self._set_lease(node_id, lease_until)
-            self._node_writes[node_id] = (State.ALLOCATED, owner, now)
+            self._node_writes[node_id] = (after, owner, now)
             self._opened[node_id] = {"node_id": node_id, "node_name": record["name"],
                                      "owner": owner, "user": user, "request_id": request_id,
                                      "started_at": now, "ended_at": None, "end_reason": None}
@@ -174,6 +177,8 @@ class PoolState:
         held = self.owned.get(owner)
         if not held:
             raise errors.OwnerNotFound(f"No nodes are owned by {owner}")
+        for node_id in held:
+            next_state(self.nodes[node_id], Event.RENEW)  # allocated stays allocated
         for node_id in sorted(held):
             self._set_lease(node_id, lease_until)
             if node_id not in self._node_writes:  # allocated in an earlier batch
@@ -197,8 +202,13 @@ class PoolState:
         heapq.heappush(self._lease_heap, (until, node_id))
 
     def _release(self, node_ids: list[int], reason: EndReason, now: datetime) -> list[dict]:
+        event = ENDED_BY[reason]
+        # All decided before any is changed: a refused node leaves memory as it was.
+        # A dirty node still counts in capacity: waiters wait for its cleaning.
+        afters = [next_state(self.nodes[i], event, self.clean_released) for i in node_ids]
         released = []
-        for node_id in node_ids:
+        for node_id, after in zip(node_ids, afters):
+            assert after is not None
             record = self.nodes[node_id]
             self.owned[record["owner"]].discard(node_id)
             if not self.owned[record["owner"]]:
@@ -208,10 +218,6 @@ class PoolState:
             self._lease_writes.pop(node_id, None)
             self.held_by_user[record["holder_user"]] -= 1
             self.quota_freed.add(record["holder_user"])
-            # Maintenance asked for while it was allocated begins now. A dirty node
-            # still counts in capacity: waiters wait for its cleaning.
-            after = (State.MAINTENANCE if record["maintenance_reason"]
-                     else State.DIRTY if self.clean_released else State.READY)
             record.update(state=after.value, owner=None, allocated_at=None,
                           lease_expires_at=None, holder_user=None, clean_claim=None,
                           clean_claimed_by=None, clean_claimed_until=None)
