@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from molteniron import errors
 from molteniron.models import Node, State
+from molteniron.node_record import NodeRecord
 from molteniron.node_states import Event, next_state, sources
 from molteniron.pool import MAX_TEXT, find_node
 
@@ -99,9 +100,9 @@ def requeue(session: Session, ref: str | int) -> Node:
     return node
 
 
-def live_claim(record: dict, claim: str) -> bool:
-    """Whether a node record (pool.node_record) is dirty and still claimed with this token."""
-    return record["state"] in CLAIMABLE and record.get("clean_claim") == claim
+def live_claim(record: NodeRecord, claim: str) -> bool:
+    """Whether a node record is dirty and still claimed with this token."""
+    return record.state in CLAIMABLE and record.clean_claim == claim
 
 
 def cleaning_refused() -> errors.Conflict:

@@ -1,8 +1,9 @@
 """The original MoltenIron's output shapes, rendered in this one place.
 
 Jenkins hooks read these with jq, so names, nesting and types stay as the
-original printed them. Works on plain node records (dicts, see
-`pool.node_record`), so the CLI can use it without SQLAlchemy.
+original printed them. The worker renders replies from its node records
+(molteniron/node_record.py NodeRecord); the CLI renders tables from the nodes a
+reply carries (plain dicts, NodeRecord.to_reply's shape), without SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from molteniron.node_record import NodeRecord
 
 HARDWARE_FIELDS = ("ipmi_user", "ipmi_password", "port_hwaddr", "cpu_arch",
                    "cpus", "ram_mb", "disk_gb")
@@ -18,32 +24,41 @@ SECRET_FIELDS = ("ipmi_password",)
 HIDDEN = "********"
 
 
-def blob(record: dict) -> dict:
-    """The hardware fields and extra keys, as the original's blob held them."""
-    fields = {k: record[k] for k in HARDWARE_FIELDS if k in record}
-    fields.update(record.get("extra") or {})
+def blob(shown: dict) -> dict:
+    """The hardware fields and extra keys of a node a reply carries, as the original's
+    blob held them."""
+    fields = {k: shown[k] for k in HARDWARE_FIELDS if k in shown}
+    fields.update(shown.get("extra") or {})
     return fields
 
 
-def node_json(record: dict) -> dict:
+def record_blob(record: NodeRecord) -> dict[str, Any]:
+    """blob() of a node record, in the same order (HARDWARE_FIELDS, then extra)."""
+    return {"ipmi_user": record.ipmi_user, "ipmi_password": record.ipmi_password,
+            "port_hwaddr": record.port_hwaddr, "cpu_arch": record.cpu_arch,
+            "cpus": record.cpus, "ram_mb": record.ram_mb, "disk_gb": record.disk_gb,
+            **record.extra}
+
+
+def node_json(record: NodeRecord) -> dict:
     """One node as the original's allocate printed it (blob is a JSON *string*)."""
     return {
-        "id": record["id"],
-        "name": record["name"],
-        "ipmi_ip": record["ipmi_ip"],
-        "blob": json.dumps(blob(record)),
-        "allocation_pool": ",".join(record["allocation_pool"]),
-        "status": record["state"],
-        "provisioned": record["owner"] or "",
-        "timestamp": record["allocated_at"],
-        "node_pool": record["node_pool"],
+        "id": record.id,
+        "name": record.name,
+        "ipmi_ip": record.ipmi_ip,
+        "blob": json.dumps(record_blob(record)),
+        "allocation_pool": ",".join(record.allocation_pool),
+        "status": record.state,
+        "provisioned": record.owner or "",
+        "timestamp": record.allocated_at,
+        "node_pool": record.node_pool,
         # Not in the original (it had no leases): when the nodes go back by themselves.
-        "lease_expires_at": record.get("lease_expires_at"),
+        "lease_expires_at": record.lease_expires_at,
     }
 
 
-def nodes_reply(records: list[dict]) -> dict:
-    return {"status": 200, "nodes": {f"node_{r['id']}": node_json(r) for r in records}}
+def nodes_reply(records: Iterable[NodeRecord]) -> dict:
+    return {"status": 200, "nodes": {f"node_{r.id}": node_json(r) for r in records}}
 
 
 def field_reply(values: list[tuple[int, object]]) -> dict:
@@ -54,8 +69,13 @@ def field_reply(values: list[tuple[int, object]]) -> dict:
 HIDDEN_IN_STATUS = (*SECRET_FIELDS, "clean_claim")
 
 
-def without_secrets(record: dict) -> dict:
-    return {k: (HIDDEN if k in HIDDEN_IN_STATUS and v else v) for k, v in record.items()}
+def without_secrets(record: NodeRecord) -> dict:
+    """The node as status shows it to whom may not see its secrets."""
+    shown = record.to_reply()
+    for key in HIDDEN_IN_STATUS:
+        if shown[key]:
+            shown[key] = HIDDEN
+    return shown
 
 
 def reply_without_secrets(reply: dict) -> dict:

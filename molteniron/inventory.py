@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from molteniron import errors, pool
 from molteniron.compat import HARDWARE_FIELDS, HIDDEN
 from molteniron.models import Node, State
+from molteniron.node_record import NodeRecord
 from molteniron.protocol import NODE_STATES
 
 # An entry's keys, in the order an export writes them.
@@ -63,15 +64,18 @@ class Entry:
 
 # --- export ------------------------------------------------------------------
 
-def entry_of(record: dict, show_secrets: bool) -> dict:
-    """A node record (pool.node_record) as an inventory entry."""
-    entry = {key: record[key] for key in FIELDS}
-    entry["allocation_pool"] = list(record["allocation_pool"])
-    entry["tags"] = list(record["tags"] or [])
-    entry["extra"] = dict(record["extra"] or {})
-    if not show_secrets and entry["ipmi_password"]:
-        entry["ipmi_password"] = HIDDEN
-    return entry
+def entry_of(record: NodeRecord, show_secrets: bool) -> dict:
+    """A node record as an inventory entry (keys in FIELDS' order)."""
+    return {
+        "name": record.name, "ipmi_ip": record.ipmi_ip, "ipmi_user": record.ipmi_user,
+        "ipmi_password": (HIDDEN if record.ipmi_password and not show_secrets
+                          else record.ipmi_password),
+        "allocation_pool": list(record.allocation_pool), "port_hwaddr": record.port_hwaddr,
+        "cpu_arch": record.cpu_arch, "cpus": record.cpus, "ram_mb": record.ram_mb,
+        "disk_gb": record.disk_gb, "node_pool": record.node_pool, "tags": list(record.tags),
+        "extra": dict(record.extra), "state": record.state,
+        "maintenance_reason": record.maintenance_reason,
+    }
 
 
 # --- checking ----------------------------------------------------------------
@@ -215,16 +219,16 @@ def _update(session: Session, node: Node, entry: Entry) -> list[str]:
               "allocation_pool": entry.allocation_pool, "tags": entry.tags}
     if entry.ipmi_password is not None:
         wanted["ipmi_password"] = entry.ipmi_password
-    record = pool.node_record(node)
+    record = NodeRecord.from_node(node)
     changed = []
     for key, value in wanted.items():
-        if record[key] == value:
+        if getattr(record, key) == value:
             continue
         if isinstance(value, list):  # set_field takes lists the way the CLI writes them
             value = ",".join(value)
         pool.set_field(session, node.id, key, value, "int" if key in pool.INT_FIELDS else "string")
         changed.append(key)
-    if record["extra"] != entry.extra:
+    if record.extra != entry.extra:
         node.extra = dict(entry.extra)
         changed.append("extra")
     if node.state != State.ALLOCATED and _apply_state(session, node, entry):

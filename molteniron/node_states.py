@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from molteniron import errors
 from molteniron.models import EndReason, Node, State
+from molteniron.node_record import NodeRecord
 
 READY, ALLOCATED, DIRTY, MAINTENANCE = State.READY, State.ALLOCATED, State.DIRTY, State.MAINTENANCE
 GONE = None  # no node: the source of add, the target of remove
@@ -167,7 +168,8 @@ ROWS: tuple[Row, ...] = (
 )
 
 Target = State | Outcome | None
-TRANSITIONS: dict[tuple[State | None, Event], Target] = {
+# Keyed by States, which are str: a node record's state (its value) finds them too.
+TRANSITIONS: dict[tuple[str | None, Event], Target] = {
     (source, row.event): source if row.target is UNCHANGED else row.target
     for row in ROWS for source in row.sources}
 _MID_CLEANING_REFUSED = frozenset(
@@ -197,7 +199,7 @@ _REFUSALS: dict[Event, str] = {
 }
 _REFUSED = "node {name} is {state}: {event} does not apply to a {state} node"
 
-NodeView = Node | dict | None  # an ORM node, a PoolState record, or no node
+NodeView = Node | NodeRecord | None  # an ORM node, a PoolState record, or no node
 
 
 def released(maintenance_reason: str | None, cleaning: bool) -> State:
@@ -214,11 +216,12 @@ def next_state(node: NodeView, event: Event, cleaning: bool = False) -> State | 
     cleaning: released nodes are cleaned (a cleaning_command is configured).
     """
     try:
-        target = TRANSITIONS[_read(node, "state"), event]
+        target = TRANSITIONS[None if node is None else node.state, event]
     except KeyError:
         raise refusal(node, event) from None
     if isinstance(target, Outcome):  # RELEASED: TRANSITIONS holds no UNCHANGED
-        return released(_read(node, "maintenance_reason"), cleaning)
+        assert node is not None  # only nodes that are there are released
+        return released(node.maintenance_reason, cleaning)
     return target
 
 
@@ -229,23 +232,16 @@ def refused_mid_cleaning(state: State | str | None, event: Event) -> bool:
 
 def sources(event: Event) -> frozenset[State]:
     """The states event applies to (the nodes a query for it may pick)."""
-    return frozenset(s for (s, e) in TRANSITIONS if e is event and s is not None)
+    return frozenset(State(s) for (s, e) in TRANSITIONS if e is event and s is not None)
 
 
 def refusal(node: NodeView, event: Event) -> errors.Conflict:
-    state = _read(node, "state")
-    facts = {key: _read(node, key) for key in ("id", "name", "owner")}
-    shown = "gone" if state is None else State(state).value
-    return errors.Conflict(_REFUSALS.get(event, _REFUSED).format(
-        **facts, state=shown, event=event.value))
-
-
-def _read(node: NodeView, key: str) -> Any:
     if node is None:
-        return None
-    if isinstance(node, dict):
-        return node[key]
-    return getattr(node, key)
+        facts: dict[str, Any] = {"id": None, "name": None, "owner": None, "state": "gone"}
+    else:
+        facts = {"id": node.id, "name": node.name, "owner": node.owner,
+                 "state": State(node.state).value}
+    return errors.Conflict(_REFUSALS.get(event, _REFUSED).format(**facts, event=event.value))
 
 
 # --- the table as docs/architecture.md shows it -------------------------------------

@@ -296,25 +296,6 @@ def _node(session: Session, node_id: Any) -> Node:
 
 # --- listing and emptying ------------------------------------------------
 
-def node_record(node: Node) -> dict:
-    """A node as a plain dict: what replies carry and compat renders."""
-    return {
-        "id": node.id, "name": node.name, "ipmi_ip": node.ipmi_ip,
-        **{f: getattr(node, f) for f in HARDWARE_FIELDS},
-        "allocation_pool": [ip.ip for ip in node.ips],
-        "state": node.state.value, "owner": node.owner, "holder_user": node.holder_user,
-        "allocated_at": field_value(node, "allocated_at"),
-        "lease_expires_at": field_value(node, "lease_expires_at"),
-        "node_pool": node.node_pool, "extra": dict(node.extra or {}),
-        "tags": list(node.tags or []), "maintenance_reason": node.maintenance_reason,
-        # Cleaning (molteniron/cleaning.py): the claim token is "cleaner#random".
-        "clean_claim": node.clean_claim,
-        "clean_claimed_by": node.clean_claim.rpartition("#")[0] if node.clean_claim else None,
-        "clean_claimed_until": (node.clean_claimed_until.isoformat(timespec="seconds")
-                                if node.clean_claimed_until else None),
-    }
-
-
 def delete_db(session: Session, now: datetime | None = None) -> int:
     """Remove every node (open allocations end as `removed`); return how many."""
     now = now or utcnow()

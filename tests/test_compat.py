@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from molteniron import compat, errors, pool
 from molteniron.models import Node
+from molteniron.node_record import NodeRecord
 from molteniron.workers.state import PoolState
 
 HARDWARE = ("ipmi_user", "ipmi_password", "port_hwaddr", "cpu_arch", "cpus", "ram_mb",
@@ -39,7 +40,7 @@ def allocate(session, owner, count, node_pool="default", now=WHEN):
     records = state.allocate(owner, count, node_pool, None, now, now + timedelta(hours=6))
     state.flush(session, now)
     session.commit()
-    return list(session.scalars(select(Node).where(Node.id.in_([r["id"] for r in records]))
+    return list(session.scalars(select(Node).where(Node.id.in_([r.id for r in records]))
                                 .order_by(Node.id)))
 
 
@@ -55,7 +56,7 @@ def allocated(session):
 
 def test_nodes_reply_shape_matches_the_original(session, allocated):
     n1, n2 = allocated
-    reply = compat.nodes_reply([pool.node_record(n) for n in allocated])
+    reply = compat.nodes_reply([NodeRecord.from_node(n) for n in allocated])
     assert set(reply) == {"status", "nodes"}
     assert reply["status"] == 200
     assert list(reply["nodes"]) == [f"node_{n1.id}", f"node_{n2.id}"]
@@ -76,7 +77,7 @@ def test_nodes_reply_shape_matches_the_original(session, allocated):
 
 
 def test_nodes_reply_blob_is_a_json_string_of_the_hardware_fields(session, allocated):
-    reply = compat.nodes_reply([pool.node_record(allocated[0])])
+    reply = compat.nodes_reply([NodeRecord.from_node(allocated[0])])
     blob = reply["nodes"][f"node_{allocated[0].id}"]["blob"]
     assert isinstance(blob, str)
     assert json.loads(blob) == {"ipmi_user": "admin", "ipmi_password": "hunter2-secret",
@@ -90,7 +91,7 @@ def test_nodes_reply_blob_includes_extra_keys(session):
                        {"cpus": 2, "ipmi_user": "u", "rack": "r4"})
     session.commit()
     node = allocate(session, "job", 1)[0]
-    blob = json.loads(compat.nodes_reply([pool.node_record(node)])
+    blob = json.loads(compat.nodes_reply([NodeRecord.from_node(node)])
                       ["nodes"][f"node_{node.id}"]["blob"])
     assert blob["rack"] == "r4"
     assert blob["cpus"] == 2 and blob["ipmi_user"] == "u"
@@ -98,14 +99,14 @@ def test_nodes_reply_blob_includes_extra_keys(session):
 
 
 def test_nodes_reply_is_json_serializable_and_round_trips(session, allocated):
-    reply = compat.nodes_reply([pool.node_record(n) for n in allocated])
+    reply = compat.nodes_reply([NodeRecord.from_node(n) for n in allocated])
     assert json.loads(json.dumps(reply)) == reply
 
 
 def test_node_json_of_a_ready_node(session):
     node = add(session, "n1")
     session.commit()
-    item = compat.node_json(pool.node_record(node))
+    item = compat.node_json(NodeRecord.from_node(node))
     assert item["status"] == "ready"
     assert item["provisioned"] == ""
     assert item["timestamp"] is None
@@ -138,11 +139,16 @@ def test_error_reply_shape():
 
 # --- status tables -------------------------------------------------------------------
 
-def records(session):
+def records(session) -> list[NodeRecord]:
     """Every node's record as the worker's status reads them: from its PoolState."""
     state = PoolState()
     state.load(session)
     return [state.nodes[i] for i in sorted(state.nodes)]
+
+
+def shown(session):
+    """Every node as a status reply carries it, with its password: what the CLI prints."""
+    return [record.to_reply() for record in records(session)]
 
 
 NOW = WHEN.replace(microsecond=0) + timedelta(hours=1, minutes=2, seconds=3)
@@ -150,7 +156,7 @@ NOW = WHEN.replace(microsecond=0) + timedelta(hours=1, minutes=2, seconds=3)
 
 def test_status_human_table(session, allocated):
     n1, n2 = allocated
-    text = compat.status_text(records(session), baremetal=False, table_type="human", now=NOW)
+    text = compat.status_text(shown(session), baremetal=False, table_type="human", now=NOW)
     lines = text.splitlines()
     assert len(lines) == 4 + 3                       # rule, header, rule, 3 rows, rule
     assert len({len(line) for line in lines}) == 1   # columns aligned
@@ -166,7 +172,7 @@ def test_status_human_table(session, allocated):
 
 
 def test_status_baremetal_human_lists_hardware_columns(session, allocated):
-    text = compat.status_text(records(session), baremetal=True, table_type="human", now=NOW)
+    text = compat.status_text(shown(session), baremetal=True, table_type="human", now=NOW)
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     header = [c.strip() for c in lines[1].strip("+").split("+")]
@@ -181,14 +187,14 @@ def test_status_baremetal_human_lists_hardware_columns(session, allocated):
 def test_status_table_widens_for_long_values(session):
     add(session, "a-very-long-node-name-that-exceeds-the-default-width")
     session.commit()
-    lines = compat.status_text(records(session), False, "human").splitlines()
+    lines = compat.status_text(shown(session), False, "human").splitlines()
     assert len({len(line) for line in lines}) == 1
     assert "a-very-long-node-name-that-exceeds-the-default-width" in lines[3]
 
 
 def test_status_csv(session, allocated):
     n1, n2 = allocated
-    text = compat.status_text(records(session), baremetal=False, table_type="csv", now=NOW)
+    text = compat.status_text(shown(session), baremetal=False, table_type="csv", now=NOW)
     header, *rows = csv.reader(io.StringIO(text))
     assert header == ["id", "name", "ipmi_ip", "blob", "status", "provisioned", "time",
                       "node_pool", "lease_ends"]
@@ -202,7 +208,7 @@ def test_status_csv(session, allocated):
 
 def test_status_baremetal_csv(session, allocated):
     n1 = allocated[0]
-    lines = compat.status_text(records(session), True, "csv", now=NOW).splitlines()
+    lines = compat.status_text(shown(session), True, "csv", now=NOW).splitlines()
     assert len(lines) == 1 + 3
     assert lines[0] == ("id,name,ipmi_ip,ipmi_user,ipmi_password,port_hwaddr,cpu_arch,cpus,"
                         "ram_mb,disk_gb,status,provisioned,time,node_pool,lease_ends")
@@ -227,7 +233,8 @@ def test_status_csv_quotes_commas_quotes_and_newlines():
 def test_status_without_secrets_never_prints_the_password(session, allocated, baremetal,
                                                           table_type):
     raw = records(session)
-    with_password = compat.status_text(raw, baremetal, table_type, now=NOW)
+    with_password = compat.status_text([r.to_reply() for r in raw], baremetal, table_type,
+                                       now=NOW)
     assert "hunter2-secret" in with_password       # the record holds it, so it is printed
     hidden = compat.status_text([compat.without_secrets(r) for r in raw], baremetal,
                                 table_type, now=NOW)
@@ -239,13 +246,13 @@ def test_status_without_secrets_never_prints_the_password(session, allocated, ba
 def test_without_secrets_only_hides_the_password(session):
     node = add(session, "n1")
     session.commit()
-    record = pool.node_record(node)
+    record = NodeRecord.from_node(node)
     clean = compat.without_secrets(record)
     assert clean["ipmi_password"] == compat.HIDDEN
     assert {k: v for k, v in clean.items() if k != "ipmi_password"} == {
-        k: v for k, v in record.items() if k != "ipmi_password"}
-    assert record["ipmi_password"] == "hunter2-secret"     # the input is not changed
-    empty = compat.without_secrets(pool.node_record(add(session, "n2", password="")))
+        k: v for k, v in record.to_reply().items() if k != "ipmi_password"}
+    assert record.ipmi_password == "hunter2-secret"     # the input is not changed
+    empty = compat.without_secrets(NodeRecord.from_node(add(session, "n2", password="")))
     assert empty["ipmi_password"] == ""
 
 

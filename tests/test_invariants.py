@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from molteniron import errors, pool, protocol
 from molteniron.config import Config
 from molteniron.models import Base, Node
+from molteniron.node_record import NodeRecord
 from molteniron.workers import keeper as keeper_module
 from molteniron.workers.batch import Batch
 from tests.conftest import empty_tables
@@ -238,7 +239,7 @@ def non_empty(mapping) -> dict:
 def assert_consistent(keeper, engine, in_outbox: set[str]) -> None:
     state, waiters = keeper.state, keeper.waiters
     with Session(engine) as session:
-        records = {n.id: pool.node_record(n) for n in session.scalars(select(Node))}
+        records = {n.id: NodeRecord.from_node(n) for n in session.scalars(select(Node))}
         conn = session.connection()
         open_rows = conn.execute(text(
             "SELECT node_id, node_name, owner, request_id FROM allocations "
@@ -257,17 +258,17 @@ def assert_consistent(keeper, engine, in_outbox: set[str]) -> None:
     # Memory holds exactly the database's nodes.
     assert state.nodes == records
     nodes = records.values()
-    allocated = {n["id"] for n in nodes if n["state"] == "allocated"}
+    allocated = {n.id for n in nodes if n.state == "allocated"}
 
     # The indexes agree with the records.
     assert non_empty(state.ready) == grouped(
-        (n["node_pool"], n["id"]) for n in nodes if n["state"] == "ready")
+        (n.node_pool, n.id) for n in nodes if n.state == "ready")
     assert non_empty(state.owned) == grouped(
-        (n["owner"], n["id"]) for n in nodes if n["owner"] is not None)
+        (n.owner, n.id) for n in nodes if n.owner is not None)
     assert non_empty(state.capacity_of) == dict(Counter(
-        n["node_pool"] for n in nodes if n["state"] != "maintenance"))
+        n.node_pool for n in nodes if n.state != "maintenance"))
     assert {i: until.isoformat(timespec="seconds") for i, until in state.leases.items()} == {
-        n["id"]: n["lease_expires_at"] for n in nodes if n["state"] == "allocated"}
+        n.id: n.lease_expires_at for n in nodes if n.state == "allocated"}
     # Its heaps may hold stale entries, never miss a live one: allocate and expire pop them.
     for node_pool, ready in state.ready.items():
         assert ready <= set(state._ready_heap[node_pool]), node_pool
@@ -275,12 +276,12 @@ def assert_consistent(keeper, engine, in_outbox: set[str]) -> None:
 
     # Every allocated node has one owner, one open history row, its lease, its request.
     for n in nodes:
-        assert (n["owner"] is None) == (n["state"] != "allocated"), n
-        assert (n["allocated_at"] is None) == (n["state"] != "allocated"), n
+        assert (n.owner is None) == (n.state != "allocated"), n
+        assert (n.allocated_at is None) == (n.state != "allocated"), n
     assert sorted(r.node_id for r in open_rows) == sorted(allocated)
     for r in open_rows:
-        assert (r.owner, r.node_name) == (records[r.node_id]["owner"],
-                                          records[r.node_id]["name"]), r
+        assert (r.owner, r.node_name) == (records[r.node_id].owner,
+                                          records[r.node_id].name), r
     assert closed_without_reason == 0
     owned = [i for ids in state.owned.values() for i in ids]
     assert len(owned) == len(set(owned)) == len(allocated)  # no node owned twice

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from molteniron import cleaning, errors, node_states, pool
 from molteniron.models import Allocation, EndReason, Node, State
+from molteniron.node_record import NodeRecord
 from molteniron.node_states import CAUSES, ROWS, TRANSITIONS, Event, Outcome, Who
 from molteniron.protocol import OPERATIONS, Request
 from molteniron.workers import authz
@@ -59,8 +60,12 @@ def test_every_event_has_rows_a_cause_and_no_pair_twice():
 
 
 def test_a_pair_not_in_the_table_is_a_conflict_naming_node_state_and_event():
-    record = {"id": 7, "name": "node-7", "owner": None, "state": "ready",
-              "maintenance_reason": None}
+    record = NodeRecord(
+        id=7, name="node-7", ipmi_ip="10.0.0.7", ipmi_user="", ipmi_password="",
+        port_hwaddr="", cpu_arch="", cpus=0, ram_mb=0, disk_gb=0, allocation_pool=[],
+        state="ready", owner=None, holder_user=None, allocated_at=None, lease_expires_at=None,
+        node_pool="default", extra={}, tags=[], maintenance_reason=None, clean_claim=None,
+        clean_claimed_by=None, clean_claimed_until=None)
     with pytest.raises(errors.Conflict) as refused:
         node_states.next_state(record, Event.RELEASE)
     assert refused.value.status == 409

@@ -8,10 +8,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from molteniron import errors, inventory, pool, protocol
+from molteniron import errors, inventory, protocol
 from molteniron.clients import client as client_module
 from molteniron.clients.client import MoltenIronClient
 from molteniron.models import Node
+from molteniron.node_record import NodeRecord
 from tests.keeper import add_node, allocate, commit, only_reply, request
 from tests.stack import node_args
 
@@ -78,7 +79,7 @@ def test_export_is_the_database_inventory_whole_or_in_pages(keeper):
     refused = request("set_field", id=3, key="cpus", value="many", type="int")
     assert only_reply(commit(keeper, refused), refused).reply["status"] == 400
     with Session(keeper.engine) as session:
-        in_database = [inventory.entry_of(pool.node_record(node), False)
+        in_database = [inventory.entry_of(NodeRecord.from_node(node), False)
                        for node in session.scalars(select(Node).order_by(Node.id))]
 
     assert paged(keeper, 2, "export")[0] == in_database

@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 
 from molteniron import errors, pool
 from molteniron.models import Allocation, EndReason, Node, NodeIP, State
+from molteniron.node_record import NodeRecord
 from molteniron.workers.state import PoolState
 
 # --- helpers -----------------------------------------------------------------
@@ -59,7 +60,7 @@ def row(session, node_id):
                                   Node.name).where(Node.id == node_id)).one()
 
 
-def allocate(session, owner, count, node_pool="default", now=None):
+def allocate(session, owner, count, node_pool="default", now=None) -> list[NodeRecord]:
     """Allocate as the worker does (PoolState, then its flush) and commit; return the records."""
     now = now or pool.utcnow()
     state = PoolState()
@@ -340,8 +341,8 @@ def test_get_field_reads_extra_keys(session):
     pool.add_json_blob(session, "x1", "10.0.0.1", "10.1.0.1", {"rack": "r1", "cpus": 1})
     pool.add_json_blob(session, "x2", "10.0.0.2", "10.1.0.2", {"rack": "r2", "cpus": 1})
     nodes = allocate(session, "job", 2)
-    assert pool.get_field(session, "job", "rack") == [(nodes[0]["id"], "r1"),
-                                                      (nodes[1]["id"], "r2")]
+    assert pool.get_field(session, "job", "rack") == [(nodes[0].id, "r1"),
+                                                      (nodes[1].id, "r2")]
 
 
 def test_get_field_unknown_field_is_400(session):
@@ -543,7 +544,7 @@ def test_delete_db_empties_nodes_and_closes_open_history(session):
     assert rows[1:] == [("job", EndReason.REMOVED, when), ("job", EndReason.REMOVED, when)]
     # The pool is usable again afterwards, names included.
     add_many(session, 1)
-    assert [n["name"] for n in allocate(session, "job", 1)] == ["n0"]
+    assert [n.name for n in allocate(session, "job", 1)] == ["n0"]
 
 
 def test_delete_db_on_empty_pool(session):
@@ -562,7 +563,7 @@ def test_set_field_dirty_node_can_be_made_ready_or_maintenance(session):
     session.commit()
     assert row(session, a.id)[0] == State.READY
     assert row(session, b.id)[0] == State.MAINTENANCE
-    assert [n["id"] for n in allocate(session, "job", 1)] == [a.id]
+    assert [n.id for n in allocate(session, "job", 1)] == [a.id]
 
 
 def test_set_field_too_long_cpu_arch_is_400(session):

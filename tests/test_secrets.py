@@ -15,6 +15,7 @@ from sqlalchemy import select
 from molteniron import pool, secrets
 from molteniron.errors import ConfigError
 from molteniron.models import Node
+from molteniron.node_record import NodeRecord
 from tests.stack import NODE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +176,7 @@ def test_the_column_stores_no_plaintext_and_the_orm_reads_the_password(session):
     session.expire_all()
     assert session.get(Node, node.id).ipmi_password == "hunter2"
     assert session.scalar(select(Node.ipmi_password).where(Node.id == node.id)) == "hunter2"
-    assert pool.node_record(session.get(Node, node.id))["ipmi_password"] == "hunter2"
+    assert NodeRecord.from_node(session.get(Node, node.id)).ipmi_password == "hunter2"
 
     pool.set_field(session, node.id, "ipmi_password", "s3cr3t-two")  # set_field writes too
     session.commit()

@@ -90,7 +90,7 @@ def memory(state):
 
 
 def ids_of(records):
-    return [r["id"] for r in records]
+    return [r.id for r in records]
 
 
 def count_in_sql(session, *where):
@@ -107,7 +107,7 @@ def test_allocate_gives_lowest_ids_and_opens_history(session):
     flush(session, state, when)
 
     assert ids_of(got) == ids[:3]
-    assert [r["state"] for r in got] == ["allocated"] * 3
+    assert [r.state for r in got] == ["allocated"] * 3
     for node_id in ids[:3]:
         assert node_row(session, node_id) == (State.ALLOCATED, "job-1", when, when + HOUR)
     for node_id in ids[3:]:
@@ -358,7 +358,7 @@ def test_renew_writes_the_new_lease_of_every_node_of_the_owner(session):
     flush(session, state, T0 + timedelta(minutes=10))
 
     assert ids_of(renewed) == ids[:2]
-    assert [r["lease_expires_at"] for r in renewed] == ["2024-05-06T12:08:09"] * 2
+    assert [r.lease_expires_at for r in renewed] == ["2024-05-06T12:08:09"] * 2
     assert [node_row(session, i)[3] for i in ids] == [T0 + 5 * HOUR, T0 + 5 * HOUR, T0 + HOUR]
     assert [node_row(session, i)[2] for i in ids] == [T0] * 3  # allocated_at stays
     assert loaded(session).leases == {ids[0]: T0 + 5 * HOUR, ids[1]: T0 + 5 * HOUR,
@@ -499,7 +499,7 @@ def test_refresh_returns_the_pools_nodes_left_and_joined(session):
     new = add(session, "c0", node_pool="p3").id
     session.flush()
     assert state.refresh(session, {p1[0], new}) == {"p1", "p3"}
-    assert state.nodes[p1[0]]["cpus"] == 4
+    assert state.nodes[p1[0]].cpus == 4
     assert state.ready["p3"] == {new} and state.capacity("p3") == 1
 
     session.delete(session.get(Node, p1[1]))

@@ -89,7 +89,7 @@ def test_summary_counts_cleaning_only_for_a_live_claim(engine, database_url):
 
         # A claim whose time ran out is nobody's cleaning any more.
         (node_id,) = [n["id"] for n in claimed["nodes"].values()]
-        keeper.state.nodes[node_id]["clean_claimed_until"] = "2000-01-01T00:00:00"
+        keeper.state.nodes[node_id].clean_claimed_until = "2000-01-01T00:00:00"
         p = pools_of(ask(keeper, "summary"))["p"]
         assert (p["dirty"], p["cleaning"]) == (3, 0)
         assert {first, second, third} >= {node_id}

@@ -11,7 +11,7 @@ from tests.conftest import empty_tables
 from tests.keeper import add_request, commit, request
 
 
-def tracked(record: dict) -> bool:
+def tracked(record: object) -> bool:
     """record is among the objects the collector's collections walk."""
     return any(o is record for o in gc.get_objects())
 

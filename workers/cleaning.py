@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from molteniron import cleaning, compat, pool
+from molteniron import cleaning, compat
+from molteniron.node_record import NodeRecord
 from molteniron.protocol import Request
 from molteniron.workers import metrics
 
@@ -45,10 +46,10 @@ def clean_claim(ctx: Context, req: Request) -> dict:
                                 ctx.cleaning.claim_seconds)
     if node is None:
         return {"status": 200, "claim": None, "nodes": {}}
-    record = pool.node_record(node)
+    record = NodeRecord.from_node(node)
     # The original's node shape: a stored copy of this reply loses the password by itself.
     return {**compat.nodes_reply([record]), "claim": node.clean_claim,
-            "claimed_until": record["clean_claimed_until"]}
+            "claimed_until": record.clean_claimed_until}
 
 
 def clean_done(ctx: Context, req: Request) -> dict:
@@ -80,5 +81,5 @@ def replayed_claim(state: PoolState, stored: dict) -> dict:
         record = state.nodes.get(shown["id"])
         if record is not None and cleaning.live_claim(record, stored["claim"]):
             return {**compat.nodes_reply([record]), "claim": stored["claim"],
-                    "claimed_until": record["clean_claimed_until"]}
+                    "claimed_until": record.clean_claimed_until}
     return {"status": 200, "claim": None, "nodes": {}}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from molteniron.node_record import NodeRecord
+
 
 @dataclass(frozen=True)
 class Constraints:
@@ -42,11 +44,11 @@ class Constraints:
         return (self.arch is None and not self.min_cpus and not self.min_ram_mb
                 and not self.min_disk_gb and not self.tags)
 
-    def matches(self, record: dict) -> bool:
-        return ((self.arch is None or record["cpu_arch"] == self.arch)
-                and record["cpus"] >= self.min_cpus and record["ram_mb"] >= self.min_ram_mb
-                and record["disk_gb"] >= self.min_disk_gb
-                and self.tags <= set(record.get("tags") or ()))
+    def matches(self, record: NodeRecord) -> bool:
+        return ((self.arch is None or record.cpu_arch == self.arch)
+                and record.cpus >= self.min_cpus and record.ram_mb >= self.min_ram_mb
+                and record.disk_gb >= self.min_disk_gb
+                and self.tags <= set(record.tags))
 
     def describe(self) -> str:
         parts = ([f"arch {self.arch}"] if self.arch else []) + [

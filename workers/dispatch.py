@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from operator import itemgetter
+from operator import attrgetter
 
 from sqlalchemy import select
 
@@ -24,6 +24,7 @@ from molteniron import compat, errors, inventory, pool
 from molteniron.config import ADMINS_OFF
 from molteniron.history import allocation_history
 from molteniron.models import EndReason, WorkerHeartbeat
+from molteniron.node_record import NodeRecord
 from molteniron.protocol import OPERATIONS, Request, parse_time
 from molteniron.workers import cleaning
 from molteniron.workers.authz import Authorizer
@@ -131,7 +132,7 @@ def release(ctx: Context, req: Request) -> dict:
             return {**OK, "released": 0, "cancelled_waiting": cancelled}
         _raise_if_taken_back(ctx, owner)
         raise
-    ctx.batch.touched_pools.update(r["node_pool"] for r in records)
+    ctx.batch.touched_pools.update(r.node_pool for r in records)
     return {**OK, "released": len(records), "cancelled_waiting": cancelled}
 
 
@@ -175,19 +176,19 @@ def status(ctx: Context, req: Request) -> dict:
     else:
         ids = ctx.state.sorted_ids()
 
-    def shown(record: dict) -> dict | None:
-        if (a["node_pool"] in (None, record["node_pool"])
-                and a["state"] in (None, record["state"])):
-            # Copies: a later request of the same batch may change the node before the
+    def shown(record: NodeRecord) -> dict | None:
+        if (a["node_pool"] in (None, record.node_pool)
+                and a["state"] in (None, record.state)):
+            # New dicts: a later request of the same batch may change the node before the
             # reply is sent.
-            return dict(record) if a["show_secrets"] else compat.without_secrets(record)
+            return record.to_reply() if a["show_secrets"] else compat.without_secrets(record)
         return None
 
     return _page(ctx.state, ids, a["after_id"], a["limit"], shown)
 
 
 def _page(state: PoolState, ids: list[int], after_id: int | None, limit: int | None,
-          render: Callable[[dict], dict | None]) -> dict:
+          render: Callable[[NodeRecord], dict | None]) -> dict:
     """The reply holding render(node) of the nodes of `ids` (in order) above after_id for
     which it is not None, at most `limit` of them; next_after_id when more may follow."""
     start = 0 if after_id is None else bisect_right(ids, after_id)
@@ -274,10 +275,10 @@ def cancel(ctx: Context, req: Request) -> dict:
         # Not an allocate: it cannot have granted nodes, and its reply must stay.
         return {**OK, "cancelled": "not_an_allocate", "released": 0}
     held = ctx.state.granted.get(target)
-    sender = (ctx.state.nodes[next(iter(held))]["holder_user"] if held
+    sender = (ctx.state.nodes[next(iter(held))].holder_user if held
               else stored.user if stored is not None else req.user)
     released = ctx.state.release_request(target, EndReason.CANCELLED, ctx.now)
-    batch.touched_pools.update(r["node_pool"] for r in released)
+    batch.touched_pools.update(r.node_pool for r in released)
     batch.withdraw_grant(target)
     # Stored as the request's reply: served -> a redelivery is refused; unseen -> tombstone.
     batch.store_reply(target, "allocate", errors.RequestCancelled(
@@ -359,7 +360,7 @@ def summary(ctx: Context, req: Request) -> dict:
             "nodes": len(ctx.state.nodes), "waiting": len(ctx.waiters)}
 
 
-_POOL_STATE_CLAIM = itemgetter("node_pool", "state", "clean_claimed_until")
+_POOL_STATE_CLAIM = attrgetter("node_pool", "state", "clean_claimed_until")
 
 
 def _nearest_rank(ordered: list[float], fraction: float) -> float:

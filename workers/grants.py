@@ -241,7 +241,7 @@ def settle(batch: Batch, state: PoolState, settled: dict[str, str],
             batch.store_reply(request_id, "allocate", client_gone_reply(
                 "its client went away before the reply reached it",
                 bounced_from.get(request_id)), user)
-            batch.touched_pools.update(r["node_pool"] for r in released)
+            batch.touched_pools.update(r.node_pool for r in released)
             metrics.grant_undone(batch)
         log.info("event=client_gone id=%s undone=allocation nodes=%d",
                  request_id, len(released))

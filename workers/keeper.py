@@ -344,7 +344,7 @@ class PoolKeeper:
         if waiter is not None:
             return waiter.user
         held = self.state.granted.get(request_id)
-        return self.state.nodes[next(iter(held))]["holder_user"] if held else None
+        return self.state.nodes[next(iter(held))].holder_user if held else None
 
     def _sender_of_request(self, batch: Batch, request_id: str) -> str | None:
         """The broker user who sent a request, as far as the pool knows (a read: cancel)."""
@@ -414,7 +414,7 @@ class PoolKeeper:
         assert batch.now is not None  # given by the fence
         self.waiters.expire(batch, self.state)  # a wait its quota held says so
         for owner, records in self.state.expire(batch.now).items():
-            batch.touched_pools.update(r["node_pool"] for r in records)
+            batch.touched_pools.update(r.node_pool for r in records)
             log.info("event=lease_expired owner=%s nodes=%d", owner, len(records))
             metrics.lease_expired(batch, len(records))
         self._serve_waiters(batch)  # before probing: a waiter served now needs no reminder

@@ -24,6 +24,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
@@ -34,6 +35,9 @@ from molteniron import protocol
 from molteniron.errors import BrokerClosedChannel, ConfigError
 from molteniron.models import State
 from molteniron.workers.clock import unix
+
+if TYPE_CHECKING:
+    from molteniron.workers.state import PoolState
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,7 @@ class Snapshot:
     dirty: dict[str, float | None] = field(default_factory=dict)
 
 
-def snapshot(state, waiters, dirty_seen: dict[int, float] | None = None) -> Snapshot:
+def snapshot(state: PoolState, waiters, dirty_seen: dict[int, float] | None = None) -> Snapshot:
     """Count the pool's nodes by pool and state, and its waiters by pool (O(nodes + waiters)).
 
     dirty_seen (node id -> monotonic time first seen dirty) is kept up to date in place
@@ -109,13 +113,13 @@ def snapshot(state, waiters, dirty_seen: dict[int, float] | None = None) -> Snap
             nodes[(node_pool, node_state)] = 0
     seen_now, still_dirty = time.monotonic(), set()
     for node_id, record in state.nodes.items():
-        key = (record["node_pool"], record["state"])
+        key = (record.node_pool, record.state)
         nodes[key] = nodes.get(key, 0) + 1
-        if dirty_seen is not None and record["state"] == DIRTY:
+        if dirty_seen is not None and record.state == DIRTY:
             since = dirty_seen.setdefault(node_id, seen_now)
             still_dirty.add(node_id)
-            oldest = dirty.get(record["node_pool"])
-            dirty[record["node_pool"]] = since if oldest is None else min(oldest, since)
+            oldest = dirty.get(record.node_pool)
+            dirty[record.node_pool] = since if oldest is None else min(oldest, since)
     if dirty_seen is not None:
         for node_id in set(dirty_seen) - still_dirty:
             del dirty_seen[node_id]

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from molteniron import errors, pool
 from molteniron.models import EndReason, Node, State
+from molteniron.node_record import NodeRecord
 from molteniron.node_states import ENDED_BY, Event, next_state
 from molteniron.workers.batch import placeholders, values
 from molteniron.workers.constraints import ANY, Constraints
@@ -33,7 +34,7 @@ class PoolState:
         # True when a cleaning_command is configured: released nodes are dirty, not
         # ready, until a cleaner says they are clean (workers/cleaning.py).
         self.clean_released = clean_released
-        self.nodes: dict[int, dict] = {}
+        self.nodes: dict[int, NodeRecord] = {}
         self.loads = 0  # how many times load() has read the whole pool
         self._sorted_ids: list[int] | None = None  # self.nodes' ids in order, made when asked
         self.ready: dict[str, set[int]] = defaultdict(set)
@@ -56,7 +57,7 @@ class PoolState:
         self.clear()
         self.loads += 1
         for node in session.scalars(select(Node).order_by(Node.id)):
-            self._index(pool.node_record(node))
+            self._index(NodeRecord.from_node(node))
         session.expunge_all()
         for node_id, request_id in session.connection().exec_driver_sql(
                 "SELECT node_id, request_id FROM allocations WHERE ended_at IS NULL"):
@@ -69,10 +70,10 @@ class PoolState:
         for node_id in node_ids:
             old = self._unindex(node_id)
             if old is not None:
-                pools.add(old["node_pool"])
+                pools.add(old.node_pool)
         if node_ids:
             for node in session.scalars(select(Node).where(Node.id.in_(node_ids))):
-                self._index(pool.node_record(node))
+                self._index(NodeRecord.from_node(node))
                 pools.add(node.node_pool)
             for gone in node_ids - self.nodes.keys():  # removed: its allocation ended too
                 self._forget_request(gone)
@@ -104,8 +105,8 @@ class PoolState:
         request could ever get. Without constraints a counter; with them a scan."""
         if wants.any:
             return self.capacity_of.get(node_pool, 0)
-        return sum(1 for r in self.nodes.values() if r["node_pool"] == node_pool
-                   and r["state"] != State.MAINTENANCE.value and wants.matches(r))
+        return sum(1 for r in self.nodes.values() if r.node_pool == node_pool
+                   and r.state != State.MAINTENANCE.value and wants.matches(r))
 
     def usable(self, node_pool: str, wants: Constraints) -> set[int]:
         """The ready nodes of the pool that meet `wants`."""
@@ -114,9 +115,10 @@ class PoolState:
 
     def allocate(self, owner: str, count: int, node_pool: str, request_id: str | None,
                  now: datetime, lease_until: datetime, user: str | None = None,
-                 wants: Constraints = ANY, skip: Set[int] = frozenset()) -> list[dict]:
+                 wants: Constraints = ANY, skip: Set[int] = frozenset()) -> list[NodeRecord]:
         """All or nothing, lowest ids first, only nodes meeting `wants` and not in `skip`
-        (nodes an earlier waiter could use); each node leased until lease_until."""
+        (nodes an earlier waiter could use); each node leased until lease_until. The
+        records themselves, not copies: render the reply before the pool changes again."""
         ready = self.ready.get(node_pool, set())
         if wants.any and not skip:
             available = len(ready)
@@ -144,35 +146,39 @@ class PoolState:
             record = self.nodes[node_id]
             after = next_state(record, Event.ALLOCATE)  # taken from the ready: allocated
             assert after is not None
-            record.update(state=after.value, owner=owner, allocated_at=stamp,
-                          holder_user=user)
+            record.state = after.value
+            record.owner = owner
+            record.allocated_at = stamp
+            record.holder_user = user
             self.held_by_user[user] += 1
             self.owned[owner].add(node_id)
             self._held_by(node_id, request_id)
             self._set_lease(node_id, lease_until)
             self._node_writes[node_id] = (after, owner, now)
-            self._opened[node_id] = {"node_id": node_id, "node_name": record["name"],
+            self._opened[node_id] = {"node_id": node_id, "node_name": record.name,
                                      "owner": owner, "user": user, "request_id": request_id,
                                      "started_at": now, "ended_at": None, "end_reason": None}
-        return [dict(self.nodes[i]) for i in taken]
+        return [self.nodes[i] for i in taken]
 
     def holder_of(self, owner: str) -> str | None:
         """The broker user the owner name is bound to while it holds nodes (None: unbound)."""
         held = self.owned.get(owner)
-        return self.nodes[next(iter(held))]["holder_user"] if held else None
+        return self.nodes[next(iter(held))].holder_user if held else None
 
-    def release_owner(self, owner: str, reason: EndReason, now: datetime) -> list[dict]:
+    def release_owner(self, owner: str, reason: EndReason,
+                      now: datetime) -> list[NodeRecord]:
         """Every node of owner back (ready, or dirty); OwnerNotFound if it holds none."""
         held = self.owned.get(owner)
         if not held:
             raise errors.OwnerNotFound(f"No nodes are owned by {owner}")
         return self._release(sorted(held), reason, now)
 
-    def release_request(self, request_id: str, reason: EndReason, now: datetime) -> list[dict]:
+    def release_request(self, request_id: str, reason: EndReason,
+                        now: datetime) -> list[NodeRecord]:
         """The nodes one request was granted and still holds, back to ready (maybe none)."""
         return self._release(sorted(self.granted.get(request_id, ())), reason, now)
 
-    def renew(self, owner: str, lease_until: datetime) -> list[dict]:
+    def renew(self, owner: str, lease_until: datetime) -> list[NodeRecord]:
         """Every node of owner leased until lease_until; OwnerNotFound if it holds none."""
         held = self.owned.get(owner)
         if not held:
@@ -183,25 +189,26 @@ class PoolState:
             self._set_lease(node_id, lease_until)
             if node_id not in self._node_writes:  # allocated in an earlier batch
                 self._lease_writes[node_id] = lease_until
-        return [dict(self.nodes[i]) for i in sorted(held)]
+        return [self.nodes[i] for i in sorted(held)]
 
-    def expire(self, now: datetime) -> dict[str, list[dict]]:
+    def expire(self, now: datetime) -> dict[str | None, list[NodeRecord]]:
         """Take back every node whose lease has ended (history: expired), by former owner."""
-        expired: dict[str, set[int]] = defaultdict(set)  # a refresh may push a lease twice
+        expired: dict[str | None, set[int]] = defaultdict(set)  # a refresh may push a lease twice
         heap = self._lease_heap
         while heap and heap[0][0] <= now:
             until, node_id = heapq.heappop(heap)
             if self.leases.get(node_id) == until:  # else renewed or released since
-                expired[self.nodes[node_id]["owner"]].add(node_id)
+                expired[self.nodes[node_id].owner].add(node_id)
         return {owner: self._release(sorted(ids), EndReason.EXPIRED, now)
                 for owner, ids in expired.items()}
 
     def _set_lease(self, node_id: int, until: datetime) -> None:
         self.leases[node_id] = until
-        self.nodes[node_id]["lease_expires_at"] = until.isoformat(timespec="seconds")
+        self.nodes[node_id].lease_expires_at = until.isoformat(timespec="seconds")
         heapq.heappush(self._lease_heap, (until, node_id))
 
-    def _release(self, node_ids: list[int], reason: EndReason, now: datetime) -> list[dict]:
+    def _release(self, node_ids: list[int], reason: EndReason,
+                 now: datetime) -> list[NodeRecord]:
         event = ENDED_BY[reason]
         # All decided before any is changed: a refused node leaves memory as it was.
         # A dirty node still counts in capacity: waiters wait for its cleaning.
@@ -210,29 +217,32 @@ class PoolState:
         for node_id, after in zip(node_ids, afters):
             assert after is not None
             record = self.nodes[node_id]
-            self.owned[record["owner"]].discard(node_id)
-            if not self.owned[record["owner"]]:
-                del self.owned[record["owner"]]
+            owner = record.owner
+            if owner is not None:  # always, for an allocated node
+                self.owned[owner].discard(node_id)
+                if not self.owned[owner]:
+                    del self.owned[owner]
             self.leases.pop(node_id, None)
             self._forget_request(node_id)
             self._lease_writes.pop(node_id, None)
-            self.held_by_user[record["holder_user"]] -= 1
-            self.quota_freed.add(record["holder_user"])
-            record.update(state=after.value, owner=None, allocated_at=None,
-                          lease_expires_at=None, holder_user=None, clean_claim=None,
-                          clean_claimed_by=None, clean_claimed_until=None)
+            self.held_by_user[record.holder_user] -= 1
+            self.quota_freed.add(record.holder_user)
+            record.state = after.value
+            record.owner = record.allocated_at = record.lease_expires_at = None
+            record.holder_user = None
+            record.clean_claim = record.clean_claimed_by = record.clean_claimed_until = None
             if after == State.READY:
                 self._make_ready(node_id)
             elif after == State.MAINTENANCE:
-                self.capacity_of[record["node_pool"]] -= 1
-                self.shrunk.add(record["node_pool"])
+                self.capacity_of[record.node_pool] -= 1
+                self.shrunk.add(record.node_pool)
             self._node_writes[node_id] = (after, None, None)
             opened = self._opened.pop(node_id, None)
             if opened is not None:  # opened in this same batch: insert it closed
                 self._closed_in_batch.append({**opened, "ended_at": now, "end_reason": reason})
             else:
                 self._to_close[reason].add(node_id)
-            released.append(dict(record))
+            released.append(record)
         return released
 
     # --- writing ----------------------------------------------------------------
@@ -273,7 +283,7 @@ class PoolState:
                     f"holder_user = NULL, allocated_at = NULL, lease_expires_at = NULL, "
                     f"clean_claim = NULL, clean_claimed_until = NULL "
                     f"WHERE id IN ({placeholders(freed)})", tuple(freed))
-        taken = [(i, owner, self.nodes[i]["holder_user"], at, self.leases[i])
+        taken = [(i, owner, self.nodes[i].holder_user, at, self.leases[i])
                  for i, (state, owner, at) in self._node_writes.items()
                  if state == State.ALLOCATED]
         if taken:
@@ -310,34 +320,35 @@ class PoolState:
             self._sorted_ids = sorted(self.nodes)
         return self._sorted_ids
 
-    def _index(self, record: dict) -> None:
-        node_id = record["id"]
+    def _index(self, record: NodeRecord) -> None:
+        node_id = record.id
         self.nodes[node_id] = record
-        if record["state"] == State.READY.value:
+        if record.state == State.READY.value:
             self._make_ready(node_id)
-        if record["state"] != State.MAINTENANCE.value:
-            self.capacity_of[record["node_pool"]] += 1
-        if record["owner"] is not None:
-            self.owned[record["owner"]].add(node_id)
-            self.held_by_user[record["holder_user"]] += 1
-        if record["lease_expires_at"] is not None and record["state"] == State.ALLOCATED.value:
-            until = datetime.fromisoformat(record["lease_expires_at"])
+        if record.state != State.MAINTENANCE.value:
+            self.capacity_of[record.node_pool] += 1
+        if record.owner is not None:
+            self.owned[record.owner].add(node_id)
+            self.held_by_user[record.holder_user] += 1
+        if record.lease_expires_at is not None and record.state == State.ALLOCATED.value:
+            until = datetime.fromisoformat(record.lease_expires_at)
             self.leases[node_id] = until
             heapq.heappush(self._lease_heap, (until, node_id))
 
-    def _unindex(self, node_id: int) -> dict | None:
+    def _unindex(self, node_id: int) -> NodeRecord | None:
         record = self.nodes.pop(node_id, None)
         if record is None:
             return None
-        self.ready.get(record["node_pool"], set()).discard(node_id)
-        if record["state"] != State.MAINTENANCE.value:
-            self.capacity_of[record["node_pool"]] -= 1
-        if record["owner"] is not None and record["owner"] in self.owned:
-            self.held_by_user[record["holder_user"]] -= 1
-            self.quota_freed.add(record["holder_user"])
-            self.owned[record["owner"]].discard(node_id)
-            if not self.owned[record["owner"]]:
-                del self.owned[record["owner"]]
+        self.ready.get(record.node_pool, set()).discard(node_id)
+        if record.state != State.MAINTENANCE.value:
+            self.capacity_of[record.node_pool] -= 1
+        owner = record.owner
+        if owner is not None and owner in self.owned:
+            self.held_by_user[record.holder_user] -= 1
+            self.quota_freed.add(record.holder_user)
+            self.owned[owner].discard(node_id)
+            if not self.owned[owner]:
+                del self.owned[owner]
         self.leases.pop(node_id, None)
         return record
 
@@ -354,7 +365,7 @@ class PoolState:
             self.granted[request_id].add(node_id)
 
     def _make_ready(self, node_id: int) -> None:
-        node_pool = self.nodes[node_id]["node_pool"]
+        node_pool = self.nodes[node_id].node_pool
         if node_id not in self.ready[node_pool]:
             self.ready[node_pool].add(node_id)
             heapq.heappush(self._ready_heap[node_pool], node_id)
