@@ -329,7 +329,7 @@ def body(op: str, args: dict) -> bytes:
     (body("add_json_blob", {"blob": json.dumps({"pairs": ["ipmi_password=in blob"]})}),
      "in blob"),
     (body("set_field", {"id": 1, "key": "ipmi_password", "value": "field pw"}), "field pw"),
-])
+], ids=lambda value: value if isinstance(value, str) else json.loads(value)["op"])
 def test_show_masks_passwords_in_the_parsed_body(dead_body, secret):
     shown = masked(dead_body)
     assert secret not in shown, shown
