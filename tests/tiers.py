@@ -48,6 +48,22 @@ def pytest_collection_modifyitems(config, items):
         group = shared_fixture_group(item)
         if group and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(group))
+    slowest_first(items)
+
+
+def slowest_first(items) -> None:
+    """Modules with cluster tests first, then install, stack, db, unit; each module's
+    tests stay together and in order. xdist hands tests out in this order: a run whose
+    longest tests (a cluster test takes up to 2.5 minutes) start last ends on one busy
+    process while the others idle."""
+    rank = {tier: place for place, tier in enumerate(("cluster", "install", "stack", "db",
+                                                      "unit"))}
+    module_rank: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.partition("::")[0]
+        tier = next(t for t in TIERS if item.get_closest_marker(t))
+        module_rank[module] = min(module_rank.get(module, len(rank)), rank[tier])
+    items.sort(key=lambda item: module_rank[item.nodeid.partition("::")[0]])
 
 
 def tier_of(item) -> str:
