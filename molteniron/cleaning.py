@@ -1,103 +1,68 @@
-"""Cleaning: the rules for dirty nodes. Plain functions over a Session; the caller commits.
+"""Cleaning: the rules for dirty nodes, applied by the worker's PoolState
+(workers/state.py; handlers in workers/cleaning.py).
 
-With a cleaning_command configured, a released node is dirty (workers/state.py).
-A cleaner claims one (`claim_dirty`), runs the command and reports (`finish`):
-clean -> ready, not -> maintenance with the reason. A claim is a token kept on
-the node with the time it lapses: a cleaner that died leaves a claim that
-lapses, and the next claim takes the node over; a report whose token is not
-the node's claim any more changes nothing (409).
+With a cleaning_command configured, a released node is dirty. A cleaner claims
+one (the lowest id that is `claimable`), runs the command and reports: clean ->
+ready, not -> maintenance with the reason (`failure_reason`). A claim is a token
+kept on the node with the time it lapses: a cleaner that died leaves a claim that
+lapses, and the next claim takes the node over; a report whose token is not the
+node's claim any more changes nothing (409, `checked_report`).
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
-
 from molteniron import errors
-from molteniron.models import Node, State
+from molteniron.models import State
 from molteniron.node_record import NodeRecord
 from molteniron.node_states import Event, next_state, sources
-from molteniron.pool import MAX_TEXT, find_node
+from molteniron.pool import MAX_TEXT
 
 CLAIMABLE = sources(Event.CLEAN_CLAIM)
 
 
-def claim_dirty(session: Session, cleaner: str, now: datetime, claim_seconds: float) -> Node | None:
-    """The lowest-id dirty node nobody holds a live claim on, claimed for cleaner (None: none)."""
-    node = session.scalar(
-        select(Node).where(Node.state.in_(CLAIMABLE),
-                           or_(Node.clean_claim.is_(None), Node.clean_claimed_until <= now))
-        .order_by(Node.id).limit(1))
-    if node is None:
-        return None
-    after = next_state(node, Event.CLEAN_CLAIM)
-    assert after is not None
-    node.state = after
-    node.clean_claim = f"{cleaner[:200]}#{uuid.uuid4().hex}"
-    node.clean_claimed_until = now + timedelta(seconds=claim_seconds)
-    session.flush()
-    return node
+def claimable(record: NodeRecord, stamp: str) -> bool:
+    """Whether a cleaner may claim the node at `stamp` (the time as records show it):
+    dirty, and nobody holds a live claim on it."""
+    return record.state in CLAIMABLE and (
+        record.clean_claim is None
+        or (record.clean_claimed_until is not None and record.clean_claimed_until <= stamp))
 
 
-def finish(session: Session, node_id: int, claim: str, ok: bool, detail: str | None) -> Node:
-    """A cleaner's report: ready if ok, else maintenance with detail as the reason.
-
-    Accepted while the token is still the node's claim, even past the claim's time
-    (nobody took it over); refused with 409 otherwise, changing nothing.
-    """
-    node, after = _claimed(session, node_id, claim, "clean_done",
-                           Event.CLEAN_DONE_OK if ok else Event.CLEAN_DONE_FAILED)
-    node.clean_claim = None
-    node.clean_claimed_until = None
-    node.state = after
-    reason = None if ok else f"cleaning failed: {detail or 'no detail given'}"[:MAX_TEXT]
-    node.maintenance_reason = reason
-    session.flush()
-    return node
+def new_claim(cleaner: str) -> str:
+    """A claim's token: the cleaner's name and a random part nobody can guess."""
+    return f"{cleaner[:200]}#{uuid.uuid4().hex}"
 
 
-def abandon(session: Session, node_id: int, claim: str) -> Node:
-    """A cleaner gives its claim back unfinished: the node stays dirty, for the next one."""
-    node, after = _claimed(session, node_id, claim, "clean_abandon", Event.CLEAN_ABANDON)
-    node.clean_claim = None
-    node.clean_claimed_until = None
-    node.state = after
-    session.flush()
-    return node
+def claim_until(now: datetime, claim_seconds: float) -> datetime:
+    """When a claim made now lapses: in whole seconds (as records keep times), never sooner
+    than claim_seconds."""
+    until = now + timedelta(seconds=claim_seconds)
+    return until.replace(microsecond=0) + timedelta(seconds=math.ceil(until.microsecond / 1e6))
 
 
-def _claimed(session: Session, node_id: int, claim: str, op: str,
-             event: Event) -> tuple[Node, State]:
-    """The node that claim still holds and the state event moves it to; NodeNotFound,
+def checked_report(record: NodeRecord | None, node_id: int, claim: str, op: str,
+                   event: Event) -> State:
+    """The state a cleaner's report (op, causing event) moves the node to; NodeNotFound,
     or 409 for a stale claim (the node moved on, or the claim is not its own)."""
-    node = session.get(Node, node_id)
-    if node is None:
+    if record is None:
         raise errors.NodeNotFound(f"Node with id of {node_id} does not exist!")
-    after = next_state(node, event)
-    if node.clean_claim != claim:
-        now_held = "another cleaner claimed it since" if node.clean_claim \
+    after = next_state(record, event)
+    if record.clean_claim != claim:
+        now_held = "another cleaner claimed it since" if record.clean_claim \
             else "its claim was dropped"
-        raise errors.Conflict(f"{op} for node {node.name}: the claim is stale ({now_held}); "
+        raise errors.Conflict(f"{op} for node {record.name}: the claim is stale ({now_held}); "
                               "nothing changed")
     assert after is not None
-    return node, after
+    return after
 
 
-def requeue(session: Session, ref: str | int) -> Node:
-    """A ready or maintenance node (by name or id) back to dirty, to be cleaned again."""
-    node = find_node(session, ref)
-    after = next_state(node, Event.CLEAN)
-    assert after is not None
-    if after != node.state:
-        node.state = after
-        node.maintenance_reason = None
-        node.clean_claim = None
-        node.clean_claimed_until = None
-        session.flush()
-    return node
+def failure_reason(ok: bool, detail: str | None) -> str | None:
+    """The maintenance reason a cleaner's report gives its node (None: it is clean)."""
+    return None if ok else f"cleaning failed: {detail or 'no detail given'}"[:MAX_TEXT]
 
 
 def live_claim(record: NodeRecord, claim: str) -> bool:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from molteniron import errors
 from molteniron.compat import HARDWARE_FIELDS, SECRET_FIELDS
 from molteniron.models import Allocation, EndReason, Node, NodeIP, ProcessedRequest, State
+from molteniron.node_record import NodeRecord
 from molteniron.node_states import SET_STATUS, Event, next_state, refused_mid_cleaning
 
 DEFAULT_POOL = "default"
@@ -202,8 +203,12 @@ def find_node(session: Session, ref: str | int) -> Node:
     node = session.get(Node, int(text)) if text.isdigit() else session.scalar(
         select(Node).where(Node.name == text))
     if node is None:
-        raise errors.NodeNotFound(f"no node has the id or name {text!r}")
+        raise no_such_node(text)
     return node
+
+
+def no_such_node(ref: str) -> errors.NodeNotFound:
+    return errors.NodeNotFound(f"no node has the id or name {ref!r}")
 
 
 def set_maintenance(session: Session, ref: str | int, on: bool, reason: str | None,
@@ -214,19 +219,26 @@ def set_maintenance(session: Session, ref: str | int, on: bool, reason: str | No
     released (the reason is kept until then and shown by status). Without a reason,
     the node keeps the one it has (set again "on", it changes nothing); a new reason
     replaces it. A node a cleaner is cleaning goes back to ready only when forced
-    (its claim is dropped).
+    (its claim is dropped). The import's (inventory.py); the worker's `maintenance`
+    applies the same rules in memory (workers/state.py PoolState.set_maintenance).
     """
     node = find_node(session, ref)
     if on:
-        text = _text("reason", reason or "no reason given")
+        kept = maintenance_reason_on(reason, node.maintenance_reason)
         _move(node, Event.MAINTENANCE_ON, now, force, "maintenance on")
-        if reason or not node.maintenance_reason:
-            node.maintenance_reason = text
+        node.maintenance_reason = kept
     else:
         _move(node, Event.MAINTENANCE_OFF, now, force, "maintenance off")
         node.maintenance_reason = None
     session.flush()
     return node
+
+
+def maintenance_reason_on(given: str | None, kept: str | None) -> str:
+    """A node's reason after maintenance on: a reason given replaces the one it has;
+    none given keeps it, or says that none was given. BadRequest if too long."""
+    text = _text("reason", given or "no reason given")
+    return text if given or not kept else kept
 
 
 def remove_node(session: Session, ref: str | int, force: bool, now: datetime) -> Node:
@@ -268,19 +280,28 @@ def _move(node: Node, event: Event, now: datetime | None, force: bool, action: s
 
 
 def _refuse_mid_cleaning(node: Node, now: datetime, force: bool, action: str) -> None:
-    """Conflict while a cleaner's claim on the node is live: ready now, it could be handed
-    out while the cleaner wipes it. Forced, the claim is dropped (the cleaner's report
-    is then refused as stale and changes nothing)."""
+    """Conflict while a cleaner's claim is live; else (or forced) the claim is dropped."""
     if node.clean_claim is None:
         return
-    if not force and node.clean_claimed_until is not None and node.clean_claimed_until > now:
+    refuse_mid_cleaning(node, now, force, action)
+    node.clean_claim = None
+    node.clean_claimed_until = None
+
+
+def refuse_mid_cleaning(node: Node | NodeRecord, now: datetime, force: bool,
+                        action: str) -> None:
+    """Conflict while a cleaner's claim on the node is live: ready now, it could be handed
+    out while the cleaner wipes it. Forced, the caller drops the claim (the cleaner's
+    report is then refused as stale and changes nothing)."""
+    until = node.clean_claimed_until
+    if isinstance(until, str):  # a NodeRecord's time
+        until = datetime.fromisoformat(until)
+    if node.clean_claim is not None and not force and until is not None and until > now:
         cleaner = node.clean_claim.rpartition("#")[0] or "a cleaner"
         raise errors.Conflict(
             f"node {node.name} is being cleaned by {cleaner} (claim until "
-            f"{node.clean_claimed_until.isoformat(timespec='seconds')}Z): {action} would "
+            f"{until.isoformat(timespec='seconds')}Z): {action} would "
             "let a job have it mid-cleaning; wait for the cleaner's report, or force it")
-    node.clean_claim = None
-    node.clean_claimed_until = None
 
 
 def _node(session: Session, node_id: Any) -> Node:

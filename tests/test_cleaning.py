@@ -159,11 +159,13 @@ def test_a_cleaner_killed_mid_clean_leaves_a_claim_that_lapses(stack, tmp_path):
         assert 55 <= left <= 62, left
         code, outcome, _ = clean_once(stack, env)
         assert (code, outcome["cleaned"]) == (0, None)
-        # A minute later (aged here in the table, which claims read), another cleaner
-        # takes the node over.
+        # A minute later (aged here in the table, which a new worker reads: the worker
+        # decides claims in its memory), another cleaner takes the node over.
+        stack.stop_workers()
         with stack.engine.begin() as conn:
             conn.exec_driver_sql("UPDATE nodes SET clean_claimed_until = "
                                  "UTC_TIMESTAMP(6) - INTERVAL 1 SECOND")
+        stack.start_worker(env=env)
 
         def cleaned_by_another():
             code, outcome, stderr = clean_once(stack, env)

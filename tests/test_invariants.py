@@ -1,7 +1,8 @@
 """A seeded random workload through the worker's real path, checked after every batch.
 
 PoolKeeper.commit gets random batches of requests (decoded as the worker decodes
-them), the interim replies of clients that went away and grant outcomes from the
+them; maintenance and the cleaners' operations among them, with and without a
+cleaning_command), the interim replies of clients that went away and grant outcomes from the
 broker, the way the worker hands them over. Between batches a keeper may be told
 to reload, a batch may fail (its flush breaks, or the database refuses it), and a
 second keeper may take the pool over. After every batch that commits, what the
@@ -12,6 +13,7 @@ pool's invariants; after every batch that fails, the database must be unchanged.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import time
 import uuid
@@ -39,6 +41,9 @@ POOLS = ("p0", "p1", "p2")
 OWNERS = tuple(f"owner{i}" for i in range(8))
 DOOMED = "doomed"  # the database refuses to record an allocation for this owner
 MAX_NODES = 36
+PASSWORD = "ipmi-secret-7"  # a clean_claim reply carries it; no stored reply may
+CLEANERS = ("cleaner-a", "cleaner-b")
+REASONS = (None, None, "disk errors", "fan")
 
 
 class InjectedFailure(Exception):
@@ -71,11 +76,19 @@ def clock(monkeypatch):
     return clock
 
 
+@pytest.fixture(params=[False, True], ids=["no_cleaning", "cleaning"])
+def cleaning(request) -> bool:
+    """Whether released nodes are dirty until a cleaner reports them clean."""
+    return request.param
+
+
 @pytest.fixture
-def keepers(engine, database_url):
+def keepers(engine, database_url, cleaning):
     """Two workers' keepers over the same, empty pool."""
     empty_tables(engine)
-    config = Config(db_url=database_url)
+    # A claim lasts cleaning_timeout + a minute: a few dozen batches of the run.
+    config = (Config(db_url=database_url, cleaning_command="/bin/true", cleaning_timeout=1.0)
+              if cleaning else Config(db_url=database_url))
     pair = (keeper_module.PoolKeeper(config, "worker-a"),
             keeper_module.PoolKeeper(config, "worker-b"))
     yield pair
@@ -113,8 +126,9 @@ def request(op, **args):
 class Workload:
     """Random requests aimed at what the pool holds now (read from the active keeper)."""
 
-    def __init__(self, rng: random.Random):
+    def __init__(self, rng: random.Random, cleaning: bool = False):
         self.rng = rng
+        self.cleaning = cleaning
         self.serial = 0
         self.names: list[str] = []
         self.allocates: list[str] = []         # request ids of allocates sent so far
@@ -137,7 +151,9 @@ class Workload:
         rng = self.rng
         nodes = sorted(keeper.state.nodes)
         roll = rng.random()
-        if not nodes or (roll < 0.10 and len(nodes) < MAX_NODES):
+        if nodes and rng.random() < (0.25 if self.cleaning else 0.08):
+            req = self.maintenance_or_cleaning(keeper, nodes)
+        elif not nodes or (roll < 0.10 and len(nodes) < MAX_NODES):
             req = self.add_node()
         elif roll < 0.40:
             args: dict[str, Any] = dict(owner=rng.choice(OWNERS),
@@ -173,6 +189,38 @@ class Workload:
         self.op_of[req.id] = req.op
         return req
 
+    def maintenance_or_cleaning(self, keeper, nodes: list[int]) -> protocol.Request:
+        """An admin's maintenance or clean, or a cleaner's claim, report or abandon; aimed
+        at claimed nodes often enough to meet live, lapsed and stale claims."""
+        rng = self.rng
+        claimed = [i for i in nodes if keeper.state.nodes[i].clean_claim is not None]
+        node_id = rng.choice(claimed) if claimed and rng.random() < 0.6 else rng.choice(nodes)
+        record = keeper.state.nodes[node_id]
+        ref: str | int = rng.choice((node_id, record.name, str(node_id)))
+        if rng.random() < 0.03:
+            ref = "no-such-node"
+        token = (record.clean_claim if record.clean_claim and rng.random() < 0.85
+                 else f"{rng.choice(CLEANERS)}#stale")
+        roll = rng.random()
+        if roll < 0.30:
+            return self.sent(request("maintenance", node=str(ref),
+                                     mode=rng.choice(("on", "off", "off")),
+                                     reason=rng.choice(REASONS), force=rng.random() < 0.3))
+        if roll < 0.55:
+            return self.sent(request("clean_claim", cleaner=rng.choice((*CLEANERS, None))))
+        if roll < 0.80:
+            return self.sent(request("clean_done", node_id=node_id, claim=token,
+                                     ok=rng.random() < 0.7,
+                                     detail=rng.choice((None, "BMC unreachable")),
+                                     ))
+        if roll < 0.90:
+            return self.sent(request("clean_abandon", node_id=node_id, claim=token))
+        return self.sent(request("clean", node=str(ref)))
+
+    def sent(self, req: protocol.Request) -> protocol.Request:
+        self.op_of[req.id] = req.op
+        return req
+
     def add_node(self) -> protocol.Request:
         rng = self.rng
         if self.names and rng.random() < 0.1:
@@ -182,7 +230,7 @@ class Workload:
             name = f"node{self.serial:04d}"
             self.names.append(name)
         return request("add_baremetal", name=name, ipmi_ip="10.0.0.1", ipmi_user="u",
-                       ipmi_password="p", allocation_pool=f"10.9.0.{self.serial % 256}",
+                       ipmi_password=PASSWORD, allocation_pool=f"10.9.0.{self.serial % 256}",
                        port_hwaddr="aa:bb", cpu_arch="x86_64", cpus=rng.randint(1, 64),
                        ram_mb=1024, disk_gb=10, node_pool=rng.choice(POOLS))
 
@@ -341,9 +389,9 @@ def after_failure(before, settled):
 # --- the test ---------------------------------------------------------------------------
 
 def test_random_batches_keep_memory_and_database_consistent(
-        engine, keepers, clock, database_refuses_doomed, monkeypatch):
+        engine, keepers, clock, database_refuses_doomed, monkeypatch, cleaning):
     rng = random.Random(SEED)
-    work = Workload(rng)
+    work = Workload(rng, cleaning)
     active, standby = keepers
     in_outbox: set[str] = set()    # grants the database keeps until the broker settles them
     settled: dict[str, str] = {}   # outcomes waiting for the next transaction
@@ -404,8 +452,14 @@ def test_random_batches_keep_memory_and_database_consistent(
                            for out in batch.replies), f"step {step}: {req.op} got no reply"
         asked = {r.id for r in requests}
         for out in batch.replies:
-            seen[(work.op_of.get(out.request_id), out.reply["status"],
-                  out.reply.get("error"))] += 1
+            op = work.op_of.get(out.request_id)
+            seen[(op, out.reply["status"], out.reply.get("error"))] += 1
+            if op == "clean_claim" and out.reply.get("claim"):
+                (shown,) = out.reply["nodes"].values()  # the cleaner needs the password
+                assert json.loads(shown["blob"])["ipmi_password"] == PASSWORD, out.reply
+                seen["claimed"] += 1
+            if op == "clean_done" and out.reply["status"] == 200:
+                seen[f"cleaned_{out.reply['state']}"] += 1
             if out.grant and out.request_id not in asked:
                 seen["waiter_served"] += 1
         work.handled.extend(r for r in requests if r.op != "tick")
@@ -423,5 +477,19 @@ def test_random_batches_keep_memory_and_database_consistent(
                 ("allocate", 409, "NotEnoughNodes"), ("allocate", 409, "PoolTooSmall"),
                 ("allocate", 408, "DeadlineExpired"), ("allocate", 409, "RequestCancelled"),
                 ("release", 404, "OwnerNotFound"), ("renew", 200, None),
-                ("add_baremetal", 409, "DuplicateNode"), ("set_field", 409, "Conflict")):
+                ("add_baremetal", 409, "DuplicateNode"), ("set_field", 409, "Conflict"),
+                ("maintenance", 200, None), ("maintenance", 404, "NodeNotFound"),
+                ("clean_claim", 200, None), ("clean_done", 409, "Conflict"),
+                ("clean_abandon", 409, "Conflict")):
         assert seen[key] > 0, (key, seen)
+    if cleaning:
+        for key in ("claimed", "cleaned_ready", "cleaned_maintenance",
+                    ("clean_abandon", 200, None), ("clean", 200, None),
+                    ("maintenance", 409, "Conflict")):  # ready refused under a live claim
+            assert seen[key] > 0, (key, seen)
+    else:
+        assert seen[("clean", 409, "Conflict")] > 0, seen
+        assert seen["claimed"] == 0, seen  # nothing is ever dirty
+    with engine.connect() as conn:  # the claims' replies were stored without the password
+        stored = [r for r, in conn.execute(text("SELECT reply FROM processed_requests"))]
+    assert stored and not any(PASSWORD in reply for reply in stored)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from molteniron import cleaning, errors, node_states, pool
+from molteniron import errors, node_states, pool
 from molteniron.models import Allocation, EndReason, Node, State
 from molteniron.node_record import NodeRecord
 from molteniron.node_states import CAUSES, ROWS, TRANSITIONS, Event, Outcome, Who
@@ -153,11 +153,11 @@ def allocated(session, cleaning: bool = False, reason: str | None = None) -> Cas
 
 def dirty(session, claimed: bool = False, maintenance: bool = False) -> Case:
     case = Case(add_node(session))
-    cleaning.requeue(session, case.node_id)
+    in_memory_event(session, case, lambda st: st.requeue(case.node_id))
     if claimed:
-        node = cleaning.claim_dirty(session, "wiper", NOW, 600)
-        assert node is not None
-        case.claim = node.clean_claim
+        record = in_memory_event(session, case, lambda st: st.claim_dirty("wiper", NOW, 600))
+        assert record is not None
+        case.claim = record.clean_claim
     if maintenance:
         pool.set_maintenance(session, case.node_id, True, "look at it", NOW)
     return case
@@ -181,11 +181,12 @@ SETUPS = {
 }
 
 
-def in_memory_event(session, case: Case, act) -> None:
-    """An event the worker decides in memory: as it does it, then its flush."""
+def in_memory_event(session, case: Case, act):
+    """An event the worker decides in memory: as it does it, then its flush; what act gave."""
     state = in_memory(session, case)
-    act(state)
+    done = act(state)
     state.flush(session, NOW)
+    return done
 
 
 def set_status(target: State):
@@ -208,16 +209,20 @@ APPLY = {
     # What grants.settle does with a grant that bounced.
     Event.GRANT_BOUNCED: lambda s, c: in_memory_event(
         s, c, lambda st: st.release_request(REQUEST, EndReason.CLIENT_GONE, NOW)),
-    Event.MAINTENANCE_ON: lambda s, c: pool.set_maintenance(s, c.node_id, True, "fan", NOW),
-    Event.MAINTENANCE_OFF: lambda s, c: pool.set_maintenance(s, c.node_id, False, None, NOW),
+    Event.MAINTENANCE_ON: lambda s, c: in_memory_event(
+        s, c, lambda st: st.set_maintenance(c.node_id, True, "fan", NOW)),
+    Event.MAINTENANCE_OFF: lambda s, c: in_memory_event(
+        s, c, lambda st: st.set_maintenance(c.node_id, False, None, NOW)),
     **{event: set_status(target) for target, event in node_states.SET_STATUS.items()},
-    Event.CLEAN_CLAIM: lambda s, c: cleaning.claim_dirty(s, "wiper-2", NOW, 600),
-    Event.CLEAN_DONE_OK: lambda s, c: cleaning.finish(
-        s, c.node_id, c.claim or "wiper#stale", True, None),
-    Event.CLEAN_DONE_FAILED: lambda s, c: cleaning.finish(
-        s, c.node_id, c.claim or "wiper#stale", False, "fans"),
-    Event.CLEAN_ABANDON: lambda s, c: cleaning.abandon(s, c.node_id, c.claim or "wiper#stale"),
-    Event.CLEAN: lambda s, c: cleaning.requeue(s, c.node_id),
+    Event.CLEAN_CLAIM: lambda s, c: in_memory_event(
+        s, c, lambda st: st.claim_dirty("wiper-2", NOW, 600)),
+    Event.CLEAN_DONE_OK: lambda s, c: in_memory_event(
+        s, c, lambda st: st.finish_cleaning(c.node_id, c.claim or "wiper#stale", True, None)),
+    Event.CLEAN_DONE_FAILED: lambda s, c: in_memory_event(
+        s, c, lambda st: st.finish_cleaning(c.node_id, c.claim or "wiper#stale", False, "fans")),
+    Event.CLEAN_ABANDON: lambda s, c: in_memory_event(
+        s, c, lambda st: st.abandon_claim(c.node_id, c.claim or "wiper#stale")),
+    Event.CLEAN: lambda s, c: in_memory_event(s, c, lambda st: st.requeue(c.node_id)),
     Event.REMOVE: lambda s, c: pool.remove_node(s, c.node_id, False, NOW),
     Event.REMOVE_FORCED: lambda s, c: pool.remove_node(s, c.node_id, True, NOW),
     Event.DELETE_DB: lambda s, c: pool.delete_db(s, NOW),

@@ -1,9 +1,10 @@
-"""The worker's side of cleaning: clean_claim, clean_done and clean (rules: molteniron/cleaning.py).
+"""The worker's side of cleaning: clean_claim, clean_done, clean_abandon and clean (rules:
+molteniron/cleaning.py).
 
-They change nodes through the ORM, so the changes reach PoolState by the session
-event and a node cleaned back to ready serves its pool's waiters in the same
-batch. Releases make nodes dirty in PoolState itself (clean_released).
-The cleaning command never runs here: molteniron-cleaner (clients/cleaner.py) runs it.
+They change the worker's PoolState (workers/state.py), which its flush writes with the
+batch; a node cleaned back to ready serves its pool's waiters in the same batch.
+Releases make nodes dirty in PoolState itself (clean_released). The cleaning command
+never runs here: molteniron-cleaner (clients/cleaner.py) runs it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from molteniron import cleaning, compat
+from molteniron.models import State
 from molteniron.node_record import NodeRecord
 from molteniron.protocol import Request
 from molteniron.workers import metrics
@@ -41,37 +43,43 @@ class CleaningPolicy:
 def clean_claim(ctx: Context, req: Request) -> dict:
     """A dirty node for the cleaner, with its fields (IPMI password included) and a claim token."""
     cleaner = req.args["cleaner"] or req.user or "cleaner"
-    assert ctx.batch.now is not None  # given by Batch.at() before any operation runs
-    node = cleaning.claim_dirty(ctx.batch.session, cleaner, ctx.batch.now,
-                                ctx.cleaning.claim_seconds)
-    if node is None:
+    record = ctx.state.claim_dirty(cleaner, ctx.now, ctx.cleaning.claim_seconds)
+    if record is None:
         return {"status": 200, "claim": None, "nodes": {}}
-    record = NodeRecord.from_node(node)
     # The original's node shape: a stored copy of this reply loses the password by itself.
-    return {**compat.nodes_reply([record]), "claim": node.clean_claim,
+    return {**compat.nodes_reply([record]), "claim": record.clean_claim,
             "claimed_until": record.clean_claimed_until}
 
 
 def clean_done(ctx: Context, req: Request) -> dict:
     a = req.args
-    node = cleaning.finish(ctx.batch.session, a["node_id"], a["claim"], a["ok"], a["detail"])
-    metrics.node_cleaned(ctx.batch, node.state.value)
-    return {"status": 200, "node": node.name, "state": node.state.value,
-            "maintenance_reason": node.maintenance_reason}
+    record = ctx.state.finish_cleaning(a["node_id"], a["claim"], a["ok"], a["detail"])
+    metrics.node_cleaned(ctx.batch, record.state)
+    ready_again(ctx, record)
+    return {"status": 200, "node": record.name, "state": record.state,
+            "maintenance_reason": record.maintenance_reason}
 
 
 def clean_abandon(ctx: Context, req: Request) -> dict:
     """A cleaner that stops gives its claim back: the node stays dirty, unclaimed."""
-    node = cleaning.abandon(ctx.batch.session, req.args["node_id"], req.args["claim"])
-    return {"status": 200, "node": node.name, "state": node.state.value}
+    record = ctx.state.abandon_claim(req.args["node_id"], req.args["claim"])
+    return {"status": 200, "node": record.name, "state": record.state}
 
 
 def clean(ctx: Context, req: Request) -> dict:
     """Put a ready or maintenance node back in the cleaning queue by hand."""
     if not ctx.cleaning.enabled:
         raise cleaning.cleaning_refused()
-    node = cleaning.requeue(ctx.batch.session, req.args["node"])
-    return {"status": 200, "node": node.name, "state": node.state.value}
+    record = ctx.state.requeue(req.args["node"])
+    return {"status": 200, "node": record.name, "state": record.state}
+
+
+def ready_again(ctx: Context, record: NodeRecord) -> None:
+    """A node that is ready (again) may serve its pool's waiters in this batch: the keeper
+    serves batch.touched_pools after each request (and refuses the waiters of the pools
+    PoolState noted in state.shrunk)."""
+    if record.state == State.READY.value:
+        ctx.batch.touched_pools.add(record.node_pool)
 
 
 def replayed_claim(state: PoolState, stored: dict) -> dict:

@@ -247,10 +247,11 @@ def workers(ctx: Context, req: Request) -> dict:
 
 def maintenance(ctx: Context, req: Request) -> dict:
     a = req.args
-    node = pool.set_maintenance(ctx.batch.session, a["node"], a["mode"] == "on", a["reason"],
-                                ctx.now, a["force"])
-    return {**OK, "node": node.name, "state": node.state.value,
-            "maintenance_reason": node.maintenance_reason}
+    record = ctx.state.set_maintenance(a["node"], a["mode"] == "on", a["reason"], ctx.now,
+                                       a["force"])
+    cleaning.ready_again(ctx, record)
+    return {**OK, "node": record.name, "state": record.state,
+            "maintenance_reason": record.maintenance_reason}
 
 
 def remove(ctx: Context, req: Request) -> dict:
@@ -371,7 +372,8 @@ def _nearest_rank(ordered: list[float], fraction: float) -> float:
 # Handlers that work on the worker's memory (PoolState, Waiters) and check before they
 # change anything: they run without a savepoint, and without the ORM.
 NO_SAVEPOINT = frozenset({"allocate", "release", "renew", "status", "waiting", "cancel",
-                       "export", "summary"})
+                          "export", "summary", "maintenance", "clean_claim", "clean_done",
+                          "clean_abandon", "clean"})
 HANDLERS: dict[str, Handler] = {
     "add_baremetal": add_baremetal,
     "add_keyvalue_pairs": add_keyvalue_pairs,

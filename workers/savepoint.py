@@ -2,15 +2,15 @@
 brought back into the worker's memory.
 
 Most handlers (dispatch.NO_SAVEPOINT) work on PoolState and Waiters and need none of
-this. The others call the plain functions of molteniron/pool.py, cleaning.py and
-inventory.py on `batch.session`. `run` first flushes memory's pending writes and sends
-the batch's deferred ones (the ORM must see them), then runs the handler in a
-savepoint. Three session hooks (`install_hooks`) bring the changes back: before a flush
-the batch's deferred writes go first, after it the ids of changed nodes are collected,
-and a bulk UPDATE or DELETE of nodes asks for the whole pool to be reloaded. `absorb`
-re-reads those nodes into PoolState and refuses the waiters their pools can no longer
-serve. A MoltenIronError rolls the savepoint back, undoes the batch's additions since
-the handler began (Batch.mark / rollback_to) and reloads memory where it was touched.
+this. The others call the plain functions of molteniron/pool.py and inventory.py on
+`batch.session`. `run` first flushes memory's pending writes and sends the batch's
+deferred ones (the ORM must see them), then runs the handler in a savepoint. Three
+session hooks (`install_hooks`) bring the changes back: before a flush the batch's
+deferred writes go first, after it the ids of changed nodes are collected, and a bulk
+UPDATE or DELETE of nodes asks for the whole pool to be reloaded. `absorb` re-reads
+those nodes into PoolState and refuses the waiters their pools can no longer serve. A
+MoltenIronError rolls the savepoint back, undoes the batch's additions since the handler
+began (Batch.mark / rollback_to) and reloads memory where it was touched.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """The pool's rules, decided in memory by the single writer.
 
-This is the one place that decides allocate, release, renew and lease expiry.
-The worker is the only writer, so it keeps every node's record, the ready
-nodes of each pool (lowest id first), what each owner holds, each pool's
-capacity and the leases in expiry order. It loads them at takeover, changes
-them only together with its own transaction, and writes a batch's changes in a
-handful of statements (`flush`), whatever the batch size. Other changes to
-nodes (add, set_field, remove) go through the ORM and come back here through
-`refresh`. The database stays the record: after any failed transaction the
-worker reloads from it.
+This is the one place that decides allocate, release, renew, lease expiry,
+maintenance and cleaning (claim, report, abandon, requeue). The worker is the
+only writer, so it keeps every node's record, the ready nodes of each pool
+(lowest id first), what each owner holds, each pool's capacity and the leases in
+expiry order. It loads them at takeover, changes them only together with its own
+transaction, and writes a batch's changes in a handful of statements (`flush`),
+whatever the batch size. Other changes to nodes (add, set_field, remove, import)
+go through the ORM and come back here through `refresh`. The database stays the
+record: after any failed transaction the worker reloads from it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from molteniron import errors, pool
+from molteniron import cleaning, errors, pool
 from molteniron.models import EndReason, Node, State
 from molteniron.node_record import NodeRecord
-from molteniron.node_states import ENDED_BY, Event, next_state
+from molteniron.node_states import ENDED_BY, Event, next_state, refused_mid_cleaning
 from molteniron.workers.batch import placeholders, values
 from molteniron.workers.constraints import ANY, Constraints
 
@@ -245,6 +245,104 @@ class PoolState:
             released.append(record)
         return released
 
+    # --- maintenance and cleaning: one node, named by its admin or its cleaner ---------
+
+    def find(self, ref: str | int) -> NodeRecord:
+        """A node by id (digits) or by name (a walk: these operations are rare); 404."""
+        text = str(ref)
+        record = (self.nodes.get(int(text)) if text.isdigit()
+                  else next((r for r in self.nodes.values() if r.name == text), None))
+        if record is None:
+            raise pool.no_such_node(text)
+        return record
+
+    def set_maintenance(self, ref: str | int, on: bool, reason: str | None, now: datetime,
+                        force: bool = False) -> NodeRecord:
+        """Take a node out of service (with a reason) or put it back, as pool.set_maintenance
+        says: an allocated node keeps its job and goes at its release; a node a cleaner is
+        cleaning goes back to ready only when forced (its claim is dropped)."""
+        record = self.find(ref)
+        event = Event.MAINTENANCE_ON if on else Event.MAINTENANCE_OFF
+        kept = pool.maintenance_reason_on(reason, record.maintenance_reason) if on else None
+        after = next_state(record, event)
+        assert after is not None
+        if after != record.state and refused_mid_cleaning(record.state, event):
+            pool.refuse_mid_cleaning(record, now, force, event.value)
+            _drop_claim(record)
+        record.maintenance_reason = kept
+        self._restate(record, after)
+        return record
+
+    def claim_dirty(self, cleaner: str, now: datetime,
+                    claim_seconds: float) -> NodeRecord | None:
+        """The lowest-id dirty node nobody holds a live claim on, claimed for cleaner (None:
+        none). A walk in id order: cleaners ask every few seconds, not per allocation."""
+        stamp = now.isoformat(timespec="seconds")
+        record = next((self.nodes[i] for i in self.sorted_ids()
+                       if cleaning.claimable(self.nodes[i], stamp)), None)
+        if record is None:
+            return None
+        after = next_state(record, Event.CLEAN_CLAIM)
+        assert after is not None
+        record.clean_claim = cleaning.new_claim(cleaner)
+        record.clean_claimed_by = record.clean_claim.rpartition("#")[0]
+        record.clean_claimed_until = cleaning.claim_until(now, claim_seconds).isoformat()
+        self._restate(record, after)
+        return record
+
+    def finish_cleaning(self, node_id: int, claim: str, ok: bool,
+                        detail: str | None) -> NodeRecord:
+        """A cleaner's report: ready if ok, else maintenance with detail as the reason.
+        Accepted while the token is still the node's claim, even past the claim's time
+        (nobody took it over); refused with 409 otherwise, changing nothing."""
+        record = self.nodes.get(node_id)
+        after = cleaning.checked_report(record, node_id, claim, "clean_done",
+                                        Event.CLEAN_DONE_OK if ok else Event.CLEAN_DONE_FAILED)
+        assert record is not None
+        _drop_claim(record)
+        record.maintenance_reason = cleaning.failure_reason(ok, detail)
+        self._restate(record, after)
+        return record
+
+    def abandon_claim(self, node_id: int, claim: str) -> NodeRecord:
+        """A cleaner gives its claim back unfinished: the node stays dirty, for the next one."""
+        record = self.nodes.get(node_id)
+        after = cleaning.checked_report(record, node_id, claim, "clean_abandon",
+                                        Event.CLEAN_ABANDON)
+        assert record is not None
+        _drop_claim(record)
+        self._restate(record, after)
+        return record
+
+    def requeue(self, ref: str | int) -> NodeRecord:
+        """A ready or maintenance node (by name or id) back to dirty, to be cleaned again."""
+        record = self.find(ref)
+        after = next_state(record, Event.CLEAN)
+        assert after is not None
+        if after != record.state:
+            record.maintenance_reason = None
+            _drop_claim(record)
+            self._restate(record, after)
+        return record
+
+    def _restate(self, record: NodeRecord, after: State) -> None:
+        """record is in state after now (never to or from allocated: those are allocate's and
+        _release's): the ready and capacity indexes follow, and the next flush writes
+        its state, maintenance reason and claim from the record."""
+        node_id, node_pool = record.id, record.node_pool
+        before, record.state = record.state, after.value
+        if before != after:
+            if before == State.READY:
+                self.ready[node_pool].discard(node_id)  # the heap's entry goes stale
+            elif after == State.READY:
+                self._make_ready(node_id)
+            if after == State.MAINTENANCE:
+                self.capacity_of[node_pool] -= 1
+                self.shrunk.add(node_pool)
+            elif before == State.MAINTENANCE:
+                self.capacity_of[node_pool] += 1
+        self._record_writes.add(node_id)
+
     # --- writing ----------------------------------------------------------------
 
     def flush(self, session: Session | None, now: datetime, write=None) -> None:
@@ -256,7 +354,8 @@ class PoolState:
         COMMIT); by default they run at once on the session's connection. The ORM
         objects the session holds are expired: the statements changed their rows.
         """
-        if not (self._node_writes or self._to_close or self._lease_writes):
+        if not (self._node_writes or self._to_close or self._lease_writes
+                or self._record_writes):
             return
         if write is None:
             assert session is not None, "flush needs a session or a write"
@@ -301,6 +400,19 @@ class PoolState:
             sql(f"UPDATE nodes SET lease_expires_at = CASE id {cases} END "
                 f"WHERE id IN ({placeholders(renewed)})",
                 (*[v for pair in renewed for v in pair], *[i for i, _ in renewed]))
+        if self._record_writes:
+            # Last: the records hold what the rows must end with, whatever the UPDATEs above
+            # wrote for allocations and releases in this batch.
+            records = [self.nodes[i] for i in sorted(self._record_writes) if i in self.nodes]
+            cases = " ".join("WHEN %s THEN %s" for _ in records)
+            columns = ("state", "maintenance_reason", "clean_claim", "clean_claimed_until")
+            sql("UPDATE nodes SET " + ", ".join(f"{c} = CASE id {cases} END" for c in columns)
+                + f" WHERE id IN ({placeholders(records)})",
+                (*[v for r in records for v in (r.id, r.state)],
+                 *[v for r in records for v in (r.id, r.maintenance_reason)],
+                 *[v for r in records for v in (r.id, r.clean_claim)],
+                 *[v for r in records for v in (r.id, _time(r.clean_claimed_until))],
+                 *[r.id for r in records]))
         if session is not None:
             session.expire_all()  # ORM objects loaded earlier in the batch are now stale
         self._reset_pending()
@@ -311,6 +423,8 @@ class PoolState:
         self._closed_in_batch: list[dict] = []
         self._to_close: dict[EndReason, set[int]] = defaultdict(set)
         self._lease_writes: dict[int, datetime] = {}  # renewals of nodes not otherwise written
+        # Nodes whose state, maintenance reason or claim an admin or a cleaner changed.
+        self._record_writes: set[int] = set()
 
     # --- indexes ----------------------------------------------------------------
 
@@ -371,3 +485,9 @@ class PoolState:
             heapq.heappush(self._ready_heap[node_pool], node_id)
 
 
+def _drop_claim(record: NodeRecord) -> None:
+    record.clean_claim = record.clean_claimed_by = record.clean_claimed_until = None
+
+
+def _time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
