@@ -33,13 +33,35 @@ CTL_DIST_PORTS = range(35672, 35683)
 
 
 def free_port() -> int:
-    """A port nothing listens on right now (the kernel's pick for port 0)."""
+    """A port nothing is bound to right now, below the kernel's ephemeral range.
+
+    A private broker or database keeps its port across a restart; a port from the
+    ephemeral range (the kernel's pick for port 0) may meanwhile become the local port
+    of any outgoing connection on the machine, and the restart then fails with
+    eaddrinuse (seen in a parallel run of the suite)."""
+    low = _ephemeral_low()
     while True:
+        port = secrets.randbelow(low - PRIVATE_PORTS_FROM) + PRIVATE_PORTS_FROM
+        if port in CTL_DIST_PORTS:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in CTL_DIST_PORTS:
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+PRIVATE_PORTS_FROM = 20000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (32768 by default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(int(f.read().split()[0]), PRIVATE_PORTS_FROM + 1000)
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.05) -> None:
