@@ -400,10 +400,10 @@ class PoolState:
             sql(f"UPDATE nodes SET lease_expires_at = CASE id {cases} END "
                 f"WHERE id IN ({placeholders(renewed)})",
                 (*[v for pair in renewed for v in pair], *[i for i, _ in renewed]))
-        if self._record_writes:
-            # Last: the records hold what the rows must end with, whatever the UPDATEs above
-            # wrote for allocations and releases in this batch.
-            records = [self.nodes[i] for i in sorted(self._record_writes) if i in self.nodes]
+        # Last: the records hold what the rows must end with, whatever the UPDATEs above
+        # wrote for allocations and releases in this batch. A node removed since has no row.
+        records = [self.nodes[i] for i in sorted(self._record_writes) if i in self.nodes]
+        if records:
             cases = " ".join("WHEN %s THEN %s" for _ in records)
             columns = ("state", "maintenance_reason", "clean_claim", "clean_claimed_until")
             sql("UPDATE nodes SET " + ", ".join(f"{c} = CASE id {cases} END" for c in columns)
