@@ -148,10 +148,14 @@ class PrivateMariaDB(_Private):
         return f"mysql+pymysql://root@127.0.0.1:{self.port}/"
 
     def start(self) -> PrivateMariaDB:
+        # Its temporary tables in a folder of its own, not the machine's /tmp: a bootstrap
+        # once found its temporary table's file gone there (1051, install aborted).
+        tmpdir = self.dir / "tmp"
+        tmpdir.mkdir(exist_ok=True)
         if not self.datadir.exists():
             done = subprocess.run(
                 ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                 "--auth-root-authentication-method=normal", *self.OPTIONS],
+                 "--auth-root-authentication-method=normal", f"--tmpdir={tmpdir}", *self.OPTIONS],
                 capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"mariadb-install-db: {done.stderr or done.stdout}")
@@ -159,7 +163,8 @@ class PrivateMariaDB(_Private):
             self.process = subprocess.Popen(
                 ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--port={self.port}",
                  "--bind-address=127.0.0.1", f"--socket={self.dir / 'sock'}",
-                 f"--pid-file={self.dir / 'pid'}", "--user=root", "--skip-log-bin", *self.OPTIONS],
+                 f"--pid-file={self.dir / 'pid'}", "--user=root", "--skip-log-bin",
+                 f"--tmpdir={tmpdir}", *self.OPTIONS],
                 stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._accepts_connections, 60,
                  f"private MariaDB on :{self.port} to accept connections")
