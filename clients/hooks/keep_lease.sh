@@ -23,9 +23,10 @@ trap 'rm -f "$marker"' EXIT
 "$@" &
 step=$!
 # The renewer's sleep keeps none of the build's output open, and is killed and reaped
-# with the renewer: Jenkins waits for every process holding the step's output.
+# with the renewer: Jenkins waits for every process holding the step's output. KILL, as
+# a TERM that reaches a child between bash's fork and its exec of sleep is lost.
 (
-  trap 'kill $(jobs -p) 2>/dev/null; wait; exit 0' TERM
+  trap 'kill -KILL $(jobs -p) 2>/dev/null; wait; exit 0' TERM
   while true; do
     sleep "$every" < /dev/null > /dev/null 2>&1 &
     wait $!
