@@ -42,8 +42,12 @@ class NodeRecord:
     tags: list[str]
     maintenance_reason: str | None
     clean_claim: str | None  # the cleaner's token, "cleaner#random" (molteniron/cleaning.py)
-    clean_claimed_by: str | None  # the cleaner's part of clean_claim
     clean_claimed_until: str | None
+
+    @property
+    def clean_claimed_by(self) -> str | None:
+        """The cleaner's part of clean_claim (None: unclaimed)."""
+        return self.clean_claim.rpartition("#")[0] if self.clean_claim else None
 
     @classmethod
     def from_node(cls, node: Node) -> NodeRecord:
@@ -57,7 +61,6 @@ class NodeRecord:
             allocated_at=iso(node.allocated_at), lease_expires_at=iso(node.lease_expires_at),
             node_pool=node.node_pool, extra=dict(node.extra or {}), tags=list(node.tags or []),
             maintenance_reason=node.maintenance_reason, clean_claim=node.clean_claim,
-            clean_claimed_by=node.clean_claim.rpartition("#")[0] if node.clean_claim else None,
             clean_claimed_until=iso(node.clean_claimed_until))
 
     def to_reply(self) -> dict[str, Any]:

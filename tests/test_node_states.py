@@ -65,7 +65,7 @@ def test_a_pair_not_in_the_table_is_a_conflict_naming_node_state_and_event():
         port_hwaddr="", cpu_arch="", cpus=0, ram_mb=0, disk_gb=0, allocation_pool=[],
         state="ready", owner=None, holder_user=None, allocated_at=None, lease_expires_at=None,
         node_pool="default", extra={}, tags=[], maintenance_reason=None, clean_claim=None,
-        clean_claimed_by=None, clean_claimed_until=None)
+        clean_claimed_until=None)
     with pytest.raises(errors.Conflict) as refused:
         node_states.next_state(record, Event.RELEASE)
     assert refused.value.status == 409

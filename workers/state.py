@@ -230,7 +230,7 @@ class PoolState:
             record.state = after.value
             record.owner = record.allocated_at = record.lease_expires_at = None
             record.holder_user = None
-            record.clean_claim = record.clean_claimed_by = record.clean_claimed_until = None
+            _drop_claim(record)
             if after == State.READY:
                 self._make_ready(node_id)
             elif after == State.MAINTENANCE:
@@ -285,7 +285,6 @@ class PoolState:
         after = next_state(record, Event.CLEAN_CLAIM)
         assert after is not None
         record.clean_claim = cleaning.new_claim(cleaner)
-        record.clean_claimed_by = record.clean_claim.rpartition("#")[0]
         record.clean_claimed_until = cleaning.claim_until(now, claim_seconds).isoformat()
         self._restate(record, after)
         return record
@@ -486,7 +485,7 @@ class PoolState:
 
 
 def _drop_claim(record: NodeRecord) -> None:
-    record.clean_claim = record.clean_claimed_by = record.clean_claimed_until = None
+    record.clean_claim = record.clean_claimed_until = None
 
 
 def _time(text: str | None) -> datetime | None:
