@@ -30,6 +30,7 @@ from pathlib import Path
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 # rabbitmqctl's own distribution ports (rabbitmq-env's default); a node must not take them.
 CTL_DIST_PORTS = range(35672, 35683)
+PRIVATE_PORTS_FROM = 20000  # private services' ports: from here to the ephemeral range
 
 
 def free_port() -> int:
@@ -50,9 +51,6 @@ def free_port() -> int:
             except OSError:
                 continue
         return port
-
-
-PRIVATE_PORTS_FROM = 20000
 
 
 def _ephemeral_low() -> int:
